@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from synthray.app.audit import service
+from synthray.app.audit.schemas import AuditRead
+from synthray.app.deps import ReviewerDep, SessionDep
+
+router = APIRouter(prefix="/audit", tags=["audit"])
+
+
+@router.get("", response_model=list[AuditRead])
+def list_audit(
+    session: SessionDep,
+    _: ReviewerDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    object_type: str | None = None,
+) -> list[AuditRead]:
+    return service.list_events(session, limit, object_type)

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class AuditRead(BaseModel):
+    id: int
+    at: datetime
+    actor_key_id: int | None
+    actor_name: str | None
+    action: str
+    object_type: str
+    object_id: str | None
+    outcome: str
+    detail: dict[str, Any]

@@ -1,0 +1,71 @@
+"""Append-only audit trail of sensitive acts (keys, export requests, approvals, downloads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from synthray.app.audit import repository
+from synthray.app.audit.schemas import AuditRead
+from synthray.app.audit.tables import AuditEvent
+from synthray.app.auth.schemas import Principal
+from synthray.app.db import commit
+
+
+def record(
+    session: Session,
+    who: Principal | None,
+    action: str,
+    object_type: str,
+    object_id: str | int | None,
+    outcome: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    repository.add(
+        session,
+        AuditEvent(
+            actor_key_id=who.key_id if who else None,
+            actor_name=who.name if who else None,
+            action=action,
+            object_type=object_type,
+            object_id=str(object_id) if object_id is not None else None,
+            outcome=outcome,
+            detail=detail or {},
+        ),
+    )
+
+
+def record_refusal(
+    session: Session,
+    who: Principal | None,
+    action: str,
+    object_type: str,
+    object_id: str | int | None,
+    reason: str,
+) -> None:
+    """Commit a refusal now: the request that caused it ends in an error and rolls back.
+
+    The request session is used (rather than a second connection) because SQLite takes
+    its write lock at BEGIN and a second writer would wait on the first.
+    """
+    session.rollback()
+    record(session, who, action, object_type, object_id, "refused", {"reason": reason})
+    commit(session)
+
+
+def list_events(session: Session, limit: int, object_type: str | None) -> list[AuditRead]:
+    return [
+        AuditRead(
+            id=e.id,
+            at=e.at,
+            actor_key_id=e.actor_key_id,
+            actor_name=e.actor_name,
+            action=e.action,
+            object_type=e.object_type,
+            object_id=e.object_id,
+            outcome=e.outcome,
+            detail=e.detail,
+        )
+        for e in repository.list_recent(session, limit, object_type)
+    ]

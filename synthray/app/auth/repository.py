@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from synthray.app.auth.tables import ApiKey
+
+
+def add(session: Session, key: ApiKey) -> ApiKey:
+    session.add(key)
+    session.flush()
+    return key
+
+
+def by_hash(session: Session, key_hash: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).one_or_none()
+
+
+def active_partner_exists(session: Session, name: str) -> bool:
+    stmt = select(ApiKey.id).where(
+        ApiKey.name == name, ApiKey.role == "partner", ApiKey.revoked_at.is_(None)
+    )
+    return session.scalars(stmt).first() is not None
+
+
+def list_all(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def get(session: Session, key_id: int) -> ApiKey | None:
+    return session.get(ApiKey, key_id)

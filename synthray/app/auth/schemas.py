@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class Role(StrEnum):
+    admin = "admin"
+    operator = "operator"
+    reviewer = "reviewer"
+    partner = "partner"
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    role: Role
+
+
+class KeyRead(BaseModel):
+    id: int
+    name: str
+    role: Role
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyRead):
+    key: str = Field(description="The secret. Shown once; only its HMAC is stored.")
+
+
+class Principal(BaseModel):
+    """Who is calling: the key's id, name and role (never the secret)."""
+
+    key_id: int
+    name: str
+    role: Role

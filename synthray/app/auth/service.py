@@ -1,0 +1,69 @@
+"""API keys: random secrets, stored only as HMAC-SHA256 under the site secret.
+
+A key looks like ``sr_<8 hex prefix>_<43 url-safe chars>``. The prefix is stored in
+clear so operators can tell keys apart; the whole key is hashed with HMAC-SHA256 and
+compared through a unique index (a constant-time comparison is unnecessary: the
+lookup is by the digest of a 256-bit secret, not by a guessable value).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy.orm import Session
+
+from synthray.app.auth import repository
+from synthray.app.auth.schemas import KeyCreated, KeyRead, Principal, Role
+from synthray.app.auth.tables import ApiKey
+from synthray.app.db import utcnow
+from synthray.app.errors import NotFound
+
+
+def hash_key(secret_key: str, key: str) -> str:
+    return hmac.new(secret_key.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def _read(k: ApiKey) -> KeyRead:
+    return KeyRead(
+        id=k.id,
+        name=k.name,
+        role=Role(k.role),
+        prefix=k.prefix,
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+    )
+
+
+def create_key(session: Session, secret_key: str, name: str, role: Role) -> KeyCreated:
+    prefix = secrets.token_hex(4)
+    key = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
+    row = repository.add(
+        session,
+        ApiKey(name=name, role=role.value, prefix=prefix, key_hash=hash_key(secret_key, key)),
+    )
+    return KeyCreated(**_read(row).model_dump(), key=key)
+
+
+def authenticate(session: Session, secret_key: str, key: str) -> Principal | None:
+    if not key.startswith("sr_") or len(key) > 200:
+        return None
+    row = repository.by_hash(session, hash_key(secret_key, key))
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(key_id=row.id, name=row.name, role=Role(row.role))
+
+
+def list_keys(session: Session) -> list[KeyRead]:
+    return [_read(k) for k in repository.list_all(session)]
+
+
+def revoke_key(session: Session, key_id: int) -> KeyRead:
+    row = repository.get(session, key_id)
+    if row is None:
+        raise NotFound(f"key {key_id} not found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return _read(row)

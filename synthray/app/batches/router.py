@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, status
+
+from synthray.app.batches import service
+from synthray.app.batches.schemas import BatchRead, SynthesizeAccepted, SynthesizeRequest
+from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
+
+router = APIRouter(tags=["batches"])
+
+
+@router.post("/synthesize", response_model=SynthesizeAccepted, status_code=status.HTTP_202_ACCEPTED)
+def synthesize(
+    body: SynthesizeRequest, session: SessionDep, settings: SettingsDep, who: OperatorDep
+) -> SynthesizeAccepted:
+    """Queue sampling of a batch; its memorization check is queued when sampling ends."""
+    return service.request_synthesis(session, settings, body, who.key_id)
+
+
+@router.get("/batches", response_model=list[BatchRead])
+def list_batches(
+    session: SessionDep, _: StaffDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> list[BatchRead]:
+    return service.list_batches(session, limit)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchRead)
+def get_batch(batch_id: int, session: SessionDep, _: StaffDep) -> BatchRead:
+    return service.to_read(service.get(session, batch_id))
+
+
+@router.get("/batches/{batch_id}/report")
+def get_report(batch_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> dict[str, Any]:
+    """The memorization report: policy, calibration, and every image's neighbours."""
+    return service.report(session, blobs, batch_id)

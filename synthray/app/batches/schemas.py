@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class SynthesizeRequest(BaseModel):
+    model: str
+    version: int | None = Field(None, description="Latest non-archived version if omitted.")
+    per_class: int | None = Field(None, ge=1, le=100_000)
+    counts: dict[str, int] | None = Field(None, description="Images per class name.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SynthesizeRequest:
+        if (self.per_class is None) == (self.counts is None):
+            raise ValueError("give exactly one of per_class or counts")
+        if self.counts is not None:
+            if not self.counts:
+                raise ValueError("counts must name at least one class")
+            if any(n < 0 or n > 100_000 for n in self.counts.values()):
+                raise ValueError("counts must be between 0 and 100000 per class")
+            if sum(self.counts.values()) == 0:
+                raise ValueError("counts must ask for at least one image")
+        return self
+
+
+class SynthesizeAccepted(BaseModel):
+    batch_id: int
+    job_id: str
+
+
+class BatchRead(BaseModel):
+    id: int
+    model_version_id: int
+    state: str
+    counts: dict[str, int]
+    seed: int
+    images_sha256: str | None
+    checked_sha256: str | None
+    check: dict[str, Any]
+    synth_job_id: str | None
+    check_job_id: str | None
+    created_at: datetime

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from synthray.app.datasets import repository
+from synthray.app.datasets.schemas import (
+    DatasetCreate,
+    DatasetRead,
+    DatasetVersionRead,
+    IngestAccepted,
+)
+from synthray.app.datasets.tables import Dataset, DatasetVersion
+from synthray.app.errors import Conflict, Invalid, NotFound
+from synthray.app.jobs import service as jobs
+from synthray.app.jobs.schemas import JobKind
+from synthray.app.storage import BlobStore
+from synthray.config import Settings
+
+
+def resolve_source(settings: Settings, source: str) -> Path:
+    """The import folder, which must lie inside the configured import root."""
+    if settings.import_root is None:
+        raise Invalid("server-side import is disabled: set SYNTHRAY_IMPORT_ROOT", field="source")
+    root = settings.import_root.resolve()
+    path = (root / source).resolve()
+    if path != root and root not in path.parents:
+        raise Invalid("source must be a folder inside the import root", field="source")
+    if not path.is_dir():
+        raise Invalid("source is not a folder under the import root", field="source")
+    return path
+
+
+def _check_csv(folder: Path, spec: DatasetCreate) -> None:
+    csv_path = (folder / spec.labels_csv).resolve()
+    if folder not in csv_path.parents or not csv_path.is_file():
+        raise Invalid("labels_csv is not a file inside the source folder", field="labels_csv")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Invalid("labels_csv cannot be read as UTF-8 CSV", field="labels_csv") from exc
+    wanted = {
+        "file_column": spec.file_column,
+        "label_column": spec.label_column,
+        "patient_column": spec.patient_column,
+        "view_column": spec.view_column,
+        "sex_column": spec.sex_column,
+        "age_column": spec.age_column,
+    }
+    for field, column in wanted.items():
+        if column is not None and column not in header:
+            raise Invalid(f"labels_csv has no column {column!r}", field=field)
+
+
+def request_ingest(
+    session: Session, settings: Settings, spec: DatasetCreate, created_by: int
+) -> IngestAccepted:
+    folder = resolve_source(settings, spec.source)
+    _check_csv(folder, spec)
+    ds = repository.get_by_name(session, spec.name) or repository.add_dataset(session, spec.name)
+    version = repository.add_version(
+        session,
+        DatasetVersion(
+            dataset_id=ds.id,
+            version=repository.next_version(session, ds.id),
+            state="ingesting",
+            resolution=spec.resolution,
+            classes=list(spec.classes),
+            holdout_fraction=spec.holdout_fraction,
+            split_seed=spec.split_seed,
+        ),
+    )
+    params = spec.model_dump() | {"version_id": version.id, "folder": str(folder)}
+    job = jobs.create(session, settings, JobKind.ingest, params, created_by)
+    version.ingest_job_id = job.id
+    session.flush()
+    return IngestAccepted(dataset=ds.name, version=version.version, job_id=job.id)
+
+
+def version_read(ds: Dataset, v: DatasetVersion) -> DatasetVersionRead:
+    return DatasetVersionRead(
+        id=v.id,
+        dataset=ds.name,
+        version=v.version,
+        state=v.state,
+        content_sha256=v.content_sha256,
+        resolution=v.resolution,
+        classes=list(v.classes),
+        counts=v.counts,
+        holdout_fraction=v.holdout_fraction,
+        split_seed=v.split_seed,
+        ingest_job_id=v.ingest_job_id,
+        created_at=v.created_at,
+    )
+
+
+def dataset_read(session: Session, ds: Dataset) -> DatasetRead:
+    versions = [version_read(ds, v) for v in repository.versions_of(session, ds.id)]
+    return DatasetRead(id=ds.id, name=ds.name, created_at=ds.created_at, versions=versions)
+
+
+def list_datasets(session: Session) -> list[DatasetRead]:
+    return [dataset_read(session, ds) for ds in repository.list_datasets(session)]
+
+
+def get_dataset(session: Session, name: str) -> DatasetRead:
+    ds = repository.get_by_name(session, name)
+    if ds is None:
+        raise NotFound(f"dataset {name!r} not found")
+    return dataset_read(session, ds)
+
+
+def resolve_version(session: Session, name: str, version: int | None) -> DatasetVersion:
+    """A ready dataset version by name (latest ready one when version is None)."""
+    ds = repository.get_by_name(session, name)
+    if ds is None:
+        raise Invalid(f"dataset {name!r} not found", field="dataset")
+    v = repository.find_version(session, ds.id, version)
+    if v is None:
+        raise Invalid(f"dataset {name!r} has no ready version", field="version")
+    if v.state != "ready":
+        raise Conflict(f"dataset {name!r} version {v.version} is {v.state}, not ready")
+    return v
+
+
+def get_version_read(session: Session, version_id: int) -> DatasetVersionRead:
+    v = repository.get_version(session, version_id)
+    if v is None:
+        raise NotFound(f"dataset version {version_id} not found")
+    ds = repository.get_dataset(session, v.dataset_id)
+    assert ds is not None
+    return version_read(ds, v)
+
+
+@dataclass
+class SplitArrays:
+    """De-identified pixels of one dataset version, split by patient."""
+
+    classes: list[str]
+    resolution: int
+    train_images: np.ndarray  # (N, R, R) uint8
+    train_labels: np.ndarray  # (N,) int64
+    train_index: np.ndarray  # (N,) position in the version
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+    holdout_index: np.ndarray
+
+
+def load_split(session: Session, blobs: BlobStore, version_id: int) -> SplitArrays:
+    v = repository.get_version(session, version_id)
+    if v is None or v.state != "ready" or v.images_blob is None:
+        raise NotFound(f"dataset version {version_id} is not ready")
+    arrays = blobs.get_arrays(v.images_blob)
+    images, labels = arrays["images"], arrays["labels"].astype(np.int64)
+    rows = repository.image_rows(session, version_id)
+    is_train = np.array([r.split == "train" for r in rows], dtype=bool)
+    idx = np.arange(len(rows))
+    return SplitArrays(
+        classes=list(v.classes),
+        resolution=v.resolution,
+        train_images=images[is_train],
+        train_labels=labels[is_train],
+        train_index=idx[is_train],
+        holdout_images=images[~is_train],
+        holdout_labels=labels[~is_train],
+        holdout_index=idx[~is_train],
+    )

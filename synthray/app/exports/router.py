@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import FileResponse
+
+from synthray.app.deps import (
+    BlobsDep,
+    CurrentPrincipal,
+    OperatorDep,
+    ReviewerDep,
+    SessionDep,
+    SettingsDep,
+)
+from synthray.app.exports import service
+from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
+
+router = APIRouter(prefix="/exports", tags=["exports"])
+
+
+@router.post("", response_model=ExportAccepted, status_code=status.HTTP_202_ACCEPTED)
+def request_export(
+    body: ExportCreate, session: SessionDep, settings: SettingsDep, who: OperatorDep
+) -> ExportAccepted:
+    """Build a bundle from a batch that passed the memorization gate (409 otherwise)."""
+    return service.request_export(session, settings, body, who)
+
+
+@router.get("", response_model=list[ExportRead])
+def list_exports(
+    session: SessionDep,
+    who: CurrentPrincipal,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[ExportRead]:
+    """Partners see only the exports addressed to them."""
+    return service.list_exports(session, who, limit)
+
+
+@router.get("/{export_id}", response_model=ExportRead)
+def get_export(export_id: int, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
+    return service.to_read(service.get(session, export_id, who))
+
+
+@router.post("/{export_id}/approve", response_model=ExportRead)
+def approve_export(export_id: int, session: SessionDep, who: ReviewerDep) -> ExportRead:
+    return service.to_read(service.approve(session, export_id, who))
+
+
+@router.get(
+    "/{export_id}/download",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def download_export(
+    export_id: int,
+    session: SessionDep,
+    blobs: BlobsDep,
+    who: CurrentPrincipal,
+) -> FileResponse:
+    path, e = service.open_download(session, blobs, export_id, who)
+    return FileResponse(
+        path,
+        media_type="application/zip",
+        filename=f"synthray-export-{e.id}.zip",
+        headers={"X-Content-SHA256": e.bundle_sha256 or ""},
+    )

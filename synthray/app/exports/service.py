@@ -1,0 +1,232 @@
+"""Exports: the only way synthetic images leave SynthRay.
+
+The gate is enforced here, for every role: an export can be requested only for a
+batch whose memorization check passed, and the bundle is built only from images whose
+bytes still hash to the checked value, leaving out every flagged image. Downloads are
+allowed only to the partner the export is addressed to (and admins), only after a
+reviewer approved it, and every attempt, refused or not, is audited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from synthray.app.audit import service as audit
+from synthray.app.auth import repository as keys
+from synthray.app.auth.schemas import Principal, Role
+from synthray.app.batches import service as batches
+from synthray.app.batches.tables import SyntheticBatch
+from synthray.app.datasets import repository as datasets
+from synthray.app.db import utcnow
+from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound
+from synthray.app.exports import bundle, repository
+from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
+from synthray.app.exports.tables import Export
+from synthray.app.jobs import service as jobs
+from synthray.app.jobs.context import JobContext, JobFailed
+from synthray.app.jobs.schemas import JobKind
+from synthray.app.registry import repository as registry
+from synthray.app.storage import BlobCorrupt, BlobNotFound, BlobStore
+from synthray.config import Settings
+
+
+def to_read(e: Export) -> ExportRead:
+    return ExportRead(
+        id=e.id,
+        batch_id=e.batch_id,
+        partner=e.partner,
+        state=e.state,
+        bundle_sha256=e.bundle_sha256,
+        size_bytes=e.size_bytes,
+        image_count=e.image_count,
+        build_job_id=e.build_job_id,
+        approved_at=e.approved_at,
+        created_at=e.created_at,
+    )
+
+
+def gate(batch: SyntheticBatch) -> None:
+    """Refuse anything but a checked, passed, unchanged batch."""
+    if batch.state != "passed":
+        reason = {
+            "generating": "is still being generated",
+            "unchecked": "has not been checked for memorization",
+            "checking": "is being checked for memorization",
+            "failed": "failed the memorization check",
+        }.get(batch.state, f"is {batch.state}")
+        raise Conflict(f"batch {batch.id} {reason}; it cannot be exported")
+    if not batch.images_blob or batch.checked_sha256 != batch.images_blob:
+        raise Conflict(f"batch {batch.id} changed after its check; it cannot be exported")
+
+
+def request_export(
+    session: Session, settings: Settings, req: ExportCreate, who: Principal
+) -> ExportAccepted:
+    batch = batches.get(session, req.batch_id)
+    gate(batch)
+    if not keys.active_partner_exists(session, req.partner):
+        raise Invalid(f"no active partner key named {req.partner!r}", field="partner")
+    export = repository.add(
+        session, Export(batch_id=batch.id, partner=req.partner, requested_by=who.key_id)
+    )
+    job = jobs.create(session, settings, JobKind.export, {"export_id": export.id}, who.key_id)
+    export.build_job_id = job.id
+    audit.record(
+        session,
+        who,
+        "request_export",
+        "export",
+        export.id,
+        "ok",
+        {"batch_id": batch.id, "partner": req.partner},
+    )
+    session.flush()
+    return ExportAccepted(export_id=export.id, job_id=job.id)
+
+
+def build(ctx: JobContext) -> dict[str, object]:
+    """The export job: re-check the gate, then write the bundle from unflagged images."""
+    export_id = int(ctx.params["export_id"])
+    with ctx.session() as session:
+        export = repository.get(session, export_id)
+        if export is None:
+            raise JobFailed(f"export {export_id} not found")
+        if export.state != "building":
+            return {"export_id": export_id, "state": export.state}
+        batch = batches.get(session, export.batch_id)
+        gate(batch)
+        assert batch.images_blob is not None
+        keep = ~batches.flagged_mask(ctx.blobs, batch)
+        report = batches.report(session, ctx.blobs, batch.id)
+        mv = registry.get_version(session, batch.model_version_id)
+        assert mv is not None
+        model = registry.get_model_by_id(session, mv.model_id)
+        dv = datasets.get_version(session, mv.dataset_version_id)
+        images_blob = batch.images_blob
+        classes = list(mv.classes)
+        provenance = {
+            "export_id": export_id,
+            "partner": export.partner,
+            "batch_id": batch.id,
+            "batch_images_sha256": images_blob,
+            "model": model.name if model else None,
+            "model_version": mv.version,
+            "model_sha256": mv.blob_sha256,
+            "architecture": mv.architecture,
+            "dataset_version_sha256": dv.content_sha256 if dv else None,
+        }
+    try:
+        arrays = ctx.blobs.get_arrays(images_blob)
+    except (BlobCorrupt, BlobNotFound) as exc:
+        raise JobFailed(f"batch images fail their integrity check: {exc}") from exc
+    images, labels = arrays["images"], arrays["labels"]
+    if len(images) != len(keep):
+        raise JobFailed("the batch and its report disagree on the number of images")
+    ctx.progress(0, int(keep.sum()), "writing the bundle")
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=ctx.work_dir, prefix="bundle-", suffix=".zip")
+    os.close(fd)
+    try:
+        manifest = bundle.write_bundle(
+            Path(tmp),
+            images=images,
+            labels=labels,
+            keep=keep,
+            classes=classes,
+            report=report,
+            provenance=provenance,
+        )
+        sha, size = ctx.blobs.put_file(Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    with ctx.session() as session:
+        export = repository.get(session, export_id)
+        assert export is not None
+        export.bundle_sha256 = sha
+        export.size_bytes = size
+        export.image_count = int(keep.sum())
+        export.state = "awaiting_approval"
+    ctx.progress(int(keep.sum()), int(keep.sum()), "bundle ready for review")
+    return {
+        "export_id": export_id,
+        "bundle_sha256": sha,
+        "size_bytes": size,
+        "images": int(keep.sum()),
+        "per_class": manifest["exported_per_class"],
+    }
+
+
+def get(session: Session, export_id: int, who: Principal) -> Export:
+    e = repository.get(session, export_id)
+    # A partner cannot tell another partner's export from a missing one.
+    if e is None or (who.role == Role.partner and e.partner != who.name):
+        raise NotFound(f"export {export_id} not found")
+    return e
+
+
+def list_exports(session: Session, who: Principal, limit: int = 100) -> list[ExportRead]:
+    partner = who.name if who.role == Role.partner else None
+    return [to_read(e) for e in repository.list_for(session, partner, limit)]
+
+
+def approve(session: Session, export_id: int, who: Principal) -> Export:
+    e = get(session, export_id, who)
+    if e.state != "awaiting_approval":
+        raise Conflict(f"export {export_id} is {e.state}; only a built bundle can be approved")
+    batch = batches.get(session, e.batch_id)
+    gate(batch)
+    e.state = "approved"
+    e.approved_by = who.key_id
+    e.approved_at = utcnow()
+    audit.record(session, who, "approve_export", "export", e.id, "ok")
+    session.flush()
+    return e
+
+
+def open_download(
+    session: Session, blobs: BlobStore, export_id: int, who: Principal
+) -> tuple[Path, Export]:
+    """Check every rule for a download; a refusal is audited and committed at once."""
+
+    def refuse(exc: Exception, reason: str) -> Exception:
+        audit.record_refusal(session, who, "download_export", "export", export_id, reason)
+        return exc
+
+    e = repository.get(session, export_id)
+    if e is None:
+        raise refuse(NotFound(f"export {export_id} not found"), "not found")
+    if who.role == Role.partner and e.partner != who.name:
+        raise refuse(NotFound(f"export {export_id} not found"), "addressed to another partner")
+    if who.role not in (Role.partner, Role.admin):
+        raise refuse(Forbidden("only the addressed partner or an admin can download"), "role")
+    if e.state != "approved" or e.bundle_sha256 is None:
+        raise refuse(Conflict(f"export {export_id} is {e.state}, not approved"), "not approved")
+    try:
+        path = blobs.open_verified(e.bundle_sha256)
+    except (BlobCorrupt, BlobNotFound) as exc:
+        raise refuse(Conflict("the bundle failed its integrity check"), "integrity") from exc
+    audit.record(
+        session,
+        who,
+        "download_export",
+        "export",
+        e.id,
+        "ok",
+        {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes},
+    )
+    return path, e
+
+
+def bundle_manifest(blobs: BlobStore, e: Export) -> dict[str, object]:
+    import zipfile
+
+    if e.bundle_sha256 is None:
+        raise NotFound("bundle not built yet")
+    with zipfile.ZipFile(blobs.open_verified(e.bundle_sha256)) as zf:
+        data: dict[str, object] = json.loads(zf.read("manifest.json"))
+    return data

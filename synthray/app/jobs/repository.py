@@ -1,0 +1,103 @@
+"""All SQL on the jobs table. Claims and heartbeats are single conditional UPDATEs so
+that two workers holding the same job id can never both run it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from synthray.app.jobs.tables import Job
+
+
+def add(session: Session, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_recent(session: Session, limit: int, kind: str | None, state: str | None) -> list[Job]:
+    stmt = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    if state:
+        stmt = stmt.where(Job.state == state)
+    return list(session.scalars(stmt))
+
+
+def claim(session: Session, job_id: str, owner: str, now: datetime, lease: timedelta) -> bool:
+    """Take the job if it is queued, or running under an expired lease."""
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.cancel_requested.is_(False),
+            or_(
+                Job.state == "queued",
+                and_(Job.state == "running", Job.lease_expires_at < now),
+            ),
+        )
+        .values(
+            state="running",
+            lease_owner=owner,
+            lease_expires_at=now + lease,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            started_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def heartbeat(
+    session: Session,
+    job_id: str,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+    progress: dict[str, Any] | None,
+) -> bool:
+    values: dict[str, Any] = {"lease_expires_at": now + lease, "heartbeat_at": now}
+    if progress is not None:
+        values.update(
+            progress_step=progress["step"],
+            progress_total=progress["total"],
+            progress_message=progress["message"][:500],
+            progress_detail=progress["detail"],
+        )
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish(
+    session: Session, job_id: str, owner: str, now: datetime, state: str, **values: Any
+) -> bool:
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .values(state=state, finished_at=now, lease_owner=None, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+
+
+def expired_running(session: Session, now: datetime) -> list[Job]:
+    stmt = select(Job).where(Job.state == "running", Job.lease_expires_at < now)
+    return list(session.scalars(stmt.with_for_update(skip_locked=True)))
+
+
+def stale_queued(session: Session, before: datetime) -> list[Job]:
+    stmt = select(Job).where(Job.state == "queued", Job.enqueued_at < before)
+    return list(session.scalars(stmt.with_for_update(skip_locked=True)))

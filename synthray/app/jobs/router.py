@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from synthray.app.deps import OperatorDep, SessionDep, StaffDep
+from synthray.app.jobs import service
+from synthray.app.jobs.schemas import JobKind, JobRead, JobState
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=list[JobRead])
+def list_jobs(
+    session: SessionDep,
+    _: StaffDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    kind: JobKind | None = None,
+    state: JobState | None = None,
+) -> list[JobRead]:
+    return service.list_jobs(
+        session, limit, kind.value if kind else None, state.value if state else None
+    )
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def get_job(job_id: str, session: SessionDep, _: StaffDep) -> JobRead:
+    return service.to_read(service.get(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead)
+def cancel_job(job_id: str, session: SessionDep, _: OperatorDep) -> JobRead:
+    return service.to_read(service.cancel(session, job_id))

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL = {JobState.succeeded, JobState.failed, JobState.cancelled}
+
+
+class JobKind(StrEnum):
+    ingest = "ingest"
+    train = "train"
+    synthesize = "synthesize"
+    check = "check"
+    export = "export"
+
+
+# Training and synthesis need the accelerator; everything else runs on CPU workers.
+QUEUE_OF = {
+    JobKind.ingest: "cpu",
+    JobKind.train: "gpu",
+    JobKind.synthesize: "gpu",
+    JobKind.check: "cpu",
+    JobKind.export: "cpu",
+}
+
+
+class Progress(BaseModel):
+    step: int
+    total: int | None
+    message: str
+    detail: dict[str, Any]
+
+
+class JobRead(BaseModel):
+    id: str
+    kind: JobKind
+    state: JobState
+    progress: Progress
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    error: str | None
+    result: dict[str, Any]
+    params: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None

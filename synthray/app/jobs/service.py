@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from synthray.app.db import on_commit, utcnow
+from synthray.app.errors import Conflict, NotFound
+from synthray.app.jobs import broker, repository
+from synthray.app.jobs.schemas import QUEUE_OF, TERMINAL, JobKind, JobRead, JobState, Progress
+from synthray.app.jobs.tables import Job
+from synthray.config import Settings
+
+
+def to_read(job: Job) -> JobRead:
+    return JobRead(
+        id=job.id,
+        kind=JobKind(job.kind),
+        state=JobState(job.state),
+        progress=Progress(
+            step=job.progress_step,
+            total=job.progress_total,
+            message=job.progress_message,
+            detail=job.progress_detail,
+        ),
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        error=job.error,
+        result=job.result,
+        params=job.params,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+    )
+
+
+def create(
+    session: Session,
+    settings: Settings,
+    kind: JobKind,
+    params: dict[str, Any],
+    created_by: int | None,
+) -> Job:
+    """Write the job row; its id is published to the broker only after the commit."""
+    job = repository.add(
+        session,
+        Job(
+            id=str(uuid.uuid4()),
+            kind=kind.value,
+            queue=QUEUE_OF[kind],
+            state=JobState.queued.value,
+            params=params,
+            max_attempts=settings.job_max_attempts,
+            created_by=created_by,
+            enqueued_at=utcnow(),
+            progress_message="queued",
+        ),
+    )
+    job_id, queue = job.id, job.queue
+    on_commit(session, lambda: broker.publish(settings, job_id, queue))
+    return job
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = repository.get(session, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(
+    session: Session, limit: int = 50, kind: str | None = None, state: str | None = None
+) -> list[JobRead]:
+    return [to_read(j) for j in repository.list_recent(session, limit, kind, state)]
+
+
+def cancel(session: Session, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one stops at its next heartbeat."""
+    job = get(session, job_id)
+    if JobState(job.state) in TERMINAL:
+        raise Conflict(f"job {job_id} is already {job.state}")
+    job.cancel_requested = True
+    if job.state == JobState.queued:
+        job.state = JobState.cancelled.value
+        job.finished_at = utcnow()
+        job.progress_message = "cancelled before it started"
+    session.flush()
+    return job
+
+
+def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]:
+    """Find jobs whose worker died or whose message may be lost, and queue them again.
+
+    Returns (job id, queue) pairs to publish after the commit. A duplicate message is
+    harmless: the claim lets only one delivery run the job.
+    """
+    now = utcnow()
+    out: list[tuple[str, str]] = []
+    for job in repository.expired_running(session, now):
+        if job.attempts >= job.max_attempts:
+            job.state = JobState.failed.value
+            job.error = f"the worker running this job was lost {job.attempts} times"
+            job.finished_at = now
+            job.lease_owner = None
+            continue
+        job.state = JobState.queued.value
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.enqueued_at = now
+        job.progress_message = "requeued: the worker holding it stopped responding"
+        out.append((job.id, job.queue))
+    before = now - timedelta(seconds=settings.requeue_after_seconds)
+    for job in repository.stale_queued(session, before):
+        job.enqueued_at = now
+        out.append((job.id, job.queue))
+    session.flush()
+    for job_id, queue in out:
+        on_commit(session, lambda j=job_id, q=queue: broker.publish(settings, j, q))
+    return out

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from synthray.app.datasets.schemas import NAME
+
+
+class TrainRequest(BaseModel):
+    dataset: str
+    dataset_version: int | None = Field(None, description="Latest ready version if omitted.")
+    model_name: str = Field(pattern=NAME)
+    architecture: Literal["dcgan"] = "dcgan"
+    resolution: Literal[64, 128] = 64
+    batch_size: int = Field(64, ge=2, le=1024)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    max_seconds: float | None = Field(None, ge=5, le=7 * 24 * 3600)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    lr_g: float = Field(2e-4, gt=0, le=0.1)
+    lr_d: float = Field(2e-4, gt=0, le=0.1)
+    checkpoint_every_s: float = Field(60.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _budget(self) -> TrainRequest:
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("set a training budget: max_steps, max_seconds or both")
+        return self
+
+
+class TrainAccepted(BaseModel):
+    job_id: str
+    model_name: str
+    dataset_version_id: int
+
+
+class ModelVersionRead(BaseModel):
+    id: int
+    model: str
+    version: int
+    dataset_version_id: int
+    dataset_sha256: str
+    architecture: str
+    config: dict[str, Any]
+    classes: list[str]
+    code_version: str
+    train_job_id: str
+    metrics: dict[str, Any]
+    blob_sha256: str
+    size_bytes: int
+    archived: bool
+    created_at: datetime
+
+
+class ModelRead(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+    versions: list[ModelVersionRead]

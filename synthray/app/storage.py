@@ -1,0 +1,138 @@
+"""Content-addressed blob store on the local filesystem.
+
+Blobs are named by the sha256 of their bytes (``ab/cdef...``). A write goes to a
+temporary file in the same folder, is fsynced, renamed into place and the folder is
+fsynced, so a crash leaves either the old state or the whole new blob, never half a
+file. Reads can verify the hash, so a changed file is refused rather than served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+CHUNK = 1 << 20
+
+
+class BlobNotFound(LookupError):
+    pass
+
+
+class BlobCorrupt(ValueError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise BlobNotFound("not a sha256 digest")
+        return self.root / sha256[:2] / sha256[2:]
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put_stream(self, stream: BinaryIO) -> tuple[str, int]:
+        """Copy a stream into the store; returns (sha256, size)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for chunk in iter(lambda: stream.read(CHUNK), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = h.hexdigest()
+            final = self.path(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            return digest, size
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        return self.put_stream(io.BytesIO(data))
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        with path.open("rb") as f:
+            return self.put_stream(f)
+
+    def open_verified(self, sha256: str) -> Path:
+        """Return the blob's path after checking that its bytes still hash to its name."""
+        p = self.path(sha256)
+        if not p.is_file():
+            raise BlobNotFound(f"blob {sha256[:12]} is missing")
+        if sha256_file(p) != sha256:
+            raise BlobCorrupt(f"blob {sha256[:12]} does not match its hash; refusing to use it")
+        return p
+
+    def read_bytes(self, sha256: str) -> bytes:
+        return self.open_verified(sha256).read_bytes()
+
+    def iter_bytes(self, sha256: str) -> Iterator[bytes]:
+        with self.open_verified(sha256).open("rb") as f:
+            yield from iter(lambda: f.read(CHUNK), b"")
+
+    # numpy arrays: stored as .npz without pickles, read back with allow_pickle=False
+    def put_arrays(self, **arrays: np.ndarray) -> tuple[str, int]:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        return self.put_bytes(buf.getvalue())
+
+    def get_arrays(self, sha256: str) -> dict[str, np.ndarray]:
+        data = self.read_bytes(sha256)
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}

@@ -1,0 +1,24 @@
+"""Imports every table so that Alembic and tests see the whole schema."""
+
+from synthray.app.audit.tables import AuditEvent
+from synthray.app.auth.tables import ApiKey
+from synthray.app.batches.tables import SyntheticBatch
+from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
+from synthray.app.db import Base
+from synthray.app.exports.tables import Export
+from synthray.app.jobs.tables import Job
+from synthray.app.registry.tables import ModelVersion, RegisteredModel
+
+__all__ = [
+    "ApiKey",
+    "AuditEvent",
+    "Base",
+    "Dataset",
+    "DatasetImage",
+    "DatasetVersion",
+    "Export",
+    "Job",
+    "ModelVersion",
+    "RegisteredModel",
+    "SyntheticBatch",
+]

@@ -1,0 +1,381 @@
+"""The ``synthray`` command: server verbs (serve, worker, db, keys, demo) and client
+verbs that talk to the REST API (SYNTHRAY_URL, SYNTHRAY_API_KEY)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from synthray.cli.client import ApiError, Client
+
+app = typer.Typer(help="SynthRay: privacy-gated synthetic chest radiographs.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Background jobs.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[str, typer.Option(envvar="SYNTHRAY_URL", help="API base URL.")]
+KeyOpt = Annotated[str, typer.Option(envvar="SYNTHRAY_API_KEY", help="API key.")]
+
+
+def _settings() -> Any:
+    from pydantic import ValidationError
+
+    from synthray.config import InsecureSettingsError, get_settings
+
+    try:
+        return get_settings()
+    except (InsecureSettingsError, ValidationError) as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _client(url: str, key: str) -> Client:
+    return Client(url, key)
+
+
+def _fail(exc: ApiError) -> None:
+    err.print(f"[red]error[/red] ({exc.status}): {exc.detail}")
+    raise typer.Exit(1)
+
+
+def _print(obj: Any) -> None:
+    out.print_json(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------- server verbs
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the newest revision."""
+    from synthray.migrations import upgrade
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.sqlalchemy_url)
+    err.print("database schema is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin, operator, reviewer or partner")],
+    name: Annotated[str, typer.Option(help="Who the key is for (a partner's name).")],
+) -> None:
+    """Create an API key. The key is printed once; only its HMAC is stored."""
+    from pydantic import ValidationError
+
+    from synthray.app.auth.schemas import KeyCreate
+    from synthray.app.auth.service import create_key
+    from synthray.app.db import session_scope
+    from synthray.migrations import upgrade
+
+    s = _settings()
+    try:
+        body = KeyCreate(name=name, role=role)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err.print(f"[red]invalid key:[/red] {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        raise typer.Exit(2) from exc
+    if s.sqlalchemy_url.startswith("sqlite"):
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(s.sqlalchemy_url)
+    with session_scope(s.sqlalchemy_url) as session:
+        created = create_key(session, s.secret_key, body.name, body.role)
+    err.print(f"created {created.role} key {created.prefix} for {created.name}; store it now:")
+    print(created.key)
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    with_worker: Annotated[
+        bool | None,
+        typer.Option(help="Start a worker too (default: yes with the embedded broker)."),
+    ] = None,
+) -> None:
+    """Run the API (and, on the embedded default, a worker process beside it)."""
+    import subprocess
+
+    import uvicorn
+
+    from synthray.app.main import create_app
+    from synthray.config import EMBEDDED_BROKER
+    from synthray.migrations import upgrade
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    if s.sqlalchemy_url.startswith("sqlite"):
+        upgrade(s.sqlalchemy_url)
+    start_worker = with_worker if with_worker is not None else s.broker_url == EMBEDDED_BROKER
+    worker = None
+    if start_worker:
+        worker = subprocess.Popen([sys.executable, "-m", "synthray.cli.main", "worker"])
+    try:
+        uvicorn.run(create_app(s), host=host, port=port, log_level=s.log_level.lower())
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "gpu,cpu",
+    concurrency: Annotated[int, typer.Option(help="Processes (1 per GPU).")] = 1,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a Celery worker: one job at a time per process, late acks, prefetch 1."""
+    _settings()
+    from synthray.workers.celery_app import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "--prefetch-multiplier",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            loglevel,
+            "--hostname",
+            f"synthray-{os.getpid()}@%h",
+        ]
+    )
+
+
+@app.command()
+def demo(
+    data: Annotated[
+        Path | None, typer.Option(help="Folder with images and labels.csv (SYNTHRAY_DEMO_DATA).")
+    ] = None,
+    train_seconds: Annotated[float, typer.Option(help="Training budget in seconds.")] = 180.0,
+    per_class: Annotated[int, typer.Option(help="Synthetic images per class.")] = 100,
+    workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its state.")] = None,
+) -> None:
+    """Run the whole pipeline on the embedded default and download the partner bundle."""
+    from synthray.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(data, train_seconds, per_class, workdir, out, err))
+
+
+# ---------------------------------------------------------------- client verbs
+
+
+@app.command()
+def ingest(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    source: Annotated[str, typer.Option(help="Folder relative to the server's import root.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class names.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    labels_csv: str = "labels.csv",
+    file_column: str = "file",
+    label_column: str = "label",
+    patient_column: str = "patient_id",
+    label_separator: str | None = None,
+    label_map: Annotated[str | None, typer.Option(help="JSON object: raw -> class.")] = None,
+    resolution: int = 64,
+    holdout_fraction: float = 0.2,
+    wait: bool = True,
+) -> None:
+    """Import a folder of labelled radiographs as a new dataset version."""
+    body = {
+        "name": name,
+        "source": source,
+        "labels_csv": labels_csv,
+        "file_column": file_column,
+        "label_column": label_column,
+        "patient_column": patient_column,
+        "label_separator": label_separator,
+        "label_map": json.loads(label_map) if label_map else {},
+        "classes": [c.strip() for c in classes.split(",") if c.strip()],
+        "resolution": resolution,
+        "holdout_fraction": holdout_fraction,
+    }
+    _submit(url, api_key, "/datasets", body, wait, "ingest")
+
+
+@app.command()
+def train(
+    dataset: str,
+    model_name: Annotated[str, typer.Option(help="Registry name of the model.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    max_seconds: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int = 64,
+    resolution: int = 64,
+    seed: int = 0,
+    wait: bool = True,
+) -> None:
+    """Train a generator; it is registered as a new model version when it finishes."""
+    body = {
+        "dataset": dataset,
+        "model_name": model_name,
+        "max_seconds": max_seconds,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "seed": seed,
+    }
+    _submit(url, api_key, "/train", body, wait, "train")
+
+
+@app.command()
+def synthesize(
+    model: str,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    version: int | None = None,
+    per_class: int = 100,
+    seed: int = 0,
+    wait: bool = True,
+) -> None:
+    """Sample a class-balanced batch; its memorization check runs right after."""
+    body = {"model": model, "version": version, "per_class": per_class, "seed": seed}
+    with _client(url, api_key) as c:
+        try:
+            acc = c.post("/synthesize", body)
+            if not wait:
+                _print(acc)
+                return
+            job = c.wait(acc["job_id"], err, "synthesize")
+            if job["state"] != "succeeded":
+                _job_failed(job)
+            check = c.wait(job["result"]["check_job_id"], err, "check")
+            if check["state"] != "succeeded":
+                _job_failed(check)
+            _print(c.get(f"/batches/{acc['batch_id']}"))
+        except ApiError as exc:
+            _fail(exc)
+
+
+@app.command()
+def export(
+    batch_id: int,
+    partner: Annotated[str, typer.Option(help="Partner key name the export is for.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    wait: bool = True,
+) -> None:
+    """Build an export bundle from a batch that passed the memorization gate."""
+    _submit(url, api_key, "/exports", {"batch_id": batch_id, "partner": partner}, wait, "export")
+
+
+@app.command()
+def approve(export_id: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """Approve a built export bundle (reviewer)."""
+    with _client(url, api_key) as c:
+        try:
+            _print(c.post(f"/exports/{export_id}/approve"))
+        except ApiError as exc:
+            _fail(exc)
+
+
+@app.command()
+def download(
+    export_id: int,
+    dest: Annotated[Path, typer.Option(help="Where to write the zip.")] = Path("."),
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+) -> None:
+    """Download an approved export bundle (the partner it is addressed to)."""
+    target = dest / f"synthray-export-{export_id}.zip" if dest.is_dir() else dest
+    with _client(url, api_key) as c:
+        try:
+            size = c.download(f"/exports/{export_id}/download", target)
+        except ApiError as exc:
+            _fail(exc)
+    err.print(f"wrote {target} ({size} bytes)")
+
+
+@jobs_app.command("list")
+def jobs_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "", limit: int = 20) -> None:
+    """Recent jobs."""
+    with _client(url, api_key) as c:
+        try:
+            jobs = c.get("/jobs", limit=limit)
+        except ApiError as exc:
+            _fail(exc)
+    t = Table("id", "kind", "state", "progress", "attempts", "created")
+    for j in jobs:
+        p = j["progress"]
+        prog = f"{p['step']}/{p['total']}" if p["total"] else str(p["step"])
+        t.add_row(
+            j["id"][:8],
+            j["kind"],
+            j["state"],
+            f"{prog} {p['message']}"[:60],
+            str(j["attempts"]),
+            j["created_at"][:19],
+        )
+    out.print(t)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    wait: bool = False,
+) -> None:
+    """One job (with --wait: follow it with a progress bar until it ends)."""
+    with _client(url, api_key) as c:
+        try:
+            _print(c.wait(job_id, err) if wait else c.get(f"/jobs/{job_id}"))
+        except ApiError as exc:
+            _fail(exc)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """Ask a job to stop (a training job stops at its next step and keeps its checkpoint)."""
+    with _client(url, api_key) as c:
+        try:
+            _print(c.post(f"/jobs/{job_id}/cancel"))
+        except ApiError as exc:
+            _fail(exc)
+
+
+def _job_failed(job: dict[str, Any]) -> None:
+    err.print(f"[red]job {job['id']} {job['state']}:[/red] {job.get('error') or ''}")
+    raise typer.Exit(1)
+
+
+def _submit(url: str, key: str, path: str, body: dict[str, Any], wait: bool, label: str) -> None:
+    with _client(url, key) as c:
+        try:
+            acc = c.post(path, body)
+            if not wait:
+                _print(acc)
+                return
+            job = c.wait(acc["job_id"], err, label)
+        except ApiError as exc:
+            _fail(exc)
+    if job["state"] != "succeeded":
+        _job_failed(job)
+    _print(acc | {"result": job["result"]})
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,101 @@
+"""One typed settings object for every process (API, worker, CLI).
+
+Every value comes from an environment variable with the ``SYNTHRAY_`` prefix (or a
+``.env`` file). A deployment that keeps a default secret refuses to start unless
+``SYNTHRAY_DEV_MODE=true`` says, explicitly, that this is a development machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET = "dev-only-not-a-secret"
+EMBEDDED_BROKER = "embedded"
+
+
+class InsecureSettingsError(RuntimeError):
+    """Raised when a production deployment would start with a default secret."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SYNTHRAY_", env_file=".env", extra="ignore")
+
+    dev_mode: bool = Field(False, description="Allow default secrets (development only).")
+    data_dir: Path = Field(Path("var"), description="Blobs, embedded broker, SQLite file.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default is a SQLite file in data_dir."
+    )
+    broker_url: str = Field(
+        EMBEDDED_BROKER,
+        description="'embedded' (serverless, files under data_dir) or redis://host:port/db.",
+    )
+    secret_key: str = Field(
+        DEV_SECRET, description="Site secret: API key HMAC and patient pseudonyms."
+    )
+    import_root: Path | None = Field(
+        None, description="Server-side folder that ingest may read from (relative paths)."
+    )
+    demo_data: Path = Field(
+        Path("../shared/data/nih-cxr14-64"), description="Folder used by `synthray demo`."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    job_lease_seconds: int = Field(120, ge=10, description="Lease a worker holds on a job.")
+    job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job fails.")
+    requeue_after_seconds: int = Field(
+        600, ge=10, description="Re-publish a queued job whose message may be lost after this."
+    )
+    memorization_quantile: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Hold-out quantile that sets the flag threshold."
+    )
+    max_flagged_fraction: float = Field(
+        0.10, ge=0.0, le=1.0, description="A batch with more flagged images fails the gate."
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.")
+    log_level: str = "INFO"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, v: str) -> str:
+        if v != EMBEDDED_BROKER and not v.startswith(("redis://", "rediss://", "amqp://")):
+            raise ValueError("broker_url must be 'embedded', redis://... or amqp://...")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> Settings:
+        if not self.dev_mode and self.secret_key == DEV_SECRET:
+            raise InsecureSettingsError(
+                "SYNTHRAY_SECRET_KEY is unset: set a long random secret "
+                "(or SYNTHRAY_DEV_MODE=true on a development machine)."
+            )
+        if not self.dev_mode and len(self.secret_key) < 32:
+            raise InsecureSettingsError("SYNTHRAY_SECRET_KEY must be at least 32 characters.")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'synthray.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for jobs (checkpoints, uploads in flight)."""
+        return self.data_dir / "work"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

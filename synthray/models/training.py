@@ -1,0 +1,617 @@
+"""Training loop for the class-conditional DCGAN, with a step/time budget and exact resume.
+
+The algorithm is Algorithm 1 of Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014,
+with the non-saturating generator loss of its Section 3 and the Adam settings of Radford et al.,
+ICLR 2016 (lr 2e-4, beta1 0.5). All state lives in a :class:`_Trainer` instance; a checkpoint
+holds everything that instance needs (networks, optimizers, RNG states, budget counters and the
+configs), so a killed run that is started again ends with the same weights as an uninterrupted
+one on the same device and precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (conventional alias)
+from torch import Tensor
+
+from synthray.models.checkpoint import (
+    flatten_state_dict,
+    load_state,
+    save_state,
+    unflatten_state_dict,
+)
+from synthray.models.dcgan import (
+    DCGANConfig,
+    Discriminator,
+    Generator,
+    build_seeded,
+    to_channels_last,
+)
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("dcgan",)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CHECKPOINT_KIND = "train_checkpoint"
+CHECKPOINT_FORMAT = 1
+# TrainConfig fields that may change between a checkpoint and the run that resumes it.
+RESUME_FREE_FIELDS = frozenset(
+    {"max_steps", "max_seconds", "checkpoint_every_s", "progress_every_s"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``class_names`` must not be empty."""
+
+    architecture: str = "dcgan"
+    resolution: int = 64
+    class_names: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    precision: str = "auto"  # auto | bf16 | fp32 (| fp16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every_s: float = 60.0
+    progress_every_s: float = 5.0
+    z_dim: int = 100
+    g_channels: int = 64
+    d_channels: int = 64
+
+    def __post_init__(self) -> None:
+        self.class_names = list(self.class_names)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on any setting the training loop cannot honour."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; supported: {list(ARCHITECTURES)}"
+            )
+        if not self.class_names:
+            raise ValueError("class_names must list at least one class")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be unique, got {self.class_names}")
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("set max_steps or max_seconds (or both): training needs a budget")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_seconds is not None and not self.max_seconds >= 0:
+            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.checkpoint_every_s < 0 or self.progress_every_s < 0:
+            raise ValueError("checkpoint_every_s and progress_every_s must be >= 0")
+        for name in ("lr_g", "lr_d"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        self.generator_config()  # validates resolution and channel counts
+
+    def generator_config(self) -> DCGANConfig:
+        return DCGANConfig(
+            resolution=self.resolution,
+            num_classes=len(self.class_names),
+            z_dim=self.z_dim,
+            g_channels=self.g_channels,
+            d_channels=self.d_channels,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total_steps: int | None
+    images_seen: int
+    seconds: float
+    images_per_second: float  # throughput of this process's part of the run
+    loss_d: float
+    loss_g: float
+    eta_seconds: float | None
+
+
+@dataclass
+class TrainResult:
+    generator_config: dict[str, Any]
+    generator_state: dict[str, Tensor]  # on CPU, floating tensors in fp32
+    steps: int
+    images_seen: int
+    seconds: float
+    final_loss_d: float
+    final_loss_g: float
+    device: str
+    precision: str
+    stopped: str  # "budget" or "cancelled"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CPU (autocast + channels_last) and bf16, else fp16, on CUDA."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 training needs CUDA (GradScaler); use bf16 or fp32 on CPU")
+    return precision
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(repr((images.shape, labels.shape)).encode())
+    h.update(np.ascontiguousarray(images).data)
+    h.update(np.ascontiguousarray(labels).data)
+    return h.hexdigest()
+
+
+def _validate_data(
+    images: np.ndarray, labels: np.ndarray, cfg: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    r = cfg.resolution
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError("images must be a uint8 numpy array of shape (N, R, R)")
+    if images.shape[1:] != (r, r):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]} but cfg.resolution is {r}: "
+            "resize them first"
+        )
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no training images")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}"
+        )
+    labels = labels.astype(np.int64, copy=False)
+    c = len(cfg.class_names)
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must be in [0, {c}), got range [{labels.min()}, {labels.max()}]")
+    counts = np.bincount(labels, minlength=c)
+    empty = [cfg.class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"classes without any training image: {empty}")
+    return images, labels
+
+
+def _to_cpu_fp32(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+    return out
+
+
+class _Trainer:
+    """Networks, optimizers, RNGs and counters of one training run."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        cfg: TrainConfig,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.cfg = cfg
+        self.gcfg = cfg.generator_config()
+        self.device = device
+        self.precision = precision
+        self.images = images  # (N, R, R) uint8
+        self.num_classes = len(cfg.class_names)
+        # Class-balanced sampling: a class uniformly, then an image of that class uniformly.
+        self.order = np.argsort(labels, kind="stable")  # image indices grouped by class
+        self.class_counts = np.bincount(labels, minlength=self.num_classes)  # (C,)
+        self.class_starts = np.cumsum(self.class_counts) - self.class_counts  # (C,)
+
+        # All randomness comes from these two generators, both on CPU, so runs are reproducible
+        # and the global RNGs are left alone.
+        self.torch_rng = torch.Generator(device="cpu")
+        self.torch_rng.manual_seed(cfg.seed)
+        self.np_rng = np.random.Generator(np.random.PCG64(cfg.seed))
+
+        self.channels_last = device.type == "cuda" or precision != "fp32"
+        self.G = build_seeded(Generator, self.gcfg, self.torch_rng).to(device)
+        self.D = build_seeded(Discriminator, self.gcfg, self.torch_rng).to(device)
+        if self.channels_last:
+            to_channels_last(self.G)
+            to_channels_last(self.D)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.step = 0
+        self.images_seen = 0
+        self.seconds_before = 0.0  # training time spent by earlier processes (resume)
+        self.loss_d: Tensor | float = math.nan
+        self.loss_g: Tensor | float = math.nan
+        self.fingerprint = ""
+        self.resumed = False
+
+    # ----------------------------------------------------------------------------- batches
+    def _autocast(self) -> AbstractContextManager[Any]:
+        dtype = _autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _to_device_images(self, x: np.ndarray) -> Tensor:
+        t = torch.from_numpy(x).to(self.device, non_blocking=True)  # (B, R, R) uint8
+        t = t.unsqueeze(1).float().div_(127.5).sub_(1.0)  # (B, 1, R, R) in [-1, 1]
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _real_batch(self) -> tuple[Tensor, Tensor]:
+        b = self.cfg.batch_size
+        cls = self.np_rng.integers(0, self.num_classes, size=b)  # (B,)
+        within = self.np_rng.integers(0, self.class_counts[cls])  # (B,) index inside the class
+        idx = self.order[self.class_starts[cls] + within]  # (B,)
+        x = self._to_device_images(self.images[idx])  # (B, 1, R, R)
+        y = torch.from_numpy(cls.astype(np.int64)).to(self.device)  # (B,)
+        return x, y
+
+    def _noise(self) -> tuple[Tensor, Tensor]:
+        b = self.cfg.batch_size
+        z = torch.randn(b, self.gcfg.z_dim, generator=self.torch_rng)  # (B, z_dim)
+        y = torch.randint(0, self.num_classes, (b,), generator=self.torch_rng)  # (B,)
+        return z.to(self.device), y.to(self.device)
+
+    def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+
+    # -------------------------------------------------------------------------------- step
+    def train_step(self) -> None:
+        x, y_real = self._real_batch()  # (B, 1, R, R), (B,)
+        z, y_fake = self._noise()  # (B, z_dim), (B,)
+        ones = torch.ones(self.cfg.batch_size, device=self.device)
+        zeros = torch.zeros(self.cfg.batch_size, device=self.device)
+
+        # Update D: maximize log D(x|y) + log(1 - D(G(z|y')|y')), i.e. minimise the BCE of
+        # real images against 1 and of generated images against 0.
+        self.opt_d.zero_grad(set_to_none=True)
+        with self._autocast():
+            fake = self.G(z, y_fake)  # (B, 1, R, R)
+            logits_real = self.D(x, y_real)  # (B,)
+            logits_fake = self.D(fake.detach(), y_fake)  # (B,)
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real.float(), ones
+        ) + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros)
+        self._backward_step(loss_d, self.opt_d)
+
+        # Update G (non-saturating): maximize log D(G(z|y')|y') instead of minimising
+        # log(1 - D(G(z|y')|y')); D's weights are frozen so only G receives gradients.
+        self.opt_g.zero_grad(set_to_none=True)
+        self.D.requires_grad_(False)
+        try:
+            with self._autocast():
+                logits_gen = self.D(fake, y_fake)  # (B,)
+            loss_g = F.binary_cross_entropy_with_logits(logits_gen.float(), ones)
+            self._backward_step(loss_g, self.opt_g)
+        finally:
+            self.D.requires_grad_(True)
+        if self.scaler is not None:
+            self.scaler.update()
+
+        self.loss_d = loss_d.detach()
+        self.loss_g = loss_g.detach()
+        self.step += 1
+        self.images_seen += self.cfg.batch_size
+
+    # ------------------------------------------------------------------------- checkpoints
+    def checkpoint_payload(self, seconds: float) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors: dict[str, Tensor] = {}
+        tensors.update({f"G.{k}": v for k, v in self.G.state_dict().items()})
+        tensors.update({f"D.{k}": v for k, v in self.D.state_dict().items()})
+        opt_g_tensors, opt_g_structure = flatten_state_dict(self.opt_g.state_dict(), "opt_g.")
+        opt_d_tensors, opt_d_structure = flatten_state_dict(self.opt_d.state_dict(), "opt_d.")
+        tensors.update(opt_g_tensors)
+        tensors.update(opt_d_tensors)
+        tensors["rng.torch"] = self.torch_rng.get_state()  # (S,) uint8
+        meta: dict[str, Any] = {
+            "kind": CHECKPOINT_KIND,
+            "format": CHECKPOINT_FORMAT,
+            "architecture": self.cfg.architecture,
+            "train_config": self.cfg.to_dict(),
+            "generator_config": self.gcfg.to_dict(),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "seconds": seconds,
+            "loss_d": float(self.loss_d),
+            "loss_g": float(self.loss_g),
+            "rng_numpy": self.np_rng.bit_generator.state,
+            "opt_g": opt_g_structure,
+            "opt_d": opt_d_structure,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data_fingerprint": self.fingerprint,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+        return tensors, meta
+
+    def save_checkpoint(self, path: Path, seconds: float) -> None:
+        tensors, meta = self.checkpoint_payload(seconds)
+        save_state(path, tensors, meta)
+
+    def resume_matches(self, meta: dict[str, Any]) -> str | None:
+        """None when ``meta`` is a checkpoint of this very run, else the reason it is not."""
+        if meta.get("kind") != CHECKPOINT_KIND or meta.get("format") != CHECKPOINT_FORMAT:
+            return "not a training checkpoint of this format"
+        stored = meta.get("train_config")
+        if not isinstance(stored, dict):
+            return "no train_config"
+        mine = self.cfg.to_dict()
+        differing = sorted(
+            k
+            for k in set(stored) | set(mine)
+            if k not in RESUME_FREE_FIELDS and stored.get(k) != mine.get(k)
+        )
+        if differing:
+            return f"train_config differs in {differing}"
+        if meta.get("data_fingerprint") != self.fingerprint:
+            return "training data differ"
+        if meta.get("precision") != self.precision:
+            return f"precision differs ({meta.get('precision')} vs {self.precision})"
+        return None
+
+    def load_checkpoint(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        def sub(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.G.load_state_dict(sub("G."))
+        self.D.load_state_dict(sub("D."))
+        self.opt_g.load_state_dict(unflatten_state_dict(tensors, meta["opt_g"]))
+        self.opt_d.load_state_dict(unflatten_state_dict(tensors, meta["opt_d"]))
+        for opt in (self.opt_g, self.opt_d):  # give Adam moments their parameter's layout
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    for k, v in state.items():
+                        if isinstance(v, Tensor) and v.shape == p.shape and v.dtype == p.dtype:
+                            state[k] = torch.empty_like(p).copy_(v)
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.torch_rng.set_state(tensors["rng.torch"].contiguous())
+        self.np_rng.bit_generator.state = meta["rng_numpy"]
+        self.step = int(meta["step"])
+        self.images_seen = int(meta["images_seen"])
+        self.seconds_before = float(meta["seconds"])
+        self.loss_d = float(meta["loss_d"])
+        self.loss_g = float(meta["loss_g"])
+        self.resumed = True
+
+    # ------------------------------------------------------------------------------- run
+    def progress(self, seconds: float, run_steps: int, run_seconds: float) -> TrainProgress:
+        cfg = self.cfg
+        steps_per_s = run_steps / run_seconds if run_seconds > 0 else 0.0
+        etas: list[float] = []
+        if cfg.max_steps is not None and steps_per_s > 0:
+            etas.append(max(0, cfg.max_steps - self.step) / steps_per_s)
+        if cfg.max_seconds is not None:
+            etas.append(max(0.0, cfg.max_seconds - seconds))
+        return TrainProgress(
+            step=self.step,
+            total_steps=cfg.max_steps,
+            images_seen=self.images_seen,
+            seconds=seconds,
+            images_per_second=steps_per_s * cfg.batch_size,
+            loss_d=float(self.loss_d),
+            loss_g=float(self.loss_g),
+            eta_seconds=min(etas) if etas else None,
+        )
+
+    def run(
+        self,
+        checkpoint_path: Path | None,
+        on_progress: Callable[[TrainProgress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> TrainResult:
+        cfg = self.cfg
+        self.G.train()
+        self.D.train()
+        t0 = time.perf_counter()
+        start_step = self.step
+        last_progress = last_checkpoint = t0
+        saved_step = self.step if self.resumed else -1
+        stopped = "budget"
+
+        def elapsed() -> float:
+            return self.seconds_before + (time.perf_counter() - t0)
+
+        while True:
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            if cfg.max_seconds is not None and elapsed() >= cfg.max_seconds:
+                break
+            if should_stop is not None and should_stop():
+                stopped = "cancelled"
+                break
+            self.train_step()
+            now = time.perf_counter()
+            if on_progress is not None and now - last_progress >= cfg.progress_every_s:
+                on_progress(self.progress(elapsed(), self.step - start_step, now - t0))
+                last_progress = time.perf_counter()
+            if checkpoint_path is not None and now - last_checkpoint >= cfg.checkpoint_every_s:
+                self.save_checkpoint(checkpoint_path, elapsed())
+                saved_step = self.step
+                last_checkpoint = time.perf_counter()
+
+        seconds = elapsed()
+        run_seconds = time.perf_counter() - t0
+        if checkpoint_path is not None and saved_step != self.step:
+            self.save_checkpoint(checkpoint_path, seconds)
+        if on_progress is not None:
+            on_progress(self.progress(seconds, self.step - start_step, run_seconds))
+        return TrainResult(
+            generator_config=self.gcfg.to_dict(),
+            generator_state=_to_cpu_fp32(self.G.state_dict()),
+            steps=self.step,
+            images_seen=self.images_seen,
+            seconds=seconds,
+            final_loss_d=float(self.loss_d),
+            final_loss_g=float(self.loss_g),
+            device=str(self.device),
+            precision=self.precision,
+            stopped=stopped,
+        )
+
+
+def train_gan(
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    checkpoint_path: Path | None = None,
+    on_progress: Callable[[TrainProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train a class-conditional GAN on ``images`` (uint8 (N, R, R)) and ``labels`` (N,).
+
+    Real batches are class-balanced (a class uniformly, then one of its images uniformly); no
+    flips or other augmentation (chest radiographs are not left-right symmetric). Stops at
+    ``cfg.max_steps`` or once ``cfg.max_seconds`` of training time is used, whichever comes
+    first, or with ``stopped="cancelled"`` when ``should_stop()`` (asked before every step)
+    returns True.
+
+    With ``checkpoint_path``, the full training state is saved atomically every
+    ``cfg.checkpoint_every_s`` seconds, on cancellation and at the end. A checkpoint already
+    there is resumed when it belongs to the same run (same config apart from budget and
+    cadence, same data, same precision); its training time counts toward ``max_seconds``.
+    A checkpoint of a different run is ignored and overwritten (logged as a warning).
+    Global torch settings (threads, global RNG) are not changed, except that
+    ``cudnn.benchmark`` is switched on when training on CUDA.
+    """
+    cfg.validate()
+    images, labels = _validate_data(images, labels, cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    trainer = _Trainer(images, labels, cfg, device, precision)
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path)
+        trainer.fingerprint = _data_fingerprint(images, labels)
+        if checkpoint_path.exists():
+            try:
+                tensors, meta = load_state(checkpoint_path)
+                reason = trainer.resume_matches(meta)
+            except Exception as exc:  # unreadable file: start afresh rather than fail forever
+                reason = f"unreadable ({exc})"
+            if reason is None:
+                trainer.load_checkpoint(tensors, meta)
+                logger.info("resuming %s at step %d", checkpoint_path, trainer.step)
+            else:
+                logger.warning("not resuming from %s: %s", checkpoint_path, reason)
+    return trainer.run(checkpoint_path, on_progress, should_stop)
+
+
+# --------------------------------------------------------------------------- generator files
+def save_generator(
+    path: Path,
+    generator_state: dict[str, Tensor],
+    generator_config: dict[str, Any],
+    extra_meta: dict[str, Any] | None = None,
+) -> str:
+    """Write a generator and the config that rebuilds it to a safetensors file; return sha256.
+
+    The state is checked against the config (same names and shapes) before anything is written.
+    """
+    cfg = DCGANConfig.from_dict(generator_config)
+    with torch.device("meta"):
+        reference = Generator(cfg).state_dict()
+    if set(reference) != set(generator_state):
+        missing = sorted(set(reference) - set(generator_state))
+        unexpected = sorted(set(generator_state) - set(reference))
+        raise ValueError(
+            f"generator state does not fit its config: missing {missing}, unexpected {unexpected}"
+        )
+    for k, ref in reference.items():
+        if tuple(generator_state[k].shape) != tuple(ref.shape):
+            raise ValueError(
+                f"generator state {k} has shape {tuple(generator_state[k].shape)}, "
+                f"config implies {tuple(ref.shape)}"
+            )
+    meta: dict[str, Any] = {
+        "kind": "generator",
+        "architecture": "dcgan",
+        "config": cfg.to_dict(),
+    }
+    if extra_meta:
+        clash = sorted(set(extra_meta) & set(meta))
+        if clash:
+            raise ValueError(f"extra_meta must not override {clash}")
+        meta.update(extra_meta)
+    return save_state(path, generator_state, meta)
+
+
+def load_generator(path: Path, expected_sha256: str | None) -> Generator:
+    """Rebuild a generator, in eval mode on CPU, from a file written by :func:`save_generator`.
+
+    The network is built from the config stored in the file alone. With ``expected_sha256``
+    the file is verified first (:class:`~synthray.models.checkpoint.ChecksumMismatch`).
+    """
+    tensors, meta = load_state(Path(path), expected_sha256)
+    if meta.get("kind") != "generator":
+        raise ValueError(f"{path} is not a generator file (kind={meta.get('kind')!r})")
+    architecture = meta.get("architecture")
+    if architecture != "dcgan":
+        raise ValueError(f"{path}: unsupported generator architecture {architecture!r}")
+    cfg = DCGANConfig.from_dict(meta["config"])
+    with torch.device("meta"):
+        net = Generator(cfg)
+    net.load_state_dict(tensors, strict=True, assign=True)
+    return net.eval()

@@ -1,0 +1,35 @@
+"""The worker's Celery application.
+
+One task, ``synthray.run_job``, takes a job id. Late acks, prefetch 1 and
+reject-on-worker-lost let the broker redeliver a job whose process died; the job row's
+lease makes sure a redelivered or duplicated message never runs the work twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from synthray.app.jobs.broker import TASK_NAME, celery_config
+from synthray.config import get_settings
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = Celery("synthray")
+app.conf.update(celery_config(settings.broker_url, settings.broker_dir.resolve()))
+
+
+@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(job_id: str) -> None:
+    from synthray.workers.runner import run
+
+    run(job_id)
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: object) -> None:
+    from synthray.workers.sweeper import start
+
+    start(settings)

@@ -1,0 +1,233 @@
+"""Thin job handlers: load what the job names, call a service or models/, record it.
+
+Each handler is idempotent: a redelivered job finds its earlier output (a registered
+version, a stored batch) and does not do the work twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from synthray.app.batches import repository as batch_repo
+from synthray.app.batches import service as batches
+from synthray.app.datasets import ingest as dataset_ingest
+from synthray.app.datasets import repository as dataset_repo
+from synthray.app.datasets import service as datasets
+from synthray.app.exports import repository as export_repo
+from synthray.app.exports import service as exports
+from synthray.app.jobs import repository as job_repo
+from synthray.app.jobs.context import JobCancelled, JobFailed
+from synthray.app.registry import repository as registry_repo
+from synthray.app.registry import service as registry
+from synthray.workers.runner import WorkerJobContext
+
+log = logging.getLogger(__name__)
+
+
+def ingest(ctx: WorkerJobContext) -> dict[str, Any]:
+    return dataset_ingest.run_ingest(ctx)
+
+
+def train(ctx: WorkerJobContext) -> dict[str, Any]:
+    from synthray.models.training import TrainConfig, TrainProgress, save_generator, train_gan
+
+    p = ctx.params
+    with ctx.session() as s:
+        done = registry_repo.by_train_job(s, ctx.job_id)
+        if done is not None:  # redelivered after the version was registered
+            return {"model_version_id": done.id, "version": done.version}
+        split = datasets.load_split(s, ctx.blobs, int(p["dataset_version_id"]))
+        dv = dataset_repo.get_version(s, int(p["dataset_version_id"]))
+        assert dv is not None and dv.content_sha256 is not None
+        dataset_sha = dv.content_sha256
+        created_by = job_repo.get(s, ctx.job_id).created_by  # type: ignore[union-attr]
+    cfg = TrainConfig(
+        architecture=p["architecture"],
+        resolution=int(p["resolution"]),
+        class_names=list(split.classes),
+        batch_size=int(p["batch_size"]),
+        max_steps=p.get("max_steps"),
+        max_seconds=p.get("max_seconds"),
+        seed=int(p["seed"]),
+        lr_g=float(p["lr_g"]),
+        lr_d=float(p["lr_d"]),
+        device=ctx.settings.device,
+        checkpoint_every_s=float(p.get("checkpoint_every_s", 60.0)),
+    )
+    def on_progress(tp: TrainProgress) -> None:
+        eta = f", ETA {tp.eta_seconds:.0f}s" if tp.eta_seconds is not None else ""
+        # A step budget is shown in steps; a pure time budget in seconds of training.
+        if tp.total_steps is not None:
+            step, of = tp.step, tp.total_steps
+        elif cfg.max_seconds is not None:
+            step, of = min(int(tp.seconds), int(cfg.max_seconds)), int(cfg.max_seconds)
+        else:
+            step, of = tp.step, None
+        ctx.progress(
+            step,
+            of,
+            f"step {tp.step}, {tp.images_per_second:.0f} img/s{eta}",
+            {
+                "step": tp.step,
+                "images_seen": tp.images_seen,
+                "seconds": round(tp.seconds, 1),
+                "images_per_second": round(tp.images_per_second, 1),
+                "loss_d": round(tp.loss_d, 4),
+                "loss_g": round(tp.loss_g, 4),
+                "eta_seconds": None if tp.eta_seconds is None else round(tp.eta_seconds, 1),
+            },
+        )
+
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    result = train_gan(
+        split.train_images,
+        split.train_labels,
+        cfg,
+        checkpoint_path=ctx.work_dir / "checkpoint.safetensors",
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+    )
+    if result.stopped == "cancelled":
+        raise JobCancelled()
+    gen_path = ctx.work_dir / "generator.safetensors"
+    save_generator(
+        gen_path,
+        result.generator_state,
+        result.generator_config,
+        extra_meta={"classes": split.classes, "dataset_sha256": dataset_sha},
+    )
+    sha, size = ctx.blobs.put_file(gen_path)
+    metrics = {
+        "steps": result.steps,
+        "images_seen": result.images_seen,
+        "train_seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 2),
+        "final_loss_d": round(result.final_loss_d, 5),
+        "final_loss_g": round(result.final_loss_g, 5),
+        "device": result.device,
+        "precision": result.precision,
+        "train_images": len(split.train_images),
+        "holdout_images": len(split.holdout_images),
+    }
+    with ctx.session() as s:
+        mv = registry.register_version(
+            s,
+            model_name=p["model_name"],
+            dataset_version_id=int(p["dataset_version_id"]),
+            dataset_sha256=dataset_sha,
+            architecture=p["architecture"],
+            config={"train": cfg.to_dict(), "generator": result.generator_config},
+            classes=list(split.classes),
+            train_job_id=ctx.job_id,
+            metrics=metrics,
+            blob_sha256=sha,
+            size_bytes=size,
+        )
+        out = {"model_version_id": mv.id, "version": mv.version, "metrics": metrics}
+    log.info("job %s: registered model version (by %s)", ctx.job_id, created_by)
+    return out
+
+
+def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
+    import numpy as np
+
+    from synthray.models.sampling import sample_images
+    from synthray.models.training import load_generator
+
+    batch_id = int(ctx.params["batch_id"])
+    with ctx.session() as s:
+        batch = batches.get(s, batch_id)
+        if batch.check_job_id is not None:
+            return {"batch_id": batch_id, "check_job_id": batch.check_job_id}
+        mv = registry.get_version_by_id(s, int(ctx.params["model_version_id"]))
+        classes, blob = list(mv.classes), mv.blob_sha256
+        created_by = job_repo.get(s, ctx.job_id).created_by  # type: ignore[union-attr]
+    counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
+    ctx.progress(0, sum(counts.values()), "loading the generator")
+    # The registered file's sha256 is checked before the weights are used.
+    generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
+    ctx.progress(0, sum(counts.values()), "sampling")
+    images, labels = sample_images(
+        generator, counts, seed=int(ctx.params["seed"]), device=ctx.settings.device
+    )
+    images_blob, _ = ctx.blobs.put_arrays(images=images, labels=labels.astype(np.int64))
+    with ctx.session() as s:
+        check_job = batches.record_samples(s, ctx.settings, batch_id, images_blob, created_by)
+    ctx.progress(len(images), len(images), "sampled; memorization check queued")
+    return {"batch_id": batch_id, "images": len(images), "check_job_id": check_job}
+
+
+def check(ctx: WorkerJobContext) -> dict[str, Any]:
+    from synthray.models.memorization import check_memorization
+
+    batch_id = int(ctx.params["batch_id"])
+    with ctx.session() as s:
+        batch = batch_repo.get_for_update(s, batch_id)
+        if batch is None:
+            raise JobFailed(f"batch {batch_id} not found")
+        if batch.state in {"passed", "failed"} and batch.checked_sha256 == batch.images_blob:
+            return {"batch_id": batch_id, "state": batch.state}
+        if batch.images_blob is None:
+            raise JobFailed(f"batch {batch_id} has no images")
+        batch.state = "checking"
+        mv = registry.get_version_by_id(s, batch.model_version_id)
+        split = datasets.load_split(s, ctx.blobs, mv.dataset_version_id)
+        images_blob = batch.images_blob
+    arrays = ctx.blobs.get_arrays(images_blob)  # hash-verified read
+    images, labels = arrays["images"], arrays["labels"]
+    ctx.progress(0, len(images), "searching nearest training images (exact)")
+    q = ctx.settings.memorization_quantile
+    rep = check_memorization(images, split.train_images, split.holdout_images, quantile=q, k=3)
+    report = batches.build_report(
+        batch_id=batch_id,
+        images_sha256=images_blob,
+        labels=labels,
+        classes=split.classes,
+        threshold=rep.threshold,
+        quantile=q,
+        holdout_similarity=np_array(rep.holdout_nn_similarity),
+        similarity=rep.similarities,
+        neighbours=rep.neighbours,
+        neighbour_similarity=rep.neighbour_similarities,
+        flagged=rep.flagged,
+        dcr_train_share=rep.dcr_train_share,
+        max_flagged_fraction=ctx.settings.max_flagged_fraction,
+        train_positions=split.train_index,
+    )
+    with ctx.session() as s:
+        b = batches.record_check(s, ctx.blobs, batch_id, report)
+        state = b.state
+    ctx.progress(len(images), len(images), f"check done: {state}")
+    return {"batch_id": batch_id, "state": state, **report["summary"]}
+
+
+def np_array(values: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float32)
+
+
+def export(ctx: WorkerJobContext) -> dict[str, Any]:
+    return exports.build(ctx)
+
+
+def on_failure(ctx: WorkerJobContext, kind: str, state: str) -> None:
+    """Leave the objects a failed or cancelled job owned in a state that says so."""
+    with ctx.session() as s:
+        if kind == "ingest":
+            v = dataset_repo.get_version(s, int(ctx.params["version_id"]))
+            if v is not None and v.state == "ingesting":
+                v.state = state
+        elif kind == "synthesize":
+            b = batch_repo.get(s, int(ctx.params["batch_id"]))
+            if b is not None and b.state == "generating":
+                b.state = state
+        elif kind == "check":
+            b = batch_repo.get(s, int(ctx.params["batch_id"]))
+            if b is not None and b.state == "checking":
+                b.state = "unchecked"
+        elif kind == "export":
+            e = export_repo.get(s, int(ctx.params["export_id"]))
+            if e is not None and e.state == "building":
+                e.state = state

@@ -1,0 +1,47 @@
+"""A thread in the worker's main process that re-publishes lost jobs.
+
+Whatever the broker, a message can be lost (the embedded transport deletes it on
+receipt) or delayed (Redis waits for its visibility timeout after a worker dies). The
+jobs table knows better: a running job whose lease expired, or a queued job waiting
+far longer than it should, is queued again. Duplicates are harmless (see the claim).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from synthray.app.db import session_scope
+from synthray.app.jobs import service as jobs
+from synthray.config import Settings
+
+log = logging.getLogger(__name__)
+_started = threading.Event()
+
+
+def sweep_once(settings: Settings) -> int:
+    with session_scope(settings.sqlalchemy_url) as session:
+        return len(jobs.requeue_stale(session, settings))
+
+
+def start(settings: Settings) -> None:
+    if _started.is_set():
+        return
+    _started.set()
+    interval = max(2.0, settings.job_lease_seconds / 4)
+
+    def loop() -> None:
+        stop = threading.Event()
+        while not stop.wait(interval):
+            try:
+                n = sweep_once(settings)
+                if n:
+                    log.warning("re-published %d job(s) whose worker or message was lost", n)
+            except SQLAlchemyError as exc:
+                log.warning("job sweep failed: %s", type(exc).__name__)
+            except Exception:
+                log.exception("job sweep failed")
+
+    threading.Thread(target=loop, name="synthray-sweeper", daemon=True).start()

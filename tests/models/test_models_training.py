@@ -1,0 +1,249 @@
+"""The training loop: budget, determinism, exact resume, progress and generator files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from synthray.models.checkpoint import ChecksumMismatch, load_state
+from synthray.models.dcgan import Generator
+from synthray.models.training import (
+    TrainConfig,
+    TrainProgress,
+    _Trainer,
+    load_generator,
+    save_generator,
+    train_gan,
+)
+
+
+def _data(n: int = 24, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, resolution, resolution), dtype=np.uint8)
+    labels = np.array([0] * (n - 4) + [1] * 4, dtype=np.int64)  # unbalanced on purpose
+    return images, labels
+
+
+def _cfg(**overrides: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "class_names": ["normal", "pneumonia"],
+        "batch_size": 8,
+        "g_channels": 8,
+        "d_channels": 8,
+        "max_steps": 3,
+        "device": "cpu",
+        "checkpoint_every_s": 0.0,
+    }
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_trains_a_few_steps_with_finite_losses() -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg())
+    assert result.steps == 3 and result.images_seen == 24
+    assert result.stopped == "budget"
+    assert math.isfinite(result.final_loss_d) and math.isfinite(result.final_loss_g)
+    assert result.device == "cpu" and result.precision == "bf16"
+    assert all(t.device.type == "cpu" for t in result.generator_state.values())
+    assert all(
+        t.dtype == torch.float32 for t in result.generator_state.values() if t.is_floating_point()
+    )
+    assert result.generator_config["num_classes"] == 2
+
+
+def test_real_batches_are_class_balanced() -> None:
+    images, labels = _data()  # 20 images of class 0, 4 of class 1
+    trainer = _Trainer(images, labels, _cfg(batch_size=64), torch.device("cpu"), "fp32")
+    drawn = [trainer._real_batch() for _ in range(20)]
+    ys = torch.cat([y for _, y in drawn])
+    assert 0.4 < ys.float().mean().item() < 0.6
+    xs = torch.cat([x for x, _ in drawn])  # (B, 1, R, R) scaled to [-1, 1]
+    assert xs.min() >= -1.0 and xs.max() <= 1.0
+    # Each drawn image really belongs to the drawn class.
+    class_one = {images[i].tobytes() for i in np.flatnonzero(labels == 1)}
+    for x, y in zip(xs[:64], ys[:64], strict=True):
+        pixels = ((x[0] + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
+        assert (pixels in class_one) == bool(y == 1)
+
+
+def test_fp32_precision_runs() -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(precision="fp32", max_steps=2))
+    assert result.precision == "fp32" and result.steps == 2
+    assert math.isfinite(result.final_loss_d)
+
+
+def test_same_seed_same_weights_and_other_seed_differs() -> None:
+    images, labels = _data()
+    a = train_gan(images, labels, _cfg(max_steps=2))
+    b = train_gan(images, labels, _cfg(max_steps=2))
+    c = train_gan(images, labels, _cfg(max_steps=2, seed=1))
+    _assert_states_equal(a.generator_state, b.generator_state)
+    assert not torch.equal(a.generator_state["net.0.weight"], c.generator_state["net.0.weight"])
+
+
+def test_cancelled_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    images, labels = _data()
+    cfg = _cfg(max_steps=4)
+    reference = train_gan(images, labels, cfg)
+
+    ckpt = tmp_path / "run.safetensors"
+    calls = 0
+
+    def stop_after_two_steps() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 2
+
+    first = train_gan(images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two_steps)
+    assert first.stopped == "cancelled" and first.steps == 2
+    _, meta = load_state(ckpt)
+    assert meta["step"] == 2 and meta["kind"] == "train_checkpoint"
+
+    second = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert second.stopped == "budget"
+    assert second.steps == 4 and second.images_seen == 32
+    _assert_states_equal(reference.generator_state, second.generator_state)
+    assert second.final_loss_d == reference.final_loss_d
+    assert second.seconds >= first.seconds
+
+    # A finished checkpoint is not trained further.
+    third = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert third.steps == 4
+    _assert_states_equal(reference.generator_state, third.generator_state)
+
+
+def test_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path: Path) -> None:
+    images, labels = _data()
+    cfg = _cfg(max_steps=4, progress_every_s=0.0)
+    reference = train_gan(images, labels, cfg)
+    ckpt = tmp_path / "run.safetensors"
+
+    def die_at_step_three(p: TrainProgress) -> None:
+        if p.step == 3:
+            raise RuntimeError("worker killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_gan(images, labels, cfg, checkpoint_path=ckpt, on_progress=die_at_step_three)
+    _, meta = load_state(ckpt)
+    assert meta["step"] == 2  # the periodic checkpoint written after step 2
+    resumed = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert resumed.steps == 4
+    _assert_states_equal(reference.generator_state, resumed.generator_state)
+
+
+def test_resumed_time_counts_toward_max_seconds(tmp_path: Path) -> None:
+    images, labels = _data()
+    ckpt = tmp_path / "run.safetensors"
+    train_gan(images, labels, _cfg(max_steps=2), checkpoint_path=ckpt)
+    _, meta = load_state(ckpt)
+    assert meta["seconds"] > 0
+    cfg = _cfg(max_steps=1000, max_seconds=meta["seconds"])  # budget fields may change
+    result = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert result.steps == 2 and result.stopped == "budget"
+    assert result.seconds >= meta["seconds"]
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path: Path) -> None:
+    images, labels = _data()
+    ckpt = tmp_path / "run.safetensors"
+    train_gan(images, labels, _cfg(max_steps=2, seed=5), checkpoint_path=ckpt)
+    fresh = train_gan(images, labels, _cfg(max_steps=2))
+    resumed = train_gan(images, labels, _cfg(max_steps=2), checkpoint_path=ckpt)
+    _assert_states_equal(fresh.generator_state, resumed.generator_state)
+    _, meta = load_state(ckpt)
+    assert meta["train_config"]["seed"] == 0  # overwritten by the new run
+
+
+def test_time_budget_stops_the_run() -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(max_steps=None, max_seconds=0.0))
+    assert result.steps == 0 and result.stopped == "budget"
+    result = train_gan(images, labels, _cfg(max_steps=10_000, max_seconds=0.3))
+    assert 1 <= result.steps < 10_000
+
+
+def test_progress_is_reported_and_final_call_made() -> None:
+    images, labels = _data()
+    seen: list[TrainProgress] = []
+    train_gan(images, labels, _cfg(max_steps=3, progress_every_s=0.0), on_progress=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 3]
+    last = seen[-1]
+    assert last.total_steps == 3 and last.images_seen == 24
+    assert last.images_per_second > 0 and last.eta_seconds == 0.0
+    seen.clear()
+    train_gan(images, labels, _cfg(max_steps=3, progress_every_s=3600.0), on_progress=seen.append)
+    assert [p.step for p in seen] == [3]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_steps": None, "max_seconds": None}, "budget"),
+        ({"architecture": "stylegan2"}, "unknown architecture"),
+        ({"resolution": 96}, "resolution"),
+        ({"class_names": []}, "class_names"),
+        ({"precision": "fp8"}, "precision"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_config_validation(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _cfg(**overrides)
+
+
+def test_config_round_trip() -> None:
+    cfg = _cfg(max_seconds=12.5)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_data_validation() -> None:
+    images, labels = _data()
+    with pytest.raises(ValueError, match="resolution"):
+        train_gan(images[:, :32, :32], labels, _cfg())
+    with pytest.raises(ValueError, match="uint8"):
+        train_gan(images.astype(np.float32), labels, _cfg())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
+        train_gan(images, labels + 1, _cfg())
+    with pytest.raises(ValueError, match="without any training image"):
+        train_gan(images, np.zeros_like(labels), _cfg())
+
+
+def test_generator_file_round_trip(tmp_path: Path) -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(max_steps=1))
+    path = tmp_path / "g.safetensors"
+    digest = save_generator(
+        path, result.generator_state, result.generator_config, {"class_names": ["n", "p"]}
+    )
+    _, meta = load_state(path)
+    assert meta["kind"] == "generator" and meta["architecture"] == "dcgan"
+    assert meta["config"] == result.generator_config and meta["class_names"] == ["n", "p"]
+
+    g = load_generator(path, digest)
+    assert isinstance(g, Generator)
+    assert not g.training
+    _assert_states_equal(result.generator_state, g.state_dict())
+    with torch.no_grad():
+        out = g(torch.randn(2, g.cfg.z_dim), torch.tensor([0, 1]))
+    assert out.shape == (2, 1, 64, 64)
+
+    with pytest.raises(ChecksumMismatch):
+        load_generator(path, "0" * 64)
+    with pytest.raises(ValueError, match="must not override"):
+        save_generator(path, result.generator_state, result.generator_config, {"kind": "x"})
+    bad_config = {**result.generator_config, "g_channels": 16}
+    with pytest.raises(ValueError, match="shape"):
+        save_generator(tmp_path / "bad.safetensors", result.generator_state, bad_config)
