@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         Path("../shared/data/nih-cxr14-64"), description="Folder used by `synthray demo`."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
-    job_lease_seconds: int = Field(120, ge=10, description="Lease a worker holds on a job.")
+    job_lease_seconds: int = Field(120, ge=4, description="Lease a worker holds on a job.")
     job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job fails.")
     requeue_after_seconds: int = Field(
         600, ge=10, description="Re-publish a queued job whose message may be lost after this."

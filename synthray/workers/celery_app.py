@@ -11,6 +11,7 @@ import logging
 
 from celery import Celery, signals
 
+import synthray.app.tables  # noqa: F401  (every table mapped, so foreign keys resolve)
 from synthray.app.jobs.broker import TASK_NAME, celery_config
 from synthray.config import get_settings
 

@@ -1,0 +1,253 @@
+"""The whole pipeline through the REST API on both databases, with jobs run by the
+worker's own code in this process (the wiring with a real worker process and broker is
+tested in tests/e2e)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
+
+from synthray.app.audit.tables import AuditEvent
+from synthray.app.batches import service as batches
+from synthray.app.batches.tables import SyntheticBatch
+from synthray.app.datasets import service as datasets
+from synthray.app.datasets.tables import DatasetImage
+from synthray.app.db import session_scope
+from synthray.app.storage import BlobStore
+from synthray.config import Settings
+
+
+def _plant_bad_rows(folder: Path) -> None:
+    """Rows that must be skipped, each for its own reason."""
+    (folder / "images" / "not-an-image.png").write_bytes(b"hello, I am text")
+    good = next((folder / "images").glob("*.png")).read_bytes()
+    (folder / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
+    with (folder / "labels.csv").open("a") as f:
+        f.write("images/not-an-image.png,x,Effusion,0,9001,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/truncated.png,x,Effusion,0,9002,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/missing.png,x,Effusion,0,9003,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("../../etc/passwd,x,Effusion,0,9004,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/x.png,x,Effusion|Cardiomegaly,0,9005,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/y.png,x,Hernia,0,9006,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+
+
+def _wait_ok(client: TestClient, key: str, job_id: str) -> dict:
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+    assert job["state"] == "succeeded", job
+    return job
+
+
+@pytest.fixture
+def trained(client: TestClient, keys: Keys, settings: Settings) -> dict:
+    """A dataset ingested and a generator trained for a few real steps."""
+    assert settings.import_root is not None
+    folder = copy_subset(settings.import_root, per_class=12)
+    _plant_bad_rows(folder)
+    h = auth(keys.operator)
+    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=h)
+    assert r.status_code == 202, r.text
+    ingest_job = r.json()["job_id"]
+    assert run_queued(settings) == ["succeeded"]
+    job = _wait_ok(client, keys.operator, ingest_job)
+    r = client.post(
+        "/v1/train",
+        json={"dataset": "nih", "model_name": "m", "max_steps": 3, "batch_size": 8},
+        headers=h,
+    )
+    assert r.status_code == 202, r.text
+    train_job = r.json()["job_id"]
+    assert run_queued(settings) == ["succeeded"]
+    return {"ingest": job, "train": _wait_ok(client, keys.operator, train_job)}
+
+
+def test_ingest_skips_bad_rows_and_splits_by_patient(
+    client: TestClient, keys: Keys, settings: Settings, trained: dict
+) -> None:
+    result = trained["ingest"]["result"]
+    counts = result["counts"]
+    assert counts["images"] == 36
+    reasons = {s["row"]: s["reason"] for s in result["skipped"]}
+    assert set(reasons.values()) >= {
+        "not a readable PNG or JPEG image",
+        "image data is truncated or corrupt",
+        "file not found",
+        "file path leaves the source folder",
+        "more than one class of the class list",
+        "no label in the class list",
+    }
+    # Reasons name rows, never files or patients.
+    assert "passwd" not in json.dumps(result) and "9001" not in json.dumps(result)
+    with session_scope(settings.sqlalchemy_url) as s:
+        rows = s.scalars(select(DatasetImage)).all()
+        train = {r.patient_key for r in rows if r.split == "train"}
+        holdout = {r.patient_key for r in rows if r.split == "holdout"}
+        assert train and holdout and not (train & holdout)
+        # Patient keys are pseudonyms, not the NIH patient ids.
+        assert all(len(r.patient_key) == 32 and not r.patient_key.isdigit() for r in rows)
+    ds = client.get("/v1/datasets/nih", headers=auth(keys.reviewer)).json()
+    assert ds["versions"][0]["state"] == "ready"
+    assert ds["versions"][0]["content_sha256"]
+
+
+def test_bad_ingest_requests(client: TestClient, keys: Keys, settings: Settings) -> None:
+    assert settings.import_root is not None
+    copy_subset(settings.import_root, per_class=2)
+    h = auth(keys.operator)
+    base = {"name": "d", "source": "nih", **NIH_INGEST}
+    r = client.post("/v1/datasets", json=base | {"source": "../.."}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "source"
+    r = client.post("/v1/datasets", json=base | {"source": "nope"}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "source"
+    r = client.post("/v1/datasets", json=base | {"patient_column": "Patient Name"}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "patient_column"
+    r = client.post("/v1/datasets", json=base | {"classes": ["A", "A"]}, headers=h)
+    assert r.status_code == 422
+    r = client.post("/v1/datasets", json=base | {"labels_csv": "missing.csv"}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "labels_csv"
+    r = client.post("/v1/datasets", json=base, headers=auth(keys.partner))
+    assert r.status_code == 403
+
+
+def test_ingest_with_no_usable_image_fails_with_a_reason(
+    client: TestClient, keys: Keys, settings: Settings
+) -> None:
+    assert settings.import_root is not None
+    folder = copy_subset(settings.import_root, per_class=2)
+    body = {
+        "name": "d",
+        "source": "nih",
+        **NIH_INGEST,
+        "classes": ["Edema", "Hernia"],
+        "label_map": {},
+    }
+    r = client.post("/v1/datasets", json=body, headers=auth(keys.operator))
+    assert r.status_code == 202
+    assert run_queued(settings) == ["failed"]
+    job = client.get(f"/v1/jobs/{r.json()['job_id']}", headers=auth(keys.operator)).json()
+    assert job["error"].startswith("no usable image")
+    ds = client.get("/v1/datasets/d", headers=auth(keys.operator)).json()
+    assert ds["versions"][0]["state"] == "failed"
+    assert folder.exists()
+
+
+def test_registry_records_lineage(client: TestClient, keys: Keys, trained: dict) -> None:
+    m = client.get("/v1/models/m", headers=auth(keys.reviewer)).json()
+    v = m["versions"][0]
+    assert v["version"] == 1
+    assert v["metrics"]["steps"] == 3
+    assert v["classes"] == ["Normal", "Effusion", "Cardiomegaly"]
+    assert len(v["blob_sha256"]) == 64 and v["size_bytes"] > 0
+    assert v["train_job_id"] == trained["train"]["id"]
+    assert v["config"]["generator"]["num_classes"] == 3
+
+
+def test_duplicate_delivery_does_no_second_work(
+    client: TestClient, keys: Keys, settings: Settings, trained: dict
+) -> None:
+    from synthray.workers.runner import run
+
+    assert run(trained["train"]["id"], settings) == "skipped"
+    m = client.get("/v1/models/m", headers=auth(keys.reviewer)).json()
+    assert len(m["versions"]) == 1
+
+
+def test_synthesize_check_export_download(
+    client: TestClient, keys: Keys, settings: Settings, trained: dict
+) -> None:
+    op, rev = auth(keys.operator), auth(keys.reviewer)
+    r = client.post("/v1/synthesize", json={"model": "m", "per_class": 6, "seed": 3}, headers=op)
+    assert r.status_code == 202, r.text
+    batch_id = r.json()["batch_id"]
+    # Not checked yet: the gate refuses an export.
+    r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
+    assert r.status_code == 409 and "generated" in r.json()["detail"]
+    assert run_queued(settings) == ["succeeded", "succeeded"]  # synthesize, then check
+    batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
+    assert batch["state"] == "passed", batch
+    assert batch["check"]["images"] == 18
+    report = client.get(f"/v1/batches/{batch_id}/report", headers=rev).json()
+    assert len(report["images"]) == 18
+    assert all(len(img["neighbours"]) == 3 for img in report["images"])
+
+    r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "nobody"}, headers=op)
+    assert r.status_code == 422 and r.json()["field"] == "partner"
+    r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
+    assert r.status_code == 202
+    export_id = r.json()["export_id"]
+    assert run_queued(settings) == ["succeeded"]
+    url = f"/v1/exports/{export_id}/download"
+    assert client.get(url, headers=auth(keys.partner)).status_code == 409  # not approved
+    assert client.post(f"/v1/exports/{export_id}/approve", headers=op).status_code == 403
+    assert client.post(f"/v1/exports/{export_id}/approve", headers=rev).status_code == 200
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers=auth(keys.other_partner)).status_code == 404
+    assert client.get(url, headers=auth(keys.operator)).status_code == 403
+    assert client.get("/v1/exports", headers=auth(keys.other_partner)).json() == []
+    r = client.get(url, headers=auth(keys.partner))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        names = zf.namelist()
+        manifest = json.loads(zf.read("manifest.json"))
+        dcm = pydicom.dcmread(io.BytesIO(zf.read(next(n for n in names if n.endswith(".dcm")))))
+    assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
+    assert "memorization_report.json" in names
+    assert sum(n.endswith(".png") for n in names) == 18
+    assert dcm.ConversionType == "SYN" and "SYNTHETIC" in dcm.ImageType
+    assert dcm.preamble == b"\x00" * 128
+    with session_scope(settings.sqlalchemy_url) as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "download_export")).all()
+        outcomes = sorted(e.outcome for e in events)
+    assert outcomes == ["ok", "refused", "refused", "refused"]
+
+
+def test_gate_blocks_memorized_and_changed_batches(
+    client: TestClient, keys: Keys, settings: Settings, trained: dict
+) -> None:
+    """Training images planted as a 'synthetic' batch are flagged and the export refused."""
+    blobs = BlobStore(settings.blob_dir)
+    op = auth(keys.operator)
+    with session_scope(settings.sqlalchemy_url) as s:
+        mv_id = trained["train"]["result"]["model_version_id"]
+        dv = client.get("/v1/datasets/nih", headers=op).json()["versions"][0]
+        split = datasets.load_split(s, blobs, dv["id"])
+        images = split.train_images[:10]
+        labels = split.train_labels[:10]
+        blob, _ = blobs.put_arrays(images=images, labels=labels)
+        b = SyntheticBatch(model_version_id=mv_id, counts={}, seed=0)
+        s.add(b)
+        s.flush()
+        batch_id = b.id
+        batches.record_samples(s, settings, batch_id, blob, None)
+    assert run_queued(settings) == ["succeeded"]
+    batch = client.get(f"/v1/batches/{batch_id}", headers=op).json()
+    assert batch["state"] == "failed"
+    assert batch["check"]["flagged"] == 10
+    report = client.get(f"/v1/batches/{batch_id}/report", headers=op).json()
+    for i, img in enumerate(report["images"]):
+        assert img["neighbours"][0]["dataset_position"] == int(split.train_index[i])
+        assert img["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
+    assert r.status_code == 409 and "failed the memorization check" in r.json()["detail"]
+    r = client.post(
+        "/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=auth(keys.admin)
+    )
+    assert r.status_code == 409
+
+    # A passed batch whose images were replaced after the check cannot be exported.
+    with session_scope(settings.sqlalchemy_url) as s:
+        row = s.get(SyntheticBatch, batch_id)
+        assert row is not None
+        row.state = "passed"
+        other, _ = blobs.put_arrays(images=np.zeros_like(images), labels=labels)
+        row.images_blob = other
+    r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
+    assert r.status_code == 409 and "changed after its check" in r.json()["detail"]

@@ -1,0 +1,111 @@
+"""Helpers shared by the tests (imported as ``support``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from synthray.app.auth.schemas import Role
+from synthray.app.auth.service import create_key
+from synthray.app.db import session_scope
+from synthray.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SYNTHRAY_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def nih_dir() -> Path:
+    path = SHARED_DATA / "nih-cxr14-64"
+    if not (path / "labels.csv").is_file():
+        pytest.fail(f"reference data missing at {path} (set SYNTHRAY_TEST_DATA)")
+    return path
+
+
+@dataclass
+class Keys:
+    admin: str
+    operator: str
+    reviewer: str
+    partner: str
+    other_partner: str
+
+
+def make_keys(settings: Settings) -> Keys:
+    with session_scope(settings.sqlalchemy_url) as s:
+        k = {
+            name: create_key(s, settings.secret_key, name, role).key
+            for name, role in [
+                ("admin", Role.admin),
+                ("operator", Role.operator),
+                ("reviewer", Role.reviewer),
+                ("partner-a", Role.partner),
+                ("partner-b", Role.partner),
+            ]
+        }
+    return Keys(k["admin"], k["operator"], k["reviewer"], k["partner-a"], k["partner-b"])
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def copy_subset(dest: Path, per_class: int = 30, name: str = "nih") -> Path:
+    """Copy a small, labelled slice of the NIH reference set into an import folder."""
+    src = nih_dir()
+    folder = dest / name
+    (folder / "images").mkdir(parents=True)
+    wanted = {"No Finding": per_class, "Effusion": per_class, "Cardiomegaly": per_class}
+    with (src / "labels.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        rows = []
+        for r in reader:
+            lab = r["Finding Labels"]
+            if wanted.get(lab, 0) > 0:
+                wanted[lab] -= 1
+                rows.append(r)
+    for r in rows:
+        shutil.copyfile(src / r["file"], folder / r["file"])
+    with (folder / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+NIH_INGEST = {
+    "file_column": "file",
+    "label_column": "Finding Labels",
+    "label_separator": "|",
+    "label_map": {"No Finding": "Normal"},
+    "patient_column": "Patient ID",
+    "classes": ["Normal", "Effusion", "Cardiomegaly"],
+    "view_column": "View Position",
+    "sex_column": "Patient Gender",
+    "age_column": "Patient Age",
+}
+
+
+def run_queued(settings: Settings, limit: int = 20) -> list[str]:
+    """Run queued jobs in this process, oldest first, the way a worker would (the same
+    claim, lease and handler code), without a broker. Returns the final states."""
+    from sqlalchemy import select
+
+    from synthray.app.jobs.tables import Job
+    from synthray.workers.runner import run
+
+    states = []
+    for _ in range(limit):
+        with session_scope(settings.sqlalchemy_url) as s:
+            job_id = s.scalars(
+                select(Job.id).where(Job.state == "queued").order_by(Job.created_at).limit(1)
+            ).first()
+        if job_id is None:
+            break
+        states.append(run(job_id, settings))
+    return states
