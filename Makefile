@@ -24,7 +24,7 @@ test: venv
 	$(BIN)/pytest
 
 lint: venv
-	$(BIN)/ruff check synthray tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy synthray
 
 serve: venv

@@ -55,7 +55,6 @@ class Settings(BaseSettings):
     max_flagged_fraction: float = Field(
         0.10, ge=0.0, le=1.0, description="A batch with more flagged images fails the gate."
     )
-    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.")
     log_level: str = "INFO"
 
     @field_validator("broker_url")

@@ -112,7 +112,8 @@ class MemorizationReport:
     flagged: np.ndarray  # (Q,) bool: similarities > threshold
     flagged_fraction: float
     # Fraction of synthetic images more similar to their nearest train image than to their
-    # nearest holdout image; about 0.5 is ideal (train and holdout equally close).
+    # nearest holdout image, with train subsampled to the holdout's size; about 0.5 is
+    # ideal (train and holdout equally close).
     dcr_train_share: float
 
 
@@ -158,6 +159,11 @@ def check_memorization(
     neighbour_sim, neighbours = nearest_neighbours(synth_f, train_f, k=k)  # (Q, k)
     similarities = neighbour_sim[:, 0].copy()  # (Q,)
     synth_to_holdout, _ = nearest_neighbours(synth_f, holdout_f, k=1)  # (Q, 1)
+    # The record share compares like with like: a train sample as large as the holdout
+    # set (a bigger reference set is closer by chance alone), drawn with a fixed seed.
+    n_ref = min(train_f.shape[0], holdout_f.shape[0])
+    pick = np.sort(np.random.default_rng(0).permutation(train_f.shape[0])[:n_ref])
+    synth_to_train_sample, _ = nearest_neighbours(synth_f, train_f[pick], k=1)  # (Q, 1)
     flagged = similarities > threshold
     return MemorizationReport(
         threshold=threshold,
@@ -168,5 +174,5 @@ def check_memorization(
         neighbour_similarities=neighbour_sim,
         flagged=flagged,
         flagged_fraction=float(flagged.mean()),
-        dcr_train_share=float(np.mean(similarities > synth_to_holdout[:, 0])),
+        dcr_train_share=float(np.mean(synth_to_train_sample[:, 0] > synth_to_holdout[:, 0])),
     )
