@@ -55,6 +55,23 @@ class Settings(BaseSettings):
     max_flagged_fraction: float = Field(
         0.10, ge=0.0, le=1.0, description="A batch with more flagged images fails the gate."
     )
+    max_file_bytes: int = Field(
+        1024**3, ge=1024, description="Largest single file ingest will read."
+    )
+    max_pixel_bytes: int = Field(
+        512 * 1024**2, ge=1024, description="Largest decoded image a DICOM header may claim."
+    )
+    decode_memory_limit: int = Field(
+        3 * 1024**3, ge=0, description="Address-space cap of each decoding process (0: none)."
+    )
+    ingest_workers: int = Field(0, ge=0, description="Decoding processes (0: one per core).")
+    max_upload_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest accepted upload (a zip or one file)."
+    )
+    max_unpacked_bytes: int = Field(
+        8 * 1024**3, ge=1024, description="Largest total size a zip upload may unpack to."
+    )
+    max_zip_entries: int = Field(100_000, ge=1, description="Most entries a zip upload may hold.")
     log_level: str = "INFO"
 
     @field_validator("broker_url")

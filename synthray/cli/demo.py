@@ -34,7 +34,7 @@ def ingest_body(folder: Path) -> dict[str, Any]:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         rows = list(reader)
-    base: dict[str, Any] = {"name": folder.name, "source": folder.name, "resolution": 64}
+    base: dict[str, Any] = {"name": folder.name, "source": folder.name, "resolutions": [64]}
     if "Finding Labels" in header and "Patient ID" in header:
         return base | {
             "file_column": "file",

@@ -188,29 +188,44 @@ def ingest(
     classes: Annotated[str, typer.Option(help="Comma-separated class names.")],
     url: UrlOpt = "http://127.0.0.1:8000",
     api_key: KeyOpt = "",
-    labels_csv: str = "labels.csv",
-    file_column: str = "file",
+    labels_csv: Annotated[str | None, typer.Option(help="'' for none (label_attribute)")] = (
+        "labels.csv"
+    ),
+    file_column: str | None = "file",
+    sop_column: Annotated[
+        str | None, typer.Option(help="Key the CSV by SOPInstanceUID instead of file name.")
+    ] = None,
     label_column: str = "label",
-    patient_column: str = "patient_id",
+    label_attribute: Annotated[
+        str | None, typer.Option(help="DICOM keyword holding the label (no CSV).")
+    ] = None,
+    patient_column: Annotated[
+        str | None, typer.Option(help="'' to take patients from DICOM PatientID.")
+    ] = "patient_id",
     label_separator: str | None = None,
     label_map: Annotated[str | None, typer.Option(help="JSON object: raw -> class.")] = None,
-    resolution: int = 64,
+    resolutions: Annotated[str, typer.Option(help="Comma-separated: 64,128,256.")] = "64",
     holdout_fraction: float = 0.2,
+    allow_burned_in: bool = False,
     wait: bool = True,
 ) -> None:
-    """Import a folder of labelled radiographs as a new dataset version."""
+    """Import a folder of labelled radiographs (DICOM, PNG, JPEG) as a new dataset version."""
+    csv_name = labels_csv or None
     body = {
         "name": name,
         "source": source,
-        "labels_csv": labels_csv,
-        "file_column": file_column,
-        "label_column": label_column,
-        "patient_column": patient_column,
+        "labels_csv": csv_name,
+        "file_column": None if (sop_column or not csv_name) else file_column,
+        "sop_column": sop_column,
+        "label_column": label_column if csv_name else None,
+        "label_attribute": label_attribute,
+        "patient_column": patient_column or None,
         "label_separator": label_separator,
         "label_map": json.loads(label_map) if label_map else {},
         "classes": [c.strip() for c in classes.split(",") if c.strip()],
-        "resolution": resolution,
+        "resolutions": [int(r) for r in resolutions.split(",") if r.strip()],
         "holdout_fraction": holdout_fraction,
+        "allow_burned_in": allow_burned_in,
     }
     _submit(url, api_key, "/datasets", body, wait, "ingest")
 

@@ -6,8 +6,9 @@ import copy
 
 import numpy as np
 import torch
+from torch import nn
 
-from synthray.models.dcgan import Generator, to_channels_last
+from synthray.models.dcgan import to_channels_last
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -29,7 +30,7 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def sample_images(
-    generator: Generator,
+    generator: nn.Module,
     counts: dict[int, int],
     *,
     seed: int,
@@ -37,6 +38,10 @@ def sample_images(
     device: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``counts[c]`` images of every class ``c``.
+
+    ``generator`` is any class-conditional generator called as ``generator(z, y)`` with z
+    (B, z_dim) and y (B,) int64, returning (B, 1, R, R) in [-1, 1], whose ``.cfg`` names
+    ``num_classes``, ``z_dim`` and ``resolution`` (the dcgan and projgan generators do).
 
     Returns uint8 images (N, R, R) ([-1, 1] mapped to [0, 255], rounded and clipped) and int64
     labels (N,), ordered by class id, then by index within the class. The latent codes of class
@@ -47,7 +52,9 @@ def sample_images(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cfg = generator.cfg
+    cfg = getattr(generator, "cfg", None)
+    if not all(hasattr(cfg, a) for a in ("num_classes", "z_dim", "resolution")):
+        raise TypeError("generator.cfg must give num_classes, z_dim and resolution")
     for c, n in counts.items():
         if not 0 <= int(c) < cfg.num_classes:
             raise ValueError(f"class id {c} outside [0, {cfg.num_classes})")

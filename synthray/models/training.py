@@ -1,15 +1,27 @@
-"""Training loop for the class-conditional DCGAN, with a step/time budget and exact resume.
+"""Training loop for the class-conditional GANs, with a step/time budget and exact resume.
 
 The algorithm is Algorithm 1 of Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014,
-with the non-saturating generator loss of its Section 3 and the Adam settings of Radford et al.,
-ICLR 2016 (lr 2e-4, beta1 0.5). All state lives in a :class:`_Trainer` instance; a checkpoint
-holds everything that instance needs (networks, optimizers, RNG states, budget counters and the
-configs), so a killed run that is started again ends with the same weights as an uninterrupted
-one on the same device and precision.
+one discriminator update per generator update, with the Adam settings of Radford et al., ICLR
+2016 (lr 2e-4, beta1 0.5). Per architecture:
+
+- ``dcgan`` (:mod:`synthray.models.dcgan`): the non-saturating loss of Goodfellow et al.,
+  Section 3; by default no augmentation and no EMA (the seed study's baseline).
+- ``projgan`` (:mod:`synthray.models.projgan`): the hinge loss of Lim and Ye, "Geometric GAN",
+  2017 (arXiv:1705.02894), as used with spectral normalisation and the projection
+  discriminator by Miyato et al. 2018; by default DiffAugment (Zhao et al., NeurIPS 2020,
+  :mod:`synthray.models.diffaugment`) on every discriminator input, and an exponential moving
+  average of the generator's weights (Yazici et al., "The Unusual Effectiveness of Averaging in
+  GAN Training", ICLR 2019; Karras et al. 2018), which is the generator the run returns.
+
+All state lives in a :class:`_Trainer` instance; a checkpoint holds everything that instance
+needs (networks, the EMA generator, optimizers, RNG states, budget counters and the configs), so
+a killed run that is started again ends with the same weights as an uninterrupted one on the
+same device and precision.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -23,25 +35,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (conventional alias)
-from torch import Tensor
+from torch import Tensor, nn
 
+from synthray.models import dcgan, projgan
 from synthray.models.checkpoint import (
     flatten_state_dict,
     load_state,
     save_state,
     unflatten_state_dict,
 )
-from synthray.models.dcgan import (
-    DCGANConfig,
-    Discriminator,
-    Generator,
-    build_seeded,
-    to_channels_last,
-)
+from synthray.models.dcgan import DCGANConfig, Generator, to_channels_last
+from synthray.models.diffaugment import diff_augment, parse_policy
+from synthray.models.projgan import ProjGANConfig
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("dcgan",)
+ARCHITECTURES = ("dcgan", "projgan")
+# What a TrainConfig field left at None means, per architecture.
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dcgan": {"g_channels": 64, "d_channels": 64, "augment": "none", "ema_decay": 0.0},
+    "projgan": {
+        "g_channels": 32,
+        "d_channels": 32,
+        "augment": "color,translation,cutout",
+        "ema_decay": 0.999,
+    },
+}
+EMA_WARMUP = 10  # decay at step t is min(ema_decay, (1 + t) / (EMA_WARMUP + t))
+GeneratorConfig = DCGANConfig | ProjGANConfig
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINT_KIND = "train_checkpoint"
 CHECKPOINT_FORMAT = 1
@@ -53,7 +74,13 @@ RESUME_FREE_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. ``class_names`` must not be empty."""
+    """Everything that defines a training run. ``class_names`` must not be empty.
+
+    Fields left at None take their architecture's default (ARCHITECTURE_DEFAULTS) when the
+    config is built, so ``to_dict`` always records the values the run used. ``augment`` is
+    ``"none"`` or a comma list of DiffAugment transforms (``color``, ``translation``,
+    ``cutout``); ``ema_decay`` 0 keeps no EMA generator.
+    """
 
     architecture: str = "dcgan"
     resolution: int = 64
@@ -71,11 +98,16 @@ class TrainConfig:
     checkpoint_every_s: float = 60.0
     progress_every_s: float = 5.0
     z_dim: int = 100
-    g_channels: int = 64
-    d_channels: int = 64
+    g_channels: int | None = None  # dcgan 64, projgan 32
+    d_channels: int | None = None  # dcgan 64, projgan 32
+    augment: str | None = None  # dcgan "none", projgan "color,translation,cutout"
+    ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
+        for name, value in ARCHITECTURE_DEFAULTS.get(self.architecture, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -110,16 +142,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if not isinstance(self.augment, str):
+            raise ValueError(f"augment must be a string, got {self.augment!r}")
+        parse_policy(self.augment)
+        if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         self.generator_config()  # validates resolution and channel counts
 
-    def generator_config(self) -> DCGANConfig:
-        return DCGANConfig(
-            resolution=self.resolution,
-            num_classes=len(self.class_names),
-            z_dim=self.z_dim,
-            g_channels=self.g_channels,
-            d_channels=self.d_channels,
-        )
+    def generator_config(self) -> GeneratorConfig:
+        if not (isinstance(self.g_channels, int) and isinstance(self.d_channels, int)):
+            raise ValueError("g_channels and d_channels must be positive integers")
+        common = {
+            "resolution": self.resolution,
+            "num_classes": len(self.class_names),
+            "z_dim": self.z_dim,
+            "g_channels": self.g_channels,
+            "d_channels": self.d_channels,
+        }
+        if self.architecture == "projgan":
+            return ProjGANConfig(**common)
+        return DCGANConfig(**common)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +199,7 @@ class TrainResult:
     device: str
     precision: str
     stopped: str  # "budget" or "cancelled"
+    architecture: str = "dcgan"  # rebuilds the generator with generator_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,6 +267,20 @@ def _validate_data(
     return images, labels
 
 
+def _build_networks(
+    architecture: str, gcfg: GeneratorConfig, rng: torch.Generator
+) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator of ``architecture``, all weights drawn from ``rng``."""
+    if architecture == "projgan":
+        assert isinstance(gcfg, ProjGANConfig)
+        g = projgan.build_seeded(projgan.Generator, gcfg, rng)
+        return g, projgan.build_seeded(projgan.Discriminator, gcfg, rng)
+    assert isinstance(gcfg, DCGANConfig)
+    return dcgan.build_seeded(Generator, gcfg, rng), dcgan.build_seeded(
+        dcgan.Discriminator, gcfg, rng
+    )
+
+
 def _to_cpu_fp32(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for k, v in sd.items():
@@ -261,11 +318,18 @@ class _Trainer:
         self.np_rng = np.random.Generator(np.random.PCG64(cfg.seed))
 
         self.channels_last = device.type == "cuda" or precision != "fp32"
-        self.G = build_seeded(Generator, self.gcfg, self.torch_rng).to(device)
-        self.D = build_seeded(Discriminator, self.gcfg, self.torch_rng).to(device)
+        self.G, self.D = _build_networks(cfg.architecture, self.gcfg, self.torch_rng)
+        self.G.to(device)
+        self.D.to(device)
         if self.channels_last:
             to_channels_last(self.G)
             to_channels_last(self.D)
+        self.augment_policy = parse_policy(str(cfg.augment))
+        self.ema_decay = float(cfg.ema_decay or 0.0)
+        # The EMA generator is never trained: it starts as a copy of G and follows it.
+        self.G_ema: nn.Module | None = None
+        if self.ema_decay > 0:
+            self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
@@ -308,6 +372,26 @@ class _Trainer:
         y = torch.randint(0, self.num_classes, (b,), generator=self.torch_rng)  # (B,)
         return z.to(self.device), y.to(self.device)
 
+    def _augment(self, x: Tensor) -> Tensor:
+        """DiffAugment of a discriminator input (identity when the policy is empty)."""
+        if not self.augment_policy:
+            return x
+        return diff_augment(x, self.augment_policy, self.torch_rng)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """G_ema <- d G_ema + (1 - d) G, d = min(ema_decay, (1 + t) / (EMA_WARMUP + t)); the
+        warm-up lets the average forget the random initialisation within the first steps.
+        Buffers (batch-norm running statistics) are copied."""
+        if self.G_ema is None:
+            return
+        t = self.step
+        decay = min(self.ema_decay, (1 + t) / (EMA_WARMUP + t))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1.0 - decay)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            b_ema.copy_(b)
+
     def _backward_step(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -320,29 +404,43 @@ class _Trainer:
     def train_step(self) -> None:
         x, y_real = self._real_batch()  # (B, 1, R, R), (B,)
         z, y_fake = self._noise()  # (B, z_dim), (B,)
-        ones = torch.ones(self.cfg.batch_size, device=self.device)
-        zeros = torch.zeros(self.cfg.batch_size, device=self.device)
+        hinge = self.cfg.architecture == "projgan"
 
-        # Update D: maximize log D(x|y) + log(1 - D(G(z|y')|y')), i.e. minimise the BCE of
-        # real images against 1 and of generated images against 0.
+        # Update D. dcgan: maximize log D(x|y) + log(1 - D(G(z|y')|y')), i.e. minimise the BCE
+        # of real images against 1 and of generated images against 0. projgan (hinge): minimise
+        # E[max(0, 1 - D(T(x)|y))] + E[max(0, 1 + D(T(G(z|y'))|y'))], T the DiffAugment draw
+        # (a fresh one per call; identity when augmentation is off).
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
             fake = self.G(z, y_fake)  # (B, 1, R, R)
-            logits_real = self.D(x, y_real)  # (B,)
-            logits_fake = self.D(fake.detach(), y_fake)  # (B,)
-        loss_d = F.binary_cross_entropy_with_logits(
-            logits_real.float(), ones
-        ) + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros)
+            logits_real = self.D(self._augment(x), y_real)  # (B,)
+            logits_fake = self.D(self._augment(fake.detach()), y_fake)  # (B,)
+        if hinge:
+            loss_d = (
+                F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
+            )
+        else:
+            ones = torch.ones(self.cfg.batch_size, device=self.device)
+            zeros = torch.zeros(self.cfg.batch_size, device=self.device)
+            loss_d = F.binary_cross_entropy_with_logits(
+                logits_real.float(), ones
+            ) + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros)
         self._backward_step(loss_d, self.opt_d)
 
-        # Update G (non-saturating): maximize log D(G(z|y')|y') instead of minimising
-        # log(1 - D(G(z|y')|y')); D's weights are frozen so only G receives gradients.
+        # Update G. dcgan (non-saturating): maximize log D(G(z|y')|y') instead of minimising
+        # log(1 - D(G(z|y')|y')). projgan (hinge): minimise -E[D(T(G(z|y'))|y')]. D's weights are
+        # frozen so only G receives gradients; T is differentiable, so G learns un-augmented
+        # images.
         self.opt_g.zero_grad(set_to_none=True)
         self.D.requires_grad_(False)
         try:
             with self._autocast():
-                logits_gen = self.D(fake, y_fake)  # (B,)
-            loss_g = F.binary_cross_entropy_with_logits(logits_gen.float(), ones)
+                logits_gen = self.D(self._augment(fake), y_fake)  # (B,)
+            if hinge:
+                loss_g = -logits_gen.float().mean()
+            else:
+                ones = torch.ones(self.cfg.batch_size, device=self.device)
+                loss_g = F.binary_cross_entropy_with_logits(logits_gen.float(), ones)
             self._backward_step(loss_g, self.opt_g)
         finally:
             self.D.requires_grad_(True)
@@ -353,16 +451,20 @@ class _Trainer:
         self.loss_g = loss_g.detach()
         self.step += 1
         self.images_seen += self.cfg.batch_size
+        self._update_ema()
 
     # ------------------------------------------------------------------------- checkpoints
     def checkpoint_payload(self, seconds: float) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors: dict[str, Tensor] = {}
         tensors.update({f"G.{k}": v for k, v in self.G.state_dict().items()})
         tensors.update({f"D.{k}": v for k, v in self.D.state_dict().items()})
+        if self.G_ema is not None:
+            tensors.update({f"G_ema.{k}": v for k, v in self.G_ema.state_dict().items()})
         opt_g_tensors, opt_g_structure = flatten_state_dict(self.opt_g.state_dict(), "opt_g.")
         opt_d_tensors, opt_d_structure = flatten_state_dict(self.opt_d.state_dict(), "opt_d.")
         tensors.update(opt_g_tensors)
         tensors.update(opt_d_tensors)
+        # One torch generator draws the noise, the labels and the DiffAugment parameters.
         tensors["rng.torch"] = self.torch_rng.get_state()  # (S,) uint8
         meta: dict[str, Any] = {
             "kind": CHECKPOINT_KIND,
@@ -396,6 +498,10 @@ class _Trainer:
         stored = meta.get("train_config")
         if not isinstance(stored, dict):
             return "no train_config"
+        try:  # a checkpoint written before a field existed holds that field's default
+            stored = TrainConfig.from_dict(stored).to_dict()
+        except (ValueError, TypeError) as exc:
+            return f"train_config unusable ({exc})"
         mine = self.cfg.to_dict()
         differing = sorted(
             k
@@ -416,6 +522,8 @@ class _Trainer:
 
         self.G.load_state_dict(sub("G."))
         self.D.load_state_dict(sub("D."))
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(sub("G_ema."))
         self.opt_g.load_state_dict(unflatten_state_dict(tensors, meta["opt_g"]))
         self.opt_d.load_state_dict(unflatten_state_dict(tensors, meta["opt_d"]))
         for opt in (self.opt_g, self.opt_d):  # give Adam moments their parameter's layout
@@ -498,9 +606,10 @@ class _Trainer:
             self.save_checkpoint(checkpoint_path, seconds)
         if on_progress is not None:
             on_progress(self.progress(seconds, self.step - start_step, run_seconds))
+        final_g = self.G_ema if self.G_ema is not None else self.G
         return TrainResult(
             generator_config=self.gcfg.to_dict(),
-            generator_state=_to_cpu_fp32(self.G.state_dict()),
+            generator_state=_to_cpu_fp32(final_g.state_dict()),
             steps=self.step,
             images_seen=self.images_seen,
             seconds=seconds,
@@ -509,6 +618,7 @@ class _Trainer:
             device=str(self.device),
             precision=self.precision,
             stopped=stopped,
+            architecture=cfg.architecture,
         )
 
 
@@ -560,19 +670,51 @@ def train_gan(
 
 
 # --------------------------------------------------------------------------- generator files
+_GENERATOR_CONFIGS: dict[str, type[DCGANConfig] | type[ProjGANConfig]] = {
+    "dcgan": DCGANConfig,
+    "projgan": ProjGANConfig,
+}
+
+
+def _generator_class(architecture: str) -> type[nn.Module]:
+    return projgan.Generator if architecture == "projgan" else Generator
+
+
+def _architecture_of(generator_config: dict[str, Any]) -> str:
+    """The architecture whose config has exactly these keys (their key sets differ)."""
+    keys = set(generator_config)
+    for name, config_cls in _GENERATOR_CONFIGS.items():
+        if keys == {f.name for f in fields(config_cls)}:
+            return name
+    raise ValueError(
+        f"generator config keys {sorted(keys)} match no architecture; pass architecture="
+    )
+
+
 def save_generator(
     path: Path,
     generator_state: dict[str, Tensor],
     generator_config: dict[str, Any],
     extra_meta: dict[str, Any] | None = None,
+    *,
+    architecture: str | None = None,
 ) -> str:
     """Write a generator and the config that rebuilds it to a safetensors file; return sha256.
 
-    The state is checked against the config (same names and shapes) before anything is written.
+    ``architecture`` (``TrainResult.architecture``) may be omitted: it is then recognised from
+    the config's keys. The state is checked against the config (same names and shapes) before
+    anything is written. The file's meta holds ``architecture`` and ``config``, which is all
+    :func:`load_generator` needs.
     """
-    cfg = DCGANConfig.from_dict(generator_config)
+    if architecture is None:
+        architecture = _architecture_of(generator_config)
+    if architecture not in _GENERATOR_CONFIGS:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; supported: {list(_GENERATOR_CONFIGS)}"
+        )
+    cfg = _GENERATOR_CONFIGS[architecture].from_dict(generator_config)
     with torch.device("meta"):
-        reference = Generator(cfg).state_dict()
+        reference = _generator_class(architecture)(cfg).state_dict()
     if set(reference) != set(generator_state):
         missing = sorted(set(reference) - set(generator_state))
         unexpected = sorted(set(generator_state) - set(reference))
@@ -587,7 +729,7 @@ def save_generator(
             )
     meta: dict[str, Any] = {
         "kind": "generator",
-        "architecture": "dcgan",
+        "architecture": architecture,
         "config": cfg.to_dict(),
     }
     if extra_meta:
@@ -598,20 +740,23 @@ def save_generator(
     return save_state(path, generator_state, meta)
 
 
-def load_generator(path: Path, expected_sha256: str | None) -> Generator:
+def load_generator(path: Path, expected_sha256: str | None) -> nn.Module:
     """Rebuild a generator, in eval mode on CPU, from a file written by :func:`save_generator`.
 
-    The network is built from the config stored in the file alone. With ``expected_sha256``
-    the file is verified first (:class:`~synthray.models.checkpoint.ChecksumMismatch`).
+    The network (a :class:`synthray.models.dcgan.Generator` or a
+    :class:`synthray.models.projgan.Generator`, both called as ``G(z, y)`` and carrying their
+    config as ``.cfg``) is built from the architecture and config stored in the file alone.
+    With ``expected_sha256`` the file is verified first
+    (:class:`~synthray.models.checkpoint.ChecksumMismatch`).
     """
     tensors, meta = load_state(Path(path), expected_sha256)
     if meta.get("kind") != "generator":
         raise ValueError(f"{path} is not a generator file (kind={meta.get('kind')!r})")
     architecture = meta.get("architecture")
-    if architecture != "dcgan":
+    if architecture not in _GENERATOR_CONFIGS:
         raise ValueError(f"{path}: unsupported generator architecture {architecture!r}")
-    cfg = DCGANConfig.from_dict(meta["config"])
+    cfg = _GENERATOR_CONFIGS[architecture].from_dict(meta["config"])
     with torch.device("meta"):
-        net = Generator(cfg)
+        net = _generator_class(architecture)(cfg)  # type: ignore[call-arg]
     net.load_state_dict(tensors, strict=True, assign=True)
     return net.eval()

@@ -7,6 +7,7 @@ version, a stored batch) and does not do the work twice.
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import Any
 
 from synthray.app.batches import repository as batch_repo
@@ -26,7 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def ingest(ctx: WorkerJobContext) -> dict[str, Any]:
-    return dataset_ingest.run_ingest(ctx)
+    try:
+        return dataset_ingest.run_ingest(ctx)
+    finally:
+        # Uploaded originals never outlive their ingest, whatever its outcome.
+        upload = ctx.params.get("upload_dir")
+        if upload:
+            shutil.rmtree(upload, ignore_errors=True)
 
 
 def train(ctx: WorkerJobContext) -> dict[str, Any]:
@@ -37,7 +44,9 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         done = registry_repo.by_train_job(s, ctx.job_id)
         if done is not None:  # redelivered after the version was registered
             return {"model_version_id": done.id, "version": done.version}
-        split = datasets.load_split(s, ctx.blobs, int(p["dataset_version_id"]))
+        split = datasets.load_split(
+            s, ctx.blobs, int(p["dataset_version_id"]), int(p["resolution"])
+        )
         dv = dataset_repo.get_version(s, int(p["dataset_version_id"]))
         assert dv is not None and dv.content_sha256 is not None
         dataset_sha = dv.content_sha256
@@ -55,6 +64,7 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         device=ctx.settings.device,
         checkpoint_every_s=float(p.get("checkpoint_every_s", 60.0)),
     )
+
     def on_progress(tp: TrainProgress) -> None:
         eta = f", ETA {tp.eta_seconds:.0f}s" if tp.eta_seconds is not None else ""
         # A step budget is shown in steps; a pure time budget in seconds of training.
@@ -172,7 +182,8 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
             raise JobFailed(f"batch {batch_id} has no images")
         batch.state = "checking"
         mv = registry.get_version_by_id(s, batch.model_version_id)
-        split = datasets.load_split(s, ctx.blobs, mv.dataset_version_id)
+        resolution = int(mv.config["generator"]["resolution"])
+        split = datasets.load_split(s, ctx.blobs, mv.dataset_version_id, resolution)
         images_blob = batch.images_blob
     arrays = ctx.blobs.get_arrays(images_blob)  # hash-verified read
     images, labels = arrays["images"], arrays["labels"]

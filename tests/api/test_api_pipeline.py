@@ -29,15 +29,17 @@ from synthray.config import Settings
 def _plant_bad_rows(folder: Path) -> None:
     """Rows that must be skipped, each for its own reason."""
     (folder / "images" / "not-an-image.png").write_bytes(b"hello, I am text")
-    good = next((folder / "images").glob("*.png")).read_bytes()
+    first = sorted((folder / "images").glob("*.png"))[0]
+    good = first.read_bytes()
+    rel = f"images/{first.name}"
     (folder / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
     with (folder / "labels.csv").open("a") as f:
         f.write("images/not-an-image.png,x,Effusion,0,9001,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
         f.write("images/truncated.png,x,Effusion,0,9002,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
         f.write("images/missing.png,x,Effusion,0,9003,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
         f.write("../../etc/passwd,x,Effusion,0,9004,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write("images/x.png,x,Effusion|Cardiomegaly,0,9005,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write("images/y.png,x,Hernia,0,9006,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write(f"{rel},x,Effusion|Cardiomegaly,0,9005,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write(f"{rel},x,Hernia,0,9006,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
 
 
 def _wait_ok(client: TestClient, key: str, job_id: str) -> dict:
@@ -75,9 +77,9 @@ def test_ingest_skips_bad_rows_and_splits_by_patient(
     result = trained["ingest"]["result"]
     counts = result["counts"]
     assert counts["images"] == 36
-    reasons = {s["row"]: s["reason"] for s in result["skipped"]}
+    reasons = {s["item"]: s["reason"] for s in result["skipped"]}
     assert set(reasons.values()) >= {
-        "not a readable PNG or JPEG image",
+        "not a readable PNG, JPEG or DICOM file",
         "image data is truncated or corrupt",
         "file not found",
         "file path leaves the source folder",

@@ -1,97 +1,51 @@
 """The ingest job: decode, label, pseudonymise, split by patient, store one version.
 
-Only de-identified pixels (resized, padded to a square) and minimal metadata are kept:
-a pseudonymous patient key (HMAC-SHA256 of the patient id under the site secret), the
-label, view, sex and an age band. Original files are never copied. Problems with one
-file skip that file, with a reason recorded by its row number in the labels CSV.
+Only de-identified pixels (resized, padded to squares at each requested resolution) and
+minimal metadata are kept: a pseudonymous patient key (HMAC-SHA256 of the patient id
+under the site secret), the label, view, sex and an age band. Original files are never
+copied into the store, and uploaded files are deleted when the job ends. A problem with
+one file skips that file, with a fixed reason recorded against its position ("row 7" of
+the labels CSV, or "file 12" of the folder in sorted order), never its name.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import hmac
-import warnings
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from synthray.app.datasets import repository
+from synthray.app.datasets.decode import (
+    DEIDENTIFICATION,
+    DecodeOptions,
+    age_band,
+    keyed_hash,
+    normalise_sex,
+    parse_age,
+)
+from synthray.app.datasets.pool import DecodePool
 from synthray.app.datasets.schemas import DatasetCreate
 from synthray.app.jobs.context import JobCancelled, JobContext, JobFailed
 
-MAX_PIXELS = 64_000_000  # refuse anything larger before decoding (decompression bombs)
-MAX_SKIPS_LISTED = 200
-
-
-@dataclass
-class Decoded:
-    pixels: np.ndarray  # (R, R) uint8
-    sha256: str
+MAX_SKIPS_LISTED = 500
+PROGRESS_EVERY = 25
 
 
 def patient_key(secret: str, patient_id: str) -> str:
-    digest = hmac.new(secret.encode(), b"patient:" + patient_id.encode(), hashlib.sha256)
-    return digest.hexdigest()[:32]
+    return keyed_hash(secret, "patient", patient_id)
 
 
-def age_band(value: str | None) -> str | None:
-    if value is None or not value.strip():
-        return None
-    try:
-        age = int(float(value.strip().rstrip("Yy")))
-    except ValueError:
-        return None
-    if age < 0 or age > 120:
-        return None
-    if age >= 90:  # HIPAA safe harbour: ages over 89 are aggregated
-        return "90+"
-    low = age // 10 * 10
-    return f"{low}-{low + 9}"
-
-
-def to_square(img: Image.Image, size: int) -> np.ndarray:
-    """Grey uint8, aspect ratio kept: scale the long side to ``size``, pad the short one."""
-    w, h = img.size
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = img.resize((nw, nh), Image.Resampling.LANCZOS) if (nw, nh) != (w, h) else img
-    canvas = Image.new("L", (size, size), 0)
-    canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
-
-
-def decode_image(path: Path, size: int) -> Decoded:
-    """PNG or JPEG to a padded square grey array. Raises ValueError with a safe reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ValueError("image is larger than the pixel limit")
-                if im.format not in {"PNG", "JPEG"}:
-                    raise ValueError(f"unsupported image format {im.format}")
-                im.load()
-                if im.mode in {"I;16", "I;16B", "I", "F"}:
-                    arr = np.asarray(im, dtype=np.float64)
-                    lo, hi = float(arr.min()), float(arr.max())
-                    arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-                    grey = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-                elif im.mode in {"RGBA", "LA", "PA"}:
-                    grey = im.convert("RGBA").convert("RGB").convert("L")
-                else:
-                    grey = im.convert("L")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError("image is larger than the pixel limit") from exc
-    except UnidentifiedImageError as exc:
-        raise ValueError("not a readable PNG or JPEG image") from exc
-    except OSError as exc:
-        raise ValueError("image data is truncated or corrupt") from exc
-    pixels = to_square(grey, size)
-    return Decoded(pixels=pixels, sha256=hashlib.sha256(pixels.tobytes()).hexdigest())
+@dataclass
+class Item:
+    position: str  # "row 7" or "file 12": never a file name
+    path: Path | None  # None: the row was rejected before decoding
+    row: dict[str, str] | None
+    reason: str | None = None
 
 
 def _labels_of(raw: str, spec: DatasetCreate) -> list[str]:
@@ -112,87 +66,167 @@ def _split(keys: set[str], fraction: float, seed: int) -> set[str]:
     return set(ordered[:n])
 
 
-def run_ingest(ctx: JobContext) -> dict[str, object]:
-    spec = DatasetCreate.model_validate(
-        {k: v for k, v in ctx.params.items() if k not in {"version_id", "folder"}}
-    )
-    version_id = int(ctx.params["version_id"])
-    folder = Path(ctx.params["folder"]).resolve()
-    csv_path = folder / spec.labels_csv
+def _read_csv(folder: Path, spec: DatasetCreate) -> list[dict[str, str]]:
+    assert spec.labels_csv is not None
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        with (folder / spec.labels_csv).open(newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise JobFailed("the labels CSV cannot be read") from exc
-    if not rows:
+
+
+def _items_from_rows(folder: Path, rows: list[dict[str, str]], spec: DatasetCreate) -> list[Item]:
+    assert spec.file_column is not None
+    items = []
+    for i, row in enumerate(rows):
+        pos = f"row {i + 2}"  # the header is row 1
+        rel = (row.get(spec.file_column) or "").strip()
+        path = (folder / rel).resolve() if rel else None
+        if path is None:
+            items.append(Item(pos, None, row, "no file name"))
+        elif folder not in path.parents:
+            items.append(Item(pos, None, row, "file path leaves the source folder"))
+        elif not path.is_file() or path.is_symlink():
+            items.append(Item(pos, None, row, "file not found"))
+        else:
+            items.append(Item(pos, path, row))
+    return items
+
+
+def _items_from_folder(folder: Path, spec: DatasetCreate) -> list[Item]:
+    skip = (folder / spec.labels_csv).resolve() if spec.labels_csv else None
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith(".") or p.is_symlink() or p.resolve() == skip:
+                continue
+            files.append(p)
+    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    return [Item(f"file {i + 1}", p, None) for i, p in enumerate(files)]
+
+
+def run_ingest(ctx: JobContext) -> dict[str, object]:
+    params = {
+        k: v for k, v in ctx.params.items() if k not in {"version_id", "folder", "upload_dir"}
+    }
+    spec = DatasetCreate.model_validate(params)
+    version_id = int(ctx.params["version_id"])
+    folder = Path(ctx.params["folder"]).resolve()
+    secret = ctx.settings.secret_key
+
+    rows = _read_csv(folder, spec) if spec.labels_csv else []
+    if spec.labels_csv and not rows:
         raise JobFailed("the labels CSV has no rows")
+    by_sop: dict[str, dict[str, str]] = {}
+    if spec.sop_column:
+        for row in rows:
+            uid = (row.get(spec.sop_column) or "").strip()
+            if uid:
+                by_sop[keyed_hash(secret, "sop", uid)] = row
+    items = (
+        _items_from_folder(folder, spec)
+        if spec.walks_folder
+        else _items_from_rows(folder, rows, spec)
+    )
+    if not items:
+        raise JobFailed("the source holds no file to ingest")
 
-    size = spec.resolution
-    images: list[np.ndarray] = []
+    sizes = tuple(spec.resolutions)
+    opts = DecodeOptions(
+        sizes=sizes,
+        secret=secret,
+        allow_burned_in=spec.allow_burned_in,
+        max_pixel_bytes=ctx.settings.max_pixel_bytes,
+        label_attribute=spec.label_attribute,
+    )
+    images: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
     meta: list[dict[str, object]] = []
-    skipped: list[dict[str, object]] = []
+    skipped: list[dict[str, str]] = []
     reasons: Counter[str] = Counter()
-    seen: set[str] = set()
+    kinds: Counter[str] = Counter()
+    seen_pixels: set[str] = set()
+    seen_sops: set[str] = set()
 
-    def skip(row_no: int, reason: str) -> None:
+    def skip(pos: str, reason: str) -> None:
         reasons[reason] += 1
         if len(skipped) < MAX_SKIPS_LISTED:
-            skipped.append({"row": row_no, "reason": reason})
+            skipped.append({"item": pos, "reason": reason})
 
-    total = len(rows)
-    for i, row in enumerate(rows):
-        row_no = i + 2  # header is row 1
-        if i % 50 == 0:
-            if ctx.should_stop():
-                raise JobCancelled()
-            ctx.progress(i, total, f"decoding images ({i}/{total})")
-        rel = (row.get(spec.file_column) or "").strip()
-        pid = (row.get(spec.patient_column) or "").strip()
-        if not rel:
-            skip(row_no, "no file name")
-            continue
-        if not pid:
-            skip(row_no, "no patient id")
-            continue
-        labels = _labels_of(row.get(spec.label_column) or "", spec)
-        if not labels:
-            skip(row_no, "no label in the class list")
-            continue
-        if len(labels) > 1:
-            skip(row_no, "more than one class of the class list")
-            continue
-        path = (folder / rel).resolve()
-        if folder not in path.parents:
-            skip(row_no, "file path leaves the source folder")
-            continue
-        if not path.is_file():
-            skip(row_no, "file not found")
-            continue
-        try:
-            decoded = decode_image(path, size)
-        except ValueError as exc:
-            skip(row_no, str(exc))
-            continue
-        if decoded.sha256 in seen:
-            skip(row_no, "exact duplicate of an earlier image")
-            continue
-        seen.add(decoded.sha256)
-        images.append(decoded.pixels)
-        meta.append(
-            {
-                "patient_key": patient_key(ctx.settings.secret_key, pid),
-                "label": spec.classes.index(labels[0]),
-                "view": (row.get(spec.view_column) or "").strip()[:10] or None
-                if spec.view_column
-                else None,
-                "sex": _sex(row.get(spec.sex_column)) if spec.sex_column else None,
-                "age_band": age_band(row.get(spec.age_column)) if spec.age_column else None,
-                "pixel_sha256": decoded.sha256,
-            }
+    for it in items:
+        if it.reason:
+            skip(it.position, it.reason)
+    todo = [it for it in items if it.path is not None]
+    total = len(items)
+    done = total - len(todo)
+    workers = ctx.settings.ingest_workers or os.cpu_count() or 1
+    with DecodePool(workers, ctx.settings.decode_memory_limit) as pool:
+        outcomes = pool.map(
+            [str(it.path) for it in todo], opts, ctx.settings.max_file_bytes, ctx.should_stop
         )
+        for it, (dec, reason) in zip(todo, outcomes, strict=False):
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                ctx.progress(done, total, f"decoding ({done}/{total})")
+            if dec is None:
+                skip(it.position, reason or "file cannot be decoded")
+                continue
+            row = it.row
+            if spec.sop_column:
+                row = by_sop.get(dec.sop_key or "")
+                if row is None:
+                    skip(it.position, "no labels CSV row for this SOPInstanceUID")
+                    continue
+            raw_label = (
+                (row.get(spec.label_column or "") or "") if row is not None else dec.label_value
+            )
+            labels = _labels_of(raw_label or "", spec)
+            if not labels:
+                skip(it.position, "no label in the class list")
+                continue
+            if len(labels) > 1:
+                skip(it.position, "more than one class of the class list")
+                continue
+            if spec.patient_column and row is not None:
+                pid = (row.get(spec.patient_column) or "").strip()
+                pkey = patient_key(secret, pid) if pid else None
+            else:
+                pkey = dec.patient_key
+            if not pkey:
+                skip(it.position, "no patient id")
+                continue
+            if dec.sop_key and dec.sop_key in seen_sops:
+                skip(it.position, "duplicate SOPInstanceUID of an earlier file")
+                continue
+            if dec.pixel_sha256 in seen_pixels:
+                skip(it.position, "exact duplicate of an earlier image")
+                continue
+            seen_pixels.add(dec.pixel_sha256)
+            if dec.sop_key:
+                seen_sops.add(dec.sop_key)
+            kinds[dec.kind] += 1
+            for s in sizes:
+                images[s].append(dec.pixels[s])
 
-    if not images:
-        raise JobFailed(f"no usable image: all {total} rows were skipped ({dict(reasons)})")
+            def col(name: str | None, r: dict[str, str] | None = row) -> str | None:
+                return (r.get(name) or "").strip() if (name and r is not None) else None
+
+            meta.append(
+                {
+                    "patient_key": pkey,
+                    "label": spec.classes.index(labels[0]),
+                    "view": (col(spec.view_column) or dec.view or "")[:10].upper() or None,
+                    "sex": normalise_sex(col(spec.sex_column)) or dec.sex,
+                    "age_band": age_band(parse_age(col(spec.age_column))) or dec.age_band,
+                    "pixel_sha256": dec.pixel_sha256,
+                }
+            )
+    if ctx.should_stop():
+        raise JobCancelled()
+
+    if not meta:
+        raise JobFailed(f"no usable image: all {total} items were skipped ({dict(reasons)})")
     labels_arr = np.array([m["label"] for m in meta], dtype=np.int64)
     present = set(labels_arr.tolist())
     missing = [c for i, c in enumerate(spec.classes) if i not in present]
@@ -206,15 +240,18 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         m["split"] = "holdout" if m["patient_key"] in holdout else "train"
 
     ctx.progress(total, total, "storing the dataset version")
-    images_arr = np.stack(images)  # (N, R, R) uint8
-    blob, _ = ctx.blobs.put_arrays(images=images_arr, labels=labels_arr)
-    counts = _counts(meta, spec.classes)
-    counts["rows"] = total
-    counts["images"] = len(images)
-    counts["patients"] = len(patients)
-    counts["holdout_patients"] = len(holdout)
-    counts["skipped"] = sum(reasons.values())
-    counts["skip_reasons"] = dict(reasons)
+    arrays = {f"images_{s}": np.stack(images[s]) for s in sizes}  # (N, R, R) uint8 each
+    blob, _ = ctx.blobs.put_arrays(labels=labels_arr, **arrays)
+    counts: dict[str, object] = {"per_class": _per_class(meta, spec.classes)}
+    counts |= {
+        "items": total,
+        "images": len(meta),
+        "patients": len(patients),
+        "holdout_patients": len(holdout),
+        "skipped": sum(reasons.values()),
+        "skip_reasons": dict(reasons),
+        "formats": dict(kinds),
+    }
     with ctx.session() as session:
         v = repository.get_version(session, version_id)
         if v is None:
@@ -227,21 +264,17 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         v.counts = counts
         v.state = "ready"
         v.provenance = {
-            "source": "png/jpeg import",
-            "pixels": f"grey uint8, padded square {size}x{size}",
-            "patient_key": "HMAC-SHA256(site secret, patient id)[:32]",
+            "pixels": f"grey uint8, padded squares at {list(sizes)} px",
+            "patient_key": "HMAC-SHA256(site secret, patient id), 128 bits",
             "kept_metadata": ["patient_key", "label", "view", "sex", "age_band"],
+            "deidentification": DEIDENTIFICATION,
+            "source": "upload" if "upload_dir" in ctx.params else "import folder",
         }
     return {"version_id": version_id, "counts": counts, "skipped": skipped}
 
 
-def _sex(value: str | None) -> str | None:
-    v = (value or "").strip().upper()[:1]
-    return v if v in {"M", "F", "O"} else None
-
-
-def _counts(meta: list[dict[str, object]], classes: list[str]) -> dict[str, object]:
+def _per_class(meta: list[dict[str, object]], classes: list[str]) -> dict[str, dict[str, int]]:
     per: dict[str, dict[str, int]] = {c: {"train": 0, "holdout": 0} for c in classes}
     for m in meta:
         per[classes[int(m["label"])]][str(m["split"])] += 1  # type: ignore[call-overload]
-    return {"per_class": per}
+    return per

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
+from starlette.concurrency import run_in_threadpool
 
-from synthray.app.datasets import service
+from synthray.app.datasets import service, uploads
 from synthray.app.datasets.schemas import DatasetCreate, DatasetRead, IngestAccepted
+from synthray.app.datasets.unpack import remove_tree
 from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -25,3 +27,45 @@ def list_datasets(session: SessionDep, _: StaffDep) -> list[DatasetRead]:
 @router.get("/{name}", response_model=DatasetRead)
 def get_dataset(name: str, session: SessionDep, _: StaffDep) -> DatasetRead:
     return service.get_dataset(session, name)
+
+
+@router.post(
+    "/upload",
+    response_model=IngestAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["spec", "file"],
+                        "properties": {
+                            "spec": {"type": "string", "description": "DatasetCreate as JSON"},
+                            "file": {"type": "string", "format": "binary"},
+                        },
+                    }
+                }
+            },
+            "required": True,
+        }
+    },
+)
+async def upload_dataset_version(
+    request: Request, session: SessionDep, settings: SettingsDep, who: OperatorDep
+) -> IngestAccepted:
+    """Upload a zip (or one DICOM/PNG/JPEG file) and queue its ingest as a new version.
+
+    The body is streamed to disk and cut off at SYNTHRAY_MAX_UPLOAD_BYTES (413); the
+    zip is unpacked under the limits of ``unpack.extract_zip``. The uploaded files are
+    deleted when the ingest ends.
+    """
+    # End the transaction the key check opened: SQLite holds its write lock from BEGIN,
+    # and an upload can take minutes.
+    await run_in_threadpool(session.commit)
+    folder = await uploads.receive(request, settings)
+    try:
+        return await run_in_threadpool(uploads.queue_ingest, session, folder, settings, who.key_id)
+    except BaseException:
+        remove_tree(folder)
+        raise

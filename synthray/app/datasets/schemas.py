@@ -9,28 +9,39 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 
 
 class DatasetCreate(BaseModel):
-    """Import a folder of PNG/JPEG radiographs with a labels CSV, from the import root.
+    """Import radiographs (DICOM, PNG or JPEG) as a new, immutable dataset version.
 
-    Each CSV row names a file (relative to ``source``), its label(s) and its patient.
-    Rows whose labels map to exactly one class of ``classes`` are kept; the others are
-    skipped with a recorded reason.
+    Labels come from one of three places:
+
+    - a CSV keyed by file name (``file_column``, paths relative to the folder);
+    - a CSV keyed by DICOM SOPInstanceUID (``sop_column``; every file of the folder is read);
+    - a DICOM attribute (``label_attribute``, e.g. ``StudyDescription``), with no CSV.
+
+    Raw labels go through ``label_map`` and may hold several labels split by
+    ``label_separator``; an image is kept when exactly one maps into ``classes``.
+    Patients come from ``patient_column`` or, when it is unset, from DICOM PatientID.
     """
 
     name: str = Field(pattern=NAME)
-    source: str = Field(min_length=1, description="Folder relative to SYNTHRAY_IMPORT_ROOT.")
-    labels_csv: str = "labels.csv"
-    file_column: str = "file"
-    label_column: str = "label"
-    patient_column: str = "patient_id"
+    source: str = Field("", description="Folder relative to SYNTHRAY_IMPORT_ROOT.")
+    labels_csv: str | None = "labels.csv"
+    file_column: str | None = "file"
+    sop_column: str | None = None
+    label_column: str | None = "label"
+    label_attribute: str | None = Field(None, pattern=r"^[A-Za-z]{1,64}$")
+    patient_column: str | None = "patient_id"
     label_separator: str | None = Field(None, max_length=3)
     label_map: dict[str, str] = Field(default_factory=dict)
     classes: list[str] = Field(min_length=2, max_length=64)
     view_column: str | None = None
     sex_column: str | None = None
     age_column: str | None = None
-    resolution: Literal[64, 128, 256] = 64
+    resolutions: list[Literal[64, 128, 256]] = Field(default_factory=lambda: [64], min_length=1)
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
     split_seed: int = 0
+    allow_burned_in: bool = Field(
+        False, description="Accept DICOM files that declare BurnedInAnnotation YES."
+    )
 
     @field_validator("classes")
     @classmethod
@@ -41,12 +52,32 @@ class DatasetCreate(BaseModel):
             raise ValueError("class names must not be empty")
         return v
 
+    @field_validator("resolutions")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        return sorted(set(v))
+
     @model_validator(mode="after")
-    def _mapped_classes(self) -> DatasetCreate:
+    def _consistent(self) -> DatasetCreate:
         unknown = sorted(set(self.label_map.values()) - set(self.classes))
         if unknown:
             raise ValueError(f"label_map maps to classes not in 'classes': {unknown}")
+        if self.label_attribute:
+            if self.labels_csv:
+                raise ValueError("use either label_attribute or labels_csv, not both")
+            if self.patient_column:
+                raise ValueError("without a CSV, patients come from DICOM: unset patient_column")
+        else:
+            if not self.labels_csv or not self.label_column:
+                raise ValueError("give labels_csv with label_column, or label_attribute")
+            if bool(self.file_column) == bool(self.sop_column):
+                raise ValueError("key the labels CSV by exactly one of file_column, sop_column")
         return self
+
+    @property
+    def walks_folder(self) -> bool:
+        """True when every file of the folder is read (labels not keyed by file name)."""
+        return bool(self.label_attribute or self.sop_column)
 
 
 class DatasetVersionRead(BaseModel):
@@ -55,7 +86,7 @@ class DatasetVersionRead(BaseModel):
     version: int
     state: str
     content_sha256: str | None
-    resolution: int
+    resolutions: list[int]
     classes: list[str]
     counts: dict[str, Any]
     holdout_fraction: float

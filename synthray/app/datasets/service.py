@@ -36,16 +36,19 @@ def resolve_source(settings: Settings, source: str) -> Path:
 
 
 def _check_csv(folder: Path, spec: DatasetCreate) -> None:
+    if not spec.labels_csv:
+        return
     csv_path = (folder / spec.labels_csv).resolve()
     if folder not in csv_path.parents or not csv_path.is_file():
         raise Invalid("labels_csv is not a file inside the source folder", field="labels_csv")
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise Invalid("labels_csv cannot be read as UTF-8 CSV", field="labels_csv") from exc
     wanted = {
         "file_column": spec.file_column,
+        "sop_column": spec.sop_column,
         "label_column": spec.label_column,
         "patient_column": spec.patient_column,
         "view_column": spec.view_column,
@@ -58,9 +61,21 @@ def _check_csv(folder: Path, spec: DatasetCreate) -> None:
 
 
 def request_ingest(
-    session: Session, settings: Settings, spec: DatasetCreate, created_by: int
+    session: Session,
+    settings: Settings,
+    spec: DatasetCreate,
+    created_by: int,
+    upload_dir: Path | None = None,
 ) -> IngestAccepted:
-    folder = resolve_source(settings, spec.source)
+    """Validate what can be checked now and queue the ingest job.
+
+    ``upload_dir`` holds uploaded files (already extracted) in its ``data`` folder; the
+    ingest job deletes it whatever its outcome, so no original file outlives the ingest.
+    """
+    if upload_dir is not None:
+        folder = upload_dir / "data"
+    else:
+        folder = resolve_source(settings, spec.source)
     _check_csv(folder, spec)
     ds = repository.get_by_name(session, spec.name) or repository.add_dataset(session, spec.name)
     version = repository.add_version(
@@ -69,13 +84,15 @@ def request_ingest(
             dataset_id=ds.id,
             version=repository.next_version(session, ds.id),
             state="ingesting",
-            resolution=spec.resolution,
+            resolutions=list(spec.resolutions),
             classes=list(spec.classes),
             holdout_fraction=spec.holdout_fraction,
             split_seed=spec.split_seed,
         ),
     )
     params = spec.model_dump() | {"version_id": version.id, "folder": str(folder)}
+    if upload_dir is not None:
+        params["upload_dir"] = str(upload_dir)
     job = jobs.create(session, settings, JobKind.ingest, params, created_by)
     version.ingest_job_id = job.id
     session.flush()
@@ -89,7 +106,7 @@ def version_read(ds: Dataset, v: DatasetVersion) -> DatasetVersionRead:
         version=v.version,
         state=v.state,
         content_sha256=v.content_sha256,
-        resolution=v.resolution,
+        resolutions=list(v.resolutions),
         classes=list(v.classes),
         counts=v.counts,
         holdout_fraction=v.holdout_fraction,
@@ -139,7 +156,7 @@ def get_version_read(session: Session, version_id: int) -> DatasetVersionRead:
 
 @dataclass
 class SplitArrays:
-    """De-identified pixels of one dataset version, split by patient."""
+    """De-identified pixels of one dataset version at one resolution, split by patient."""
 
     classes: list[str]
     resolution: int
@@ -151,18 +168,23 @@ class SplitArrays:
     holdout_index: np.ndarray
 
 
-def load_split(session: Session, blobs: BlobStore, version_id: int) -> SplitArrays:
+def load_split(
+    session: Session, blobs: BlobStore, version_id: int, resolution: int | None = None
+) -> SplitArrays:
     v = repository.get_version(session, version_id)
     if v is None or v.state != "ready" or v.images_blob is None:
         raise NotFound(f"dataset version {version_id} is not ready")
+    size = resolution or min(v.resolutions)
+    if size not in v.resolutions:
+        raise NotFound(f"dataset version {version_id} has no {size}px images")
     arrays = blobs.get_arrays(v.images_blob)
-    images, labels = arrays["images"], arrays["labels"].astype(np.int64)
+    images, labels = arrays[f"images_{size}"], arrays["labels"].astype(np.int64)
     rows = repository.image_rows(session, version_id)
     is_train = np.array([r.split == "train" for r in rows], dtype=bool)
     idx = np.arange(len(rows))
     return SplitArrays(
         classes=list(v.classes),
-        resolution=v.resolution,
+        resolution=size,
         train_images=images[is_train],
         train_labels=labels[is_train],
         train_index=idx[is_train],

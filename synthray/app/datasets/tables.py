@@ -29,7 +29,7 @@ class DatasetVersion(Base):
     state: Mapped[str] = mapped_column(String(20), default="ingesting")
     content_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     images_blob: Mapped[str | None] = mapped_column(String(64), default=None)
-    resolution: Mapped[int] = mapped_column(default=64)
+    resolutions: Mapped[list[Any]] = mapped_column(default=list)
     classes: Mapped[list[Any]] = mapped_column(default=list)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     holdout_fraction: Mapped[float] = mapped_column(default=0.2)

@@ -24,9 +24,9 @@ def request_training(
     session: Session, settings: Settings, req: TrainRequest, created_by: int
 ) -> TrainAccepted:
     dv = datasets.resolve_version(session, req.dataset, req.dataset_version)
-    if req.resolution != dv.resolution:
+    if req.resolution not in dv.resolutions:
         raise Invalid(
-            f"the dataset version holds {dv.resolution}px images, not {req.resolution}px",
+            f"the dataset version holds {sorted(dv.resolutions)}px images, not {req.resolution}px",
             field="resolution",
         )
     params = req.model_dump() | {"dataset_version_id": dv.id, "classes": list(dv.classes)}

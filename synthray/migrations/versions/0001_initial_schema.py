@@ -108,7 +108,7 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("content_sha256", sa.String(length=64), nullable=True),
         sa.Column("images_blob", sa.String(length=64), nullable=True),
-        sa.Column("resolution", sa.Integer(), nullable=False),
+        sa.Column("resolutions", sa.JSON(), nullable=False),
         sa.Column("classes", sa.JSON(), nullable=False),
         sa.Column("counts", sa.JSON(), nullable=False),
         sa.Column("holdout_fraction", sa.Double(), nullable=False),
