@@ -114,9 +114,12 @@ def normalise_sex(value: str | None) -> str | None:
     return v if v in {"M", "F", "O"} else None
 
 
-def to_square(unit: np.ndarray, size: int) -> np.ndarray:
-    """[0, 1] float image -> (size, size) uint8, long side scaled, short side padded."""
-    img = Image.fromarray(np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+def to_square(img: Image.Image, size: int) -> np.ndarray:
+    """Grey PIL image -> (size, size) uint8: long side scaled to ``size``, short side padded.
+
+    ``reducing_gap`` lets Pillow first shrink by an integer factor (box filter), then
+    finish with Lanczos: near-identical to pure Lanczos at a fraction of the cost.
+    """
     w, h = img.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -127,12 +130,19 @@ def to_square(unit: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _finish(kind: str, unit: np.ndarray, opts: DecodeOptions) -> Decoded:
-    full = np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+def unit_to_u8(unit: np.ndarray) -> np.ndarray:
+    return (np.clip(unit, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _finish(kind: str, img8: np.ndarray, opts: DecodeOptions) -> Decoded:
+    """Display-ready uint8 pixels -> the stored squares and a hash of the full image."""
+    img8 = np.ascontiguousarray(img8, dtype=np.uint8)
+    digest = hashlib.sha256(img8.tobytes() + str(img8.shape).encode()).hexdigest()
+    pil = Image.fromarray(img8, "L")
     return Decoded(
         kind=kind,
-        pixels={s: to_square(unit, s) for s in opts.sizes},
-        pixel_sha256=hashlib.sha256(full.tobytes() + str(full.shape).encode()).hexdigest(),
+        pixels={s: to_square(pil, s) for s in opts.sizes},
+        pixel_sha256=digest,
     )
 
 
@@ -153,18 +163,18 @@ def decode_raster(data: bytes, opts: DecodeOptions) -> Decoded:
                 if im.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
                     arr = np.asarray(im, dtype=np.float64)
                     lo, hi = float(arr.min()), float(arr.max())
-                    unit = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+                    img8 = unit_to_u8((arr - lo) / (hi - lo) if hi > lo else arr * 0.0)
                 else:
                     if im.mode in {"RGBA", "LA", "PA", "P"}:
                         im = im.convert("RGBA").convert("RGB")
-                    unit = np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+                    img8 = np.asarray(im.convert("L"), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("image is larger than the pixel limit") from exc
     except UnidentifiedImageError as exc:
         raise Rejected("not a readable PNG, JPEG or DICOM file") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise Rejected("image data is truncated or corrupt") from exc
-    return _finish(kind, unit, opts)
+    return _finish(kind, img8, opts)
 
 
 # ------------------------------------------------------------------------------- DICOM
@@ -179,26 +189,56 @@ def _first(value: Any) -> float | None:
         return None
 
 
-def _window(ds: Any, arr: np.ndarray) -> np.ndarray:
-    """Modality LUT then VOI, to [0, 1] (not yet inverted)."""
+def _window(ds: Any, values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Modality LUT then VOI, to [0, 1] (not yet inverted).
+
+    ``values`` are stored pixel values (the whole image, or each distinct value once
+    with ``weights`` = how often it occurs: the same result, computed on a table).
+    """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    arr = apply_modality_lut(arr, ds).astype(np.float64)
+    out = apply_modality_lut(values, ds).astype(np.float64)
+    w = np.ones_like(out) if weights is None else weights.astype(np.float64)
     if "VOILUTSequence" in ds:
-        out = apply_voi_lut(arr, ds, index=0).astype(np.float64)
-        lo, hi = float(out.min()), float(out.max())
+        out = apply_voi_lut(out, ds, index=0).astype(np.float64)
+        lo, hi = float(out[w > 0].min()), float(out[w > 0].max())
         return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width >= 1:
         # PS3.3 C.11.2.1.2.1, linear function
-        out = np.clip((arr - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
-        inside = float(np.mean((out > 0.0) & (out < 1.0)))
+        win = np.clip((out - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
+        inside = float(w[(win > 0.0) & (win < 1.0)].sum() / max(w.sum(), 1.0))
         if inside >= 0.05:
-            return out
+            return win
         # A window that misses almost every pixel contradicts the data (seen with JPEG
         # 2000 streams whose signedness differs from the header): use the robust range.
-    lo, hi = np.percentile(arr, [0.5, 99.5])
-    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
+    order = np.argsort(out, kind="stable")
+    cum = np.cumsum(w[order]) / max(w.sum(), 1.0)
+    lo = float(out[order][np.searchsorted(cum, 0.005)])
+    hi = float(out[order][min(np.searchsorted(cum, 0.995), len(cum) - 1)])
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
+
+
+def _display_u8(ds: Any, arr: np.ndarray, invert: bool) -> np.ndarray:
+    """Stored pixels -> display-ready uint8.
+
+    Integer images of up to 16 bits go through a lookup table over every possible stored
+    value: one gather over the pixels instead of several float passes. The statistics
+    the table needs (is the window plausible, robust range) come from a histogram of
+    every 4th pixel in each direction.
+    """
+    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
+        offset = -(1 << (8 * arr.dtype.itemsize - 1)) if arr.dtype.kind == "i" else 0
+        values = np.arange(offset, offset + (1 << (8 * arr.dtype.itemsize)), dtype=np.int64)
+        index = arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint8)
+        if offset:  # two's complement: reorder so that index = value - offset
+            index = index ^ np.array(1 << (8 * arr.dtype.itemsize - 1), dtype=index.dtype)
+        hist = np.bincount(index[::4, ::4].ravel(), minlength=len(values))
+        unit = _window(ds, values.astype(arr.dtype), hist)
+        lut = unit_to_u8(1.0 - unit if invert else unit)
+        return lut[index]
+    unit = _window(ds, arr)
+    return unit_to_u8(1.0 - unit if invert else unit)
 
 
 def _check_header(ds: Any, opts: DecodeOptions) -> None:
@@ -301,18 +341,17 @@ def _decode_dicom(data: bytes, opts: DecodeOptions) -> Decoded:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
         arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
+    plut = str(ds.get("PresentationLUTShape", "") or "").upper()
+    invert = photometric == "MONOCHROME1" or plut == "INVERSE"
     if samples == 3:
-        arr = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        unit = arr / max(float(arr.max()), 1.0)
+        grey = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        img8 = unit_to_u8(grey / max(float(grey.max()), 1.0))
     elif arr.ndim != 2:
         raise Rejected("DICOM pixel data has an unexpected shape")
     else:
-        unit = _window(ds, arr)
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
-    plut = str(ds.get("PresentationLUTShape", "") or "").upper()
-    if photometric == "MONOCHROME1" or plut == "INVERSE":
-        unit = 1.0 - unit
-    out = _finish("dicom", unit, opts)
+        img8 = _display_u8(ds, arr, invert)
+    out = _finish("dicom", img8, opts)
     out.patient_key = keyed_hash(opts.secret, "patient", patient_id) if patient_id else None
     out.sop_key = keyed_hash(opts.secret, "sop", sop_uid) if sop_uid else None
     out.view, out.sex, out.age_band, out.label_value = view, sex, age_band(age), label_value
