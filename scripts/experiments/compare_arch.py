@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def run_one(args: argparse.Namespace, arch: str, split: Any, overrides: dict[str
         architecture=arch,
         class_names=split.classes,
         batch_size=args.batch_size,
-        max_seconds=args.seconds,
+        max_seconds=None if args.steps else args.seconds,
+        max_steps=args.steps or None,
         seed=args.seed,
         device="cpu",
         progress_every_s=30.0,
@@ -80,7 +82,9 @@ def run_one(args: argparse.Namespace, arch: str, split: Any, overrides: dict[str
             flush=True,
         )
 
+    load_before = os.getloadavg()[0]
     result = train_gan(split.train_images, split.train_labels, cfg, on_progress=show)
+    load_after = os.getloadavg()[0]
     # Through the product's file format, as the sampling worker sees it.
     tag = args.tag or arch
     path = Path(args.out) / f"compare_{tag}_generator.safetensors"
@@ -123,6 +127,8 @@ def run_one(args: argparse.Namespace, arch: str, split: Any, overrides: dict[str
         "dcr_train_share": report.dcr_train_share,
         "per_class": per_class,
         "grid": str(grid_path),
+        # Another process on the 2 cores shows as a 1-minute load average well above 2.
+        "load_average": [round(load_before, 2), round(load_after, 2)],
     }
 
 
@@ -144,12 +150,13 @@ def print_report(res: dict) -> None:
             f"   {name:14s} {m['flagged']:8.1%} {m['mean_nn_corr']:13.3f} "
             f"{m['distinct_nn']:12d} {m['top_nn_share']:13.0%}"
         )
-    print(f"   grid: {res['grid']}", flush=True)
+    print(f"   grid: {res['grid']}, load average before/after {res['load_average']}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=180.0)
+    ap.add_argument("--steps", type=int, default=0, help="train for this many steps instead")
     ap.add_argument("--arch", nargs="+", default=["dcgan", "projgan"])
     ap.add_argument(
         "--set",

@@ -51,6 +51,19 @@ class DecodePool:
     def __init__(self, workers: int, memory_limit: int) -> None:
         self.workers = max(1, workers)
         self.memory_limit = memory_limit
+        # Celery's prefork children are marked daemonic, and multiprocessing refuses to
+        # start children from a daemon. Our children are spawned (no inherited state),
+        # are shut down by close(), and exit on their own when their parent's pipes
+        # close, so the flag is lifted for the pool's lifetime.
+        self._config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+        self._was_daemon = self._config.get("daemon")
+        self._config["daemon"] = False
+        # billiard also puts its own AuthenticationString in the process config, which
+        # refuses to be pickled into a spawned child's preparation data; re-wrap the same
+        # key in the standard library's type.
+        key = self._config.get("authkey")
+        if key is not None and type(key) is not multiprocessing.process.AuthenticationString:
+            self._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(key))
         self._pool = self._new()
 
     def _new(self) -> ProcessPoolExecutor:
@@ -62,7 +75,11 @@ class DecodePool:
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if self._was_daemon is not None:
+                self._config["daemon"] = self._was_daemon
 
     def __enter__(self) -> DecodePool:
         return self
