@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     max_flagged_fraction: float = Field(
         0.10, ge=0.0, le=1.0, description="A batch with more flagged images fails the gate."
     )
+    max_dcr_train_share: float = Field(
+        0.75,
+        ge=0.5,
+        le=1.0,
+        description="A batch whose images sit nearer to training than to held-out images "
+        "more often than this fails the gate (0.5 is ideal).",
+    )
     max_file_bytes: int = Field(
         1024**3, ge=1024, description="Largest single file ingest will read."
     )

@@ -10,6 +10,7 @@ import logging
 import shutil
 from typing import Any
 
+from synthray.app.batches import report_html
 from synthray.app.batches import repository as batch_repo
 from synthray.app.batches import service as batches
 from synthray.app.datasets import ingest as dataset_ingest
@@ -204,10 +205,15 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
         flagged=rep.flagged,
         dcr_train_share=rep.dcr_train_share,
         max_flagged_fraction=ctx.settings.max_flagged_fraction,
+        max_dcr_train_share=ctx.settings.max_dcr_train_share,
         train_positions=split.train_index,
     )
+    by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
+    page = report_html.render(
+        report, images, by_position.__getitem__, title=f"Memorization check, batch {batch_id}"
+    )
     with ctx.session() as s:
-        b = batches.record_check(s, ctx.blobs, batch_id, report)
+        b = batches.record_check(s, ctx.blobs, batch_id, report, page)
         state = b.state
     ctx.progress(len(images), len(images), f"check done: {state}")
     return {"batch_id": batch_id, "state": state, **report["summary"]}

@@ -237,6 +237,14 @@ def test_gate_blocks_memorized_and_changed_batches(
     for i, img in enumerate(report["images"]):
         assert img["neighbours"][0]["dataset_position"] == int(split.train_index[i])
         assert img["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    page = client.get(f"/v1/batches/{batch_id}/report.html", headers=auth(keys.reviewer))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count("FLAGGED") == 10
+    assert page.text.count("data:image/png;base64,") == 10 * 4  # each beside 3 neighbours
+    assert (
+        client.get(f"/v1/batches/{batch_id}/report.html", headers=auth(keys.partner)).status_code
+        == 403
+    )
     r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
     assert r.status_code == 409 and "failed the memorization check" in r.json()["detail"]
     r = client.post(

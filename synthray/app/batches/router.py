@@ -3,7 +3,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, status
+from fastapi.responses import HTMLResponse
 
+from synthray.app.audit import service as audit
 from synthray.app.batches import service
 from synthray.app.batches.schemas import BatchRead, SynthesizeAccepted, SynthesizeRequest
 from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
@@ -35,3 +37,20 @@ def get_batch(batch_id: int, session: SessionDep, _: StaffDep) -> BatchRead:
 def get_report(batch_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> dict[str, Any]:
     """The memorization report: policy, calibration, and every image's neighbours."""
     return service.report(session, blobs, batch_id)
+
+
+@router.get("/batches/{batch_id}/report.html", response_class=HTMLResponse)
+def get_report_html(
+    batch_id: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+) -> HTMLResponse:
+    """The evidence page: flagged images beside their nearest training images. It shows
+    real training images, so it is staff-only and every view is audited."""
+    page = service.report_html(session, blobs, batch_id)
+    audit.record(session, who, "view_evidence", "batch", batch_id, "ok")
+    return HTMLResponse(
+        page,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'"
+        },
+    )

@@ -106,7 +106,10 @@ def build_report(
     flagged: np.ndarray,
     dcr_train_share: float,
     max_flagged_fraction: float,
+    max_dcr_train_share: float,
     train_positions: np.ndarray,
+    extra_per_image: list[dict[str, Any]] | None = None,
+    extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The memorization report: policy, batch figures and every image's neighbours.
 
@@ -115,7 +118,7 @@ def build_report(
     """
     n = len(similarity)
     flagged_fraction = float(flagged.mean()) if n else 0.0
-    passed = flagged_fraction <= max_flagged_fraction
+    passed = flagged_fraction <= max_flagged_fraction and dcr_train_share <= max_dcr_train_share
     per_class = {
         c: {
             "images": int((labels == i).sum()),
@@ -136,6 +139,7 @@ def build_report(
                 for j, s in zip(neighbours[i], neighbour_similarity[i], strict=True)
             ],
             "flagged": bool(flagged[i]),
+            **(extra_per_image[i] if extra_per_image else {}),
         }
         for i in range(n)
     ]
@@ -147,8 +151,11 @@ def build_report(
         "policy": {
             "threshold_quantile": quantile,
             "max_flagged_fraction": max_flagged_fraction,
+            "max_dcr_train_share": max_dcr_train_share,
             "rule": "flag an image whose nearest-training similarity exceeds the threshold; "
-            "fail the batch if the flagged fraction exceeds max_flagged_fraction",
+            "flagged images are never exported; the batch fails if the flagged fraction "
+            "exceeds max_flagged_fraction or the train share of distance-to-closest-record "
+            "exceeds max_dcr_train_share",
         },
         "calibration": {
             "holdout_images": len(holdout_similarity),
@@ -162,13 +169,18 @@ def build_report(
             "dcr_train_share": round(float(dcr_train_share), 6),
             "passed": passed,
             "per_class": per_class,
+            **(extra_summary or {}),
         },
         "images": images,
     }
 
 
 def record_check(
-    session: Session, blobs: BlobStore, batch_id: int, report: dict[str, Any]
+    session: Session,
+    blobs: BlobStore,
+    batch_id: int,
+    report: dict[str, Any],
+    report_html: str | None = None,
 ) -> SyntheticBatch:
     b = repository.get_for_update(session, batch_id)
     if b is None:
@@ -183,6 +195,7 @@ def record_check(
         **{k: v for k, v in summary.items() if k != "per_class"},
         "per_class": summary["per_class"],
         "report_sha256": blob,
+        "report_html_sha256": blobs.put_bytes(report_html.encode())[0] if report_html else None,
     }
     b.state = "passed" if summary["passed"] else "failed"
     session.flush()
@@ -194,6 +207,14 @@ def flagged_mask(blobs: BlobStore, batch: SyntheticBatch) -> np.ndarray:
         raise NotFound(f"batch {batch.id} has no memorization report")
     report = json.loads(blobs.read_bytes(batch.report_blob))
     return np.array([img["flagged"] for img in report["images"]], dtype=bool)
+
+
+def report_html(session: Session, blobs: BlobStore, batch_id: int) -> str:
+    b = get(session, batch_id)
+    sha = b.check.get("report_html_sha256") if b.check else None
+    if not sha:
+        raise NotFound(f"batch {batch_id} has no evidence page")
+    return blobs.read_bytes(sha).decode()
 
 
 def report(session: Session, blobs: BlobStore, batch_id: int) -> dict[str, Any]:

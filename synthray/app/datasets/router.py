@@ -63,9 +63,13 @@ async def upload_dataset_version(
     # End the transaction the key check opened: SQLite holds its write lock from BEGIN,
     # and an upload can take minutes.
     await run_in_threadpool(session.commit)
-    folder = await uploads.receive(request, settings)
+    folder, spec = await uploads.receive(
+        request, settings, uploads.json_field("spec", DatasetCreate)
+    )
     try:
-        return await run_in_threadpool(uploads.queue_ingest, session, folder, settings, who.key_id)
+        return await run_in_threadpool(
+            uploads.queue_ingest, session, folder, spec, settings, who.key_id
+        )
     except BaseException:
         remove_tree(folder)
         raise

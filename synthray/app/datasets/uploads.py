@@ -1,18 +1,21 @@
-"""Receiving an upload: a multipart body with a ``spec`` field (DatasetCreate as JSON)
-and one ``file`` (a zip, or a single DICOM/PNG/JPEG file).
+"""Receiving an upload: a multipart body with text fields and one ``file`` (a zip, or a
+single DICOM/PNG/JPEG file).
 
 The body is counted while it streams and cut off past the configured limit; parts are
 spooled to disk by the multipart parser, then moved into a private folder under the
-work directory. Client file names are never used on disk or in messages.
+work directory (``<folder>/data``). Client file names are never used on disk or in
+messages. Text fields are validated before any file is unpacked.
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -24,7 +27,7 @@ from synthray.app.datasets.unpack import extract_zip, remove_tree
 from synthray.app.errors import Invalid, PayloadTooLarge
 from synthray.config import Settings
 
-SPEC_FILE = ".spec.json"
+M = TypeVar("M", bound=BaseModel)
 SINGLE_SUFFIXES = {
     ".dcm": ".dcm",
     ".dicom": ".dcm",
@@ -34,13 +37,33 @@ SINGLE_SUFFIXES = {
 }
 
 
-async def receive(request: Request, settings: Settings) -> Path:
+def json_field(name: str, model: type[M]) -> Callable[[dict[str, str]], M]:
+    """A field parser: the form field ``name`` holds ``model`` as JSON."""
+
+    def parse(fields: dict[str, str]) -> M:
+        raw = fields.get(name)
+        if raw is None:
+            raise Invalid(f"the form needs a '{name}' field (JSON)", field=name)
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or name
+            raise Invalid(f"{name}.{where}: {err['msg']}", field=f"{name}.{where}") from exc
+
+    return parse
+
+
+async def receive(
+    request: Request, settings: Settings, parse: Callable[[dict[str, str]], M]
+) -> tuple[Path, M]:
+    """Stream the upload to a private folder; returns (folder, parsed fields)."""
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the upload is larger than {limit} bytes")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise Invalid("send multipart/form-data with the fields 'spec' and 'file'", field="body")
+        raise Invalid("send multipart/form-data with a 'file' part", field="body")
     seen = 0
 
     async def counting_receive() -> Message:
@@ -52,31 +75,22 @@ async def receive(request: Request, settings: Settings) -> Path:
                 raise PayloadTooLarge(f"the upload is larger than {limit} bytes")
         return message
 
-    counted = Request(request.scope, counting_receive)
-    form = await counted.form(max_files=1, max_fields=4)
+    form = await Request(request.scope, counting_receive).form(max_files=1, max_fields=8)
     try:
-        raw_spec = form.get("spec")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
         upload = form.get("file")
-        if not isinstance(raw_spec, str):
-            raise Invalid("the form needs a 'spec' field with the dataset as JSON", field="spec")
+        parsed = parse(fields)
         if not isinstance(upload, UploadFile):
             raise Invalid("the form needs a 'file' part", field="file")
-        try:
-            spec = DatasetCreate.model_validate_json(raw_spec)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            raise Invalid(f"spec.{where}: {err['msg']}", field=f"spec.{where}") from exc
         folder = settings.work_dir / "uploads" / uuid.uuid4().hex
         data = folder / "data"
         data.mkdir(parents=True)
         try:
             _store(upload, folder, data, settings)
-            (folder / SPEC_FILE).write_text(spec.model_dump_json())
         except BaseException:
             remove_tree(folder)
             raise
-        return folder
+        return folder, parsed
     finally:
         await form.close()
 
@@ -105,7 +119,7 @@ def _store(upload: UploadFile, folder: Path, data: Path, settings: Settings) -> 
             shutil.copyfileobj(upload.file, out, 1 << 20)
 
 
-def queue_ingest(session: Session, folder: Path, settings: Settings, key_id: int) -> IngestAccepted:
-    spec = DatasetCreate.model_validate_json((folder / SPEC_FILE).read_text())
-    (folder / SPEC_FILE).unlink()
+def queue_ingest(
+    session: Session, folder: Path, spec: DatasetCreate, settings: Settings, key_id: int
+) -> IngestAccepted:
     return service.request_ingest(session, settings, spec, key_id, upload_dir=folder)
