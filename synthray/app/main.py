@@ -18,6 +18,7 @@ from synthray.app.datasets.router import router as datasets_router
 from synthray.app.db import engine_for
 from synthray.app.errors import install_handlers
 from synthray.app.exports.router import router as exports_router
+from synthray.app.imagechecks.router import router as imagechecks_router
 from synthray.app.jobs import broker
 from synthray.app.jobs.router import router as jobs_router
 from synthray.app.registry.router import router as registry_router
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry_router,
         batches_router,
         exports_router,
+        imagechecks_router,
         audit_router,
     ):
         v1.include_router(r)

@@ -6,6 +6,7 @@ from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
 from synthray.app.db import Base
 from synthray.app.exports.tables import Export
+from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs.tables import Job
 from synthray.app.registry.tables import ModelVersion, RegisteredModel
 
@@ -17,6 +18,7 @@ __all__ = [
     "DatasetImage",
     "DatasetVersion",
     "Export",
+    "ImageCheck",
     "Job",
     "ModelVersion",
     "RegisteredModel",

@@ -324,6 +324,53 @@ def download(
     err.print(f"wrote {target} ({size} bytes)")
 
 
+@app.command()
+def check(
+    dataset: Annotated[str, typer.Option(help="Dataset whose patients to check against.")],
+    images: Annotated[Path, typer.Option(help="Folder (or zip) of PNG/JPEG/DICOM images.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+    version: int | None = None,
+    html: Annotated[Path | None, typer.Option(help="Save the evidence page here.")] = None,
+) -> None:
+    """Vet images made elsewhere with the memorization gate (they can never be exported)."""
+    import tempfile
+    import zipfile
+
+    if not images.exists():
+        err.print(f"[red]error:[/red] {images} does not exist")
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if images.is_dir():
+            archive = Path(tmp) / "images.zip"
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+                for p in sorted(images.rglob("*")):
+                    if p.is_file() and not p.is_symlink():
+                        zf.write(p, p.relative_to(images).as_posix())
+        else:
+            archive = images
+        body = json.dumps({"dataset": dataset, "version": version})
+        with _client(url, api_key) as c:
+            try:
+                with archive.open("rb") as f:
+                    r = c.http.post(
+                        "/v1/image-checks",
+                        data={"check": body},
+                        files={"file": ("images.zip", f, "application/zip")},
+                    )
+                acc = c._check(r)
+                job = c.wait(acc["job_id"], err, "check")
+                if job["state"] != "succeeded":
+                    _job_failed(job)
+                if html is not None:
+                    page = c.http.get(f"/v1/image-checks/{acc['check_id']}/report.html")
+                    c._check(page) if page.status_code >= 400 else html.write_text(page.text)
+                    err.print(f"evidence page written to {html}")
+                _print(c.get(f"/image-checks/{acc['check_id']}"))
+            except ApiError as exc:
+                _fail(exc)
+
+
 @jobs_app.command("list")
 def jobs_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "", limit: int = 20) -> None:
     """Recent jobs."""

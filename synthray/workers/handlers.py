@@ -6,8 +6,10 @@ version, a stored batch) and does not do the work twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 from synthray.app.batches import report_html
@@ -169,9 +171,46 @@ def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
     return {"batch_id": batch_id, "images": len(images), "check_job_id": check_job}
 
 
-def check(ctx: WorkerJobContext) -> dict[str, Any]:
+def _gate(
+    ctx: WorkerJobContext,
+    images: Any,
+    labels: Any,
+    split: Any,
+    *,
+    subject_id: int,
+    title: str,
+) -> tuple[dict[str, Any], str]:
+    """The memorization check of ``images`` against a dataset version's split: the
+    report (JSON-able) and the reviewer's evidence page."""
     from synthray.models.memorization import check_memorization
 
+    ctx.progress(0, len(images), "searching nearest training images (exact)")
+    q = ctx.settings.memorization_quantile
+    rep = check_memorization(images, split.train_images, split.holdout_images, quantile=q, k=3)
+    report = batches.build_report(
+        batch_id=subject_id,
+        images_sha256="",
+        labels=labels,
+        classes=split.classes,
+        threshold=rep.threshold,
+        quantile=q,
+        holdout_similarity=np_array(rep.holdout_nn_similarity),
+        similarity=rep.similarities,
+        neighbours=rep.neighbours,
+        neighbour_similarity=rep.neighbour_similarities,
+        flagged=rep.flagged,
+        dcr_train_share=rep.dcr_train_share,
+        max_flagged_fraction=ctx.settings.max_flagged_fraction,
+        max_dcr_train_share=ctx.settings.max_dcr_train_share,
+        train_positions=split.train_index,
+    )
+    by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
+    page = report_html.render(report, images, by_position.__getitem__, title=title)
+    ctx.progress(len(images), len(images), "check done")
+    return report, page
+
+
+def check(ctx: WorkerJobContext) -> dict[str, Any]:
     batch_id = int(ctx.params["batch_id"])
     with ctx.session() as s:
         batch = batch_repo.get_for_update(s, batch_id)
@@ -188,35 +227,67 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
         images_blob = batch.images_blob
     arrays = ctx.blobs.get_arrays(images_blob)  # hash-verified read
     images, labels = arrays["images"], arrays["labels"]
-    ctx.progress(0, len(images), "searching nearest training images (exact)")
-    q = ctx.settings.memorization_quantile
-    rep = check_memorization(images, split.train_images, split.holdout_images, quantile=q, k=3)
-    report = batches.build_report(
-        batch_id=batch_id,
-        images_sha256=images_blob,
-        labels=labels,
-        classes=split.classes,
-        threshold=rep.threshold,
-        quantile=q,
-        holdout_similarity=np_array(rep.holdout_nn_similarity),
-        similarity=rep.similarities,
-        neighbours=rep.neighbours,
-        neighbour_similarity=rep.neighbour_similarities,
-        flagged=rep.flagged,
-        dcr_train_share=rep.dcr_train_share,
-        max_flagged_fraction=ctx.settings.max_flagged_fraction,
-        max_dcr_train_share=ctx.settings.max_dcr_train_share,
-        train_positions=split.train_index,
+    report, page = _gate(
+        ctx,
+        images,
+        labels,
+        split,
+        subject_id=batch_id,
+        title=f"Memorization check, batch {batch_id}",
     )
-    by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
-    page = report_html.render(
-        report, images, by_position.__getitem__, title=f"Memorization check, batch {batch_id}"
-    )
+    report["images_sha256"] = images_blob
     with ctx.session() as s:
         b = batches.record_check(s, ctx.blobs, batch_id, report, page)
         state = b.state
-    ctx.progress(len(images), len(images), f"check done: {state}")
     return {"batch_id": batch_id, "state": state, **report["summary"]}
+
+
+def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
+    import numpy as np
+
+    from synthray.app.imagechecks import repository as check_repo
+    from synthray.app.imagechecks import service as imagechecks
+
+    check_id = int(ctx.params["check_id"])
+    try:
+        with ctx.session() as s:
+            c = check_repo.get(s, check_id)
+            if c is None:
+                raise JobFailed(f"image check {check_id} not found")
+            if c.state == "done":
+                return {"check_id": check_id, **c.summary}
+            split = datasets.load_split(s, ctx.blobs, c.dataset_version_id, c.resolution)
+            c.state = "checking"
+        images = imagechecks.decode_folder(ctx, Path(ctx.params["upload_dir"]), c.resolution)
+    finally:
+        imagechecks.cleanup(ctx)  # uploaded files never outlive the check
+    report, page = _gate(
+        ctx,
+        images,
+        np.zeros(len(images), dtype=np.int64),
+        _unlabelled(split),
+        subject_id=check_id,
+        title=f"Memorization check of uploaded images ({check_id})",
+    )
+    images_blob, _ = ctx.blobs.put_arrays(images=images)
+    report["images_sha256"] = images_blob
+    with ctx.session() as s:
+        c = check_repo.get(s, check_id)
+        assert c is not None
+        c.report_blob = ctx.blobs.put_bytes(json.dumps(report, indent=1).encode())[0]
+        c.report_html_blob = ctx.blobs.put_bytes(page.encode())[0]
+        c.summary = {k: v for k, v in report["summary"].items() if k != "per_class"} | {
+            "threshold": report["calibration"]["threshold"]
+        }
+        c.state = "done"
+        return {"check_id": check_id, **c.summary}
+
+
+def _unlabelled(split: Any) -> Any:
+    """The split as seen by a check of unlabelled images: one class."""
+    import dataclasses
+
+    return dataclasses.replace(split, classes=["unlabelled"])
 
 
 def np_array(values: Any) -> Any:
@@ -244,6 +315,12 @@ def on_failure(ctx: WorkerJobContext, kind: str, state: str) -> None:
             b = batch_repo.get(s, int(ctx.params["batch_id"]))
             if b is not None and b.state == "checking":
                 b.state = "unchecked"
+        elif kind == "imagecheck":
+            from synthray.app.imagechecks import repository as check_repo
+
+            c = check_repo.get(s, int(ctx.params["check_id"]))
+            if c is not None and c.state in {"queued", "checking"}:
+                c.state = state
         elif kind == "export":
             e = export_repo.get(s, int(ctx.params["export_id"]))
             if e is not None and e.state == "building":

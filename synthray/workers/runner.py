@@ -108,6 +108,7 @@ def _handlers() -> dict[str, Any]:
         JobKind.synthesize: handlers.synthesize,
         JobKind.check: handlers.check,
         JobKind.export: handlers.export,
+        JobKind.imagecheck: handlers.imagecheck,
     }
 
 

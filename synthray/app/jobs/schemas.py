@@ -24,6 +24,7 @@ class JobKind(StrEnum):
     synthesize = "synthesize"
     check = "check"
     export = "export"
+    imagecheck = "imagecheck"
 
 
 # Training and synthesis need the accelerator; everything else runs on CPU workers.
@@ -33,6 +34,7 @@ QUEUE_OF = {
     JobKind.synthesize: "gpu",
     JobKind.check: "cpu",
     JobKind.export: "cpu",
+    JobKind.imagecheck: "cpu",
 }
 
 

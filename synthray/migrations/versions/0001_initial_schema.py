@@ -159,6 +159,29 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "image_checks",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("dataset_version_id", sa.Integer(), nullable=False),
+        sa.Column("resolution", sa.Integer(), nullable=False),
+        sa.Column("state", sa.String(length=20), nullable=False),
+        sa.Column("summary", sa.JSON(), nullable=False),
+        sa.Column("report_blob", sa.String(length=64), nullable=True),
+        sa.Column("report_html_blob", sa.String(length=64), nullable=True),
+        sa.Column("job_id", sa.String(length=36), nullable=True),
+        sa.Column("created_by", sa.Integer(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["created_by"], ["api_keys.id"], name=op.f("fk_image_checks_created_by_api_keys")
+        ),
+        sa.ForeignKeyConstraint(
+            ["dataset_version_id"],
+            ["dataset_versions.id"],
+            name=op.f("fk_image_checks_dataset_version_id_dataset_versions"),
+        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_image_checks_job_id_jobs")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_image_checks")),
+    )
+    op.create_table(
         "model_versions",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=False),
@@ -278,6 +301,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_model_versions_model_id"))
 
     op.drop_table("model_versions")
+    op.drop_table("image_checks")
     with op.batch_alter_table("dataset_images", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_dataset_images_version_id"))
         batch_op.drop_index(batch_op.f("ix_dataset_images_patient_key"))

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, status
+from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
+
+from synthray.app.audit import service as audit
+from synthray.app.datasets import uploads
+from synthray.app.datasets.unpack import remove_tree
+from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
+from synthray.app.imagechecks import service
+from synthray.app.imagechecks.schemas import (
+    ImageCheckAccepted,
+    ImageCheckCreate,
+    ImageCheckRead,
+)
+
+router = APIRouter(prefix="/image-checks", tags=["image checks"])
+
+
+@router.post(
+    "",
+    response_model=ImageCheckAccepted,
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["check", "file"],
+                        "properties": {
+                            "check": {"type": "string", "description": "ImageCheckCreate JSON"},
+                            "file": {"type": "string", "format": "binary"},
+                        },
+                    }
+                }
+            },
+            "required": True,
+        }
+    },
+)
+async def create_image_check(
+    request: Request, session: SessionDep, settings: SettingsDep, who: OperatorDep
+) -> ImageCheckAccepted:
+    """Check uploaded images (a zip of PNG/JPEG/DICOM) against a dataset version's
+    training images. The same gate as for synthetic batches; nothing checked here can
+    ever be exported."""
+    await run_in_threadpool(session.commit)  # do not hold SQLite's lock while uploading
+    folder, req = await uploads.receive(
+        request, settings, uploads.json_field("check", ImageCheckCreate)
+    )
+    try:
+        return await run_in_threadpool(service.request_check, session, settings, req, folder, who)
+    except BaseException:
+        remove_tree(folder)
+        raise
+
+
+@router.get("/{check_id}", response_model=ImageCheckRead)
+def get_image_check(check_id: int, session: SessionDep, _: StaffDep) -> ImageCheckRead:
+    return service.to_read(service.get(session, check_id))
+
+
+@router.get("/{check_id}/report")
+def get_image_check_report(
+    check_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep
+) -> dict[str, Any]:
+    data: dict[str, Any] = service.report(session, blobs, check_id, html=False)
+    return data
+
+
+@router.get("/{check_id}/report.html", response_class=HTMLResponse)
+def get_image_check_report_html(
+    check_id: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+) -> HTMLResponse:
+    page = service.report(session, blobs, check_id, html=True)
+    audit.record(session, who, "view_evidence", "image_check", check_id, "ok")
+    return HTMLResponse(
+        page,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'"
+        },
+    )
