@@ -8,6 +8,8 @@ import traceback
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from synthray.app.storage import BlobCorrupt
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +51,14 @@ def install_handlers(app: FastAPI) -> None:
         if exc.field:
             body["field"] = exc.field
         return JSONResponse(status_code=exc.status_code, content=body)
+
+    @app.exception_handler(BlobCorrupt)
+    async def _corrupt(_req: Request, exc: BlobCorrupt) -> JSONResponse:
+        log.error("integrity check failed: %s", exc)
+        return JSONResponse(
+            status_code=409,
+            content={"detail": "a stored file failed its integrity check; refusing to serve it"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:

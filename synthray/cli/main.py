@@ -19,9 +19,11 @@ app = typer.Typer(help="SynthRay: privacy-gated synthetic chest radiographs.", n
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Background jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
 
 out = Console()
 err = Console(stderr=True)
@@ -417,6 +419,94 @@ def jobs_cancel(job_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: Key
             _print(c.post(f"/jobs/{job_id}/cancel"))
         except ApiError as exc:
             _fail(exc)
+
+
+def _call(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    with _client(url, key) as c:
+        try:
+            if method == "GET":
+                return c.get(path, **(body or {}))
+            return c._check(c.http.request(method, f"/v1{path}", json=body))
+        except ApiError as exc:
+            _fail(exc)
+
+
+@models_app.command("list")
+def models_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+    """Registered models, their versions and aliases."""
+    t = Table("model", "version", "architecture", "steps", "created", "aliases", "archived")
+    for m in _call(url, api_key, "GET", "/models"):
+        names = {v: a for a, v in m["aliases"].items()}
+        for v in m["versions"]:
+            t.add_row(
+                m["name"],
+                str(v["version"]),
+                v["architecture"],
+                str(v["metrics"].get("steps", "")),
+                v["created_at"][:19],
+                names.get(v["version"], ""),
+                "yes" if v["archived"] else "",
+            )
+    out.print(t)
+
+
+@models_app.command("show")
+def models_show(
+    name: str, version: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """One version with its full lineage."""
+    _print(_call(url, api_key, "GET", f"/models/{name}/versions/{version}"))
+
+
+@models_app.command("compare")
+def models_compare(
+    name: str, a: int, b: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Two versions' metrics side by side."""
+    cmp = _call(url, api_key, "GET", f"/models/{name}/compare", {"a": a, "b": b})
+    t = Table("metric", f"v{a}", f"v{b}", "delta")
+    for k, row in cmp["metrics"].items():
+        t.add_row(k, str(row["a"]), str(row["b"]), str(row.get("delta", "")))
+    out.print(t)
+    if cmp["config_changes"]:
+        _print(cmp["config_changes"])
+
+
+@models_app.command("alias")
+def models_alias(
+    name: str,
+    alias: str,
+    version: Annotated[int | None, typer.Argument(help="Omit to remove the alias.")] = None,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+) -> None:
+    """Move an alias (reviewer); every move is recorded."""
+    _print(_call(url, api_key, "PUT", f"/models/{name}/aliases/{alias}", {"version": version}))
+
+
+@models_app.command("archive")
+def models_archive(
+    name: str, version: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
+) -> None:
+    """Archive a version (kept for lineage, no longer usable)."""
+    _print(_call(url, api_key, "POST", f"/models/{name}/versions/{version}/archive"))
+
+
+@models_app.command("weights")
+def models_weights(
+    name: str,
+    version: int,
+    dest: Annotated[Path, typer.Option(help="File to write.")] = Path("generator.safetensors"),
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+) -> None:
+    """Download a generator's weights (admin)."""
+    with _client(url, api_key) as c:
+        try:
+            size = c.download(f"/models/{name}/versions/{version}/weights", dest)
+        except ApiError as exc:
+            _fail(exc)
+    err.print(f"wrote {dest} ({size} bytes)")
 
 
 def _job_failed(job: dict[str, Any]) -> None:

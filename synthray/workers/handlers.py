@@ -145,6 +145,7 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
 def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
     import numpy as np
 
+    from synthray.models.checkpoint import ChecksumMismatch
     from synthray.models.sampling import sample_images
     from synthray.models.training import load_generator
 
@@ -159,7 +160,12 @@ def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
     counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
     ctx.progress(0, sum(counts.values()), "loading the generator")
     # The registered file's sha256 is checked before the weights are used.
-    generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
+    try:
+        generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
+    except ChecksumMismatch as exc:
+        raise JobFailed(
+            "the registered generator file does not match its recorded sha256; refusing to load it"
+        ) from exc
     ctx.progress(0, sum(counts.values()), "sampling")
     images, labels = sample_images(
         generator, counts, seed=int(ctx.params["seed"]), device=ctx.settings.device

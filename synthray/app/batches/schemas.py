@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 class SynthesizeRequest(BaseModel):
     model: str
     version: int | None = Field(None, description="Latest non-archived version if omitted.")
+    alias: str | None = Field(None, description="Use the version an alias points at.")
     per_class: int | None = Field(None, ge=1, le=100_000)
     counts: dict[str, int] | None = Field(None, description="Images per class name.")
     seed: int = Field(0, ge=0, le=2**31 - 1)

@@ -43,7 +43,7 @@ def to_read(b: SyntheticBatch) -> BatchRead:
 def request_synthesis(
     session: Session, settings: Settings, req: SynthesizeRequest, created_by: int
 ) -> SynthesizeAccepted:
-    mv = registry.resolve_version(session, req.model, req.version)
+    mv = registry.resolve_version(session, req.model, req.version, req.alias)
     classes = list(mv.classes)
     if req.counts is not None:
         unknown = sorted(set(req.counts) - set(classes))

@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from synthray.app.registry.tables import ModelVersion, RegisteredModel
+from synthray.app.registry.tables import ModelAlias, ModelAliasMove, ModelVersion, RegisteredModel
 
 
 def get_model(session: Session, name: str) -> RegisteredModel | None:
@@ -61,3 +61,33 @@ def find_version(session: Session, model_id: int, version: int | None) -> ModelV
 def by_train_job(session: Session, job_id: str) -> ModelVersion | None:
     stmt = select(ModelVersion).where(ModelVersion.train_job_id == job_id)
     return session.scalars(stmt).one_or_none()
+
+
+def aliases_of(session: Session, model_id: int) -> list[ModelAlias]:
+    stmt = select(ModelAlias).where(ModelAlias.model_id == model_id).order_by(ModelAlias.alias)
+    return list(session.scalars(stmt))
+
+
+def get_alias(session: Session, model_id: int, alias: str) -> ModelAlias | None:
+    stmt = select(ModelAlias).where(ModelAlias.model_id == model_id, ModelAlias.alias == alias)
+    return session.scalars(stmt.with_for_update()).one_or_none()
+
+
+def add_alias(session: Session, alias: ModelAlias) -> None:
+    session.add(alias)
+    session.flush()
+
+
+def delete_alias(session: Session, alias: ModelAlias) -> None:
+    session.delete(alias)
+    session.flush()
+
+
+def add_move(session: Session, move: ModelAliasMove) -> None:
+    session.add(move)
+    session.flush()
+
+
+def moves_of(session: Session, model_id: int) -> list[ModelAliasMove]:
+    stmt = select(ModelAliasMove).where(ModelAliasMove.model_id == model_id)
+    return list(session.scalars(stmt.order_by(ModelAliasMove.id)))

@@ -1,10 +1,30 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
 
-from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep
+from fastapi import APIRouter, Path, status
+from fastapi.responses import FileResponse
+
+from synthray.app.deps import (
+    AdminDep,
+    BlobsDep,
+    OperatorDep,
+    ReviewerDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+)
 from synthray.app.registry import service
-from synthray.app.registry.schemas import ModelRead, ModelVersionRead, TrainAccepted, TrainRequest
+from synthray.app.registry.schemas import (
+    ALIAS,
+    AliasMove,
+    AliasSet,
+    ModelRead,
+    ModelVersionRead,
+    TrainAccepted,
+    TrainRequest,
+    VersionComparison,
+)
 
 router = APIRouter(tags=["registry"])
 
@@ -32,3 +52,54 @@ def get_model_version(
     name: str, version: int, session: SessionDep, _: StaffDep
 ) -> ModelVersionRead:
     return service.get_version(session, name, version)
+
+
+@router.put("/models/{name}/aliases/{alias}", response_model=ModelRead)
+def set_alias(
+    name: str,
+    alias: Annotated[str, Path(pattern=ALIAS)],
+    body: AliasSet,
+    session: SessionDep,
+    who: ReviewerDep,
+) -> ModelRead:
+    """Point an alias (e.g. ``candidate``, ``approved``) at a version, or remove it."""
+    return service.set_alias(session, name, alias, body.version, who)
+
+
+@router.get("/models/{name}/aliases/history", response_model=list[AliasMove])
+def alias_history(name: str, session: SessionDep, _: StaffDep) -> list[AliasMove]:
+    return service.alias_history(session, name)
+
+
+@router.post("/models/{name}/versions/{version}/archive", response_model=ModelVersionRead)
+def archive_version(
+    name: str, version: int, session: SessionDep, who: OperatorDep
+) -> ModelVersionRead:
+    return service.archive(session, name, version, who)
+
+
+@router.get("/models/{name}/compare", response_model=VersionComparison)
+def compare_versions(
+    name: str, a: int, b: int, session: SessionDep, _: StaffDep
+) -> VersionComparison:
+    """Two versions' metrics side by side (with deltas) and the config keys that differ."""
+    return service.compare(session, name, a, b)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/weights",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_weights(
+    name: str, version: int, session: SessionDep, blobs: BlobsDep, who: AdminDep
+) -> FileResponse:
+    """The generator file (safetensors with its config). Admin only; hash verified."""
+    v = service.weights(session, name, version, who)
+    path = blobs.open_verified(v.blob_sha256)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{name}-v{version}.safetensors",
+        headers={"X-Content-SHA256": v.blob_sha256},
+    )

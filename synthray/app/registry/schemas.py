@@ -7,6 +7,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from synthray.app.datasets.schemas import NAME
 
+ALIAS = r"^[a-z][a-z0-9_\-]{0,39}$"
+
 
 class TrainRequest(BaseModel):
     dataset: str
@@ -53,8 +55,29 @@ class ModelVersionRead(BaseModel):
     created_at: datetime
 
 
+class AliasMove(BaseModel):
+    alias: str
+    from_version: int | None
+    to_version: int | None
+    moved_by: str | None
+    moved_at: datetime
+
+
+class AliasSet(BaseModel):
+    version: int | None = Field(description="Version to point at; null removes the alias.")
+
+
 class ModelRead(BaseModel):
     id: int
     name: str
     created_at: datetime
+    aliases: dict[str, int]
     versions: list[ModelVersionRead]
+
+
+class VersionComparison(BaseModel):
+    model: str
+    a: int
+    b: int
+    metrics: dict[str, dict[str, Any]]  # metric -> {"a": .., "b": .., "delta": ..}
+    config_changes: dict[str, dict[str, Any]]  # changed config keys -> {"a": .., "b": ..}

@@ -5,18 +5,23 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from synthray import code_version
+from synthray.app.audit import service as audit
+from synthray.app.auth.schemas import Principal
 from synthray.app.datasets import service as datasets
-from synthray.app.errors import Invalid, NotFound
+from synthray.app.db import utcnow
+from synthray.app.errors import Conflict, Invalid, NotFound
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.schemas import JobKind
 from synthray.app.registry import repository
 from synthray.app.registry.schemas import (
+    AliasMove,
     ModelRead,
     ModelVersionRead,
     TrainAccepted,
     TrainRequest,
+    VersionComparison,
 )
-from synthray.app.registry.tables import ModelVersion, RegisteredModel
+from synthray.app.registry.tables import ModelAlias, ModelAliasMove, ModelVersion, RegisteredModel
 from synthray.config import Settings
 
 
@@ -93,8 +98,16 @@ def version_read(model: RegisteredModel, mv: ModelVersion) -> ModelVersionRead:
 
 
 def model_read(session: Session, model: RegisteredModel) -> ModelRead:
-    versions = [version_read(model, v) for v in repository.versions_of(session, model.id)]
-    return ModelRead(id=model.id, name=model.name, created_at=model.created_at, versions=versions)
+    versions = repository.versions_of(session, model.id)
+    number = {v.id: v.version for v in versions}
+    aliases = {a.alias: number[a.version_id] for a in repository.aliases_of(session, model.id)}
+    return ModelRead(
+        id=model.id,
+        name=model.name,
+        created_at=model.created_at,
+        aliases=aliases,
+        versions=[version_read(model, v) for v in versions],
+    )
 
 
 def list_models(session: Session) -> list[ModelRead]:
@@ -116,10 +129,22 @@ def get_version(session: Session, name: str, version: int) -> ModelVersionRead:
     return version_read(m, mv)
 
 
-def resolve_version(session: Session, name: str, version: int | None) -> ModelVersion:
+def resolve_version(
+    session: Session, name: str, version: int | None, alias: str | None = None
+) -> ModelVersion:
+    """A usable (not archived) version: by number, by alias, or the latest."""
     m = repository.get_model(session, name)
     if m is None:
         raise Invalid(f"model {name!r} not found", field="model")
+    if alias is not None:
+        a = repository.get_alias(session, m.id, alias)
+        if a is None:
+            raise Invalid(f"model {name!r} has no alias {alias!r}", field="alias")
+        target = repository.get_version(session, a.version_id)
+        assert target is not None
+        if target.archived:
+            raise Invalid(f"alias {alias!r} points at an archived version", field="alias")
+        return target
     mv = repository.find_version(session, m.id, version)
     if mv is None:
         raise Invalid(f"model {name!r} has no such version", field="version")
@@ -131,3 +156,123 @@ def get_version_by_id(session: Session, version_id: int) -> ModelVersion:
     if mv is None:
         raise NotFound(f"model version {version_id} not found")
     return mv
+
+
+def _model(session: Session, name: str) -> RegisteredModel:
+    m = repository.get_model(session, name)
+    if m is None:
+        raise NotFound(f"model {name!r} not found")
+    return m
+
+
+def _version(session: Session, m: RegisteredModel, version: int) -> ModelVersion:
+    for v in repository.versions_of(session, m.id):
+        if v.version == version:
+            return v
+    raise NotFound(f"model {m.name!r} version {version} not found")
+
+
+def set_alias(
+    session: Session, name: str, alias: str, version: int | None, who: Principal
+) -> ModelRead:
+    """Point ``alias`` at ``version`` (None removes it); every move is recorded."""
+    m = _model(session, name)
+    current = repository.get_alias(session, m.id, alias)
+    target = _version(session, m, version) if version is not None else None
+    if target is not None and target.archived:
+        raise Conflict(f"version {version} is archived; an alias cannot point at it")
+    from_id = current.version_id if current else None
+    if target is None:
+        if current is None:
+            raise NotFound(f"model {name!r} has no alias {alias!r}")
+        repository.delete_alias(session, current)
+    elif current is None:
+        repository.add_alias(
+            session,
+            ModelAlias(model_id=m.id, alias=alias, version_id=target.id, moved_by=who.key_id),
+        )
+    else:
+        current.version_id = target.id
+        current.moved_by = who.key_id
+        current.moved_at = utcnow()
+    repository.add_move(
+        session,
+        ModelAliasMove(
+            model_id=m.id,
+            alias=alias,
+            from_version_id=from_id,
+            to_version_id=target.id if target else None,
+            moved_by=who.key_id,
+            moved_by_name=who.name,
+        ),
+    )
+    audit.record(
+        session, who, "move_alias", "model", m.id, "ok", {"alias": alias, "to_version": version}
+    )
+    session.flush()
+    return model_read(session, m)
+
+
+def alias_history(session: Session, name: str) -> list[AliasMove]:
+    m = _model(session, name)
+    number = {v.id: v.version for v in repository.versions_of(session, m.id)}
+    return [
+        AliasMove(
+            alias=mv.alias,
+            from_version=number.get(mv.from_version_id) if mv.from_version_id else None,
+            to_version=number.get(mv.to_version_id) if mv.to_version_id else None,
+            moved_by=mv.moved_by_name,
+            moved_at=mv.moved_at,
+        )
+        for mv in repository.moves_of(session, m.id)
+    ]
+
+
+def archive(session: Session, name: str, version: int, who: Principal) -> ModelVersionRead:
+    """Archive a version: it stays for lineage but can no longer be used or aliased."""
+    m = _model(session, name)
+    v = _version(session, m, version)
+    if any(a.version_id == v.id for a in repository.aliases_of(session, m.id)):
+        raise Conflict(f"version {version} still has an alias; move it first")
+    v.archived = True
+    audit.record(session, who, "archive_version", "model", m.id, "ok", {"version": version})
+    session.flush()
+    return version_read(m, v)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def compare(session: Session, name: str, a: int, b: int) -> VersionComparison:
+    m = _model(session, name)
+    va, vb = _version(session, m, a), _version(session, m, b)
+    ma, mb = _flatten(va.metrics), _flatten(vb.metrics)
+    metrics: dict[str, dict[str, Any]] = {}
+    for k in sorted(set(ma) | set(mb)):
+        x, y = ma.get(k), mb.get(k)
+        row: dict[str, Any] = {"a": x, "b": y}
+        if isinstance(x, int | float) and isinstance(y, int | float) and not isinstance(x, bool):
+            row["delta"] = y - x
+        metrics[k] = row
+    ca, cb = _flatten(va.config), _flatten(vb.config)
+    changes = {
+        k: {"a": ca.get(k), "b": cb.get(k)}
+        for k in sorted(set(ca) | set(cb))
+        if ca.get(k) != cb.get(k)
+    }
+    return VersionComparison(model=name, a=a, b=b, metrics=metrics, config_changes=changes)
+
+
+def weights(session: Session, name: str, version: int, who: Principal) -> ModelVersion:
+    m = _model(session, name)
+    v = _version(session, m, version)
+    audit.record(session, who, "download_weights", "model", m.id, "ok", {"version": version})
+    return v

@@ -38,3 +38,34 @@ class ModelVersion(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     archived: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAlias(Base):
+    """Where an alias (e.g. ``candidate``, ``approved``) points now."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("model_id", "alias"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"), index=True)
+    alias: Mapped[str] = mapped_column(String(40))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    moved_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAliasMove(Base):
+    """Append-only history of every alias move: who, when, from which version to which."""
+
+    __tablename__ = "model_alias_moves"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"), index=True)
+    alias: Mapped[str] = mapped_column(String(40))
+    from_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id"), default=None
+    )
+    to_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    moved_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
+    moved_by_name: Mapped[str | None] = mapped_column(String(100), default=None)
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -218,6 +218,68 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_model_versions_model_id"), ["model_id"], unique=False)
 
     op.create_table(
+        "model_alias_moves",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("model_id", sa.Integer(), nullable=False),
+        sa.Column("alias", sa.String(length=40), nullable=False),
+        sa.Column("from_version_id", sa.Integer(), nullable=True),
+        sa.Column("to_version_id", sa.Integer(), nullable=True),
+        sa.Column("moved_by", sa.Integer(), nullable=True),
+        sa.Column("moved_by_name", sa.String(length=100), nullable=True),
+        sa.Column("moved_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["from_version_id"],
+            ["model_versions.id"],
+            name=op.f("fk_model_alias_moves_from_version_id_model_versions"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["model_id"],
+            ["registered_models.id"],
+            name=op.f("fk_model_alias_moves_model_id_registered_models"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["moved_by"], ["api_keys.id"], name=op.f("fk_model_alias_moves_moved_by_api_keys")
+        ),
+        sa.ForeignKeyConstraint(
+            ["to_version_id"],
+            ["model_versions.id"],
+            name=op.f("fk_model_alias_moves_to_version_id_model_versions"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_alias_moves")),
+    )
+    with op.batch_alter_table("model_alias_moves", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_model_alias_moves_model_id"), ["model_id"], unique=False
+        )
+
+    op.create_table(
+        "model_aliases",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("model_id", sa.Integer(), nullable=False),
+        sa.Column("alias", sa.String(length=40), nullable=False),
+        sa.Column("version_id", sa.Integer(), nullable=False),
+        sa.Column("moved_by", sa.Integer(), nullable=True),
+        sa.Column("moved_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["model_id"],
+            ["registered_models.id"],
+            name=op.f("fk_model_aliases_model_id_registered_models"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["moved_by"], ["api_keys.id"], name=op.f("fk_model_aliases_moved_by_api_keys")
+        ),
+        sa.ForeignKeyConstraint(
+            ["version_id"],
+            ["model_versions.id"],
+            name=op.f("fk_model_aliases_version_id_model_versions"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_aliases")),
+        sa.UniqueConstraint("model_id", "alias", name=op.f("uq_model_aliases_model_id")),
+    )
+    with op.batch_alter_table("model_aliases", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_model_aliases_model_id"), ["model_id"], unique=False)
+
+    op.create_table(
         "synthetic_batches",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("model_version_id", sa.Integer(), nullable=False),
@@ -297,6 +359,14 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_synthetic_batches_model_version_id"))
 
     op.drop_table("synthetic_batches")
+    with op.batch_alter_table("model_aliases", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_model_aliases_model_id"))
+
+    op.drop_table("model_aliases")
+    with op.batch_alter_table("model_alias_moves", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_model_alias_moves_model_id"))
+
+    op.drop_table("model_alias_moves")
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_model_versions_model_id"))
 

@@ -1,0 +1,115 @@
+"""The model registry: immutable versions, aliases with history, archive, compare, and
+admin-only weight downloads whose hash is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi.testclient import TestClient
+from safetensors import safe_open
+from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
+
+from synthray.config import Settings
+
+
+def _train(client: TestClient, key: str, settings: Settings, seed: int) -> None:
+    r = client.post(
+        "/v1/train",
+        json={"dataset": "nih", "model_name": "m", "max_steps": 2, "batch_size": 4, "seed": seed},
+        headers=auth(key),
+    )
+    assert r.status_code == 202, r.text
+    assert run_queued(settings) == ["succeeded"]
+
+
+def test_registry(client: TestClient, keys: Keys, settings: Settings) -> None:
+    assert settings.import_root is not None
+    copy_subset(settings.import_root, per_class=6)
+    op, rev, adm = auth(keys.operator), auth(keys.reviewer), auth(keys.admin)
+    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
+    assert r.status_code == 202
+    assert run_queued(settings) == ["succeeded"]
+    _train(client, keys.operator, settings, seed=1)
+    _train(client, keys.operator, settings, seed=2)
+
+    # Aliases: reviewers move them; every move is recorded with who and when.
+    url = "/v1/models/m/aliases/candidate"
+    assert client.put(url, json={"version": 1}, headers=op).status_code == 403
+    m = client.put(url, json={"version": 1}, headers=rev).json()
+    assert m["aliases"] == {"candidate": 1}
+    m = client.put(url, json={"version": 2}, headers=rev).json()
+    assert m["aliases"] == {"candidate": 2}
+    assert (
+        client.put("/v1/models/m/aliases/Bad Alias", json={"version": 1}, headers=rev).status_code
+        == 422
+    )
+    assert client.put(url, json={"version": 9}, headers=rev).status_code == 404
+    hist = client.get("/v1/models/m/aliases/history", headers=op).json()
+    assert [(h["from_version"], h["to_version"], h["moved_by"]) for h in hist] == [
+        (None, 1, "reviewer"),
+        (1, 2, "reviewer"),
+    ]
+
+    # Synthesis by alias uses the version the alias points at.
+    r = client.post(
+        "/v1/synthesize", json={"model": "m", "alias": "candidate", "per_class": 2}, headers=op
+    )
+    assert r.status_code == 202
+    b = client.get(f"/v1/batches/{r.json()['batch_id']}", headers=op).json()
+    v2 = client.get("/v1/models/m/versions/2", headers=op).json()
+    assert b["model_version_id"] == v2["id"]
+    r = client.post(
+        "/v1/synthesize", json={"model": "m", "alias": "nope", "per_class": 2}, headers=op
+    )
+    assert r.status_code == 422 and r.json()["field"] == "alias"
+
+    # Archive: not while aliased; afterwards not usable, still listed for lineage.
+    assert client.post("/v1/models/m/versions/2/archive", headers=op).status_code == 409
+    r = client.post("/v1/models/m/versions/1/archive", headers=op)
+    assert r.status_code == 200 and r.json()["archived"] is True
+    r = client.post("/v1/synthesize", json={"model": "m", "version": 1, "per_class": 2}, headers=op)
+    assert r.status_code == 422
+    assert client.put(url, json={"version": 1}, headers=rev).status_code == 409
+    assert len(client.get("/v1/models/m", headers=op).json()["versions"]) == 2
+
+    # Compare: metrics side by side and the config keys that differ (the seed).
+    cmp = client.get("/v1/models/m/compare", params={"a": 1, "b": 2}, headers=rev).json()
+    assert cmp["metrics"]["steps"] == {"a": 2, "b": 2, "delta": 0}
+    assert cmp["config_changes"]["train.seed"] == {"a": 1, "b": 2}
+
+    # Weights: admin only, with the registered hash.
+    wurl = "/v1/models/m/versions/2/weights"
+    assert client.get(wurl, headers=op).status_code == 403
+    r = client.get(wurl, headers=adm)
+    assert r.status_code == 200
+    assert (
+        hashlib.sha256(r.content).hexdigest() == v2["blob_sha256"] == r.headers["x-content-sha256"]
+    )
+    path = settings.data_dir / "w.safetensors"
+    path.write_bytes(r.content)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert "config" in json.dumps(meta)
+
+
+def test_tampered_generator_is_refused(client: TestClient, keys: Keys, settings: Settings) -> None:
+    assert settings.import_root is not None
+    copy_subset(settings.import_root, per_class=6)
+    op = auth(keys.operator)
+    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
+    assert run_queued(settings) == ["succeeded"]
+    _train(client, keys.operator, settings, seed=1)
+    v = client.get("/v1/models/m/versions/1", headers=op).json()
+    blob = settings.blob_dir / v["blob_sha256"][:2] / v["blob_sha256"][2:]
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit pattern inside the tensor data
+    blob.write_bytes(bytes(data))
+    r = client.post("/v1/synthesize", json={"model": "m", "per_class": 2}, headers=op)
+    assert run_queued(settings) == ["failed"]
+    job = client.get(f"/v1/jobs/{r.json()['job_id']}", headers=op).json()
+    assert "does not match its recorded sha256" in job["error"]
+    b = client.get(f"/v1/batches/{r.json()['batch_id']}", headers=op).json()
+    assert b["state"] == "failed"
+    r = client.get("/v1/models/m/versions/1/weights", headers=auth(keys.admin))
+    assert r.status_code == 409 and "integrity" in r.json()["detail"]
