@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024, description="Largest total size a zip upload may unpack to."
     )
     max_zip_entries: int = Field(100_000, ge=1, description="Most entries a zip upload may hold.")
+    quality_encoder_steps: int = Field(
+        600, ge=1, description="Training steps of the quality-metric encoder (once per dataset)."
+    )
+    quality_samples_per_class: int = Field(
+        200, ge=10, description="Generated images per class for the quality metrics."
+    )
     log_level: str = "INFO"
 
     @field_validator("broker_url")

@@ -78,6 +78,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         broker_url="embedded",
         import_root=import_root,
+        quality_encoder_steps=10,
+        quality_samples_per_class=10,
     )
 
 

@@ -6,11 +6,14 @@ version, a stored batch) and does not do the work twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from synthray.app.batches import report_html
 from synthray.app.batches import repository as batch_repo
@@ -54,10 +57,16 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         assert dv is not None and dv.content_sha256 is not None
         dataset_sha = dv.content_sha256
         created_by = job_repo.get(s, ctx.job_id).created_by  # type: ignore[union-attr]
+    classes = list(p.get("classes") or split.classes)
+    keep = [split.classes.index(c) for c in classes]
+    remap = {old: new for new, old in enumerate(keep)}
+    mask = np.isin(split.train_labels, keep)
+    train_images = split.train_images[mask]
+    train_labels = np.array([remap[int(v)] for v in split.train_labels[mask]], dtype=np.int64)
     cfg = TrainConfig(
         architecture=p["architecture"],
         resolution=int(p["resolution"]),
-        class_names=list(split.classes),
+        class_names=classes,
         batch_size=int(p["batch_size"]),
         max_steps=p.get("max_steps"),
         max_seconds=p.get("max_seconds"),
@@ -94,8 +103,8 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
 
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     result = train_gan(
-        split.train_images,
-        split.train_labels,
+        train_images,
+        train_labels,
         cfg,
         checkpoint_path=ctx.work_dir / "checkpoint.safetensors",
         on_progress=on_progress,
@@ -108,9 +117,14 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         gen_path,
         result.generator_state,
         result.generator_config,
-        extra_meta={"classes": split.classes, "dataset_sha256": dataset_sha},
+        extra_meta={"classes": classes, "dataset_sha256": dataset_sha},
     )
     sha, size = ctx.blobs.put_file(gen_path)
+    quality, encoder_sha = (
+        _quality(ctx, split, classes, gen_path, int(p["dataset_version_id"]))
+        if p.get("evaluate", True)
+        else ({}, None)
+    )
     metrics = {
         "steps": result.steps,
         "images_seen": result.images_seen,
@@ -120,8 +134,9 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         "final_loss_g": round(result.final_loss_g, 5),
         "device": result.device,
         "precision": result.precision,
-        "train_images": len(split.train_images),
+        "train_images": len(train_images),
         "holdout_images": len(split.holdout_images),
+        "quality": quality,
     }
     with ctx.session() as s:
         mv = registry.register_version(
@@ -131,20 +146,76 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
             dataset_sha256=dataset_sha,
             architecture=p["architecture"],
             config={"train": cfg.to_dict(), "generator": result.generator_config},
-            classes=list(split.classes),
+            classes=classes,
             train_job_id=ctx.job_id,
             metrics=metrics,
             blob_sha256=sha,
             size_bytes=size,
+            encoder_sha256=encoder_sha,
         )
         out = {"model_version_id": mv.id, "version": mv.version, "metrics": metrics}
     log.info("job %s: registered model version (by %s)", ctx.job_id, created_by)
     return out
 
 
-def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
-    import numpy as np
+def _quality(
+    ctx: WorkerJobContext, split: Any, classes: list[str], gen_path: Path, dataset_version_id: int
+) -> tuple[dict[str, Any], str]:
+    """Offline FID/KID/precision/recall in the dataset's own encoder space, with floors."""
+    from synthray.models import quality
+    from synthray.models.sampling import sample_images
+    from synthray.models.training import load_generator
 
+    resolution = int(split.resolution)
+    keep = [split.classes.index(c) for c in classes]
+    with ctx.session() as s:
+        enc_row = registry.quality_encoder(s, dataset_version_id, resolution)
+        enc_sha = enc_row.blob_sha256 if enc_row else None
+    if enc_sha is None:
+        ctx.progress(0, None, "training the quality-metric encoder on the real training split")
+        cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
+        enc = quality.train_encoder(
+            split.train_images,
+            split.train_labels,
+            cfg,
+            max_steps=ctx.settings.quality_encoder_steps,
+            seed=0,
+        )
+        acc = quality.accuracy(enc, split.holdout_images, split.holdout_labels)
+        path = ctx.work_dir / "encoder.safetensors"
+        quality.save_encoder(path, enc, {"classes": list(split.classes)})
+        new_sha, _ = ctx.blobs.put_file(path)
+        with ctx.session() as s:
+            enc_sha = registry.register_encoder(
+                s, dataset_version_id, resolution, new_sha, cfg.to_dict(), acc
+            ).blob_sha256
+    encoder = quality.load_encoder(ctx.blobs.path(enc_sha), expected_sha256=enc_sha)
+    ctx.progress(0, None, "measuring quality (FID, KID, precision, recall)")
+    generator = load_generator(gen_path, expected_sha256=None)
+    n = ctx.settings.quality_samples_per_class
+    fake_x, fake_y = sample_images(
+        generator, {c: n for c in range(len(classes))}, seed=12345, device=ctx.settings.device
+    )
+    # Labels everywhere index the dataset's classes (the encoder's); generated labels are
+    # mapped back from the generator's own class list.
+    m_train = np.isin(split.train_labels, keep)
+    m_hold = np.isin(split.holdout_labels, keep)
+    out = quality.evaluate(
+        encoder,
+        split.train_images[m_train],
+        split.train_labels[m_train],
+        split.holdout_images[m_hold],
+        split.holdout_labels[m_hold],
+        fake_x,
+        np.asarray(keep, dtype=np.int64)[fake_y.astype(np.int64)],
+        list(split.classes),
+    )
+    out["encoder_sha256"] = enc_sha
+    out["samples_per_class"] = n
+    return out, enc_sha
+
+
+def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
     from synthray.models.checkpoint import ChecksumMismatch
     from synthray.models.sampling import sample_images
     from synthray.models.training import load_generator
@@ -233,11 +304,13 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
         images_blob = batch.images_blob
     arrays = ctx.blobs.get_arrays(images_blob)  # hash-verified read
     images, labels = arrays["images"], arrays["labels"]
+    # Compared with every training image (a copy is a copy whatever its class); the
+    # labels index the model's classes.
     report, page = _gate(
         ctx,
         images,
         labels,
-        split,
+        dataclasses.replace(split, classes=list(mv.classes)),
         subject_id=batch_id,
         title=f"Memorization check, batch {batch_id}",
     )
@@ -249,8 +322,6 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
 
 
 def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
-    import numpy as np
-
     from synthray.app.imagechecks import repository as check_repo
     from synthray.app.imagechecks import service as imagechecks
 
@@ -297,8 +368,6 @@ def _unlabelled(split: Any) -> Any:
 
 
 def np_array(values: Any) -> Any:
-    import numpy as np
-
     return np.asarray(values, dtype=np.float32)
 
 

@@ -150,6 +150,33 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: dict)
     assert len(v["blob_sha256"]) == 64 and v["size_bytes"] > 0
     assert v["train_job_id"] == trained["train"]["id"]
     assert v["config"]["generator"]["num_classes"] == 3
+    q = v["metrics"]["quality"]
+    assert set(q["overall"]) == {"generated", "floor"}
+    for side in ("generated", "floor"):
+        assert set(q["overall"][side]) == {"fid", "kid", "precision", "recall"}
+    assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
+
+
+def test_train_on_a_class_subset(
+    client: TestClient, keys: Keys, settings: Settings, trained: dict
+) -> None:
+    h = auth(keys.operator)
+    body = {
+        "dataset": "nih",
+        "model_name": "two",
+        "max_steps": 2,
+        "batch_size": 4,
+        "classes": ["Effusion", "Normal"],
+        "evaluate": False,
+    }
+    r = client.post("/v1/train", json=body, headers=h)
+    assert r.status_code == 202, r.text
+    assert run_queued(settings) == ["succeeded"]
+    v = client.get("/v1/models/two/versions/1", headers=h).json()
+    assert v["classes"] == ["Normal", "Effusion"]  # in the dataset's order
+    assert v["metrics"]["quality"] == {} and v["encoder_sha256"] is None
+    r = client.post("/v1/train", json=body | {"classes": ["Normal", "Hernia"]}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "classes"
 
 
 def test_duplicate_delivery_does_no_second_work(

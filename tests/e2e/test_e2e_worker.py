@@ -41,6 +41,8 @@ class Worker:
             "SYNTHRAY_BROKER_URL": settings.broker_url,
             "SYNTHRAY_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
             "SYNTHRAY_REQUEUE_AFTER_SECONDS": str(settings.requeue_after_seconds),
+            "SYNTHRAY_QUALITY_ENCODER_STEPS": str(settings.quality_encoder_steps),
+            "SYNTHRAY_QUALITY_SAMPLES_PER_CLASS": str(settings.quality_samples_per_class),
         }
         self._f = log.open("ab")
         self.proc = subprocess.Popen(
@@ -90,6 +92,8 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
         broker_url=broker,
         import_root=import_root,
         job_lease_seconds=LEASE,
+        quality_encoder_steps=10,
+        quality_samples_per_class=10,
     )
     _empty(db)
 

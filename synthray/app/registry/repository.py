@@ -3,7 +3,13 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from synthray.app.registry.tables import ModelAlias, ModelAliasMove, ModelVersion, RegisteredModel
+from synthray.app.registry.tables import (
+    ModelAlias,
+    ModelAliasMove,
+    ModelVersion,
+    QualityEncoder,
+    RegisteredModel,
+)
 
 
 def get_model(session: Session, name: str) -> RegisteredModel | None:
@@ -91,3 +97,19 @@ def add_move(session: Session, move: ModelAliasMove) -> None:
 def moves_of(session: Session, model_id: int) -> list[ModelAliasMove]:
     stmt = select(ModelAliasMove).where(ModelAliasMove.model_id == model_id)
     return list(session.scalars(stmt.order_by(ModelAliasMove.id)))
+
+
+def get_encoder(
+    session: Session, dataset_version_id: int, resolution: int
+) -> QualityEncoder | None:
+    stmt = select(QualityEncoder).where(
+        QualityEncoder.dataset_version_id == dataset_version_id,
+        QualityEncoder.resolution == resolution,
+    )
+    return session.scalars(stmt).one_or_none()
+
+
+def add_encoder(session: Session, enc: QualityEncoder) -> QualityEncoder:
+    session.add(enc)
+    session.flush()
+    return enc

@@ -23,6 +23,10 @@ class TrainRequest(BaseModel):
     lr_g: float = Field(2e-4, gt=0, le=0.1)
     lr_d: float = Field(2e-4, gt=0, le=0.1)
     checkpoint_every_s: float = Field(60.0, ge=1, le=3600)
+    evaluate: bool = Field(True, description="Compute offline quality metrics at the end.")
+    classes: list[str] | None = Field(
+        None, description="Train on these classes of the dataset only (all if omitted)."
+    )
 
     @model_validator(mode="after")
     def _budget(self) -> TrainRequest:
@@ -51,6 +55,7 @@ class ModelVersionRead(BaseModel):
     metrics: dict[str, Any]
     blob_sha256: str
     size_bytes: int
+    encoder_sha256: str | None
     archived: bool
     created_at: datetime
 

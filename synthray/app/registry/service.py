@@ -21,7 +21,13 @@ from synthray.app.registry.schemas import (
     TrainRequest,
     VersionComparison,
 )
-from synthray.app.registry.tables import ModelAlias, ModelAliasMove, ModelVersion, RegisteredModel
+from synthray.app.registry.tables import (
+    ModelAlias,
+    ModelAliasMove,
+    ModelVersion,
+    QualityEncoder,
+    RegisteredModel,
+)
 from synthray.config import Settings
 
 
@@ -34,7 +40,17 @@ def request_training(
             f"the dataset version holds {sorted(dv.resolutions)}px images, not {req.resolution}px",
             field="resolution",
         )
-    params = req.model_dump() | {"dataset_version_id": dv.id, "classes": list(dv.classes)}
+    classes = list(dv.classes)
+    if req.classes is not None:
+        unknown = sorted(set(req.classes) - set(classes))
+        if unknown or len(set(req.classes)) < 2:
+            raise Invalid(
+                f"classes must be at least two of {classes}"
+                + (f"; unknown: {unknown}" if unknown else ""),
+                field="classes",
+            )
+        classes = [c for c in classes if c in set(req.classes)]
+    params = req.model_dump() | {"dataset_version_id": dv.id, "classes": classes}
     job = jobs.create(session, settings, JobKind.train, params, created_by)
     return TrainAccepted(job_id=job.id, model_name=req.model_name, dataset_version_id=dv.id)
 
@@ -52,6 +68,7 @@ def register_version(
     metrics: dict[str, Any],
     blob_sha256: str,
     size_bytes: int,
+    encoder_sha256: str | None = None,
 ) -> ModelVersion:
     """Add a new immutable version (idempotent per training job)."""
     existing = repository.by_train_job(session, train_job_id)
@@ -73,6 +90,7 @@ def register_version(
             metrics=metrics,
             blob_sha256=blob_sha256,
             size_bytes=size_bytes,
+            encoder_sha256=encoder_sha256,
         ),
     )
 
@@ -92,6 +110,7 @@ def version_read(model: RegisteredModel, mv: ModelVersion) -> ModelVersionRead:
         metrics=mv.metrics,
         blob_sha256=mv.blob_sha256,
         size_bytes=mv.size_bytes,
+        encoder_sha256=mv.encoder_sha256,
         archived=mv.archived,
         created_at=mv.created_at,
     )
@@ -276,3 +295,34 @@ def weights(session: Session, name: str, version: int, who: Principal) -> ModelV
     v = _version(session, m, version)
     audit.record(session, who, "download_weights", "model", m.id, "ok", {"version": version})
     return v
+
+
+def quality_encoder(
+    session: Session, dataset_version_id: int, resolution: int
+) -> QualityEncoder | None:
+    return repository.get_encoder(session, dataset_version_id, resolution)
+
+
+def register_encoder(
+    session: Session,
+    dataset_version_id: int,
+    resolution: int,
+    blob_sha256: str,
+    config: dict[str, Any],
+    holdout_accuracy: float,
+) -> QualityEncoder:
+    """Keep the first encoder registered for (version, resolution); a concurrent
+    training job that trained its own uses the one already registered."""
+    existing = repository.get_encoder(session, dataset_version_id, resolution)
+    if existing is not None:
+        return existing
+    return repository.add_encoder(
+        session,
+        QualityEncoder(
+            dataset_version_id=dataset_version_id,
+            resolution=resolution,
+            blob_sha256=blob_sha256,
+            config=config,
+            holdout_accuracy=holdout_accuracy,
+        ),
+    )

@@ -36,6 +36,7 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     blob_sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    encoder_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     archived: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -69,3 +70,22 @@ class ModelAliasMove(Base):
     moved_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
     moved_by_name: Mapped[str | None] = mapped_column(String(100), default=None)
     moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class QualityEncoder(Base):
+    """The feature encoder that quality metrics of one dataset version are computed in.
+
+    Trained once per dataset version and resolution on the real training split, so that
+    every generator trained on that version is measured in the same space.
+    """
+
+    __tablename__ = "quality_encoders"
+    __table_args__ = (UniqueConstraint("dataset_version_id", "resolution"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
+    resolution: Mapped[int]
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    holdout_accuracy: Mapped[float | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

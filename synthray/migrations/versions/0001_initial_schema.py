@@ -196,6 +196,7 @@ def upgrade() -> None:
         sa.Column("metrics", sa.JSON(), nullable=False),
         sa.Column("blob_sha256", sa.String(length=64), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
+        sa.Column("encoder_sha256", sa.String(length=64), nullable=True),
         sa.Column("archived", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -217,6 +218,25 @@ def upgrade() -> None:
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_model_versions_model_id"), ["model_id"], unique=False)
 
+    op.create_table(
+        "quality_encoders",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("dataset_version_id", sa.Integer(), nullable=False),
+        sa.Column("resolution", sa.Integer(), nullable=False),
+        sa.Column("blob_sha256", sa.String(length=64), nullable=False),
+        sa.Column("config", sa.JSON(), nullable=False),
+        sa.Column("holdout_accuracy", sa.Double(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["dataset_version_id"],
+            ["dataset_versions.id"],
+            name=op.f("fk_quality_encoders_dataset_version_id_dataset_versions"),
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_quality_encoders")),
+        sa.UniqueConstraint(
+            "dataset_version_id", "resolution", name=op.f("uq_quality_encoders_dataset_version_id")
+        ),
+    )
     op.create_table(
         "model_alias_moves",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -367,6 +387,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_model_alias_moves_model_id"))
 
     op.drop_table("model_alias_moves")
+    op.drop_table("quality_encoders")
     with op.batch_alter_table("model_versions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_model_versions_model_id"))
 
