@@ -411,6 +411,22 @@ def jobs_show(
             _fail(exc)
 
 
+@jobs_app.command("preview")
+def jobs_preview(
+    job_id: str,
+    dest: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("preview.png"),
+    url: UrlOpt = "http://127.0.0.1:8000",
+    api_key: KeyOpt = "",
+) -> None:
+    """Save the latest preview grid of a training job (one row per class)."""
+    with _client(url, api_key) as c:
+        try:
+            size = c.download(f"/jobs/{job_id}/preview.png", dest)
+        except ApiError as exc:
+            _fail(exc)
+    err.print(f"wrote {dest} ({size} bytes)")
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
     """Ask a job to stop (a training job stops at its next step and keeps its checkpoint)."""

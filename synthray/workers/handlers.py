@@ -7,6 +7,7 @@ version, a stored batch) and does not do the work twice.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import shutil
@@ -74,10 +75,33 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         lr_g=float(p["lr_g"]),
         lr_d=float(p["lr_d"]),
         device=ctx.settings.device,
-        checkpoint_every_s=float(p.get("checkpoint_every_s", 60.0)),
+        checkpoint_every_s=float(p.get("checkpoint_every_s", 30.0)),
+        progress_every_s=5.0,
     )
 
+    ckpt = ctx.work_dir / "checkpoint.safetensors"
+    preview = {"mtime": 0.0, "sha": None}
+
+    def refresh_preview() -> None:
+        """A new preview grid whenever a newer checkpoint exists (about every 30 s)."""
+        try:
+            mtime = ckpt.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == preview["mtime"]:
+            return
+        from PIL import Image
+
+        from synthray.models.preview import generator_from_checkpoint, preview_grid
+
+        grid = preview_grid(generator_from_checkpoint(ckpt), len(classes))
+        buf = io.BytesIO()
+        Image.fromarray(grid, "L").save(buf, format="PNG")
+        preview["sha"], _ = ctx.blobs.put_bytes(buf.getvalue())
+        preview["mtime"] = mtime
+
     def on_progress(tp: TrainProgress) -> None:
+        refresh_preview()
         eta = f", ETA {tp.eta_seconds:.0f}s" if tp.eta_seconds is not None else ""
         # A step budget is shown in steps; a pure time budget in seconds of training.
         if tp.total_steps is not None:
@@ -98,6 +122,7 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
                 "loss_d": round(tp.loss_d, 4),
                 "loss_g": round(tp.loss_g, 4),
                 "eta_seconds": None if tp.eta_seconds is None else round(tp.eta_seconds, 1),
+                "preview_sha256": preview["sha"],
             },
         )
 
@@ -106,7 +131,7 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         train_images,
         train_labels,
         cfg,
-        checkpoint_path=ctx.work_dir / "checkpoint.safetensors",
+        checkpoint_path=ckpt,
         on_progress=on_progress,
         should_stop=ctx.should_stop,
     )

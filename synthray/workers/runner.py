@@ -43,6 +43,7 @@ class WorkerJobContext:
         self._lease = timedelta(seconds=settings.job_lease_seconds)
         self._lock = threading.Lock()
         self._pending: dict[str, Any] | None = None
+        self._detail: dict[str, Any] = {}
         self._cancel = threading.Event()
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -57,11 +58,14 @@ class WorkerJobContext:
         self, step: int, total: int | None, message: str, detail: dict[str, Any] | None = None
     ) -> None:
         with self._lock:
+            # Details accumulate over the job (the last losses, the latest preview stay
+            # visible while a later phase reports its own figures).
+            self._detail = {**self._detail, **(detail or {})}
             self._pending = {
                 "step": int(step),
                 "total": None if total is None else int(total),
                 "message": message,
-                "detail": detail or {},
+                "detail": dict(self._detail),
             }
         if self._lost.is_set():
             raise LeaseLost()

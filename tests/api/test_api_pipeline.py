@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import select
 from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
 
@@ -155,6 +156,10 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: dict)
     for side in ("generated", "floor"):
         assert set(q["overall"][side]) == {"fid", "kid", "precision", "recall"}
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
+    # The training job's preview grid: one row per class, 8 samples each.
+    r = client.get(f"/v1/jobs/{trained['train']['id']}/preview.png", headers=auth(keys.reviewer))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (8 * 64, 3 * 64)
 
 
 def test_train_on_a_class_subset(

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from synthray.app.deps import OperatorDep, SessionDep, StaffDep
+from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, StaffDep
+from synthray.app.errors import NotFound
 from synthray.app.jobs import service
 from synthray.app.jobs.schemas import JobKind, JobRead, JobState
 
@@ -32,3 +33,17 @@ def get_job(job_id: str, session: SessionDep, _: StaffDep) -> JobRead:
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, _: OperatorDep) -> JobRead:
     return service.to_read(service.cancel(session, job_id))
+
+
+@router.get(
+    "/{job_id}/preview.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_preview(job_id: str, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> Response:
+    """The latest preview grid of a training job (one row per class)."""
+    job = service.get(session, job_id)
+    sha = job.progress_detail.get("preview_sha256") if job.progress_detail else None
+    if not sha:
+        raise NotFound(f"job {job_id} has no preview yet")
+    return Response(blobs.read_bytes(sha), media_type="image/png")

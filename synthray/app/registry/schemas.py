@@ -22,7 +22,9 @@ class TrainRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     lr_g: float = Field(2e-4, gt=0, le=0.1)
     lr_d: float = Field(2e-4, gt=0, le=0.1)
-    checkpoint_every_s: float = Field(60.0, ge=1, le=3600)
+    checkpoint_every_s: float = Field(
+        30.0, ge=1, le=3600, description="Also how often the preview grid is refreshed."
+    )
     evaluate: bool = Field(True, description="Compute offline quality metrics at the end.")
     classes: list[str] | None = Field(
         None, description="Train on these classes of the dataset only (all if omitted)."

@@ -1,0 +1,39 @@
+"""Preview grids of a generator while it trains: one row per class."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from synthray.models.checkpoint import load_state
+from synthray.models.sampling import sample_images
+from synthray.models.training import load_generator, save_generator
+
+
+def generator_from_checkpoint(path: Path) -> nn.Module:
+    """The generator a training checkpoint holds (its EMA copy when it keeps one)."""
+    tensors, meta = load_state(path)
+    prefix = "G_ema." if any(k.startswith("G_ema.") for k in tensors) else "G."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "g.safetensors"
+        save_generator(file, state, meta["generator_config"], architecture=meta.get("architecture"))
+        return load_generator(file, expected_sha256=None)
+
+
+def preview_grid(generator: nn.Module, num_classes: int, per_class: int = 8) -> np.ndarray:
+    """(C * R, per_class * R) uint8: row c holds ``per_class`` samples of class c, drawn
+    with a fixed seed so successive previews show the same latent codes improving."""
+    images, labels = sample_images(
+        generator, {c: per_class for c in range(num_classes)}, seed=0, device="cpu"
+    )
+    r = images.shape[1]
+    grid = np.zeros((num_classes * r, per_class * r), dtype=np.uint8)
+    for c in range(num_classes):
+        row = images[labels == c]
+        for j in range(min(per_class, len(row))):
+            grid[c * r : (c + 1) * r, j * r : (j + 1) * r] = row[j]
+    return grid
