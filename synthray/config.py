@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     quality_samples_per_class: int = Field(
         200, ge=10, description="Generated images per class for the quality metrics."
     )
+    copydetect_seconds: float = Field(
+        60.0,
+        ge=0.5,
+        description="Training time of the copy-detection embedding (once per dataset version).",
+    )
     log_level: str = "INFO"
 
     @field_validator("broker_url")

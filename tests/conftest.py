@@ -80,6 +80,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         import_root=import_root,
         quality_encoder_steps=10,
         quality_samples_per_class=10,
+        copydetect_seconds=2,
     )
 
 

@@ -9,14 +9,26 @@ almost all genuinely new images are is flagged. This is the distance-to-closest-
 Park et al., "Data Synthesis based on Generative Adversarial Networks", VLDB 2018, applied to
 images as in the memorization analysis of Carlini et al., "Extracting Training Data from
 Diffusion Models", USENIX Security 2023.
+
+:func:`check_memorization` uses plain pixel correlation. :func:`check_memorization_v2` also
+catches shifted, mirrored, cropped and noisy copies (robust correlation from
+:mod:`synthray.models.pixelmatch`, optionally a learned copy-detection embedding from
+:mod:`synthray.models.copydetect`), calibrates every space together on the holdout set, and
+reports alignment evidence, distance-to-closest-record and authenticity. The exact search behind
+both is :mod:`synthray.models.search`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from torch import nn
+
+from synthray.models.pixelmatch import PixelMatcher
+from synthray.models.search import ExactIndex
 
 _FEATURE_CHUNK = 4096
 
@@ -42,13 +54,6 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if not a.flags.writeable:  # torch.from_numpy warns on read-only arrays
-        a = a.copy()
-    return torch.from_numpy(a)
-
-
 def nearest_neighbours(
     queries: np.ndarray,
     refs: np.ndarray,
@@ -58,9 +63,11 @@ def nearest_neighbours(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact maximum-inner-product search of ``queries`` (Q, D) among ``refs`` (M, D).
 
-    Computed with fp32 matmuls over (block x block) tiles, keeping a running top-k per query, so
-    memory stays O(block^2 + Q k). Returns (similarities float32 (Q, k), indices int64 (Q, k)),
-    each row sorted by descending similarity. ``exclude_self`` (queries are refs) skips i == j.
+    Delegates to :class:`synthray.models.search.ExactIndex` (bf16 shortlist, fp32/fp64 re-rank,
+    proven by an error bound), scoring at most ``block`` queries at a time. Returns
+    (similarities float32 (Q, k), indices int64 (Q, k)), each row sorted by descending
+    similarity, ties broken by the lower index; identical to a brute-force fp64 search.
+    ``exclude_self`` (queries are refs) skips i == j.
     """
     if queries.ndim != 2 or refs.ndim != 2 or queries.shape[1] != refs.shape[1]:
         raise ValueError(f"need (Q, D) and (M, D) arrays, got {queries.shape} and {refs.shape}")
@@ -68,37 +75,13 @@ def nearest_neighbours(
         raise ValueError("exclude_self needs queries and refs of the same length")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    q_n, m = queries.shape[0], refs.shape[0]
+    m = refs.shape[0]
     available = m - 1 if exclude_self else m
     if not 1 <= k <= available:
         raise ValueError(f"k must be in [1, {available}] for {m} references, got {k}")
-
-    q_all = _as_tensor(queries)  # (Q, D)
-    r_all = _as_tensor(refs)  # (M, D)
-    best_sim = np.empty((q_n, k), dtype=np.float32)
-    best_idx = np.empty((q_n, k), dtype=np.int64)
-    with torch.inference_mode():
-        for qs in range(0, q_n, block):
-            q = q_all[qs : qs + block]  # (b, D)
-            b = q.shape[0]
-            run_sim = torch.full((b, k), -torch.inf)  # (b, k)
-            run_idx = torch.full((b, k), -1, dtype=torch.long)  # (b, k)
-            for rs in range(0, m, block):
-                r = r_all[rs : rs + block]  # (c, D)
-                sim = q @ r.T  # (b, c)
-                if exclude_self and rs < qs + b and qs < rs + r.shape[0]:
-                    rows = torch.arange(b)
-                    cols = rows + (qs - rs)
-                    inside = (cols >= 0) & (cols < r.shape[0])
-                    sim[rows[inside], cols[inside]] = -torch.inf
-                idx = torch.arange(rs, rs + r.shape[0]).expand(b, -1)  # (b, c)
-                cand_sim = torch.cat([run_sim, sim], dim=1)  # (b, k + c)
-                cand_idx = torch.cat([run_idx, idx], dim=1)  # (b, k + c)
-                top_sim, pos = torch.topk(cand_sim, k, dim=1)  # (b, k), sorted descending
-                run_sim, run_idx = top_sim, torch.gather(cand_idx, 1, pos)
-            best_sim[qs : qs + b] = run_sim.numpy()
-            best_idx[qs : qs + b] = run_idx.numpy()
-    return best_sim, best_idx
+    if queries.shape[0] == 0:
+        return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
+    return ExactIndex(refs, "ip").search(queries, k, exclude_self=exclude_self, block=block)
 
 
 @dataclass
@@ -175,4 +158,223 @@ def check_memorization(
         flagged=flagged,
         flagged_fraction=float(flagged.mean()),
         dcr_train_share=float(np.mean(synth_to_train_sample[:, 0] > synth_to_holdout[:, 0])),
+    )
+
+
+# ---------------------------------------------------------------- robust, multi-space check
+
+Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 (N, R, R) -> float32 (N, d) unit rows
+
+
+@dataclass
+class MemorizationReportV2:
+    """Per-image evidence and batch figures of :func:`check_memorization_v2`.
+
+    The first block has the fields (and meanings) of :class:`MemorizationReport`, measured with
+    the robust pixel correlation ("pixel" space); ``flagged`` is the union over spaces.
+    """
+
+    threshold: float  # pixel-space threshold
+    quantile: float
+    holdout_nn_similarity: list[float]  # per holdout image, robust pixel score of its NN
+    similarities: np.ndarray  # (Q,) robust pixel correlation with the nearest train image
+    neighbours: np.ndarray  # (Q, k) int64 train indices by robust pixel correlation
+    neighbour_similarities: np.ndarray  # (Q, k) float32
+    flagged: np.ndarray  # (Q,) bool: some space exceeds its threshold
+    flagged_fraction: float
+    dcr_train_share: float  # robust pixel space, train sample as large as the holdout set
+
+    spaces: list[str]  # "pixel", and "embedding" with an embedder
+    thresholds: dict[str, float]
+    space_quantile: float  # per-space holdout quantile behind the thresholds
+    holdout_scores: dict[str, np.ndarray]  # (H,) each holdout image's nearest-train score
+    holdout_flagged_fraction: float  # holdout images above some threshold (in-sample)
+    scores: dict[str, np.ndarray]  # (Q,) nearest-train score per space
+    flagged_by: dict[str, np.ndarray]  # (Q,) bool per space
+    best_index: np.ndarray  # (Q,) int64 = neighbours[:, 0]
+    best_correlation: np.ndarray  # (Q,) = similarities
+    best_shift: np.ndarray  # (Q, 2) int64 (dy, dx), see synthray.models.pixelmatch
+    best_flip: np.ndarray  # (Q,) bool
+    best_scale: np.ndarray  # (Q,) float32
+    ssim: np.ndarray  # (Q,) float32 SSIM at the best alignment (evidence, not a decision)
+    embedding_neighbours: np.ndarray | None  # (Q, k) int64 train indices by embedding
+    embedding_similarities: np.ndarray | None  # (Q, k) float32 cosine
+    authentic: np.ndarray  # (Q,) bool, Alaa et al. 2022 (robust pixel space)
+    authenticity: float  # fraction of authentic synthetic images
+
+
+def _union_thresholds(holdout: dict[str, np.ndarray], quantile: float) -> tuple[dict, float]:
+    """Per-space thresholds at one common holdout rank, so that about ``1 - quantile`` of new
+    holdout-like images exceed at least one of them.
+
+    Each holdout image's score becomes its rank in its space; the image's largest rank over the
+    spaces is its rank under "any space exceeds". The split-conformal rule (Vovk et al.,
+    "Algorithmic Learning in a Random World", 2005; Angelopoulos and Bates, "A Gentle
+    Introduction to Conformal Prediction", 2021) takes the ceil((H + 1) q)-th smallest of those
+    (capped at H), and each space's threshold is its score at that rank.
+    """
+    h = len(next(iter(holdout.values())))
+    ranks = {}
+    for name, v in holdout.items():
+        ordered = np.sort(v)
+        ranks[name] = np.searchsorted(ordered, v, side="right")  # (H,) 1..H, ties share the top
+    worst = np.max(np.stack(list(ranks.values())), axis=0)  # (H,)
+    kth = min(h, math.ceil((h + 1) * quantile))
+    m = int(np.sort(worst)[kth - 1])
+    thresholds = {name: float(np.sort(v)[m - 1]) for name, v in holdout.items()}
+    return thresholds, m / h
+
+
+def _embedding_nn(
+    embedder: Embedder, train_e: ExactIndex, images: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine neighbours of images and their mirror images, merged: (sims, idx)."""
+    e = embedder(images)  # (N, d)
+    e_flip = embedder(np.ascontiguousarray(images[:, :, ::-1]))  # (N, d)
+    s1, i1 = train_e.search(e, k)
+    s2, i2 = train_e.search(e_flip, k)
+    s = np.concatenate([s1, s2], axis=1)  # (N, 2k)
+    i = np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((i, -s), axis=-1)
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    out_s = np.empty((len(images), k), dtype=np.float32)
+    out_i = np.empty((len(images), k), dtype=np.int64)
+    for r in range(len(images)):  # drop an index found by both the image and its mirror
+        _, first = np.unique(i[r], return_index=True)
+        keep = np.sort(first)[:k]
+        out_s[r, : len(keep)], out_i[r, : len(keep)] = s[r, keep], i[r, keep]
+        out_s[r, len(keep) :], out_i[r, len(keep) :] = -np.inf, -1
+    return out_s, out_i
+
+
+def _dcr_share(
+    synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray, max_shift: int, seed: int
+) -> float:
+    """Share of synthetic images closer to a train sample (as large as the holdout set, fixed
+    seed) than to the holdout set, by robust pixel correlation."""
+    n_ref = min(train.shape[0], holdout.shape[0])
+    pick = np.sort(np.random.default_rng(seed).permutation(train.shape[0])[:n_ref])
+    to_sample = PixelMatcher(train[pick], max_shift=max_shift).match(synthetic, 1, with_ssim=False)
+    to_hold = PixelMatcher(holdout, max_shift=max_shift).match(synthetic, 1, with_ssim=False)
+    return float(np.mean(to_sample.scores[:, 0] > to_hold.scores[:, 0]))
+
+
+def _authentic(
+    matcher: PixelMatcher, train: np.ndarray, best: np.ndarray, score: np.ndarray
+) -> np.ndarray:
+    """(Q,) bool: synthetic j is authentic unless score_j > rho(i*, its nearest other train
+    image), i* = best[j] (Alaa et al. 2022, with the training-side lookup by i*)."""
+    nearest_train = np.unique(best[best >= 0])
+    own = np.full(train.shape[0], -np.inf, dtype=np.float32)  # (M,)
+    if train.shape[0] > 1 and len(nearest_train):
+        m = matcher.match(train[nearest_train], 1, exclude=nearest_train, with_ssim=False)
+        own[nearest_train] = m.scores[:, 0]
+    return score <= own[np.where(best >= 0, best, 0)]
+
+
+def check_memorization_v2(
+    synthetic: np.ndarray,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    quantile: float = 0.95,
+    embedder: Embedder | nn.Module | None = None,
+    k: int = 3,
+    max_shift: int = 4,
+    with_ssim: bool = True,
+    batch_figures: bool = True,
+    seed: int = 0,
+) -> MemorizationReportV2:
+    """Flag synthetic images that copy a training image, in every similarity space at once.
+
+    Spaces: "pixel", the shift/flip/crop-robust Pearson correlation of
+    :class:`synthray.models.pixelmatch.PixelMatcher`; and, given an ``embedder`` (a
+    :class:`synthray.models.copydetect.CopyDetectNet` or a function from uint8 images to unit
+    vectors), "embedding", the larger cosine similarity of the image or its mirror image with
+    the nearest training embedding. Each space's threshold is calibrated on the holdout
+    images' nearest-train scores, computed the same way, so that about ``1 - quantile`` of new
+    real images are flagged by at least one space (:func:`_union_thresholds`); an image is
+    flagged when any space exceeds its threshold.
+
+    Batch figures: ``dcr_train_share`` (as in :func:`check_memorization`, robust pixel space)
+    and ``authenticity`` after Alaa et al., "How Faithful is your Synthetic Data?
+    Sample-level Metrics for Evaluating and Auditing Generative Models", ICML 2022: synthetic
+    image j with nearest training image i* = NN(j) is unauthentic when
+    d(j, i*) < d(i*, NN_train(i*)), the distance from i* to its nearest *other* training image
+    (distances d = sqrt(2 - 2 rho) from the robust correlation, so the test compares rho). The
+    training-side distance is indexed by i*, the training image, not by j. Both cost about as
+    much as the check itself; ``batch_figures=False`` skips them (NaN, and ``authentic`` all
+    True).
+    """
+    for name, arr in (("synthetic", synthetic), ("train", train), ("holdout", holdout)):
+        _check_images(name, arr)
+    shapes = {synthetic.shape[1:], train.shape[1:], holdout.shape[1:]}
+    if len(shapes) != 1:
+        raise ValueError(f"synthetic, train and holdout differ in resolution: {sorted(shapes)}")
+    if synthetic.shape[1] != synthetic.shape[2]:
+        raise ValueError("images must be square")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, train.shape[0])
+    if isinstance(embedder, nn.Module):
+        from synthray.models.copydetect import CopyDetectNet, embed
+
+        if not isinstance(embedder, CopyDetectNet):
+            raise TypeError("embedder must be a CopyDetectNet or a function of uint8 images")
+        model = embedder
+        embedder = lambda x: embed(model, x)  # noqa: E731
+
+    matcher = PixelMatcher(train, max_shift=max_shift)
+    syn = matcher.match(synthetic, k, with_ssim=with_ssim)
+    hold = matcher.match(holdout, 1, with_ssim=False)
+    holdout_scores = {"pixel": hold.scores[:, 0]}
+    scores = {"pixel": syn.scores[:, 0]}
+    emb_s = emb_i = None
+    if embedder is not None:
+        train_e = ExactIndex(embedder(train), "ip")
+        emb_s, emb_i = _embedding_nn(embedder, train_e, synthetic, k)
+        hold_e, _ = _embedding_nn(embedder, train_e, holdout, 1)
+        holdout_scores["embedding"] = hold_e[:, 0]
+        scores["embedding"] = emb_s[:, 0]
+    thresholds, space_q = _union_thresholds(holdout_scores, quantile)
+    flagged_by = {name: scores[name] > thresholds[name] for name in scores}
+    flagged = np.any(np.stack(list(flagged_by.values())), axis=0)
+    hold_flagged = np.any(
+        np.stack([holdout_scores[n] > thresholds[n] for n in holdout_scores]), axis=0
+    )
+
+    dcr_share, authentic = math.nan, np.ones(len(synthetic), dtype=bool)
+    if batch_figures:
+        dcr_share = _dcr_share(synthetic, train, holdout, max_shift, seed)
+        authentic = _authentic(matcher, train, syn.neighbours[:, 0], scores["pixel"])
+
+    return MemorizationReportV2(
+        threshold=thresholds["pixel"],
+        quantile=quantile,
+        holdout_nn_similarity=[float(s) for s in holdout_scores["pixel"]],
+        similarities=scores["pixel"],
+        neighbours=syn.neighbours,
+        neighbour_similarities=syn.scores,
+        flagged=flagged,
+        flagged_fraction=float(flagged.mean()),
+        dcr_train_share=dcr_share,
+        spaces=list(scores),
+        thresholds=thresholds,
+        space_quantile=space_q,
+        holdout_scores=holdout_scores,
+        holdout_flagged_fraction=float(hold_flagged.mean()),
+        scores=scores,
+        flagged_by=flagged_by,
+        best_index=syn.neighbours[:, 0].copy(),
+        best_correlation=scores["pixel"],
+        best_shift=syn.shift,
+        best_flip=syn.flip,
+        best_scale=syn.scale,
+        ssim=syn.ssim if syn.ssim is not None else np.full(len(synthetic), np.nan, np.float32),
+        embedding_neighbours=emb_i,
+        embedding_similarities=emb_s,
+        authentic=authentic,
+        authenticity=float(authentic.mean()) if batch_figures else math.nan,
     )

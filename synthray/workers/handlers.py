@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -273,22 +274,75 @@ def synthesize(ctx: WorkerJobContext) -> dict[str, Any]:
     return {"batch_id": batch_id, "images": len(images), "check_job_id": check_job}
 
 
+def _copydetect(ctx: WorkerJobContext, split: Any, dataset_version_id: int) -> Any:
+    """The dataset version's copy-detection embedding: trained once on its training split
+    (augmented views and same-patient pairs as positives), registered by sha256."""
+    from synthray.models import copydetect
+
+    resolution = int(split.resolution)
+    with ctx.session() as s:
+        row = registry.quality_encoder(s, dataset_version_id, resolution, "copydetect")
+        sha = row.blob_sha256 if row else None
+    if sha is None:
+        ctx.progress(0, None, "training the copy-detection embedding on the training split")
+        with ctx.session() as s:
+            keys = datasets.patient_keys(s, dataset_version_id, split.train_index)
+        cfg = copydetect.CopyDetectConfig(
+            resolution=resolution, max_seconds=ctx.settings.copydetect_seconds
+        )
+        trained = copydetect.train(split.train_images, keys, cfg)
+        path = ctx.work_dir / "copydetect.safetensors"
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        copydetect.save(path, trained.model)
+        new_sha, _ = ctx.blobs.put_file(path)
+        with ctx.session() as s:
+            sha = registry.register_encoder(
+                s,
+                dataset_version_id,
+                resolution,
+                new_sha,
+                asdict(trained.config),
+                None,
+                kind="copydetect",
+            ).blob_sha256
+    return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha), sha
+
+
 def _gate(
     ctx: WorkerJobContext,
     images: Any,
     labels: Any,
     split: Any,
     *,
+    dataset_version_id: int,
     subject_id: int,
     title: str,
 ) -> tuple[dict[str, Any], str]:
-    """The memorization check of ``images`` against a dataset version's split: the
-    report (JSON-able) and the reviewer's evidence page."""
-    from synthray.models.memorization import check_memorization
+    """The memorization check of ``images`` against a dataset version's split, in two
+    spaces (shift/flip/crop-robust pixel correlation, learned copy-detection embedding):
+    the report (JSON-able) and the reviewer's evidence page."""
+    from synthray.models.memorization import check_memorization_v2
 
+    embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
     ctx.progress(0, len(images), "searching nearest training images (exact)")
     q = ctx.settings.memorization_quantile
-    rep = check_memorization(images, split.train_images, split.holdout_images, quantile=q, k=3)
+    rep = check_memorization_v2(
+        images, split.train_images, split.holdout_images, quantile=q, embedder=embedder, k=3
+    )
+    per_image = []
+    for i in range(len(images)):
+        row: dict[str, Any] = {
+            "flagged_by": [sp for sp in rep.spaces if bool(rep.flagged_by[sp][i])],
+            "scores": {sp: round(float(rep.scores[sp][i]), 6) for sp in rep.spaces},
+            "best_shift": [int(v) for v in rep.best_shift[i]],
+            "best_flip": bool(rep.best_flip[i]),
+            "best_scale": round(float(rep.best_scale[i]), 4),
+            "ssim": round(float(rep.ssim[i]), 4),
+            "authentic": bool(rep.authentic[i]),
+        }
+        if rep.embedding_neighbours is not None and rep.embedding_similarities is not None:
+            row["embedding_neighbour"] = int(split.train_index[int(rep.embedding_neighbours[i, 0])])
+        per_image.append(row)
     report = batches.build_report(
         batch_id=subject_id,
         images_sha256="",
@@ -305,6 +359,19 @@ def _gate(
         max_flagged_fraction=ctx.settings.max_flagged_fraction,
         max_dcr_train_share=ctx.settings.max_dcr_train_share,
         train_positions=split.train_index,
+        extra_per_image=per_image,
+        extra_summary={
+            "spaces": rep.spaces,
+            "thresholds": {k: round(float(v), 6) for k, v in rep.thresholds.items()},
+            "authenticity": round(float(rep.authenticity), 6),
+            "holdout_flagged_fraction": round(float(rep.holdout_flagged_fraction), 6),
+            "copydetect_sha256": embedder_sha,
+        },
+    )
+    report["space"] = (
+        "pixel: Pearson correlation, best over shifts of up to 4 px, mirror and slight "
+        "rescale (after a 1 px blur); embedding: cosine in a copy-detection network "
+        "trained on this dataset's training split"
     )
     by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
     page = report_html.render(report, images, by_position.__getitem__, title=title)
@@ -336,6 +403,7 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
         images,
         labels,
         dataclasses.replace(split, classes=list(mv.classes)),
+        dataset_version_id=mv.dataset_version_id,
         subject_id=batch_id,
         title=f"Memorization check, batch {batch_id}",
     )
@@ -359,6 +427,7 @@ def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
             if c.state == "done":
                 return {"check_id": check_id, **c.summary}
             split = datasets.load_split(s, ctx.blobs, c.dataset_version_id, c.resolution)
+            dataset_version_id = c.dataset_version_id
             c.state = "checking"
         images = imagechecks.decode_folder(ctx, Path(ctx.params["upload_dir"]), c.resolution)
     finally:
@@ -368,6 +437,7 @@ def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
         images,
         np.zeros(len(images), dtype=np.int64),
         _unlabelled(split),
+        dataset_version_id=dataset_version_id,
         subject_id=check_id,
         title=f"Memorization check of uploaded images ({check_id})",
     )

@@ -43,6 +43,7 @@ class Worker:
             "SYNTHRAY_REQUEUE_AFTER_SECONDS": str(settings.requeue_after_seconds),
             "SYNTHRAY_QUALITY_ENCODER_STEPS": str(settings.quality_encoder_steps),
             "SYNTHRAY_QUALITY_SAMPLES_PER_CLASS": str(settings.quality_samples_per_class),
+            "SYNTHRAY_COPYDETECT_SECONDS": str(settings.copydetect_seconds),
         }
         self._f = log.open("ab")
         self.proc = subprocess.Popen(
@@ -94,6 +95,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
         job_lease_seconds=LEASE,
         quality_encoder_steps=10,
         quality_samples_per_class=10,
+        copydetect_seconds=2,
     )
     _empty(db)
 

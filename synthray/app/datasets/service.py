@@ -192,3 +192,10 @@ def load_split(
         holdout_labels=labels[~is_train],
         holdout_index=idx[~is_train],
     )
+
+
+def patient_keys(session: Session, version_id: int, positions: np.ndarray) -> np.ndarray:
+    """Pseudonymous patient keys of the images at ``positions`` of a dataset version."""
+    rows = repository.image_rows(session, version_id)
+    keys = np.array([r.patient_key for r in rows], dtype=object)
+    return keys[np.asarray(positions, dtype=np.int64)]

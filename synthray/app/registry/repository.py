@@ -100,11 +100,12 @@ def moves_of(session: Session, model_id: int) -> list[ModelAliasMove]:
 
 
 def get_encoder(
-    session: Session, dataset_version_id: int, resolution: int
+    session: Session, dataset_version_id: int, resolution: int, kind: str = "quality"
 ) -> QualityEncoder | None:
     stmt = select(QualityEncoder).where(
         QualityEncoder.dataset_version_id == dataset_version_id,
         QualityEncoder.resolution == resolution,
+        QualityEncoder.kind == kind,
     )
     return session.scalars(stmt).one_or_none()
 

@@ -298,9 +298,9 @@ def weights(session: Session, name: str, version: int, who: Principal) -> ModelV
 
 
 def quality_encoder(
-    session: Session, dataset_version_id: int, resolution: int
+    session: Session, dataset_version_id: int, resolution: int, kind: str = "quality"
 ) -> QualityEncoder | None:
-    return repository.get_encoder(session, dataset_version_id, resolution)
+    return repository.get_encoder(session, dataset_version_id, resolution, kind)
 
 
 def register_encoder(
@@ -309,16 +309,18 @@ def register_encoder(
     resolution: int,
     blob_sha256: str,
     config: dict[str, Any],
-    holdout_accuracy: float,
+    holdout_accuracy: float | None,
+    kind: str = "quality",
 ) -> QualityEncoder:
     """Keep the first encoder registered for (version, resolution); a concurrent
     training job that trained its own uses the one already registered."""
-    existing = repository.get_encoder(session, dataset_version_id, resolution)
+    existing = repository.get_encoder(session, dataset_version_id, resolution, kind)
     if existing is not None:
         return existing
     return repository.add_encoder(
         session,
         QualityEncoder(
+            kind=kind,
             dataset_version_id=dataset_version_id,
             resolution=resolution,
             blob_sha256=blob_sha256,

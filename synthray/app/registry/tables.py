@@ -73,16 +73,16 @@ class ModelAliasMove(Base):
 
 
 class QualityEncoder(Base):
-    """The feature encoder that quality metrics of one dataset version are computed in.
-
-    Trained once per dataset version and resolution on the real training split, so that
-    every generator trained on that version is measured in the same space.
-    """
+    """A network trained on a dataset version's real training split, registered by sha256:
+    ``quality`` is the feature encoder of the quality metrics, ``copydetect`` the
+    copy-detection embedding of the memorization gate. One of each per dataset version
+    and resolution, so every generator of that version is measured in the same space."""
 
     __tablename__ = "quality_encoders"
-    __table_args__ = (UniqueConstraint("dataset_version_id", "resolution"),)
+    __table_args__ = (UniqueConstraint("dataset_version_id", "resolution", "kind"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), default="quality")  # or "copydetect"
     dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
     resolution: Mapped[int]
     blob_sha256: Mapped[str] = mapped_column(String(64))

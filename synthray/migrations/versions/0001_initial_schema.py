@@ -221,6 +221,7 @@ def upgrade() -> None:
     op.create_table(
         "quality_encoders",
         sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=20), nullable=False),
         sa.Column("dataset_version_id", sa.Integer(), nullable=False),
         sa.Column("resolution", sa.Integer(), nullable=False),
         sa.Column("blob_sha256", sa.String(length=64), nullable=False),
@@ -234,7 +235,10 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_quality_encoders")),
         sa.UniqueConstraint(
-            "dataset_version_id", "resolution", name=op.f("uq_quality_encoders_dataset_version_id")
+            "dataset_version_id",
+            "resolution",
+            "kind",
+            name=op.f("uq_quality_encoders_dataset_version_id"),
         ),
     )
     op.create_table(
