@@ -14,7 +14,11 @@ class TrainRequest(BaseModel):
     dataset: str
     dataset_version: int | None = Field(None, description="Latest ready version if omitted.")
     model_name: str = Field(pattern=NAME)
-    architecture: Literal["dcgan"] = "dcgan"
+    architecture: Literal["projgan", "dcgan"] = Field(
+        "projgan",
+        description="projgan: projection discriminator, hinge loss, spectral norm, "
+        "DiffAugment, EMA generator (the default); dcgan: the seed study's baseline.",
+    )
     resolution: Literal[64, 128] = 64
     batch_size: int = Field(64, ge=2, le=1024)
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
