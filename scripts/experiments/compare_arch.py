@@ -63,17 +63,18 @@ def grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_row: int)
 
 
 def run_one(args: argparse.Namespace, arch: str, split: Any, overrides: dict[str, Any]) -> dict:
-    cfg = TrainConfig(
-        architecture=arch,
-        class_names=split.classes,
-        batch_size=args.batch_size,
-        max_seconds=None if args.steps else args.seconds,
-        max_steps=args.steps or None,
-        seed=args.seed,
-        device="cpu",
-        progress_every_s=30.0,
-        **overrides,
-    )
+    kwargs: dict[str, Any] = {
+        "architecture": arch,
+        "class_names": split.classes,
+        "batch_size": args.batch_size,
+        "max_seconds": None if args.steps else args.seconds,
+        "max_steps": args.steps or None,
+        "seed": args.seed,
+        "device": "cpu",
+        "progress_every_s": 30.0,
+    }
+    kwargs.update(overrides)
+    cfg = TrainConfig(**kwargs)
 
     def show(p: TrainProgress) -> None:
         print(

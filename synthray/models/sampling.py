@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def sample_images(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cfg = getattr(generator, "cfg", None)
+    cfg: Any = getattr(generator, "cfg", None)
     if not all(hasattr(cfg, a) for a in ("num_classes", "z_dim", "resolution")):
         raise TypeError("generator.cfg must give num_classes, z_dim and resolution")
     for c, n in counts.items():

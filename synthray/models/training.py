@@ -53,12 +53,19 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("dcgan", "projgan")
 # What a TrainConfig field left at None means, per architecture.
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dcgan": {"g_channels": 64, "d_channels": 64, "augment": "none", "ema_decay": 0.0},
+    "dcgan": {
+        "g_channels": 64,
+        "d_channels": 64,
+        "augment": "none",
+        "ema_decay": 0.0,
+        "class_power": 0.0,
+    },
     "projgan": {
         "g_channels": 32,
-        "d_channels": 32,
+        "d_channels": 64,
         "augment": "color,translation,cutout",
         "ema_decay": 0.999,
+        "class_power": 0.5,
     },
 }
 EMA_WARMUP = 10  # decay at step t is min(ema_decay, (1 + t) / (EMA_WARMUP + t))
@@ -79,7 +86,10 @@ class TrainConfig:
     Fields left at None take their architecture's default (ARCHITECTURE_DEFAULTS) when the
     config is built, so ``to_dict`` always records the values the run used. ``augment`` is
     ``"none"`` or a comma list of DiffAugment transforms (``color``, ``translation``,
-    ``cutout``); ``ema_decay`` 0 keeps no EMA generator.
+    ``cutout``); ``ema_decay`` 0 keeps no EMA generator. ``class_power`` sets how often each
+    class is drawn, for real batches and generated labels alike: P(c) proportional to
+    n_c ** class_power, n_c its number of training images (0: all classes equally often, 1: as
+    often as in the data).
     """
 
     architecture: str = "dcgan"
@@ -99,9 +109,10 @@ class TrainConfig:
     progress_every_s: float = 5.0
     z_dim: int = 100
     g_channels: int | None = None  # dcgan 64, projgan 32
-    d_channels: int | None = None  # dcgan 64, projgan 32
+    d_channels: int | None = None  # dcgan 64, projgan 64
     augment: str | None = None  # dcgan "none", projgan "color,translation,cutout"
     ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999
+    class_power: float | None = None  # dcgan 0 (class-balanced), projgan 0.5
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -147,6 +158,8 @@ class TrainConfig:
         parse_policy(self.augment)
         if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (isinstance(self.class_power, int | float) and 0 <= self.class_power <= 1):
+            raise ValueError(f"class_power must be in [0, 1], got {self.class_power!r}")
         self.generator_config()  # validates resolution and channel counts
 
     def generator_config(self) -> GeneratorConfig:
@@ -306,10 +319,14 @@ class _Trainer:
         self.precision = precision
         self.images = images  # (N, R, R) uint8
         self.num_classes = len(cfg.class_names)
-        # Class-balanced sampling: a class uniformly, then an image of that class uniformly.
+        # Real batches: a class with P(c) ~ n_c ** class_power (uniformly at the default 0),
+        # then an image of that class uniformly. Generated labels follow the same P(c).
         self.order = np.argsort(labels, kind="stable")  # image indices grouped by class
         self.class_counts = np.bincount(labels, minlength=self.num_classes)  # (C,)
         self.class_starts = np.cumsum(self.class_counts) - self.class_counts  # (C,)
+        self.class_power = float(cfg.class_power or 0.0)
+        weights = self.class_counts.astype(np.float64) ** self.class_power
+        self.class_probs = weights / weights.sum()  # (C,)
 
         # All randomness comes from these two generators, both on CPU, so runs are reproducible
         # and the global RNGs are left alone.
@@ -359,7 +376,10 @@ class _Trainer:
 
     def _real_batch(self) -> tuple[Tensor, Tensor]:
         b = self.cfg.batch_size
-        cls = self.np_rng.integers(0, self.num_classes, size=b)  # (B,)
+        if self.class_power == 0:
+            cls = self.np_rng.integers(0, self.num_classes, size=b)  # (B,)
+        else:
+            cls = self.np_rng.choice(self.num_classes, size=b, p=self.class_probs)  # (B,)
         within = self.np_rng.integers(0, self.class_counts[cls])  # (B,) index inside the class
         idx = self.order[self.class_starts[cls] + within]  # (B,)
         x = self._to_device_images(self.images[idx])  # (B, 1, R, R)
@@ -369,7 +389,11 @@ class _Trainer:
     def _noise(self) -> tuple[Tensor, Tensor]:
         b = self.cfg.batch_size
         z = torch.randn(b, self.gcfg.z_dim, generator=self.torch_rng)  # (B, z_dim)
-        y = torch.randint(0, self.num_classes, (b,), generator=self.torch_rng)  # (B,)
+        if self.class_power == 0:
+            y = torch.randint(0, self.num_classes, (b,), generator=self.torch_rng)  # (B,)
+        else:
+            probs = torch.from_numpy(self.class_probs)  # (C,)
+            y = torch.multinomial(probs, b, replacement=True, generator=self.torch_rng)  # (B,)
         return z.to(self.device), y.to(self.device)
 
     def _augment(self, x: Tensor) -> Tensor:
@@ -633,8 +657,10 @@ def train_gan(
 ) -> TrainResult:
     """Train a class-conditional GAN on ``images`` (uint8 (N, R, R)) and ``labels`` (N,).
 
-    Real batches are class-balanced (a class uniformly, then one of its images uniformly); no
-    flips or other augmentation (chest radiographs are not left-right symmetric). Stops at
+    Real batches draw a class with P(c) ~ n_c ** ``cfg.class_power`` (uniformly, i.e.
+    class-balanced, for dcgan), then one of its images uniformly. Never flipped (chest
+    radiographs are not left-right symmetric); ``cfg.augment`` names the DiffAugment transforms
+    applied to every discriminator input (none for dcgan). Stops at
     ``cfg.max_steps`` or once ``cfg.max_seconds`` of training time is used, whichever comes
     first, or with ``stopped="cancelled"`` when ``should_stop()`` (asked before every step)
     returns True.
@@ -757,6 +783,6 @@ def load_generator(path: Path, expected_sha256: str | None) -> nn.Module:
         raise ValueError(f"{path}: unsupported generator architecture {architecture!r}")
     cfg = _GENERATOR_CONFIGS[architecture].from_dict(meta["config"])
     with torch.device("meta"):
-        net = _generator_class(architecture)(cfg)  # type: ignore[call-arg]
+        net = _generator_class(architecture)(cfg)
     net.load_state_dict(tensors, strict=True, assign=True)
     return net.eval()

@@ -59,12 +59,14 @@ def test_architecture_defaults_are_resolved_and_recorded() -> None:
         0.0,
     )
     pg = TrainConfig(architecture="projgan", class_names=["a"], max_steps=1)
-    assert (pg.g_channels, pg.d_channels, pg.augment, pg.ema_decay) == (
+    assert (pg.g_channels, pg.d_channels, pg.augment, pg.ema_decay, pg.class_power) == (
         32,
-        32,
+        64,
         "color,translation,cutout",
         0.999,
+        0.5,
     )
+    assert dcgan.class_power == 0.0
     assert TrainConfig.from_dict(pg.to_dict()) == pg
     assert isinstance(pg.generator_config(), projgan.ProjGANConfig)
     for overrides, message in (
@@ -200,3 +202,20 @@ def test_dcgan_files_still_load_as_dcgan(tmp_path: Path) -> None:
     digest = save_generator(path, result.generator_state, result.generator_config)
     assert load_state(path)[1]["architecture"] == "dcgan"
     assert isinstance(load_generator(path, digest), DCGANGenerator)
+
+
+def test_class_power_tempers_how_often_each_class_is_drawn() -> None:
+    from synthray.models.training import _Trainer
+
+    images, labels = _data(n=104)  # 100 images of class 0, 4 of class 1
+    cfg = _cfg(batch_size=64, class_power=0.5)
+    trainer = _Trainer(images, labels, cfg, torch.device("cpu"), "fp32")
+    expected = 2 / (10 + 2)  # sqrt(4) / (sqrt(100) + sqrt(4))
+    assert trainer.class_probs[1] == pytest.approx(expected)
+    real = torch.cat([trainer._real_batch()[1] for _ in range(20)]).float().mean().item()
+    fake = torch.cat([trainer._noise()[1] for _ in range(20)]).float().mean().item()
+    assert abs(real - expected) < 0.04 and abs(fake - expected) < 0.04
+    flat = _cfg(batch_size=64, class_power=0.0)
+    balanced = _Trainer(images, labels, flat, torch.device("cpu"), "fp32")
+    ys = torch.cat([balanced._real_batch()[1] for _ in range(20)]).float().mean().item()
+    assert 0.4 < ys < 0.6
