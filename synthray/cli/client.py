@@ -86,7 +86,7 @@ class Client:
                 total = p["total"]
                 bar.update(task, total=total, completed=p["step"], description=p["message"])
                 if job["state"] in TERMINAL:
-                    if job["state"] == "succeeded" and total:
-                        bar.update(task, completed=total)
+                    if job["state"] == "succeeded":
+                        bar.update(task, total=total or 1, completed=total or 1)
                     return job
                 time.sleep(poll)

@@ -199,7 +199,7 @@ def _pipeline(
         "/train",
         {
             "dataset": body["name"],
-            "model_name": "demo-dcgan",
+            "model_name": "demo-gan",
             "max_seconds": train_seconds,
             "checkpoint_every_s": 30,
         },
@@ -208,10 +208,10 @@ def _pipeline(
     m = job["result"]["metrics"]
     err.print(
         f"  {m['steps']} steps, {m['images_per_second']:.0f} img/s on {m['device']} "
-        f"({m['precision']}); registered demo-dcgan v{job['result']['version']}"
+        f"({m['precision']}); registered demo-gan v{job['result']['version']}"
     )
 
-    acc = op.post("/synthesize", {"model": "demo-dcgan", "per_class": per_class, "seed": 1})
+    acc = op.post("/synthesize", {"model": "demo-gan", "per_class": per_class, "seed": 1})
     job = _require(op.wait(acc["job_id"], err, "synthesize"), "synthesize")
     _require(op.wait(job["result"]["check_job_id"], err, "check     "), "check")
     batch = op.get(f"/batches/{acc['batch_id']}")
