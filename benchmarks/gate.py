@@ -1,0 +1,100 @@
+"""The whole memorization gate on a realistic size: a 1,000-image batch against the
+Kermany training set (5,216 real radiographs, 64 px), with the bare exact 1-NN search
+(faiss IndexFlatIP on the same pixel vectors) as the reference in the same run.
+
+The gate's time covers the copy-detection embedding's training (once per dataset
+version in production; its budget is --copydetect-seconds), calibration on held-out
+patients, the robust pixel scoring (shifts, mirror, rescale) and SSIM of every
+candidate, the embedding search, and the batch figures.
+Usage: python benchmarks/gate.py [--batch 1000] [--copydetect-seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_kermany(folder: Path, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    with (folder / "labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    images = []
+    for r in rows:
+        with Image.open(folder / r["file"]) as im:
+            im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale
+            images.append(np.asarray(im.convert("L").resize((size, size), Image.BILINEAR)))
+    return np.stack(images), np.array([r["patient_key"] for r in rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/kermany-224")
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--copydetect-seconds", type=float, default=30.0)
+    args = ap.parse_args()
+
+    import faiss
+
+    from synthray.models import copydetect
+    from synthray.models.memorization import check_memorization_v2, pixel_features
+
+    t0 = time.perf_counter()
+    images, patients = load_kermany(args.data)
+    print(f"loaded {len(images)} Kermany images at 64 px in {time.perf_counter() - t0:.0f} s")
+    rng = np.random.default_rng(0)
+    uniq = np.unique(patients)
+    held = set(rng.choice(uniq, size=len(uniq) // 10, replace=False).tolist())
+    is_hold = np.array([p in held for p in patients])
+    train, holdout = images[~is_hold], images[is_hold]
+    # A synthetic-like batch: blends of three training images plus noise (not copies).
+    idx = rng.integers(0, len(train), size=(args.batch, 3))
+    mix = train[idx].astype(np.float32).mean(1) + rng.normal(0, 8, (args.batch, 64, 64))
+    batch = np.clip(mix, 0, 255).astype(np.uint8)
+
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(64 * 64)
+    index.add(pixel_features(train))
+    index.search(pixel_features(batch), 1)
+    ref_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cfg = copydetect.CopyDetectConfig(resolution=64, max_seconds=args.copydetect_seconds)
+    embedder = copydetect.train(train, patients[~is_hold], cfg).model
+    t_embed = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rep = check_memorization_v2(batch, train, holdout, quantile=0.95, embedder=embedder, k=3)
+    t_check = time.perf_counter() - t1
+    total = t_embed + t_check
+    print(f"train {len(train)}, held-out {len(holdout)}, batch {len(batch)}")
+    print(f"bare faiss IndexFlatIP 1-NN (pixels): {ref_s:.2f} s")
+    print(
+        f"gate: embedding training {t_embed:.1f} s + check {t_check:.1f} s = {total:.1f} s; "
+        f"flagged {rep.flagged.mean():.1%}, held-out flagged {rep.holdout_flagged_fraction:.1%}"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "gate",
+                "value": round(t_check, 2),
+                "unit": "s for a 1,000-image batch vs the Kermany training set (embedding trained)",
+                "reference": "faiss IndexFlatIP 1-NN on the same pixel vectors",
+                "reference_value": round(ref_s, 2),
+                "ratio": round(t_check / ref_s, 2),
+                "target": None,
+                "embedding_training_s": round(t_embed, 1),
+                "flagged_fraction": round(float(rep.flagged.mean()), 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
