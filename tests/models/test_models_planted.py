@@ -74,8 +74,24 @@ def _blurred_noisy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def test_planted_copies_in_nih_are_caught() -> None:
-    t0 = time.perf_counter()
     images, patients = _load_nih()
+    _planted(images, patients, "NIH", time.perf_counter())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: on Kermany, crops followed by a rescale are caught 93% of the time "
+    "(target 99%) and real held-out images are flagged 7.5% (slack 7%); see issue 5",
+)
+def test_planted_copies_in_kermany_are_caught() -> None:
+    """The same planted test on a 1,500-image patient-disjoint slice of Kermany."""
+    t0 = time.perf_counter()
+    images, patients = _load_kermany()
+    keep = ~_patient_split(patients, 1 - 1500 / len(images), seed=3)
+    _planted(images[keep], patients[keep], "Kermany", t0)
+
+
+def _planted(images: np.ndarray, patients: np.ndarray, name: str, t0: float) -> None:
     held = _patient_split(patients, 0.2, seed=0)
     train_x, train_p = images[~held], patients[~held]
     # Half of the held-out patients calibrate; the other half are real images never seen.
@@ -102,7 +118,9 @@ def test_planted_copies_in_nih_are_caught() -> None:
     caught = rep.flagged[:n_copies]
     right = rep.best_index[:n_copies] == sources
     real = rep.flagged[n_copies + n_stand :]
-    print(f"\nNIH: train {len(train_x)}, calibration {len(cal_x)}, held-out checked {len(eval_x)}")
+    print(
+        f"\n{name}: train {len(train_x)}, calibration {len(cal_x)}, held-out checked {len(eval_x)}"
+    )
     for i, kind in enumerate(KINDS):
         sl = slice(i * PER_KIND, (i + 1) * PER_KIND)
         print(
