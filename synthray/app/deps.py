@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
-from synthray.app.db import commit, session_factory
+from synthray.app.db import session_scope
 from synthray.app.errors import DomainError, Forbidden
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
@@ -31,16 +31,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """One transaction per request, committed before the response is sent."""
-    session = session_factory(settings.sqlalchemy_url)()
-    try:
+    with session_scope(settings.sqlalchemy_url) as session:
         yield session
-        commit(session)
-    except BaseException:
-        session.rollback()
-        session.info.pop("after_commit", None)
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": the commit above runs when the endpoint returns, before the
@@ -92,3 +84,25 @@ AdminDep = Annotated[Principal, Depends(require(Role.admin))]
 OperatorDep = Annotated[Principal, Depends(require(Role.operator))]
 ReviewerDep = Annotated[Principal, Depends(require(Role.reviewer))]
 StaffDep = Annotated[Principal, Depends(require(Role.operator, Role.reviewer))]
+
+
+def multipart_body(field: str, description: str) -> dict[str, object]:
+    """OpenAPI description of an upload: a JSON text field and one file part (the
+    endpoints read the stream themselves, so FastAPI cannot infer it)."""
+    return {
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [field, "file"],
+                        "properties": {
+                            field: {"type": "string", "description": description},
+                            "file": {"type": "string", "format": "binary"},
+                        },
+                    }
+                }
+            },
+            "required": True,
+        }
+    }

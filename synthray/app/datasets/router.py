@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from synthray.app.datasets import service, uploads
 from synthray.app.datasets.schemas import DatasetCreate, DatasetRead, IngestAccepted
 from synthray.app.datasets.unpack import remove_tree
-from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep
+from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep, multipart_body
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -33,23 +33,7 @@ def get_dataset(name: str, session: SessionDep, _: StaffDep) -> DatasetRead:
     "/upload",
     response_model=IngestAccepted,
     status_code=status.HTTP_202_ACCEPTED,
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["spec", "file"],
-                        "properties": {
-                            "spec": {"type": "string", "description": "DatasetCreate as JSON"},
-                            "file": {"type": "string", "format": "binary"},
-                        },
-                    }
-                }
-            },
-            "required": True,
-        }
-    },
+    openapi_extra=multipart_body("spec", "DatasetCreate as JSON"),
 )
 async def upload_dataset_version(
     request: Request, session: SessionDep, settings: SettingsDep, who: OperatorDep

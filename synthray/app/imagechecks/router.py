@@ -9,7 +9,14 @@ from starlette.concurrency import run_in_threadpool
 from synthray.app.audit import service as audit
 from synthray.app.datasets import uploads
 from synthray.app.datasets.unpack import remove_tree
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
+from synthray.app.deps import (
+    BlobsDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+    multipart_body,
+)
 from synthray.app.imagechecks import service
 from synthray.app.imagechecks.schemas import (
     ImageCheckAccepted,
@@ -24,23 +31,7 @@ router = APIRouter(prefix="/image-checks", tags=["image checks"])
     "",
     response_model=ImageCheckAccepted,
     status_code=status.HTTP_202_ACCEPTED,
-    openapi_extra={
-        "requestBody": {
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["check", "file"],
-                        "properties": {
-                            "check": {"type": "string", "description": "ImageCheckCreate JSON"},
-                            "file": {"type": "string", "format": "binary"},
-                        },
-                    }
-                }
-            },
-            "required": True,
-        }
-    },
+    openapi_extra=multipart_body("check", "ImageCheckCreate JSON"),
 )
 async def create_image_check(
     request: Request, session: SessionDep, settings: SettingsDep, who: OperatorDep
