@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         0.10, ge=0.0, le=1.0, description="A batch with more flagged images fails the gate."
     )
     max_dcr_train_share: float = Field(
-        0.75,
+        0.80,
         ge=0.5,
         le=1.0,
         description="A batch whose images sit nearer to training than to held-out images "
