@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -121,10 +120,6 @@ class BlobStore:
 
     def read_bytes(self, sha256: str) -> bytes:
         return self.open_verified(sha256).read_bytes()
-
-    def iter_bytes(self, sha256: str) -> Iterator[bytes]:
-        with self.open_verified(sha256).open("rb") as f:
-            yield from iter(lambda: f.read(CHUNK), b"")
 
     # numpy arrays: stored as .npz without pickles, read back with allow_pickle=False
     def put_arrays(self, **arrays: np.ndarray) -> tuple[str, int]:

@@ -106,11 +106,6 @@ def run_demo(
     }
     if "SYNTHRAY_SECRET_KEY" not in env:
         env["SYNTHRAY_DEV_MODE"] = "true"  # the demo is a development run by definition
-    os.environ.update({k: env[k] for k in ("SYNTHRAY_DATA_DIR", "SYNTHRAY_IMPORT_ROOT")})
-    if "SYNTHRAY_DEV_MODE" in env:
-        os.environ["SYNTHRAY_DEV_MODE"] = env["SYNTHRAY_DEV_MODE"]
-    for k in ("SYNTHRAY_DATABASE_URL", "SYNTHRAY_BROKER_URL"):
-        os.environ.pop(k, None)
 
     from synthray.app.auth.schemas import Role
     from synthray.app.auth.service import create_key
@@ -118,7 +113,15 @@ def run_demo(
     from synthray.config import Settings
     from synthray.migrations import upgrade
 
-    settings = Settings()
+    # The same settings the child processes get from ``env`` (explicit values win over
+    # any SYNTHRAY_* variable of the caller's environment).
+    settings = Settings(
+        data_dir=work,
+        import_root=folder.parent,
+        database_url=None,
+        broker_url="embedded",
+        dev_mode=env.get("SYNTHRAY_DEV_MODE", "").lower() in {"1", "true", "yes"},
+    )
     err.print(f"[bold]SynthRay demo[/bold]: data {folder}, state in {work}")
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as s:

@@ -302,11 +302,7 @@ def export(
 @app.command()
 def approve(export_id: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
     """Approve a built export bundle (reviewer)."""
-    with _client(url, api_key) as c:
-        try:
-            _print(c.post(f"/exports/{export_id}/approve"))
-        except ApiError as exc:
-            _fail(exc)
+    _print(_call(url, api_key, "POST", f"/exports/{export_id}/approve"))
 
 
 @app.command()
@@ -430,11 +426,7 @@ def jobs_preview(
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
     """Ask a job to stop (a training job stops at its next step and keeps its checkpoint)."""
-    with _client(url, api_key) as c:
-        try:
-            _print(c.post(f"/jobs/{job_id}/cancel"))
-        except ApiError as exc:
-            _fail(exc)
+    _print(_call(url, api_key, "POST", f"/jobs/{job_id}/cancel"))
 
 
 def _call(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -194,14 +194,20 @@ def kid(
     return float(np.mean(vals))
 
 
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) Euclidean distances via |a|^2 + |b|^2 - 2 a.b (no (N, M, D) temporary)."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
 def _kth_radius(x: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))  # (N, N)
+    d = _distances(x, x)
+    np.fill_diagonal(d, 0.0)  # the point itself, exactly
     return np.sort(d, axis=1)[:, min(k, len(x) - 1)]  # index 0 is the point itself
 
 
 def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> float:
-    d = np.sqrt(np.maximum(((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1), 0.0))
-    return float((d <= radii[None, :]).any(axis=1).mean())
+    return float((_distances(points, centres) <= radii[None, :]).any(axis=1).mean())
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:

@@ -58,7 +58,6 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         dv = dataset_repo.get_version(s, int(p["dataset_version_id"]))
         assert dv is not None and dv.content_sha256 is not None
         dataset_sha = dv.content_sha256
-        created_by = job_repo.get(s, ctx.job_id).created_by  # type: ignore[union-attr]
     classes = list(p.get("classes") or split.classes)
     keep = [split.classes.index(c) for c in classes]
     remap = {old: new for new, old in enumerate(keep)}
@@ -180,7 +179,6 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
             encoder_sha256=encoder_sha,
         )
         out = {"model_version_id": mv.id, "version": mv.version, "metrics": metrics}
-    log.info("job %s: registered model version (by %s)", ctx.job_id, created_by)
     return out
 
 
@@ -314,6 +312,7 @@ def _gate(
     labels: Any,
     split: Any,
     *,
+    images_sha256: str,
     dataset_version_id: int,
     subject_id: int,
     title: str,
@@ -345,12 +344,12 @@ def _gate(
         per_image.append(row)
     report = batches.build_report(
         batch_id=subject_id,
-        images_sha256="",
+        images_sha256=images_sha256,
         labels=labels,
         classes=split.classes,
         threshold=rep.threshold,
         quantile=q,
-        holdout_similarity=np_array(rep.holdout_nn_similarity),
+        holdout_similarity=np.asarray(rep.holdout_nn_similarity, dtype=np.float32),
         similarity=rep.similarities,
         neighbours=rep.neighbours,
         neighbour_similarity=rep.neighbour_similarities,
@@ -403,11 +402,11 @@ def check(ctx: WorkerJobContext) -> dict[str, Any]:
         images,
         labels,
         dataclasses.replace(split, classes=list(mv.classes)),
+        images_sha256=images_blob,
         dataset_version_id=mv.dataset_version_id,
         subject_id=batch_id,
         title=f"Memorization check, batch {batch_id}",
     )
-    report["images_sha256"] = images_blob
     with ctx.session() as s:
         b = batches.record_check(s, ctx.blobs, batch_id, report, page)
         state = b.state
@@ -432,17 +431,17 @@ def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
         images = imagechecks.decode_folder(ctx, Path(ctx.params["upload_dir"]), c.resolution)
     finally:
         imagechecks.cleanup(ctx)  # uploaded files never outlive the check
+    images_blob, _ = ctx.blobs.put_arrays(images=images)
     report, page = _gate(
         ctx,
         images,
         np.zeros(len(images), dtype=np.int64),
         _unlabelled(split),
+        images_sha256=images_blob,
         dataset_version_id=dataset_version_id,
         subject_id=check_id,
         title=f"Memorization check of uploaded images ({check_id})",
     )
-    images_blob, _ = ctx.blobs.put_arrays(images=images)
-    report["images_sha256"] = images_blob
     with ctx.session() as s:
         c = check_repo.get(s, check_id)
         assert c is not None
@@ -457,13 +456,7 @@ def imagecheck(ctx: WorkerJobContext) -> dict[str, Any]:
 
 def _unlabelled(split: Any) -> Any:
     """The split as seen by a check of unlabelled images: one class."""
-    import dataclasses
-
     return dataclasses.replace(split, classes=["unlabelled"])
-
-
-def np_array(values: Any) -> Any:
-    return np.asarray(values, dtype=np.float32)
 
 
 def export(ctx: WorkerJobContext) -> dict[str, Any]:

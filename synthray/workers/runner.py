@@ -170,7 +170,8 @@ def run(job_id: str, settings: Settings | None = None) -> str:
     with session_scope(settings.sqlalchemy_url) as s:
         repository.finish(s, job_id, owner, utcnow(), state, **values)
     log.info("job %s (%s): %s", job_id, kind, state)
-    Path(ctx.work_dir).exists() and state == "succeeded" and _cleanup(ctx.work_dir)
+    if state == "succeeded":
+        _cleanup(ctx.work_dir)
     return state
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -33,8 +34,8 @@ def start(settings: Settings) -> None:
     interval = max(2.0, settings.job_lease_seconds / 4)
 
     def loop() -> None:
-        stop = threading.Event()
-        while not stop.wait(interval):
+        while True:
+            time.sleep(interval)
             try:
                 n = sweep_once(settings)
                 if n:

@@ -202,13 +202,6 @@ def record_check(
     return b
 
 
-def flagged_mask(blobs: BlobStore, batch: SyntheticBatch) -> np.ndarray:
-    if batch.report_blob is None:
-        raise NotFound(f"batch {batch.id} has no memorization report")
-    report = json.loads(blobs.read_bytes(batch.report_blob))
-    return np.array([img["flagged"] for img in report["images"]], dtype=bool)
-
-
 def report_html(session: Session, blobs: BlobStore, batch_id: int) -> str:
     b = get(session, batch_id)
     sha = b.check.get("report_html_sha256") if b.check else None

@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
-from starlette.concurrency import run_in_threadpool
 
 from synthray.app.datasets import service, uploads
 from synthray.app.datasets.schemas import DatasetCreate, DatasetRead, IngestAccepted
-from synthray.app.datasets.unpack import remove_tree
 from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep, multipart_body
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -44,16 +42,12 @@ async def upload_dataset_version(
     zip is unpacked under the limits of ``unpack.extract_zip``. The uploaded files are
     deleted when the ingest ends.
     """
-    # End the transaction the key check opened: SQLite holds its write lock from BEGIN,
-    # and an upload can take minutes.
-    await run_in_threadpool(session.commit)
-    folder, spec = await uploads.receive(
-        request, settings, uploads.json_field("spec", DatasetCreate)
+    return await uploads.accept(
+        request,
+        session,
+        settings,
+        uploads.json_field("spec", DatasetCreate),
+        lambda folder, spec: service.request_ingest(
+            session, settings, spec, who.key_id, upload_dir=folder
+        ),
     )
-    try:
-        return await run_in_threadpool(
-            uploads.queue_ingest, session, folder, spec, settings, who.key_id
-        )
-    except BaseException:
-        remove_tree(folder)
-        raise

@@ -145,15 +145,6 @@ def resolve_version(session: Session, name: str, version: int | None) -> Dataset
     return v
 
 
-def get_version_read(session: Session, version_id: int) -> DatasetVersionRead:
-    v = repository.get_version(session, version_id)
-    if v is None:
-        raise NotFound(f"dataset version {version_id} not found")
-    ds = repository.get_dataset(session, v.dataset_id)
-    assert ds is not None
-    return version_read(ds, v)
-
-
 @dataclass
 class SplitArrays:
     """De-identified pixels of one dataset version at one resolution, split by patient."""

@@ -17,17 +17,17 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message
 
-from synthray.app.datasets import service
-from synthray.app.datasets.schemas import DatasetCreate, IngestAccepted
 from synthray.app.datasets.unpack import extract_zip, remove_tree
 from synthray.app.errors import Invalid, PayloadTooLarge
 from synthray.config import Settings
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
 SINGLE_SUFFIXES = {
     ".dcm": ".dcm",
     ".dicom": ".dcm",
@@ -119,7 +119,21 @@ def _store(upload: UploadFile, folder: Path, data: Path, settings: Settings) -> 
             shutil.copyfileobj(upload.file, out, 1 << 20)
 
 
-def queue_ingest(
-    session: Session, folder: Path, spec: DatasetCreate, settings: Settings, key_id: int
-) -> IngestAccepted:
-    return service.request_ingest(session, settings, spec, key_id, upload_dir=folder)
+async def accept(
+    request: Request,
+    session: Session,
+    settings: Settings,
+    parse: Callable[[dict[str, str]], M],
+    queue: Callable[[Path, M], R],
+) -> R:
+    """Receive an upload and hand it to ``queue(folder, fields)`` (run in a thread, on the
+    request's session). The transaction the key check opened is ended first: SQLite holds
+    its write lock from BEGIN, and an upload can take minutes. If queueing fails, the
+    uploaded files are removed."""
+    await run_in_threadpool(session.commit)
+    folder, parsed = await receive(request, settings, parse)
+    try:
+        return await run_in_threadpool(queue, folder, parsed)
+    except BaseException:
+        remove_tree(folder)
+        raise

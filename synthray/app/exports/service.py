@@ -9,11 +9,11 @@ reviewer approved it, and every attempt, refused or not, is audited.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from synthray.app.audit import service as audit
@@ -101,8 +101,8 @@ def build(ctx: JobContext) -> dict[str, object]:
         batch = batches.get(session, export.batch_id)
         gate(batch)
         assert batch.images_blob is not None
-        keep = ~batches.flagged_mask(ctx.blobs, batch)
         report = batches.report(session, ctx.blobs, batch.id)
+        keep = ~np.array([img["flagged"] for img in report["images"]], dtype=bool)
         mv = registry.get_version(session, batch.model_version_id)
         assert mv is not None
         model = registry.get_model_by_id(session, mv.model_id)
@@ -220,13 +220,3 @@ def open_download(
         {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes},
     )
     return path, e
-
-
-def bundle_manifest(blobs: BlobStore, e: Export) -> dict[str, object]:
-    import zipfile
-
-    if e.bundle_sha256 is None:
-        raise NotFound("bundle not built yet")
-    with zipfile.ZipFile(blobs.open_verified(e.bundle_sha256)) as zf:
-        data: dict[str, object] = json.loads(zf.read("manifest.json"))
-    return data

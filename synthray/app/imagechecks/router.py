@@ -4,11 +4,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, status
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
 
 from synthray.app.audit import service as audit
 from synthray.app.datasets import uploads
-from synthray.app.datasets.unpack import remove_tree
 from synthray.app.deps import (
     BlobsDep,
     OperatorDep,
@@ -39,15 +37,13 @@ async def create_image_check(
     """Check uploaded images (a zip of PNG/JPEG/DICOM) against a dataset version's
     training images. The same gate as for synthetic batches; nothing checked here can
     ever be exported."""
-    await run_in_threadpool(session.commit)  # do not hold SQLite's lock while uploading
-    folder, req = await uploads.receive(
-        request, settings, uploads.json_field("check", ImageCheckCreate)
+    return await uploads.accept(
+        request,
+        session,
+        settings,
+        uploads.json_field("check", ImageCheckCreate),
+        lambda folder, req: service.request_check(session, settings, req, folder, who),
     )
-    try:
-        return await run_in_threadpool(service.request_check, session, settings, req, folder, who)
-    except BaseException:
-        remove_tree(folder)
-        raise
 
 
 @router.get("/{check_id}", response_model=ImageCheckRead)
