@@ -131,7 +131,8 @@ def _blur_matrices(sigma: Tensor, r: int) -> Tensor:
 def augment(x: Tensor, gen: torch.Generator) -> Tensor:
     """Strong copy-style edits of (B, 1, R, R) images in [0, 1], drawn from ``gen``.
 
-    Random crop of 72-100 % of the side scaled back up, shift up to 4 px, horizontal flip (p
+    Random crop of 72-100 % of the height and, independently within 8 % of that, of the width
+    (crops are rarely square), scaled back up, shift up to 4 px, horizontal flip (p
     0.5), Gaussian blur (p 0.3, sigma 0.3-1.5 px), brightness and contrast (p 0.8), Gaussian
     noise (p 0.5, sigma up to 15 grey levels), clipped to [0, 1].
     """
@@ -140,18 +141,19 @@ def augment(x: Tensor, gen: torch.Generator) -> Tensor:
     def u(lo: float, hi: float, n: int = b) -> Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=gen)
 
-    scale = u(0.72, 1.0)  # side of the crop / R
-    room = 1.0 - scale
-    tx = (torch.rand(b, generator=gen) * 2 - 1) * room + (torch.rand(b, generator=gen) * 2 - 1) * (
-        8.0 / r
-    )
-    ty = (torch.rand(b, generator=gen) * 2 - 1) * room + (torch.rand(b, generator=gen) * 2 - 1) * (
-        8.0 / r
-    )
+    scale_y = u(0.72, 1.0)  # height of the crop / R
+    scale_x = (scale_y * u(0.92, 1.08)).clamp(max=1.0)  # width of the crop / R
+    jitter = 8.0 / r
+    tx = (torch.rand(b, generator=gen) * 2 - 1) * (1.0 - scale_x) + (
+        torch.rand(b, generator=gen) * 2 - 1
+    ) * jitter
+    ty = (torch.rand(b, generator=gen) * 2 - 1) * (1.0 - scale_y) + (
+        torch.rand(b, generator=gen) * 2 - 1
+    ) * jitter
     flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = scale * flip
-    theta[:, 1, 1] = scale
+    theta[:, 0, 0] = scale_x * flip
+    theta[:, 1, 1] = scale_y
     theta[:, 0, 2] = tx
     theta[:, 1, 2] = ty
     grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)

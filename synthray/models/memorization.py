@@ -195,7 +195,7 @@ class MemorizationReportV2:
     best_correlation: np.ndarray  # (Q,) = similarities
     best_shift: np.ndarray  # (Q, 2) int64 (dy, dx), see synthray.models.pixelmatch
     best_flip: np.ndarray  # (Q,) bool
-    best_scale: np.ndarray  # (Q,) float32
+    best_scale: np.ndarray  # (Q, 2) float32 template (height, width) / R
     ssim: np.ndarray  # (Q,) float32 SSIM at the best alignment (evidence, not a decision)
     embedding_neighbours: np.ndarray | None  # (Q, k) int64 train indices by embedding
     embedding_similarities: np.ndarray | None  # (Q, k) float32 cosine
@@ -254,8 +254,14 @@ def _dcr_share(
     seed) than to the holdout set, by robust pixel correlation."""
     n_ref = min(train.shape[0], holdout.shape[0])
     pick = np.sort(np.random.default_rng(seed).permutation(train.shape[0])[:n_ref])
-    to_sample = PixelMatcher(train[pick], max_shift=max_shift).match(synthetic, 1, with_ssim=False)
-    to_hold = PixelMatcher(holdout, max_shift=max_shift).match(synthetic, 1, with_ssim=False)
+    # Square templates only: the share compares two distances measured the same way, and the
+    # anisotropic ones (for crop detection) would triple its cost without changing its meaning.
+    to_sample = PixelMatcher(train[pick], max_shift=max_shift, anisotropic=False).match(
+        synthetic, 1, with_ssim=False
+    )
+    to_hold = PixelMatcher(holdout, max_shift=max_shift, anisotropic=False).match(
+        synthetic, 1, with_ssim=False
+    )
     return float(np.mean(to_sample.scores[:, 0] > to_hold.scores[:, 0]))
 
 

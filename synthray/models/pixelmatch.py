@@ -120,32 +120,46 @@ class _Correlator:
         return sub.reshape(*sub.shape[:-2], -1)
 
 
-def _templates(x: torch.Tensor, sizes: tuple[int, ...], flips: bool) -> torch.Tensor:
-    """(B, R, R) -> (B, V, R, R): each size h resized to h x h and centred, mirrored copies too."""
+def _shapes(sizes: tuple) -> tuple[tuple[int, int], ...]:
+    """Template sizes as (height, width) pairs: an int h stands for (h, h)."""
+    out = []
+    for s in sizes:
+        hy, hx = (s, s) if isinstance(s, int | np.integer) else s
+        out.append((int(hy), int(hx)))
+    return tuple(out)
+
+
+def _templates(x: torch.Tensor, shapes: tuple[tuple[int, int], ...], flips: bool) -> torch.Tensor:
+    """(B, R, R) -> (B, V, R, R): the image resized to each (h, w) of ``shapes`` and centred on
+    a zero R x R canvas, then the same for its mirror image (``flips``)."""
     b, r = x.shape[0], x.shape[-1]
     out = []
     for img in (x, torch.flip(x, dims=[2])) if flips else (x,):
-        for h in sizes:
+        for hy, hx in shapes:
             canvas = torch.zeros(b, r, r)
-            o = (r - h) // 2
+            oy, ox = (r - hy) // 2, (r - hx) // 2
             small = (
                 img
-                if h == r
+                if (hy, hx) == (r, r)
                 else F.interpolate(
-                    img[:, None], size=(h, h), mode="bilinear", antialias=True, align_corners=False
+                    img[:, None],
+                    size=(hy, hx),
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
                 )[:, 0]
             )
-            canvas[:, o : o + h, o : o + h] = small
+            canvas[:, oy : oy + hy, ox : ox + hx] = small
             out.append(canvas)
     return torch.stack(out, dim=1)  # (B, V, R, R)
 
 
-def _masks(r: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """(Z, R, R) 0/1 support of each centred template size."""
-    m = torch.zeros(len(sizes), r, r)
-    for i, h in enumerate(sizes):
-        o = (r - h) // 2
-        m[i, o : o + h, o : o + h] = 1.0
+def _masks(r: int, shapes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """(Z, R, R) 0/1 support of each centred template shape."""
+    m = torch.zeros(len(shapes), r, r)
+    for i, (hy, hx) in enumerate(shapes):
+        oy, ox = (r - hy) // 2, (r - hx) // 2
+        m[i, oy : oy + hy, ox : ox + hx] = 1.0
     return m
 
 
@@ -154,7 +168,7 @@ class PairScores:
     correlation: np.ndarray  # (Q, C) float32, best over alignments; -inf for padding
     shift: np.ndarray  # (Q, C, 2) int64 (dy, dx) of the best alignment
     flip: np.ndarray  # (Q, C) bool: the mirrored synthetic image aligned best
-    scale: np.ndarray  # (Q, C) float32: template size / R of the best alignment (1 = none)
+    scale: np.ndarray  # (Q, C, 2) float32: template (height, width) / R of the best alignment
 
 
 def robust_correlation(
@@ -164,7 +178,7 @@ def robust_correlation(
     *,
     max_shift: int = 4,
     flips: bool = True,
-    sizes: tuple[int, ...] | None = None,
+    sizes: tuple[int | tuple[int, int], ...] | None = None,
     smooth: float = 0.0,
 ) -> PairScores:
     """Best Pearson correlation over alignments of each query against its candidates.
@@ -172,7 +186,8 @@ def robust_correlation(
     ``queries`` uint8 (Q, R, R), ``refs`` uint8 (M, R, R), ``candidates`` int64 (Q, C) indices
     into ``refs`` (-1 = no candidate, scored -inf). Alignments: every shift in [-s, s]^2 of the
     query, of its mirror image (``flips``), and of the query shrunk to each template size in
-    ``sizes`` (default R only; smaller sizes undo a crop that was scaled back up). Each
+    ``sizes`` (default R only; smaller sizes undo a crop that was scaled back up; an int h is
+    an h x h template, a pair (h, w) an h x w one, for crops that were not square). Each
     correlation uses only the pixels where the (shifted) template and the reference overlap.
     """
     q_n, c_n = candidates.shape
@@ -181,11 +196,11 @@ def robust_correlation(
         raise ValueError(f"queries {queries.shape} and refs {refs.shape} must be (N, R, R)")
     if not 0 <= max_shift < r // 2:
         raise ValueError(f"max_shift must be in [0, {r // 2}), got {max_shift}")
-    sizes = tuple(sizes) if sizes else (r,)
-    if any(not r // 2 <= h <= r for h in sizes):
+    shapes = _shapes(tuple(sizes) if sizes else (r,))
+    if any(not r // 2 <= h <= r for shape in shapes for h in shape):
         raise ValueError(f"template sizes must lie in [{r // 2}, {r}], got {sizes}")
     shifts = _shift_grid(max_shift)  # (S, 2)
-    n_s, n_z = len(shifts), len(sizes)
+    n_s, n_z = len(shifts), len(shapes)
     valid = candidates >= 0
     used = np.unique(candidates[valid])
     lookup = np.zeros(refs.shape[0], dtype=np.int64)
@@ -195,7 +210,7 @@ def robust_correlation(
     fft = _Correlator(r, max_shift)
 
     with torch.inference_mode(), single_thread():
-        masks = fft.spectrum(_masks(r, sizes))  # (Z, N, N')
+        masks = fft.spectrum(_masks(r, shapes))  # (Z, N, N')
         ones = fft.spectrum(torch.ones(r, r))  # (N, N')
         count = fft.cross(masks, ones).round()  # (Z, S) overlapping pixels
         ref_f, ref_sum, ref_var = [], [], []
@@ -217,7 +232,7 @@ def robust_correlation(
         slot = torch.from_numpy(lookup[np.where(valid, candidates, used[0] if used.size else 0)])
         for qs in range(0, q_n if used.size else 0, step):
             tmpl = _templates(
-                standardise(queries[qs : qs + step], smooth), sizes, flips
+                standardise(queries[qs : qs + step], smooth), shapes, flips
             )  # (b, V, R, R)
             fq = fft.spectrum(tmpl)  # (b, V, N, N')
             q_sum = fft.cross(fq, ones)  # (b, V, S)
@@ -240,7 +255,7 @@ def robust_correlation(
         correlation=corr,
         shift=shifts[shift_i],
         flip=variant >= n_z,
-        scale=(np.asarray(sizes, dtype=np.float32) / r)[variant % n_z],
+        scale=(np.asarray(shapes, dtype=np.float32) / r)[variant % n_z],  # (Q, C, 2)
     )
 
 
@@ -285,14 +300,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.T
 
 
 def _aligned_pair(
-    q: np.ndarray, t: np.ndarray, dy: int, dx: int, h: int
+    q: np.ndarray, t: np.ndarray, dy: int, dx: int, hy: int, hx: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The parts of q's h x h centred canvas and of t that align at shift (dy, dx)."""
+    """The parts of q's hy x hx centred canvas and of t that align at shift (dy, dx)."""
     r = t.shape[-1]
-    canvas = _templates(torch.from_numpy(q), (h,), flips=False)[:, 0].numpy()  # (n, R, R)
-    o = (r - h) // 2
-    u0, u1 = max(0, o - dy), min(r, o + h - dy)
-    v0, v1 = max(0, o - dx), min(r, o + h - dx)
+    canvas = _templates(torch.from_numpy(q), ((hy, hx),), flips=False)[:, 0].numpy()  # (n, R, R)
+    oy, ox = (r - hy) // 2, (r - hx) // 2
+    u0, u1 = max(0, oy - dy), min(r, oy + hy - dy)
+    v0, v1 = max(0, ox - dx), min(r, ox + hx - dx)
     return canvas[:, u0 + dy : u1 + dy, v0 + dx : v1 + dx], t[:, u0:u1, v0:v1]
 
 
@@ -304,21 +319,25 @@ def aligned_ssim(
     flip: np.ndarray,
     scale: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(Q,) float32 SSIM of each query and refs[index] at its alignment (shift, flip, scale).
+    """(Q,) float32 SSIM of each query and refs[index] at its alignment (shift, flip, and
+    ``scale``, the template's (height, width) / R, (Q, 2); a (Q,) scale is square).
 
     Computed on the overlapping pixels, in grey levels (L = 255): a brightness or contrast
     change lowers SSIM although the correlation stays at 1.
     """
     r = queries.shape[-1]
-    sizes = np.full(len(queries), r) if scale is None else np.round(scale * r).astype(int)
+    scale = np.ones((len(queries), 2)) if scale is None else np.asarray(scale, dtype=np.float64)
+    if scale.ndim == 1:
+        scale = np.stack([scale, scale], axis=1)
+    sizes = np.round(scale * r).astype(int)  # (Q, 2)
     out = np.zeros(len(queries), dtype=np.float32)
     q = np.where(flip[:, None, None], queries[:, :, ::-1], queries).astype(np.float32)
     t = refs[index].astype(np.float32)  # (Q, R, R)
-    keys = np.stack([shift[:, 0], shift[:, 1], sizes], axis=1)
+    keys = np.stack([shift[:, 0], shift[:, 1], sizes[:, 0], sizes[:, 1]], axis=1)
     with torch.inference_mode(), single_thread():
-        for dy, dx, h in np.unique(keys, axis=0):
-            sel = np.flatnonzero((keys == (dy, dx, h)).all(axis=1))
-            qa, ta = _aligned_pair(q[sel], t[sel], int(dy), int(dx), int(h))
+        for dy, dx, hy, hx in np.unique(keys, axis=0):
+            sel = np.flatnonzero((keys == (dy, dx, hy, hx)).all(axis=1))
+            qa, ta = _aligned_pair(q[sel], t[sel], int(dy), int(dx), int(hy), int(hx))
             out[sel] = ssim(torch.from_numpy(qa.copy()), torch.from_numpy(ta.copy())).numpy()
     return out
 
@@ -349,9 +368,16 @@ class PixelMatch:
     scores: np.ndarray  # (Q, k) float32 robust correlations (-inf where fewer candidates)
     shift: np.ndarray  # (Q, 2) int64 (dy, dx) of the best alignment with neighbours[:, 0]
     flip: np.ndarray  # (Q,) bool
-    scale: np.ndarray  # (Q,) float32 template size / R (1 = no zoom)
+    scale: np.ndarray  # (Q, 2) float32 template (height, width) / R (1 = no zoom)
     ssim: np.ndarray | None  # (Q,) float32 SSIM at that alignment, if asked for
     candidates: float  # mean number of candidates scored per query
+
+
+def _size_pairs(sizes: tuple[int, ...], anisotropic: bool) -> tuple[tuple[int, int], ...]:
+    """Template (height, width) pairs: every pair of ``sizes``, or the square ones only."""
+    if anisotropic:
+        return tuple((hy, hx) for hy in sizes for hx in sizes)
+    return tuple((h, h) for h in sizes)
 
 
 class PixelMatcher:
@@ -359,10 +385,13 @@ class PixelMatcher:
 
     Shortlist: for each query, exact inner-product searches of pooled (about 16 x 16),
     mean-centred, normalised images, one per probe: shifts in {-p, 0, p}^2 (p = max_shift - 1),
-    mirrored or not, full size or shrunk to the smallest template size; the top ``per_probe``
+    mirrored or not, full size or shrunk to the smallest template size (in height, width or
+    both when ``anisotropic``); the top ``per_probe``
     references of each probe are pooled; when there are more than ``max_candidates``, the
     robust correlation of the pooled images (shifts of one pooled pixel) picks the best of them.
-    Scoring: :func:`robust_correlation` at full resolution.
+    Scoring: :func:`robust_correlation` at full resolution, with templates of every (height,
+    width) pair of ``sizes`` when ``anisotropic`` (a crop of 1-4 px from each edge is rarely
+    square: height and width then shrink by different amounts), else square ones only.
     """
 
     def __init__(
@@ -372,8 +401,9 @@ class PixelMatcher:
         max_shift: int = 4,
         sizes: tuple[float, ...] = (1.0, 0.953, 0.906),
         smooth: float = 1.0,
-        per_probe: int = 3,
+        per_probe: int = 4,
         max_candidates: int = 12,
+        anisotropic: bool = True,
     ) -> None:
         if refs.ndim != 3 or refs.dtype != np.uint8 or refs.shape[1] != refs.shape[2]:
             raise ValueError(f"refs must be uint8 (M, R, R), got {refs.dtype} {refs.shape}")
@@ -381,18 +411,21 @@ class PixelMatcher:
         self.refs = refs
         self.max_shift = min(max_shift, max(0, r // 2 - 1))
         self.sizes = tuple(sorted({max(r // 2, min(r, round(f * r))) for f in sizes}, reverse=True))
+        self.shapes = _size_pairs(self.sizes, anisotropic)
         self.smooth = smooth
         self.per_probe = per_probe
         self.max_candidates = max_candidates
         self._pool = max(1, r // 16)
         probe = max(0, self.max_shift - 1)
         self._probe_shifts = sorted({-probe, 0, probe})
-        self._probe_sizes = sorted({r, self.sizes[-1]}, reverse=True)
+        self._probe_shapes = _size_pairs(
+            tuple(sorted({r, self.sizes[-1]}, reverse=True)), anisotropic
+        )
         self._index = ExactIndex(self._pooled(refs), "ip")
         self._small_refs = self._small(refs)
         rs = self._small_refs.shape[-1]
-        self._small_sizes = tuple(
-            sorted({max(rs // 2, round(f * rs)) for f in sizes}, reverse=True)
+        self._small_shapes = _size_pairs(
+            tuple(sorted({max(rs // 2, round(f * rs)) for f in sizes}, reverse=True)), False
         )
 
     def _small(self, images: np.ndarray) -> np.ndarray:
@@ -412,16 +445,16 @@ class PixelMatcher:
         r = queries.shape[-1]
         out = []
         for img in (queries, np.ascontiguousarray(queries[:, :, ::-1])):
-            for h in self._probe_sizes:
-                if h == r:
+            for hy, hx in self._probe_shapes:
+                if (hy, hx) == (r, r):
                     base = img
                 else:
                     t = torch.from_numpy(img).float()
-                    canvas = _templates(t, (h,), flips=False)[:, 0]  # (N, R, R), zero border
-                    o = (r - h) // 2
+                    canvas = _templates(t, ((hy, hx),), flips=False)[:, 0]  # (N, R, R), 0 border
+                    oy, ox = (r - hy) // 2, (r - hx) // 2
                     mean = t.mean(dim=(1, 2), keepdim=True)
                     inside = torch.zeros(r, r, dtype=torch.bool)
-                    inside[o : o + h, o : o + h] = True
+                    inside[oy : oy + hy, ox : ox + hx] = True
                     filled = torch.where(inside, canvas, mean).round().clamp(0, 255)
                     base = filled.to(torch.uint8).numpy()
                 for dy in self._probe_shifts:
@@ -457,7 +490,7 @@ class PixelMatcher:
             self._small_refs,
             allc,
             max_shift=1,
-            sizes=self._small_sizes,
+            sizes=self._small_shapes,
         ).correlation  # (Q, C)
         order = np.lexsort((allc, -coarse), axis=-1)[:, : self.max_candidates]
         allc = np.take_along_axis(allc, order, 1)
@@ -492,7 +525,7 @@ class PixelMatcher:
                 scores=np.zeros((0, k), np.float32),
                 shift=np.zeros((0, 2), np.int64),
                 flip=np.zeros(0, bool),
-                scale=z,
+                scale=np.zeros((0, 2), np.float32),
                 ssim=z if with_ssim else None,
                 candidates=0.0,
             )
@@ -502,7 +535,7 @@ class PixelMatcher:
             self.refs,
             cand,
             max_shift=self.max_shift,
-            sizes=self.sizes,
+            sizes=self.shapes,
             smooth=self.smooth,
         )
         # Best first; ties (and -inf padding) go to the lower reference index.

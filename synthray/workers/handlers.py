@@ -335,7 +335,7 @@ def _gate(
             "scores": {sp: round(float(rep.scores[sp][i]), 6) for sp in rep.spaces},
             "best_shift": [int(v) for v in rep.best_shift[i]],
             "best_flip": bool(rep.best_flip[i]),
-            "best_scale": round(float(rep.best_scale[i]), 4),
+            "best_scale": [round(float(v), 4) for v in rep.best_scale[i]],
             "ssim": round(float(rep.ssim[i]), 4),
             "authentic": bool(rep.authentic[i]),
         }

@@ -83,8 +83,28 @@ def test_template_sizes_undo_a_crop_scaled_back_up() -> None:
     plain = robust_correlation(q, t, cand)
     zoom = robust_correlation(q, t, cand, sizes=(64, 61, 58))
     assert zoom.correlation[0, 1] > plain.correlation[0, 1]
-    assert zoom.correlation[0, 1] > 0.99 and zoom.scale[0, 1] < 1
+    assert zoom.correlation[0, 1] > 0.99 and (zoom.scale[0, 1] < 1).all()
     assert int(zoom.correlation[0].argmax()) == 1
+
+
+def test_anisotropic_templates_undo_a_crop_that_was_not_square() -> None:
+    rng = np.random.default_rng(2)
+    t = _smooth_images(4, rng, 64)
+    crop = t[2, 1:62, 4:62]  # 61 x 58: one edge trimmed more than the other
+    zoomed = torch.nn.functional.interpolate(
+        torch.from_numpy(crop.astype(np.float32))[None, None], size=(64, 64), mode="bilinear"
+    )[0, 0]
+    q = zoomed.round().clamp(0, 255).to(torch.uint8).numpy()[None]
+    cand = np.array([[0, 1, 2, 3]])
+    square = robust_correlation(q, t, cand, sizes=(64, 61, 58))
+    pairs = robust_correlation(
+        q, t, cand, sizes=[(a, b) for a in (64, 61, 58) for b in (64, 61, 58)]
+    )
+    assert pairs.correlation[0, 2] > square.correlation[0, 2]
+    assert pairs.correlation[0, 2] > 0.995
+    assert tuple(np.round(pairs.scale[0, 2] * 64)) == (61, 58)
+    m = PixelMatcher(t).match(q, 1, with_ssim=False)
+    assert m.neighbours[0, 0] == 2 and tuple(np.round(m.scale[0] * 64)) == (61, 58)
 
 
 def _naive_ssim(a: np.ndarray, b: np.ndarray) -> float:
