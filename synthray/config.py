@@ -90,6 +90,16 @@ class Settings(BaseSettings):
         ge=0.5,
         description="Training time of the copy-detection embedding (once per dataset version).",
     )
+    rate_limit: str = Field(
+        "1200/minute",
+        description="Requests each client address may make, "
+        "in the limits notation ('1200/minute', '50/second;1200/minute'); empty: no limit.",
+    )
+    rate_limit_storage: str = Field(
+        "memory://",
+        description="Where request counts live: memory:// for one API process, a redis:// URL "
+        "when several API processes share the limit.",
+    )
     log_level: str = "INFO"
 
     @field_validator("broker_url")

@@ -12,13 +12,9 @@ from sqlalchemy.orm import Session
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
 from synthray.app.db import session_scope
-from synthray.app.errors import DomainError, Forbidden
+from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
-
-
-class Unauthorized(DomainError):
-    status_code = 401
 
 
 def get_settings(request: Request) -> Settings:
@@ -50,19 +46,29 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
 
-def current_principal(
+def caller(
     session: SessionDep,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header: Annotated[str | None, Security(_header)],
-) -> Principal:
+) -> Principal | Unauthorized:
+    """The key's principal, or the 401 to answer (for endpoints that audit failed attempts)."""
     key = bearer.credentials if bearer else header
     if not key:
-        raise Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
+        return Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
     principal = auth_service.authenticate(session, settings.secret_key, key)
     if principal is None:
-        raise Unauthorized("invalid or revoked API key")
+        return Unauthorized("invalid or revoked API key")
     return principal
+
+
+CallerDep = Annotated[Principal | Unauthorized, Depends(caller)]
+
+
+def current_principal(who: CallerDep) -> Principal:
+    if isinstance(who, Unauthorized):
+        raise who
+    return who
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -22,6 +22,12 @@ class DomainError(Exception):
         self.field = field
 
 
+class Unauthorized(DomainError):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    status_code = 401
+
+
 class NotFound(DomainError):
     status_code = 404
 

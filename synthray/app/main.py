@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from synthray import __version__
+from synthray.app import ratelimit
 from synthray.app.audit.router import router as audit_router
 from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_handlers(app)
+    ratelimit.install(app, settings)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from support import Keys, auth
 
+from synthray.app.main import create_app
+from synthray.config import Settings
+
 
 def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -87,3 +90,20 @@ def test_invalid_parameters_name_the_field(client: TestClient, keys: Keys) -> No
         "/v1/datasets", content=b"{not json", headers=h | {"content-type": "application/json"}
     )
     assert r.status_code == 422
+
+
+def test_rate_limit_answers_429_per_client(settings: Settings, keys: Keys) -> None:
+    app = create_app(settings.model_copy(update={"rate_limit": "3/minute"}))
+    with TestClient(app, raise_server_exceptions=False, client=("10.0.0.1", 5000)) as c:
+        for _ in range(3):
+            assert c.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+        r = c.get("/v1/me", headers=auth(keys.operator))
+        assert r.status_code == 429
+        assert "3 per 1 minute" in r.json()["detail"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 60
+        # Another key from the same address shares the count: guessed keys get no allowance.
+        assert c.get("/v1/me", headers=auth("sr_0000_guessed")).status_code == 429
+        for _ in range(5):  # the probes are never limited
+            assert c.get("/healthz").status_code == 200
+    with TestClient(app, raise_server_exceptions=False, client=("10.0.0.2", 5000)) as other:
+        assert other.get("/v1/me", headers=auth(keys.operator)).status_code == 200

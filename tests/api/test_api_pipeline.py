@@ -222,6 +222,7 @@ def test_synthesize_check_export_download(
     assert client.post(f"/v1/exports/{export_id}/approve", headers=op).status_code == 403
     assert client.post(f"/v1/exports/{export_id}/approve", headers=rev).status_code == 200
     assert client.get(url).status_code == 401
+    assert client.get(url, headers=auth("sr_0000_guessed")).status_code == 401
     assert client.get(url, headers=auth(keys.other_partner)).status_code == 404
     assert client.get(url, headers=auth(keys.operator)).status_code == 403
     assert client.get("/v1/exports", headers=auth(keys.other_partner)).json() == []
@@ -239,7 +240,10 @@ def test_synthesize_check_export_download(
     with session_scope(settings.sqlalchemy_url) as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.action == "download_export")).all()
         outcomes = sorted(e.outcome for e in events)
-    assert outcomes == ["ok", "refused", "refused", "refused"]
+        anonymous = [(e.actor_name, e.detail["reason"]) for e in events if e.actor_key_id is None]
+    # not approved, no key, a guessed key, another partner, the wrong role; then the download
+    assert outcomes == ["ok"] + ["refused"] * 5
+    assert anonymous == [(None, "no valid API key")] * 2
 
 
 def test_gate_blocks_memorized_and_changed_batches(

@@ -2,17 +2,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import FileResponse
 
+from synthray.app.auth.schemas import Principal
 from synthray.app.deps import (
     BlobsDep,
+    CallerDep,
     CurrentPrincipal,
     OperatorDep,
     ReviewerDep,
     SessionDep,
     SettingsDep,
 )
+from synthray.app.errors import Unauthorized
 from synthray.app.exports import service
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
 
@@ -47,6 +50,14 @@ def approve_export(export_id: int, session: SessionDep, who: ReviewerDep) -> Exp
     return service.to_read(service.approve(session, export_id, who))
 
 
+def _downloader(export_id: str, session: SessionDep, who: CallerDep) -> Principal:
+    """The caller; a download attempt without a valid key is audited before its 401 (and
+    before the id is validated, so that every /v1 route answers 401 first)."""
+    if isinstance(who, Unauthorized):
+        service.refuse_unauthenticated(session, export_id, who)
+    return who
+
+
 @router.get(
     "/{export_id}/download",
     response_class=FileResponse,
@@ -56,8 +67,10 @@ def download_export(
     export_id: int,
     session: SessionDep,
     blobs: BlobsDep,
-    who: CurrentPrincipal,
+    who: Annotated[Principal, Depends(_downloader)],
 ) -> FileResponse:
+    """The approved bundle, to its partner or an admin. Every attempt is audited, those
+    without a valid key included."""
     path, e = service.open_download(session, blobs, export_id, who)
     return FileResponse(
         path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -23,7 +24,7 @@ from synthray.app.batches import service as batches
 from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets import repository as datasets
 from synthray.app.db import utcnow
-from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound
+from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from synthray.app.exports import bundle, repository
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
 from synthray.app.exports.tables import Export
@@ -186,6 +187,14 @@ def approve(session: Session, export_id: int, who: Principal) -> Export:
     audit.record(session, who, "approve_export", "export", e.id, "ok")
     session.flush()
     return e
+
+
+def refuse_unauthenticated(session: Session, export_id: str, error: Unauthorized) -> NoReturn:
+    """Audit a download attempt without a valid key (no actor), then raise its 401."""
+    audit.record_refusal(
+        session, None, "download_export", "export", export_id[:64], "no valid API key"
+    )
+    raise error
 
 
 def open_download(
