@@ -391,7 +391,10 @@ class PixelMatcher:
     robust correlation of the pooled images (shifts of one pooled pixel) picks the best of them.
     Scoring: :func:`robust_correlation` at full resolution, with templates of every (height,
     width) pair of ``sizes`` when ``anisotropic`` (a crop of 1-4 px from each edge is rarely
-    square: height and width then shrink by different amounts), else square ones only.
+    square: height and width then shrink by different amounts), else square ones only; the
+    non-square pairs score the ``refine`` best candidates by the square ones, and the best
+    pair's template is then moved by up to two pixels in height and width while that helps
+    (at most ``polish`` steps).
     """
 
     def __init__(
@@ -404,6 +407,8 @@ class PixelMatcher:
         per_probe: int = 4,
         max_candidates: int = 12,
         anisotropic: bool = True,
+        refine: int = 4,
+        polish: int = 3,
     ) -> None:
         if refs.ndim != 3 or refs.dtype != np.uint8 or refs.shape[1] != refs.shape[2]:
             raise ValueError(f"refs must be uint8 (M, R, R), got {refs.dtype} {refs.shape}")
@@ -415,6 +420,8 @@ class PixelMatcher:
         self.smooth = smooth
         self.per_probe = per_probe
         self.max_candidates = max_candidates
+        self.refine = refine
+        self.polish = polish
         self._pool = max(1, r // 16)
         probe = max(0, self.max_shift - 1)
         self._probe_shifts = sorted({-probe, 0, probe})
@@ -497,6 +504,74 @@ class PixelMatcher:
         allc[np.take_along_axis(coarse, order, 1) == -np.inf] = -1
         return allc
 
+    def _score(self, queries: np.ndarray, cand: np.ndarray) -> PairScores:
+        """Robust correlation of each query with its candidates over every template shape.
+
+        Square templates score all candidates; the non-square ones (about two thirds of the
+        work) score only the ``refine`` best of them, where a copy's source always ranks: an
+        uneven crop costs its source little under the nearest square template (0.95-0.98
+        here), while the pair's fine alignment is what lifts it above the threshold.
+        """
+        square = tuple(s for s in self.shapes if s[0] == s[1])
+        uneven = tuple(s for s in self.shapes if s[0] != s[1])
+        opts = {"max_shift": self.max_shift, "smooth": self.smooth}
+        ps = robust_correlation(queries, self.refs, cand, sizes=square, **opts)
+        if not uneven or cand.shape[1] == 0:
+            return ps
+        r = min(self.refine, cand.shape[1])
+        top = np.argsort(-ps.correlation, axis=1, kind="stable")[:, :r]  # (Q, r) columns
+        sub = np.take_along_axis(cand, top, 1)  # (Q, r) reference indices, -1 = none
+        fine = robust_correlation(queries, self.refs, sub, sizes=uneven, **opts)
+        rows = np.arange(len(queries))[:, None]
+        better = fine.correlation > ps.correlation[rows, top]  # (Q, r)
+        qi, ci = np.nonzero(better)
+        cols = top[qi, ci]
+        ps.correlation[qi, cols] = fine.correlation[qi, ci]
+        ps.shift[qi, cols] = fine.shift[qi, ci]
+        ps.flip[qi, cols] = fine.flip[qi, ci]
+        ps.scale[qi, cols] = fine.scale[qi, ci]
+        for _ in range(self.polish):
+            if not self._polish(queries, cand, ps):
+                break
+        return ps
+
+    def _polish(self, queries: np.ndarray, cand: np.ndarray, ps: PairScores) -> bool:
+        """Refine each query's best pair between the grid's sizes: the 24 template shapes up
+        to two pixels taller, shorter, wider or narrower than its best, at its best
+        mirroring, kept where they correlate better (one hill-climbing step; True if any
+        pair improved). The grid is 3 px apart, so a crop lying between two of its sizes is
+        otherwise scored with up to 1.5 px of misfit at the edges; two-pixel moves are
+        needed because a template centred on an integer pixel moves its centre by half a
+        pixel whenever its size changes parity, which a one-pixel move cannot undo."""
+        r = queries.shape[-1]
+        best = np.argmax(ps.correlation, axis=1)  # (Q,)
+        rows = np.arange(len(queries))
+        valid = np.isfinite(ps.correlation[rows, best])
+        shape = np.round(ps.scale[rows, best] * r).astype(np.int64)  # (Q, 2)
+        flip = ps.flip[rows, best]
+        keys = np.concatenate([shape, flip[:, None].astype(np.int64)], axis=1)  # (Q, 3)
+        lo, hi = r // 2, r
+        improved = False
+        for hy, hx, fl in np.unique(keys[valid], axis=0):
+            sel = np.flatnonzero(valid & (keys == (hy, hx, fl)).all(axis=1))
+            near = tuple(
+                (int(hy + a), int(hx + b))
+                for a in (-2, -1, 0, 1, 2)
+                for b in (-2, -1, 0, 1, 2)
+                if (a, b) != (0, 0) and lo <= hy + a <= hi and lo <= hx + b <= hi
+            )
+            q = queries[sel][:, :, ::-1] if fl else queries[sel]
+            pair = cand[sel, best[sel]][:, None]  # (n, 1)
+            opts = {"max_shift": self.max_shift, "smooth": self.smooth, "flips": False}
+            fine = robust_correlation(np.ascontiguousarray(q), self.refs, pair, sizes=near, **opts)
+            gain = fine.correlation[:, 0] > ps.correlation[sel, best[sel]]
+            g, c = sel[gain], best[sel][gain]
+            ps.correlation[g, c] = fine.correlation[gain, 0]
+            ps.shift[g, c] = fine.shift[gain, 0]
+            ps.scale[g, c] = fine.scale[gain, 0]
+            improved |= bool(gain.any())
+        return improved
+
     def match(
         self,
         queries: np.ndarray,
@@ -530,14 +605,7 @@ class PixelMatcher:
                 candidates=0.0,
             )
         cand = self.candidates(queries, exclude)  # (Q, C)
-        ps = robust_correlation(
-            queries,
-            self.refs,
-            cand,
-            max_shift=self.max_shift,
-            sizes=self.shapes,
-            smooth=self.smooth,
-        )
+        ps = self._score(queries, cand)
         # Best first; ties (and -inf padding) go to the lower reference index.
         key_idx = np.where(cand >= 0, cand, np.iinfo(np.int64).max)
         order = np.lexsort((key_idx, -ps.correlation), axis=-1)

@@ -107,6 +107,21 @@ def test_anisotropic_templates_undo_a_crop_that_was_not_square() -> None:
     assert m.neighbours[0, 0] == 2 and tuple(np.round(m.scale[0] * 64)) == (61, 58)
 
 
+def test_polish_fits_a_crop_between_the_grid_sizes() -> None:
+    rng = np.random.default_rng(3)
+    t = _smooth_images(4, rng, 64)
+    crop = t[1, 2:61, 0:63]  # 59 x 63: between the grid's 58/61 and 61/64
+    zoomed = torch.nn.functional.interpolate(
+        torch.from_numpy(crop.astype(np.float32))[None, None], size=(64, 64), mode="bilinear"
+    )[0, 0]
+    q = zoomed.round().clamp(0, 255).to(torch.uint8).numpy()[None]
+    rough = PixelMatcher(t, polish=False).match(q, 1, with_ssim=False)
+    fine = PixelMatcher(t).match(q, 1, with_ssim=False)
+    assert rough.neighbours[0, 0] == fine.neighbours[0, 0] == 1
+    assert fine.scores[0, 0] > rough.scores[0, 0]
+    assert tuple(np.round(fine.scale[0] * 64)) == (59, 63)
+
+
 def _naive_ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Wang et al. (2004) MSSIM with the 11x11 Gaussian (sigma 1.5), windows fully inside."""
     t = np.arange(11) - 5
