@@ -21,12 +21,17 @@ import argparse
 import csv
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nih_data import load_split
 
 from synthray.models import quality
 from synthray.models.memorization import check_memorization_v2
@@ -36,7 +41,6 @@ from synthray.models.training import TrainConfig, load_generator, save_generator
 DATA = Path(
     os.environ.get("SYNTHRAY_TEST_DATA", Path(__file__).resolve().parents[2] / "../shared/data")
 )
-NIH_CLASSES = ["Normal", "Cardiomegaly", "Effusion", "Edema", "Pneumothorax"]
 
 
 def _read_grey(path: Path, size: int) -> np.ndarray:
@@ -48,30 +52,30 @@ def _read_grey(path: Path, size: int) -> np.ndarray:
         return np.asarray(g, dtype=np.uint8)
 
 
-def load(name: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(classes, images (N, 64, 64) uint8, labels (N,), patient keys (N,))."""
-    images, labels, patients = [], [], []
+def load(name: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, train images (N, 64, 64) uint8, train labels, held-out images, labels)."""
     if name == "nih":
-        folder, classes = DATA / "nih-cxr14-64", NIH_CLASSES
-        with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                found = {
-                    "Normal" if p.strip() == "No Finding" else p.strip()
-                    for p in row["Finding Labels"].split("|")
-                }
-                hits = [c for c in classes if c in found]
-                if len(hits) == 1:
-                    images.append(_read_grey(folder / row["file"], 64))
-                    labels.append(classes.index(hits[0]))
-                    patients.append(row["Patient ID"].strip())
-    else:
-        folder, classes = DATA / "kermany-224", ["normal", "bacteria", "virus"]
-        with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                images.append(_read_grey(folder / row["file"], 64))
-                labels.append(classes.index(row["subtype"].strip().lower()))
-                patients.append(row["patient_key"])
-    return classes, np.stack(images), np.array(labels), np.array(patients)
+        split = load_split(DATA / "nih-cxr14-64")  # the same 80/20 patient split, seed 0
+        return (
+            split.classes,
+            split.train_images,
+            split.train_labels,
+            split.holdout_images,
+            split.holdout_labels,
+        )
+    folder, classes = DATA / "kermany-224", ["normal", "bacteria", "virus"]
+    images, labels, patients = [], [], []
+    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            images.append(_read_grey(folder / row["file"], 64))
+            labels.append(classes.index(row["subtype"].strip().lower()))
+            patients.append(row["patient_key"])
+    x, y, p = np.stack(images), np.array(labels), np.array(patients)
+    unique = np.array(sorted(set(p.tolist())))
+    order = np.random.default_rng(0).permutation(len(unique))
+    held_p = set(unique[order[: round(0.2 * len(unique))]].tolist())
+    held = np.array([k in held_p for k in p])
+    return classes, x[~held], y[~held], x[held], y[held]
 
 
 def main() -> None:
@@ -83,12 +87,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    classes, images, labels, patients = load(args.set)
-    unique = np.array(sorted(set(patients.tolist())))
-    order = np.random.default_rng(0).permutation(len(unique))
-    held_p = set(unique[order[: round(0.2 * len(unique))]].tolist())
-    held = np.array([p in held_p for p in patients])
-    tr_x, tr_y, ho_x, ho_y = images[~held], labels[~held], images[held], labels[held]
+    classes, tr_x, tr_y, ho_x, ho_y = load(args.set)
     counts = np.bincount(tr_y, minlength=len(classes)).tolist()
     print(
         f"{args.set}: train {len(tr_x)} {dict(zip(classes, counts, strict=True))}, "
