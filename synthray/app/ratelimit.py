@@ -10,11 +10,14 @@ Requests are counted per client address, before authentication: counting per API
 give every guessed key a fresh allowance, and looking keys up before counting would let a
 flood reach the database. Behind a reverse proxy, start uvicorn with ``--proxy-headers`` and
 ``--forwarded-allow-ips`` so that the address is the client's, not the proxy's. The health
-probes are exempt. A refused request gets 429, the limit it broke and Retry-After.
+probes are exempt. A refused request gets 429, the limit it broke and Retry-After. When the
+counter store cannot be reached the request is served and the failure logged: the limit
+protects the service, and taking the whole API down with Redis would defeat that.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +29,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from synthray.config import Settings
+
+log = logging.getLogger(__name__)
 
 EXEMPT = frozenset({"/healthz", "/readyz"})
 
@@ -59,7 +64,11 @@ def install(app: FastAPI, settings: Settings) -> None:
         if request.url.path in EXEMPT:
             return await call_next(request)
         client = request.client.host if request.client else "unknown"
-        broken = limiter.check(client)
+        try:
+            broken = limiter.check(client)
+        except Exception as exc:  # the counter store (Redis) is down: serve, and say so
+            log.error("rate limit store unavailable (%s); request not counted", type(exc).__name__)
+            broken = None
         if broken is None:
             return await call_next(request)
         item, retry_after = broken

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+
+import pytest
+from conftest import REDIS_URL
 from fastapi.testclient import TestClient
 from support import Keys, auth
 
@@ -107,3 +111,31 @@ def test_rate_limit_answers_429_per_client(settings: Settings, keys: Keys) -> No
             assert c.get("/healthz").status_code == 200
     with TestClient(app, raise_server_exceptions=False, client=("10.0.0.2", 5000)) as other:
         assert other.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+
+
+def test_rate_limit_counts_in_redis_across_app_instances(settings: Settings, keys: Keys) -> None:
+    """Two API processes sharing one Redis share the count (a fresh address per run, so
+    counts left in Redis by earlier runs cannot interfere)."""
+    shared = settings.model_copy(update={"rate_limit": "2/minute", "rate_limit_storage": REDIS_URL})
+    address = f"10.{secrets.randbelow(250)}.{secrets.randbelow(250)}.{secrets.randbelow(250)}"
+    one, two = create_app(shared), create_app(shared)
+    with (
+        TestClient(one, raise_server_exceptions=False, client=(address, 1)) as a,
+        TestClient(two, raise_server_exceptions=False, client=(address, 2)) as b,
+    ):
+        assert a.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+        assert b.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+        assert a.get("/v1/me", headers=auth(keys.operator)).status_code == 429
+        assert b.get("/v1/me", headers=auth(keys.operator)).status_code == 429
+
+
+def test_rate_limit_store_down_serves_and_logs(
+    settings: Settings, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = settings.model_copy(
+        update={"rate_limit": "1/minute", "rate_limit_storage": "redis://127.0.0.1:1/0"}
+    )
+    with TestClient(create_app(down), raise_server_exceptions=False) as c:
+        for _ in range(2):
+            assert c.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+    assert "rate limit store unavailable" in caplog.text
