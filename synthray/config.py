@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
     job_lease_seconds: int = Field(120, ge=4, description="Lease a worker holds on a job.")
     job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job fails.")
+    job_files_retention_days: float = Field(
+        7.0,
+        ge=0,
+        description="Days a cancelled or failed job keeps its scratch folder (its last "
+        "checkpoint); 0 keeps them forever.",
+    )
     requeue_after_seconds: int = Field(
         600, ge=10, description="Re-publish a queued job whose message may be lost after this."
     )

@@ -1,14 +1,20 @@
 """Cancelling: a queued job at once; a running training job at its next heartbeat, with
-its last checkpoint kept."""
+its last checkpoint kept (for job_files_retention_days)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
 
+from synthray.app.db import session_scope
+from synthray.app.jobs.service import prune_job_files
+from synthray.app.jobs.tables import Job
 from synthray.config import Settings
 from synthray.workers.runner import run
 
@@ -56,3 +62,26 @@ def test_cancel_queued_and_running(client: TestClient, keys: Keys, settings: Set
     assert job["state"] == "cancelled" and job["cancel_requested"] is True
     assert ckpt.exists()  # the last checkpoint is kept
     assert client.get("/v1/models", headers=op).json() == []  # nothing registered
+
+    # Retention: the kept checkpoint goes once the job ended job_files_retention_days ago;
+    # a queued job's folder stays however old, and a folder with no job goes when old.
+    root = settings.work_dir / "jobs"
+    queued_id = client.post("/v1/train", json=body, headers=op).json()["job_id"]
+    (root / queued_id).mkdir()
+    old, fresh = root / "no-such-job-old", root / "no-such-job-fresh"
+    old.mkdir()
+    fresh.mkdir()
+    ten_days_ago = time.time() - 10 * 86400
+    for path in (old, root / queued_id):
+        os.utime(path, (ten_days_ago, ten_days_ago))
+    with session_scope(settings.sqlalchemy_url) as s:
+        assert prune_job_files(s, settings) == ["no-such-job-old"]  # the job ended just now
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(finished_at=datetime.now(UTC) - timedelta(days=8))
+        )
+    with session_scope(settings.sqlalchemy_url) as s:
+        assert prune_job_files(s, settings) == [job_id]
+    assert not ckpt.parent.exists()
+    assert (root / queued_id).is_dir() and fresh.is_dir()

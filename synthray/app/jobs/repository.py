@@ -101,3 +101,22 @@ def expired_running(session: Session, now: datetime) -> list[Job]:
 def stale_queued(session: Session, before: datetime) -> list[Job]:
     stmt = select(Job).where(Job.state == "queued", Job.enqueued_at < before)
     return list(session.scalars(stmt.with_for_update(skip_locked=True)))
+
+
+def ended_before(session: Session, ids: list[str], before: datetime) -> set[str]:
+    """Which of ``ids`` name jobs that ended (any terminal state) before ``before``."""
+    if not ids:
+        return set()
+    stmt = select(Job.id).where(
+        Job.id.in_(ids),
+        Job.state.in_(["succeeded", "failed", "cancelled"]),
+        Job.finished_at < before,
+    )
+    return set(session.scalars(stmt))
+
+
+def existing(session: Session, ids: list[str]) -> set[str]:
+    """Which of ``ids`` have a job row."""
+    if not ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(ids))))

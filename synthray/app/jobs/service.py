@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -121,3 +122,30 @@ def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]
     for job_id, queue in out:
         on_commit(session, lambda j=job_id, q=queue: broker.publish(settings, j, q))
     return out
+
+
+def prune_job_files(session: Session, settings: Settings) -> list[str]:
+    """Delete the scratch folders (``work/jobs/<id>``) of jobs that ended more than
+    ``job_files_retention_days`` ago, and folders with no job row that old; return their ids.
+
+    A succeeded job's folder goes as soon as it succeeds. A cancelled or failed job keeps its
+    last checkpoint for inspection, but only for that long. Folders of queued or running
+    jobs are never touched: a redelivered job resumes from them.
+    """
+    days = settings.job_files_retention_days
+    root = settings.work_dir / "jobs"
+    if days <= 0 or not root.is_dir():
+        return []
+    folders = {p.name: p for p in root.iterdir() if p.is_dir()}
+    names = sorted(folders)
+    cutoff = utcnow() - timedelta(days=days)
+    ended = repository.ended_before(session, names, cutoff)
+    known = repository.existing(session, names)
+    removed = []
+    for name in names:
+        path = folders[name]
+        orphan = name not in known and path.stat().st_mtime < cutoff.timestamp()
+        if name in ended or orphan:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
