@@ -53,6 +53,16 @@ def _fail(exc: ApiError) -> None:
     raise typer.Exit(1)
 
 
+def _download(url: str, key: str, path: str, dest: Path) -> None:
+    """Stream an API file to ``dest`` and say where it went."""
+    with _client(url, key) as c:
+        try:
+            size = c.download(path, dest)
+        except ApiError as exc:
+            _fail(exc)
+    err.print(f"wrote {dest} ({size} bytes)")
+
+
 def _print(obj: Any) -> None:
     out.print_json(json.dumps(obj, default=str))
 
@@ -314,12 +324,7 @@ def download(
 ) -> None:
     """Download an approved export bundle (the partner it is addressed to)."""
     target = dest / f"synthray-export-{export_id}.zip" if dest.is_dir() else dest
-    with _client(url, api_key) as c:
-        try:
-            size = c.download(f"/exports/{export_id}/download", target)
-        except ApiError as exc:
-            _fail(exc)
-    err.print(f"wrote {target} ({size} bytes)")
+    _download(url, api_key, f"/exports/{export_id}/download", target)
 
 
 @app.command()
@@ -415,12 +420,7 @@ def jobs_preview(
     api_key: KeyOpt = "",
 ) -> None:
     """Save the latest preview grid of a training job (one row per class)."""
-    with _client(url, api_key) as c:
-        try:
-            size = c.download(f"/jobs/{job_id}/preview.png", dest)
-        except ApiError as exc:
-            _fail(exc)
-    err.print(f"wrote {dest} ({size} bytes)")
+    _download(url, api_key, f"/jobs/{job_id}/preview.png", dest)
 
 
 @jobs_app.command("cancel")
@@ -509,12 +509,7 @@ def models_weights(
     api_key: KeyOpt = "",
 ) -> None:
     """Download a generator's weights (admin)."""
-    with _client(url, api_key) as c:
-        try:
-            size = c.download(f"/models/{name}/versions/{version}/weights", dest)
-        except ApiError as exc:
-            _fail(exc)
-    err.print(f"wrote {dest} ({size} bytes)")
+    _download(url, api_key, f"/models/{name}/versions/{version}/weights", dest)
 
 
 def _job_failed(job: dict[str, Any]) -> None:

@@ -369,8 +369,8 @@ def _gate(
     )
     report["space"] = (
         "pixel: Pearson correlation, best over shifts of up to 4 px, mirror and slight "
-        "rescale (after a 1 px blur); embedding: cosine in a copy-detection network "
-        "trained on this dataset's training split"
+        "rescales of height and width (after a 1 px blur); embedding: cosine in a "
+        "copy-detection network trained on this dataset's training split"
     )
     by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
     page = report_html.render(report, images, by_position.__getitem__, title=title)

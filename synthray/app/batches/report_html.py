@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from fastapi.responses import HTMLResponse
 from PIL import Image
 
 STYLE = """
@@ -107,3 +108,15 @@ def render(
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def evidence_response(page: str) -> HTMLResponse:
+    """The page as an HTML response that may show its own inline images and styles only
+    (no scripts, nothing fetched from anywhere)."""
+    return HTMLResponse(
+        page,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; "
+            "img-src data:; style-src 'unsafe-inline'"
+        },
+    )

@@ -7,6 +7,7 @@ from fastapi.responses import HTMLResponse
 
 from synthray.app.audit import service as audit
 from synthray.app.batches import service
+from synthray.app.batches.report_html import evidence_response
 from synthray.app.batches.schemas import BatchRead, SynthesizeAccepted, SynthesizeRequest
 from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
 
@@ -47,10 +48,4 @@ def get_report_html(
     real training images, so it is staff-only and every view is audited."""
     page = service.report_html(session, blobs, batch_id)
     audit.record(session, who, "view_evidence", "batch", batch_id, "ok")
-    return HTMLResponse(
-        page,
-        headers={
-            "Content-Security-Policy": "default-src 'none'; "
-            "img-src data:; style-src 'unsafe-inline'"
-        },
-    )
+    return evidence_response(page)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import HTMLResponse
 
 from synthray.app.audit import service as audit
+from synthray.app.batches.report_html import evidence_response
 from synthray.app.datasets import uploads
 from synthray.app.deps import (
     BlobsDep,
@@ -65,10 +66,4 @@ def get_image_check_report_html(
 ) -> HTMLResponse:
     page = service.report(session, blobs, check_id, html=True)
     audit.record(session, who, "view_evidence", "image_check", check_id, "ok")
-    return HTMLResponse(
-        page,
-        headers={
-            "Content-Security-Policy": "default-src 'none'; "
-            "img-src data:; style-src 'unsafe-inline'"
-        },
-    )
+    return evidence_response(page)

@@ -103,20 +103,12 @@ def stale_queued(session: Session, before: datetime) -> list[Job]:
     return list(session.scalars(stmt.with_for_update(skip_locked=True)))
 
 
-def ended_before(session: Session, ids: list[str], before: datetime) -> set[str]:
-    """Which of ``ids`` name jobs that ended (any terminal state) before ``before``."""
+def end_times(session: Session, ids: list[str]) -> dict[str, datetime | None]:
+    """For each of ``ids`` that has a job row: when it ended (None while queued or running)."""
     if not ids:
-        return set()
-    stmt = select(Job.id).where(
-        Job.id.in_(ids),
-        Job.state.in_(["succeeded", "failed", "cancelled"]),
-        Job.finished_at < before,
-    )
-    return set(session.scalars(stmt))
-
-
-def existing(session: Session, ids: list[str]) -> set[str]:
-    """Which of ``ids`` have a job row."""
-    if not ids:
-        return set()
-    return set(session.scalars(select(Job.id).where(Job.id.in_(ids))))
+        return {}
+    stmt = select(Job.id, Job.state, Job.finished_at).where(Job.id.in_(ids))
+    return {
+        job_id: finished if state in ("succeeded", "failed", "cancelled") else None
+        for job_id, state, finished in session.execute(stmt)
+    }

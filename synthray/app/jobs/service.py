@@ -139,13 +139,16 @@ def prune_job_files(session: Session, settings: Settings) -> list[str]:
     folders = {p.name: p for p in root.iterdir() if p.is_dir()}
     names = sorted(folders)
     cutoff = utcnow() - timedelta(days=days)
-    ended = repository.ended_before(session, names, cutoff)
-    known = repository.existing(session, names)
+    ended = repository.end_times(session, names)
     removed = []
     for name in names:
         path = folders[name]
-        orphan = name not in known and path.stat().st_mtime < cutoff.timestamp()
-        if name in ended or orphan:
+        if name in ended:
+            finished = ended[name]
+            expired = finished is not None and finished < cutoff
+        else:  # no job row: judge by the folder's age
+            expired = path.stat().st_mtime < cutoff.timestamp()
+        if expired:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
