@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import uvicorn
 from fastapi.testclient import TestClient
 from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
 
@@ -117,6 +119,36 @@ def worker(stack: Settings, tmp_path: Path) -> Iterator[Worker]:
     w.stop()
 
 
+@pytest.fixture
+def http_url(stack: Settings) -> Iterator[str]:
+    """The same API served over real HTTP (uvicorn in a thread, a free port), for the CLI."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(stack), host="127.0.0.1", port=0, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def cli(url: str, key: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ.copy() | {"SYNTHRAY_URL": url, "SYNTHRAY_API_KEY": key}
+    return subprocess.run(
+        [sys.executable, "-m", "synthray.cli.main", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def wait_job(api: TestClient, key: str, job_id: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -141,7 +173,9 @@ def ingest(api: TestClient, keys: Keys, stack: Settings) -> None:
     assert job["attempts"] == 1
 
 
-def test_pipeline_through_a_real_worker(api: TestClient, stack: Settings, worker: Worker) -> None:
+def test_pipeline_through_a_real_worker(
+    api: TestClient, stack: Settings, worker: Worker, http_url: str, tmp_path: Path
+) -> None:
     keys = make_keys(stack)
     op = auth(keys.operator)
     ingest(api, keys, stack)
@@ -150,9 +184,19 @@ def test_pipeline_through_a_real_worker(api: TestClient, stack: Settings, worker
         json={"dataset": "nih", "model_name": "e2e", "max_steps": 4, "batch_size": 8},
         headers=op,
     )
-    job = wait_job(api, keys.operator, r.json()["job_id"])
+    train_id = r.json()["job_id"]
+    job = wait_job(api, keys.operator, train_id)
     assert job["state"] == "succeeded", (job, worker.log.read_text()[-2000:])
     assert job["result"]["metrics"]["steps"] == 4
+    # The CLI's file verbs, over real HTTP: a preview grid, the weights (admin only).
+    r = cli(http_url, keys.operator, "jobs", "preview", train_id, "--dest", "p.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = cli(http_url, keys.operator, "models", "weights", "e2e", "1", "--dest", "w", cwd=tmp_path)
+    assert r.returncode == 1 and "(403)" in r.stderr and not (tmp_path / "w").exists()
+    r = cli(http_url, keys.admin, "models", "weights", "e2e", "1", "--dest", "w", cwd=tmp_path)
+    assert r.returncode == 0 and "wrote w (" in r.stderr, r.stderr
+    assert (tmp_path / "w").stat().st_size > 1000
 
     r = api.post("/v1/synthesize", json={"model": "e2e", "per_class": 4}, headers=op)
     assert r.status_code == 202
@@ -178,6 +222,11 @@ def test_pipeline_through_a_real_worker(api: TestClient, stack: Settings, worker
     with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
         manifest = json.loads(zf.read("manifest.json"))
     assert manifest["exported_per_class"] == {"Normal": 4, "Effusion": 4, "Cardiomegaly": 4}
+    r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / f"synthray-export-{export_id}.zip").read_bytes() == api.get(
+        url, headers=auth(keys.partner)
+    ).content
 
 
 def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: Path) -> None:
