@@ -15,7 +15,8 @@ NeurIPS 2020 (L_out):
     L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )
 
 The network is trained from scratch on the site's own training images (no downloaded weights),
-deterministically for a given seed and step count, with bf16 autocast and channels_last on CPU.
+deterministically for a given seed and step count, channels_last on CPU, with bf16 autocast where
+the CPU has bf16 units (:mod:`synthray.models.hardware`).
 Checkpoints are safetensors files with the config in their metadata, checked by sha256 on load.
 """
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 (conventional alias)
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
+from synthray.models.hardware import cpu_autocast
 from synthray.models.search import torch_threads
 
 KIND = "copydetect"
@@ -297,7 +299,7 @@ def _train(
         group = torch.from_numpy(group_ids[np.concatenate([idx, idx])])
         # Update the encoder: pull views of one image (and of one patient) together, push the
         # rest of the batch away (minimise the multi-positive InfoNCE loss).
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             z = model(views)  # (2B, dim) fp32
         loss = supcon_loss(z, source, group, cfg.temperature)
         opt.zero_grad(set_to_none=True)
@@ -323,7 +325,7 @@ def _train(
 def embed(
     model: CopyDetectNet, images: np.ndarray, batch: int = 256, threads: int | None = None
 ) -> np.ndarray:
-    """uint8 (N, R, R) -> float32 (N, dim) unit vectors (bf16 autocast, eval mode)."""
+    """uint8 (N, R, R) -> float32 (N, dim) unit vectors (eval mode; bf16 autocast where it pays)."""
     r = model.cfg.resolution
     if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1:] != (r, r):
         raise ValueError(f"images must be uint8 (N, {r}, {r}), got {images.dtype} {images.shape}")
@@ -333,7 +335,7 @@ def embed(
     try:
         with (
             torch.inference_mode(),
-            torch.autocast("cpu", dtype=torch.bfloat16),
+            cpu_autocast(),
             torch_threads(threads),
         ):
             for s in range(0, len(images), batch):

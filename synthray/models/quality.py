@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
+from synthray.models.hardware import cpu_autocast
 
 KIND = "quality-encoder"
 
@@ -101,7 +102,7 @@ def train_encoder(
     batch_size: int = 64,
     seed: int = 0,
 ) -> Encoder:
-    """Class-balanced supervised training with bf16 autocast on CPU; deterministic steps."""
+    """Class-balanced supervised training, deterministic steps (bf16 autocast where it pays)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -118,7 +119,7 @@ def train_encoder(
         idx = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in cls])
         x = _augment(_to_input(images[idx]), gen).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(cls.astype(np.int64))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)  # maximise log p(label | image)
         opt.zero_grad(set_to_none=True)

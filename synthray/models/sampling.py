@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from synthray.models.dcgan import to_channels_last
+from synthray.models.hardware import cpu_compute_dtype
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -48,8 +49,9 @@ def sample_images(
     labels (N,), ordered by class id, then by index within the class. The latent codes of class
     ``c`` come from a generator seeded with (seed, c), so the result is deterministic given the
     seed. The generator runs in eval mode (batch-norm running statistics) on a copy, so the
-    caller's module is not moved or switched; on CPU it runs with bf16 autocast and
-    channels_last, on CUDA with bf16 (or fp16) autocast.
+    caller's module is not moved or switched; on CPU it runs in channels_last, with bf16
+    autocast where the CPU has bf16 units (:mod:`synthray.models.hardware`), on CUDA with bf16
+    (or fp16) autocast.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -65,7 +67,7 @@ def sample_images(
     if dev.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
-        dtype = torch.bfloat16
+        dtype = cpu_compute_dtype()
     net = copy.deepcopy(generator).to(dev).eval()
     to_channels_last(net)
 
@@ -74,7 +76,10 @@ def sample_images(
     images = np.empty((total, r, r), dtype=np.uint8)  # (N, R, R)
     labels = np.empty((total,), dtype=np.int64)  # (N,)
     pos = 0
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype):
+    with (
+        torch.inference_mode(),
+        torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
+    ):
         for c in sorted(int(k) for k in counts):
             n = int(counts[c])
             if n == 0:

@@ -1,4 +1,4 @@
-"""Exact k-nearest-neighbour search (maximum inner product or L2) with bf16 matmuls on CPU.
+"""Exact k-nearest-neighbour search (maximum inner product or L2) with low-precision matmuls.
 
 A privacy gate needs the true nearest training image, so approximate indexes will not do; but an
 exact search need not compute every score in full precision. Scores are computed cheaply in low
@@ -9,7 +9,9 @@ gamma_n = n u / (1 - n u)):
 
 1. Every score is computed by one bf16 matmul (inputs rounded to bf16, products accumulated in
    fp32, output rounded to bf16), several times faster than an fp32 matmul on CPUs with AMX or
-   AVX-512 bf16 units.
+   AVX-512 bf16 units. On CPUs without them bf16 is emulated and far slower than fp32
+   (:mod:`synthray.models.hardware`), so the shortlist matmul is fp32 there: the same steps and
+   bounds hold with no input or output rounding.
 2. The top-k' bf16 scores per query (the shortlist, k' > k) are found exactly with a group-max
    reduction followed by ``topk`` on 1/16 of the scores.
 3. The shortlist is re-scored in fp32 (error <= gamma_{D+2} |x| |y|), and the candidates fp32
@@ -25,7 +27,7 @@ gamma_n = n u / (1 - n u)):
 
 Every re-scored pair is also checked against the bounds; a violation (a BLAS that accumulates in
 bf16, say) switches the block to plain fp64 search, so a wrong answer is never returned. Memory
-is bounded by scoring queries in blocks (``max_block_bytes`` of bf16 scores at a time).
+is bounded by scoring queries in blocks (``max_block_bytes`` of shortlist scores at a time).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from synthray.models.hardware import cpu_compute_dtype
 
 _U_BF16_OUT = 2.0**-8  # |v - bf16(v)| <= 2^-8 |bf16(v)| for round-to-nearest (8 significant bits)
 _U_FP32 = 2.0**-24
@@ -110,12 +114,12 @@ def _rows_per_chunk(width: int) -> int:
     return max(1, _ELEMS // max(1, width))
 
 
-def _split3(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp64 (M,) -> (bf16 (M, 3) parts whose sum is ~v, fp64 (M,) residual v - sum(parts))."""
+def _split3(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 (M,) -> (``dtype`` (M, 3) parts whose sum is ~v, fp64 (M,) residual v - sum(parts))."""
     parts = []
     rest = v.clone()
     for _ in range(3):
-        p = rest.to(torch.bfloat16)
+        p = rest.to(dtype)
         parts.append(p)
         rest = rest - p.double()
     return torch.stack(parts, dim=1), rest  # (M, 3), (M,)
@@ -140,12 +144,26 @@ class ExactIndex:
     ``metric="ip"`` ranks by inner product (descending); ``metric="l2"`` by squared Euclidean
     distance (ascending). Results equal a brute-force fp64 search of the fp32 inputs, ties broken
     by the lower reference index. A float32 C-contiguous array is used without a copy: do not
-    change it while the index is in use.
+    change it while the index is in use. ``shortlist_dtype`` (bf16 or fp32) is the precision of
+    the shortlist matmul; the default is bf16 where the CPU has bf16 units, else fp32.
     """
 
-    def __init__(self, refs: np.ndarray | torch.Tensor, metric: str = "ip") -> None:
+    def __init__(
+        self,
+        refs: np.ndarray | torch.Tensor,
+        metric: str = "ip",
+        *,
+        shortlist_dtype: torch.dtype | None = None,
+    ) -> None:
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        low = cpu_compute_dtype() if shortlist_dtype is None else shortlist_dtype
+        if low not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"shortlist_dtype must be bfloat16 or float32, got {low}")
+        self._low = low
+        # |v - low(v)| <= u_out |low(v)| for the rounded matmul output; fp32 output is not rounded
+        # again (the accumulation bound covers it).
+        self._u_out = _U_BF16_OUT if low == torch.bfloat16 else 0.0
         y = _as_float32(refs, "refs")  # (M, D)
         if y.shape[0] == 0:
             raise ValueError("refs is empty")
@@ -154,8 +172,8 @@ class ExactIndex:
         self._y = y
         m, d = self.size, self.dim
         self._pad = -(-m // _GROUP) * _GROUP  # rows padded to whole groups of 16
-        extra = 3 if metric == "l2" else 0  # l2: the bias rides in three bf16 columns
-        self._yb = torch.zeros(self._pad, d + extra, dtype=torch.bfloat16)  # (Mp, D')
+        extra = 3 if metric == "l2" else 0  # l2: the bias rides in three low-precision columns
+        self._yb = torch.zeros(self._pad, d + extra, dtype=low)  # (Mp, D')
         self._bias = torch.zeros(m, dtype=torch.float64)  # (M,) fp64, added to x.y
         max_round = max_norm = max_bias_abs = max_bias_resid = 0.0
         with torch.inference_mode():
@@ -163,13 +181,13 @@ class ExactIndex:
             for s in range(0, m, step):
                 yc = y[s : s + step]  # (c, D)
                 ybc = self._yb[s : s + len(yc), :d]
-                ybc.copy_(yc)  # rounds to bf16 (nearest even)
+                ybc.copy_(yc)  # rounds to bf16 (nearest even); exact in fp32
                 max_norm = max(max_norm, float(_norms(yc).max()))
                 max_round = max(max_round, float(_norms(torch.sub(ybc, yc)).max()))  # exact diff
                 if metric == "l2":
                     # Rank by x.y - |y|^2 / 2, the same order as ascending |x - y|^2.
                     bias = -0.5 * yc.double().square().sum(1)  # (c,)
-                    parts, resid = _split3(bias)  # (c, 3), (c,)
+                    parts, resid = _split3(bias, low)  # (c, 3), (c,)
                     self._bias[s : s + len(yc)] = bias
                     self._yb[s : s + len(yc), d:] = parts
                     max_bias_resid = max(max_bias_resid, float(resid.abs().max()))
@@ -197,7 +215,7 @@ class ExactIndex:
         Scores are inner products, or squared distances for ``metric="l2"``. ``exclude_self``
         (queries are the references, row i is reference i) skips i == j. ``shortlist`` is k'
         (default k + 7); ``block`` caps the queries scored at once, which
-        ``max_block_bytes`` also bounds (bf16 scores of one block).
+        ``max_block_bytes`` also bounds (shortlist scores of one block).
         """
         x = _as_float32(queries, "queries")  # (Q, D)
         if x.shape[1] != self.dim:
@@ -215,14 +233,15 @@ class ExactIndex:
         stats = stats if stats is not None else SearchStats()
 
         q_n = x.shape[0]
-        rows = max(1, min(1024, q_n, max_block_bytes // (2 * self._pad)))
+        itemsize = self._yb.element_size()
+        rows = max(1, min(1024, q_n, max_block_bytes // (itemsize * self._pad)))
         if block is not None:
             rows = min(rows, block)
         out_s = np.empty((q_n, k), dtype=np.float64)
         out_i = np.empty((q_n, k), dtype=np.int64)
         small = q_n * self._pad * self.dim < _SMALL_WORK
         with torch.inference_mode(), single_thread() if small else contextlib.nullcontext():
-            buf = torch.empty(rows, self._pad, dtype=torch.bfloat16)  # (b, Mp), reused
+            buf = torch.empty(rows, self._pad, dtype=self._low)  # (b, Mp), reused
             for qs in range(0, q_n, rows):
                 xs = x[qs : qs + rows]  # (b, D)
                 s, i = self._search_block(xs, qs, k, kp, exclude_self, buf, stats)
@@ -260,8 +279,9 @@ class ExactIndex:
             out[s : s + len(r)] = (self._y[c].double() - x[r].double()).square().sum(1).numpy()
         return out.reshape(q_n, k)
 
-    def _bf16_bound(self, x: torch.Tensor, xb: torch.Tensor) -> np.ndarray:
-        """(b,) E: |fp32 sum of the bf16 products - exact score| <= E_i, for every reference."""
+    def _shortlist_bound(self, x: torch.Tensor, xb: torch.Tensor) -> np.ndarray:
+        """(b,) E: |fp32 sum of the rounded products - exact score| <= E_i, for every reference
+        (before the output rounding, which ``_u_out`` covers)."""
         xbf = xb[:, : self.dim].float()
         xb_norm = _norms(xbf)  # (b,)
         x_round = _norms(xbf - x)  # (b,) |x^ - x|, exact differences
@@ -283,7 +303,7 @@ class ExactIndex:
         cols: np.ndarray,
         s32: np.ndarray,
         approx: np.ndarray,
-        err_bf16: np.ndarray,
+        err_low: np.ndarray,
         k: int,
         stats: SearchStats,
     ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -293,14 +313,13 @@ class ExactIndex:
         fp32 interval reaches the k-th best lower bound of their row are re-scored in fp64.
         Returns (scores fp64 (b, k), ids (b, k), ok); ok is False if a score broke its bound.
         """
-        b = len(err_bf16)
+        b = len(err_low)
         if np.bincount(rows, minlength=b).min() < k:  # only if an error bound was broken
             return np.zeros((b, k)), np.zeros((b, k), dtype=np.int64), False
         err32 = self._fp32_bound(x)[rows]  # (p,)
         ok = bool(
             np.all(
-                np.abs(s32 - approx)
-                <= _U_BF16_OUT * np.abs(approx) + err_bf16[rows] + err32 + _TINY
+                np.abs(s32 - approx) <= self._u_out * np.abs(approx) + err_low[rows] + err32 + _TINY
             )
         )
         lower = s32 - err32
@@ -326,17 +345,18 @@ class ExactIndex:
         stats: SearchStats,
     ) -> tuple[np.ndarray, np.ndarray]:
         b, m, mp = x.shape[0], self.size, self._pad
-        xb = x.to(torch.bfloat16)  # (b, D)
+        xb = x.to(self._low)  # (b, D)
         if self.metric == "l2":
-            xb = torch.cat([xb, torch.ones(b, 3, dtype=torch.bfloat16)], dim=1)  # (b, D + 3)
-        scores = torch.mm(xb, self._yb.T, out=buf[:b])  # (b, Mp) bf16
+            xb = torch.cat([xb, torch.ones(b, 3, dtype=self._low)], dim=1)  # (b, D + 3)
+        scores = torch.mm(xb, self._yb.T, out=buf[:b])  # (b, Mp) low precision
         scores[:, m:] = -torch.inf
         local = torch.arange(b)
         if exclude_self:
             scores[local, qs + local] = -torch.inf
 
-        # Shortlist: exact top-k' of the bf16 scores. The top-k' lie in the k' groups with the
-        # largest maxima (groups interleave: member r of group g is reference g + r * Mp/16).
+        # Shortlist: exact top-k' of the low-precision scores. The top-k' lie in the k' groups
+        # with the largest maxima (groups interleave: member r of group g is reference
+        # g + r * Mp/16).
         n_groups = mp // _GROUP
         if n_groups >= kp:
             gmax = scores.view(b, _GROUP, n_groups).amax(1)  # (b, G)
@@ -348,7 +368,7 @@ class ExactIndex:
         else:
             approx, cand = torch.topk(scores, kp, dim=1)  # (b, k')
         approx_np = approx.double().numpy()  # (b, k')
-        err = self._bf16_bound(x, xb)  # (b,)
+        err = self._shortlist_bound(x, xb)  # (b,)
 
         cand_np = cand.numpy()
         s32 = np.empty((b, kp), dtype=np.float64)
@@ -367,7 +387,7 @@ class ExactIndex:
             return self._exact_block(x, qs, k, exclude_self)
 
         last = approx_np[:, -1]
-        ceiling = last + _U_BF16_OUT * np.abs(last) + err + _TINY  # (b,) max exact score outside
+        ceiling = last + self._u_out * np.abs(last) + err + _TINY  # (b,) max exact score outside
         certified = top_s[:, -1] > ceiling
         if self.metric == "ip":
             # A zero query scores exactly 0 against everything: the first k references win.
@@ -382,7 +402,8 @@ class ExactIndex:
             stats.near_ties += len(failing)
             # Every ref j with up(s^_j) + E >= s*_k could be in the top k: re-score them all.
             target = top_s[failing, -1] - err[failing] - _TINY  # (f,)
-            thr = np.where(target >= 0, target / (1 + _U_BF16_OUT), target / (1 - _U_BF16_OUT))
+            u = self._u_out
+            thr = np.where(target >= 0, target / (1 + u), target / (1 - u))
             thr32 = thr.astype(np.float32)
             thr32 = np.where(thr32 > thr, np.nextafter(thr32, np.float32(-np.inf)), thr32)
             thr_t = torch.from_numpy(thr32)

@@ -46,6 +46,7 @@ from synthray.models.checkpoint import (
 )
 from synthray.models.dcgan import DCGANConfig, Generator, to_channels_last
 from synthray.models.diffaugment import diff_augment, parse_policy
+from synthray.models.hardware import cpu_bf16_fast
 from synthray.models.projgan import ProjGANConfig
 
 logger = logging.getLogger(__name__)
@@ -228,11 +229,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CPU (autocast + channels_last) and bf16, else fp16, on CUDA."""
+    """``auto`` is bf16 on CUDA where supported, else fp16; on CPU it is bf16 (autocast +
+    channels_last) where the CPU has bf16 units, else fp32 (see :mod:`synthray.models.hardware`)."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16"
+        return "bf16" if cpu_bf16_fast() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 training needs CUDA (GradScaler); use bf16 or fp32 on CPU")
     return precision
@@ -334,13 +336,12 @@ class _Trainer:
         self.torch_rng.manual_seed(cfg.seed)
         self.np_rng = np.random.Generator(np.random.PCG64(cfg.seed))
 
-        self.channels_last = device.type == "cuda" or precision != "fp32"
         self.G, self.D = _build_networks(cfg.architecture, self.gcfg, self.torch_rng)
         self.G.to(device)
         self.D.to(device)
-        if self.channels_last:
-            to_channels_last(self.G)
-            to_channels_last(self.D)
+        # NHWC: faster convolutions on CUDA and on CPU, in bf16 and in fp32 (AVX2 fp32: -15%).
+        to_channels_last(self.G)
+        to_channels_last(self.D)
         self.augment_policy = parse_policy(str(cfg.augment))
         self.ema_decay = float(cfg.ema_decay or 0.0)
         # The EMA generator is never trained: it starts as a copy of G and follows it.
@@ -370,9 +371,7 @@ class _Trainer:
     def _to_device_images(self, x: np.ndarray) -> Tensor:
         t = torch.from_numpy(x).to(self.device, non_blocking=True)  # (B, R, R) uint8
         t = t.unsqueeze(1).float().div_(127.5).sub_(1.0)  # (B, 1, R, R) in [-1, 1]
-        if self.channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t
+        return t.contiguous(memory_format=torch.channels_last)
 
     def _real_batch(self) -> tuple[Tensor, Tensor]:
         b = self.cfg.batch_size
