@@ -17,6 +17,8 @@ answer is False, which is slow on new CPUs but never wrong.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 
 import torch
@@ -40,3 +42,36 @@ def cpu_compute_dtype() -> torch.dtype:
 def cpu_autocast() -> contextlib.AbstractContextManager[object]:
     """bf16 autocast on CPU where it pays (see :func:`cpu_bf16_fast`), else a no-op."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_fast())
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h> mallopt parameters
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc serve large blocks from the heap and keep freed pages for reuse.
+
+    Training allocates and frees the same large activation tensors (tens of MB) every step.
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages and
+    returns them on free, so each step pays a page fault per 4 KiB of every such tensor, and
+    shrinks the heap top past ``M_TRIM_THRESHOLD`` with the same effect. With mmap off and
+    trimming off, a step of the 64 px projection GAN in fp32 took 1.3 s instead of 1.6 s on an
+    AVX2 CPU, and 7.3 s instead of 9.0 s at 128 px. The cost: the process keeps its peak heap
+    until it exits, so call this only in a process that exists to train (a worker's job
+    child, a script). Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_MAX, 0),
+            (_M_TRIM_THRESHOLD, 2**31 - 1),
+            (_M_TOP_PAD, 512 << 20),
+        )
+    )
