@@ -253,6 +253,8 @@ def train(
     batch_size: int = 64,
     resolution: int = 64,
     seed: int = 0,
+    architecture: Annotated[str, typer.Option(help="projgan (default) or dcgan.")] = "projgan",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     wait: bool = True,
 ) -> None:
     """Train a generator; it is registered as a new model version when it finishes."""
@@ -264,6 +266,8 @@ def train(
         "batch_size": batch_size,
         "resolution": resolution,
         "seed": seed,
+        "architecture": architecture,
+        "precision": precision,
     }
     _submit(url, api_key, "/train", body, wait, "train")
 

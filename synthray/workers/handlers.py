@@ -75,6 +75,7 @@ def train(ctx: WorkerJobContext) -> dict[str, Any]:
         lr_g=float(p["lr_g"]),
         lr_d=float(p["lr_d"]),
         device=ctx.settings.device,
+        precision=str(p.get("precision", "auto")),
         checkpoint_every_s=float(p.get("checkpoint_every_s", 30.0)),
         progress_every_s=5.0,
     )

@@ -172,6 +172,7 @@ def test_train_on_a_class_subset(
         "batch_size": 4,
         "classes": ["Effusion", "Normal"],
         "evaluate": False,
+        "precision": "fp32",
     }
     r = client.post("/v1/train", json=body, headers=h)
     assert r.status_code == 202, r.text
@@ -179,6 +180,10 @@ def test_train_on_a_class_subset(
     v = client.get("/v1/models/two/versions/1", headers=h).json()
     assert v["classes"] == ["Normal", "Effusion"]  # in the dataset's order
     assert v["metrics"]["quality"] == {} and v["encoder_sha256"] is None
+    assert v["metrics"]["precision"] == "fp32"
+    r = client.post("/v1/train", json=body | {"precision": "fp8"}, headers=h)
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["detail"]] == ["precision"]
     r = client.post("/v1/train", json=body | {"classes": ["Normal", "Hernia"]}, headers=h)
     assert r.status_code == 422 and r.json()["field"] == "classes"
 

@@ -29,6 +29,11 @@ class TrainRequest(BaseModel):
     checkpoint_every_s: float = Field(
         30.0, ge=1, le=3600, description="Also how often the preview grid is refreshed."
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs that support it (else fp16) and on CPUs with bf16 "
+        "units (AVX512-BF16 or AMX), else fp32.",
+    )
     evaluate: bool = Field(True, description="Compute offline quality metrics at the end.")
     classes: list[str] | None = Field(
         None, description="Train on these classes of the dataset only (all if omitted)."
