@@ -42,22 +42,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device.type)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device.type)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def _one_step(cfg: TrainConfig) -> TrainConfig:
+    return TrainConfig.from_dict(cfg.to_dict() | {"max_steps": 1, "max_seconds": None})
+
+
 def step_flops(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray) -> float:
-    one = TrainConfig.from_dict(cfg.to_dict() | {"max_steps": 1, "max_seconds": None})
     counter = FlopCounterMode(display=False)
     with counter:
-        train_gan(images, labels, one)
+        train_gan(images, labels, _one_step(cfg))
     return float(counter.get_total_flops())
 
 
@@ -95,10 +96,9 @@ def conv_replay(
 ) -> tuple[Callable[[], float], float]:
     """One step's convolutions, recorded and made replayable on random tensors: a function
     that times one replay (seconds), and their FLOPs."""
-    one = TrainConfig.from_dict(cfg.to_dict() | {"max_steps": 1, "max_seconds": None})
     rec = _ConvRecorder()
     with rec:
-        train_gan(images, labels, one)
+        train_gan(images, labels, _one_step(cfg))
 
     def make(a: object) -> object:
         if _is_spec(a):
@@ -190,7 +190,6 @@ def main() -> None:
                 conv_s = min(conv_s, conv_timer())
             steps_per_s = 1.0 / step_s
             achieved = flops * steps_per_s
-            ref = peak
             rows.append(
                 {
                     "architecture": arch,
@@ -199,10 +198,10 @@ def main() -> None:
                     "images_per_s": round(steps_per_s * args.batch, 1),
                     "gflop_per_step": round(flops / 1e9, 2),
                     "achieved_gflops": round(achieved / 1e9, 1),
-                    "peak_gflops": round(ref / 1e9, 1),
-                    "fraction_of_peak": round(achieved / ref, 3),
+                    "peak_gflops": round(peak / 1e9, 1),
+                    "fraction_of_peak": round(achieved / peak, 3),
                     "conv_ms": round(conv_s * 1e3, 1),
-                    "conv_fraction_of_peak": round(conv_flops / conv_s / ref, 3),
+                    "conv_fraction_of_peak": round(conv_flops / conv_s / peak, 3),
                     "step_over_conv": round(conv_s * steps_per_s, 3),
                 }
             )
@@ -227,7 +226,7 @@ def main() -> None:
                 "ratio": default["fraction_of_peak"],
                 "target": 0.6,
                 "device": str(device),
-                "cpu_bf16_units": cpu_bf16_fast() if device.type == "cpu" else None,
+                "cpu_bf16_units": bf16_units if device.type == "cpu" else None,
                 "bf16_peak_gflops": round(first["bf16"] / 1e9, 1),
                 "fp32_peak_gflops": round(first["fp32"] / 1e9, 1),
                 "rows": rows,

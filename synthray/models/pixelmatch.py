@@ -171,6 +171,25 @@ class PairScores:
     scale: np.ndarray  # (Q, C, 2) float32: template (height, width) / R of the best alignment
 
 
+def _adopt(
+    ps: PairScores,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    fine: PairScores,
+    fine_rows: np.ndarray,
+    fine_cols: np.ndarray | int,
+    *,
+    flip: bool = True,
+) -> None:
+    """Give the pairs (rows, cols) of ``ps`` the alignment ``fine`` found for its pairs
+    (fine_rows, fine_cols): correlation, shift, template scale and, with ``flip``, mirroring."""
+    ps.correlation[rows, cols] = fine.correlation[fine_rows, fine_cols]
+    ps.shift[rows, cols] = fine.shift[fine_rows, fine_cols]
+    ps.scale[rows, cols] = fine.scale[fine_rows, fine_cols]
+    if flip:
+        ps.flip[rows, cols] = fine.flip[fine_rows, fine_cols]
+
+
 def robust_correlation(
     queries: np.ndarray,
     refs: np.ndarray,
@@ -525,11 +544,7 @@ class PixelMatcher:
         rows = np.arange(len(queries))[:, None]
         better = fine.correlation > ps.correlation[rows, top]  # (Q, r)
         qi, ci = np.nonzero(better)
-        cols = top[qi, ci]
-        ps.correlation[qi, cols] = fine.correlation[qi, ci]
-        ps.shift[qi, cols] = fine.shift[qi, ci]
-        ps.flip[qi, cols] = fine.flip[qi, ci]
-        ps.scale[qi, cols] = fine.scale[qi, ci]
+        _adopt(ps, qi, top[qi, ci], fine, qi, ci)
         for _ in range(self.polish):
             if not self._polish(queries, cand, ps):
                 break
@@ -564,12 +579,10 @@ class PixelMatcher:
             pair = cand[sel, best[sel]][:, None]  # (n, 1)
             opts = {"max_shift": self.max_shift, "smooth": self.smooth, "flips": False}
             fine = robust_correlation(np.ascontiguousarray(q), self.refs, pair, sizes=near, **opts)
-            gain = fine.correlation[:, 0] > ps.correlation[sel, best[sel]]
-            g, c = sel[gain], best[sel][gain]
-            ps.correlation[g, c] = fine.correlation[gain, 0]
-            ps.shift[g, c] = fine.shift[gain, 0]
-            ps.scale[g, c] = fine.scale[gain, 0]
-            improved |= bool(gain.any())
+            gain = np.flatnonzero(fine.correlation[:, 0] > ps.correlation[sel, best[sel]])
+            # The query was mirrored beforehand, so the pair keeps its own flip.
+            _adopt(ps, sel[gain], best[sel[gain]], fine, gain, 0, flip=False)
+            improved |= len(gain) > 0
         return improved
 
     def match(

@@ -55,7 +55,7 @@ def _last_round_faults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_keep_freed_memory_stops_refaulting_large_tensors() -> None:
+def test_keep_freed_memory_refaults_fewer_large_tensor_pages() -> None:
     default = _last_round_faults("default")
     kept = _last_round_faults("keep")
     assert default > 30_000  # 144 MiB of fresh 4 KiB pages, faulted in again every round
