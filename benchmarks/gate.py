@@ -43,8 +43,8 @@ def main() -> None:
 
     import faiss
 
-    from synthray.models import copydetect
-    from synthray.models.memorization import check_memorization_v2, pixel_features
+    from synthray.models.gate import copydetect
+    from synthray.models.gate.memorization import check_memorization, pixel_features
 
     t0 = time.perf_counter()
     images, patients = load_kermany(args.data)
@@ -70,7 +70,7 @@ def main() -> None:
     embedder = copydetect.train(train, patients[~is_hold], cfg).model
     t_embed = time.perf_counter() - t0
     t1 = time.perf_counter()
-    rep = check_memorization_v2(batch, train, holdout, quantile=0.95, embedder=embedder, k=3)
+    rep = check_memorization(batch, train, holdout, quantile=0.95, embedder=embedder, k=3)
     t_check = time.perf_counter() - t1
     total = t_embed + t_check
     print(f"train {len(train)}, held-out {len(holdout)}, batch {len(batch)}")

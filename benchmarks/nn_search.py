@@ -1,4 +1,5 @@
-"""Exact 1-NN search: ours (synthray.models.search) against faiss IndexFlatIP, same data, same run.
+"""Exact 1-NN search: ours (synthray.models.gate.search) against faiss IndexFlatIP, same data,
+same run.
 
 Two cases, each 10,000 queries against 100,000 reference vectors by default:
 
@@ -57,7 +58,7 @@ def _load_nih(folder: Path) -> np.ndarray | None:
 
 def _jittered(base: np.ndarray, pick: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Pixel features of noisy, brightness/contrast-jittered copies of base[pick]."""
-    from synthray.models.memorization import pixel_features
+    from synthray.models.gate.memorization import pixel_features
 
     out = np.empty((len(pick), base.shape[1] * base.shape[2]), dtype=np.float32)
     for s in range(0, len(pick), 8192):
@@ -88,7 +89,7 @@ def _fp64_scores(q: np.ndarray, r: np.ndarray, qi: np.ndarray, ri: np.ndarray) -
 def _run_case(queries: np.ndarray, refs: np.ndarray, n_check: int, seed: int) -> dict:
     import faiss
 
-    from synthray.models.search import ExactIndex, SearchStats
+    from synthray.models.gate.search import ExactIndex, SearchStats
 
     t0 = time.perf_counter()
     index = faiss.IndexFlatIP(refs.shape[1])

@@ -33,8 +33,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from synthray.models.hardware import cpu_bf16_fast, keep_freed_memory
-from synthray.models.training import TrainConfig, resolve_precision, train_gan
+from synthray.models.gan.config import TrainConfig
+from synthray.models.gan.registry import ARCHITECTURES
+from synthray.models.gan.trainer import train_gan
+from synthray.models.runtime import cpu_bf16_fast, keep_freed_memory, resolve_precision
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
@@ -158,7 +160,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     rows = []
-    for arch in ("dcgan", "projgan"):
+    for arch in ARCHITECTURES:
         for res in (64, 128):
             images = rng.integers(0, 256, size=(512, res, res), dtype=np.uint8)
             labels = np.arange(512) % 5

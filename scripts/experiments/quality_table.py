@@ -7,12 +7,13 @@ Sets (from SYNTHRAY_TEST_DATA, default ../shared/data):
            of Normal, Cardiomegaly, Effusion, Edema, Pneumothorax);
   kermany  Kermany paediatric radiographs (train folder) read at 64 px, classes
            normal / bacteria / virus (the ``subtype`` column).
-Patients are split 80/20 with seed 0. The quality encoder (synthray.models.quality) is trained
-once on the training split with the product's default budget; each architecture then trains
-for ``--seconds`` of wall time (never two at once), samples ``--per-class`` images per class,
-and gets the product's metrics (FID, KID, k-NN precision and recall, beside the real held-out
-floor) and the product's memorization gate in pixel space (95th percentile of the held-out
-patients' nearest-train correlation). One JSON line per architecture, then a Markdown table.
+Patients are split 80/20 with seed 0. The quality encoder (synthray.models.evaluation.quality)
+is trained once on the training split with the product's default budget; each architecture then
+trains for ``--seconds`` of wall time (never two at once), samples ``--per-class`` images per
+class, and gets the product's metrics (FID, KID, k-NN precision and recall, beside the real
+held-out floor) and the product's memorization gate in pixel space (95th percentile of the
+held-out patients' nearest-train correlation). One JSON line per architecture, then a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -21,26 +22,67 @@ import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from nih_data import load_split
-
-from synthray.models import quality
-from synthray.models.memorization import check_memorization_v2
-from synthray.models.sampling import sample_images
-from synthray.models.training import TrainConfig, load_generator, save_generator, train_gan
+from synthray.models.evaluation import quality
+from synthray.models.gan.config import TrainConfig
+from synthray.models.gan.files import load_generator, save_generator
+from synthray.models.gan.sampling import sample_images
+from synthray.models.gan.trainer import train_gan
+from synthray.models.gate.memorization import check_memorization
 
 DATA = Path(
     os.environ.get("SYNTHRAY_TEST_DATA", Path(__file__).resolve().parents[2] / "../shared/data")
 )
+
+
+CLASSES = ["Normal", "Cardiomegaly", "Effusion", "Edema", "Pneumothorax"]
+
+
+@dataclass
+class Split:
+    classes: list[str]
+    train_images: np.ndarray  # (N, R, R) uint8
+    train_labels: np.ndarray  # (N,) int64
+    holdout_images: np.ndarray  # (H, R, R) uint8
+    holdout_labels: np.ndarray  # (H,) int64
+
+
+def load_split(folder: Path, holdout_fraction: float = 0.2, seed: int = 0) -> Split:
+    """Rows whose ``Finding Labels`` name exactly one of CLASSES ("No Finding" is Normal).
+
+    Patients (``Patient ID``) are shuffled with ``np.random.default_rng(seed)`` and the first
+    ``round(holdout_fraction * P)`` are held out, so no patient is in both parts.
+    """
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    patients: list[str] = []
+    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            found = {
+                "Normal" if p.strip() == "No Finding" else p.strip()
+                for p in row["Finding Labels"].split("|")
+            }
+            hits = [c for c in CLASSES if c in found]
+            if len(hits) != 1:
+                continue
+            with Image.open(folder / row["file"]) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            labels.append(CLASSES.index(hits[0]))
+            patients.append(row["Patient ID"].strip())
+    unique = sorted(set(patients))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    held = {unique[i] for i in order[: max(1, round(holdout_fraction * len(unique)))]}
+    is_holdout = np.array([p in held for p in patients])
+    x = np.stack(images)  # (N, R, R)
+    y = np.array(labels, dtype=np.int64)  # (N,)
+    return Split(CLASSES, x[~is_holdout], y[~is_holdout], x[is_holdout], y[is_holdout])
 
 
 def _read_grey(path: Path, size: int) -> np.ndarray:
@@ -122,7 +164,7 @@ def main() -> None:
             generator, dict.fromkeys(range(len(classes)), args.per_class), seed=12345, device="cpu"
         )
         m = quality.evaluate(enc, tr_x, tr_y, ho_x, ho_y, fake_x, fake_y, classes)
-        gate = check_memorization_v2(fake_x, tr_x, ho_x, quantile=0.95, k=1, with_ssim=False)
+        gate = check_memorization(fake_x, tr_x, ho_x, quantile=0.95, k=1, with_ssim=False)
         per_class_flag = {c: float(gate.flagged[fake_y == k].mean()) for k, c in enumerate(classes)}
         row = {
             "set": args.set,

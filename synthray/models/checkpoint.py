@@ -22,8 +22,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from synthray.fileio import fsync_dir, sha256_file
+
 META_KEY = "synthray"
-_CHUNK = 1 << 20
 
 # Tags used by flatten_state_dict in its JSON structure. A plain JSON list stays a list.
 _TENSOR = "__tensor__"
@@ -31,25 +32,18 @@ _DICT = "__dict__"
 _TUPLE = "__tuple__"
 
 
+__all__ = [
+    "ChecksumMismatch",
+    "flatten_state_dict",
+    "load_state",
+    "save_state",
+    "sha256_file",
+    "unflatten_state_dict",
+]
+
+
 class ChecksumMismatch(ValueError):
     """The file's sha256 differs from the one recorded when it was written."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_state(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> str:
@@ -77,7 +71,7 @@ def save_state(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return digest
 
 

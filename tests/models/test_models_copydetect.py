@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from synthray.models.checkpoint import ChecksumMismatch
-from synthray.models.copydetect import (
+from synthray.models.gate.copydetect import (
     CopyDetectConfig,
     augment,
     embed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthray.models.dcgan import (
+from synthray.models.gan.dcgan import (
     DCGANConfig,
     Discriminator,
     Generator,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthray.models.diffaugment import (
+from synthray.models.gan.diffaugment import (
     brightness_contrast,
     cutout,
     diff_augment,

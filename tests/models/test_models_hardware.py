@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from synthray.models.hardware import cpu_autocast, cpu_bf16_fast, cpu_compute_dtype
+from synthray.models.runtime import cpu_autocast, cpu_bf16_fast, cpu_compute_dtype
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -34,7 +34,7 @@ def test_bf16_detection_agrees_with_the_cpu_flags() -> None:
 # last round.
 _FAULTS = """
 import resource, sys, torch
-from synthray.models.hardware import keep_freed_memory
+from synthray.models.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synthray.models.memorization import check_memorization, nearest_neighbours, pixel_features
+from synthray.models.gate.memorization import check_memorization, nearest_neighbours, pixel_features
 
 
 def _smooth_images(n: int, rng: np.random.Generator, r: int = 32) -> np.ndarray:

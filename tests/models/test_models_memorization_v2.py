@@ -6,17 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from synthray.models.memorization import (
+from synthray.models.gate.correlation import aligned_ssim, robust_correlation
+from synthray.models.gate.imageops import ssim
+from synthray.models.gate.memorization import (
     _union_thresholds,
-    check_memorization_v2,
+    check_memorization,
     pixel_features,
 )
-from synthray.models.pixelmatch import (
-    PixelMatcher,
-    aligned_ssim,
-    robust_correlation,
-    ssim,
-)
+from synthray.models.gate.pixelmatch import PixelMatcher
 
 
 def _smooth_images(n: int, rng: np.random.Generator, r: int = 32) -> np.ndarray:
@@ -204,26 +201,25 @@ def _planted_batch(rng: np.random.Generator):
     return train, holdout, np.concatenate([copies, fresh])
 
 
-def test_v2_flags_copies_and_reports_evidence() -> None:
+def test_flags_copies_and_reports_evidence() -> None:
     rng = np.random.default_rng(5)
     train, holdout, synthetic = _planted_batch(rng)
-    rep = check_memorization_v2(synthetic, train, holdout, quantile=0.95, k=3)
-    assert rep.flagged[:5].all() and rep.best_index[:5].tolist() == [3, 10, 20, 30, 40]
+    rep = check_memorization(synthetic, train, holdout, quantile=0.95, k=3)
+    assert rep.flagged[:5].all() and rep.neighbours[:, 0][:5].tolist() == [3, 10, 20, 30, 40]
     assert rep.flagged[5:].mean() <= 0.15
-    assert rep.spaces == ["pixel"] and rep.threshold == rep.thresholds["pixel"]
+    assert rep.spaces == ["pixel"] and list(rep.thresholds) == ["pixel"]
     assert rep.neighbours.shape == (35, 3) and rep.neighbour_similarities.shape == (35, 3)
-    assert np.array_equal(rep.neighbours[:, 0], rep.best_index)
-    assert np.array_equal(rep.similarities, rep.scores["pixel"])
+    assert np.array_equal(rep.neighbour_similarities[:, 0], rep.scores["pixel"])
     assert tuple(rep.best_shift[1]) == (-4, 2) and rep.best_flip[2] and not rep.best_flip[0]
     assert rep.ssim[0] == pytest.approx(1.0) and rep.ssim.shape == (35,)
-    assert len(rep.holdout_nn_similarity) == 60 and rep.holdout_flagged_fraction <= 0.05
+    assert rep.holdout_scores["pixel"].shape == (60,) and rep.holdout_flagged_fraction <= 0.05
     assert rep.flagged_fraction == pytest.approx(rep.flagged.mean())
     assert 0.0 <= rep.dcr_train_share <= 1.0 and 0.0 <= rep.authenticity <= 1.0
     assert not rep.authentic[0]  # an exact copy is never authentic
     assert rep.embedding_neighbours is None
 
 
-def test_v2_with_an_embedder_calibrates_the_union() -> None:
+def test_with_an_embedder_calibrates_the_union() -> None:
     rng = np.random.default_rng(6)
     train, holdout, synthetic = _planted_batch(rng)
 
@@ -233,7 +229,7 @@ def test_v2_with_an_embedder_calibrates_the_union() -> None:
             torch.nn.functional.avg_pool2d(x, 8)[:, 0].round().to(torch.uint8).numpy()
         )
 
-    rep = check_memorization_v2(synthetic, train, holdout, embedder=embedder, k=2)
+    rep = check_memorization(synthetic, train, holdout, embedder=embedder, k=2)
     assert rep.spaces == ["pixel", "embedding"]
     assert set(rep.thresholds) == {"pixel", "embedding"} and rep.space_quantile > 0.95
     assert rep.holdout_flagged_fraction <= 0.05
@@ -255,20 +251,20 @@ def test_authenticity_uses_the_training_images_own_neighbour() -> None:
     near_a = np.clip(a.astype(np.float32) + rng.normal(0, 25, a.shape), 0, 255)
     near_b = np.clip(b.astype(np.float32) + rng.normal(0, 25, b.shape), 0, 255)
     synthetic = np.stack([near_a, near_b]).astype(np.uint8)
-    rep = check_memorization_v2(synthetic, train, holdout, k=1)
-    assert rep.best_index[0] == 2 and rep.best_index[1] in (0, 1)
+    rep = check_memorization(synthetic, train, holdout, k=1)
+    assert rep.neighbours[:, 0][0] == 2 and rep.neighbours[:, 0][1] in (0, 1)
     assert rep.authentic.tolist() == [False, True]
     assert rep.authenticity == 0.5
 
 
-def test_v2_input_validation() -> None:
+def test_input_validation() -> None:
     rng = np.random.default_rng(8)
     a = _smooth_images(4, rng)
     with pytest.raises(ValueError, match="resolution"):
-        check_memorization_v2(a, a, _smooth_images(4, rng, 16))
+        check_memorization(a, a, _smooth_images(4, rng, 16))
     with pytest.raises(ValueError, match="empty"):
-        check_memorization_v2(a, a[:0], a)
+        check_memorization(a, a[:0], a)
     with pytest.raises(ValueError, match="quantile"):
-        check_memorization_v2(a, a, a, quantile=0.0)
+        check_memorization(a, a, a, quantile=0.0)
     with pytest.raises(ValueError, match="uint8"):
-        check_memorization_v2(a.astype(np.float32), a, a)
+        check_memorization(a.astype(np.float32), a, a)

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 from support import SHARED_DATA, nih_dir
 
-from synthray.models.copydetect import CopyDetectConfig, train
-from synthray.models.memorization import check_memorization_v2, pixel_features
-from synthray.models.pixelmatch import PixelMatcher
-from synthray.models.search import ExactIndex
+from synthray.models.gate.copydetect import CopyDetectConfig, train
+from synthray.models.gate.memorization import check_memorization, pixel_features
+from synthray.models.gate.pixelmatch import PixelMatcher
+from synthray.models.gate.search import ExactIndex
 
 KINDS = ("exact", "noise", "shift", "brightness/contrast", "crop+rescale", "flip")
 PER_KIND = 30
@@ -107,13 +107,13 @@ def _planted(images: np.ndarray, patients: np.ndarray, name: str, t0: float) -> 
     t1 = time.perf_counter()
     model = train(train_x, train_p, CopyDetectConfig(steps=40, seed=0), threads=1).model
     t2 = time.perf_counter()
-    rep = check_memorization_v2(synthetic, train_x, cal_x, quantile=0.95, embedder=model, k=3)
+    rep = check_memorization(synthetic, train_x, cal_x, quantile=0.95, embedder=model, k=3)
     t3 = time.perf_counter()
 
     caught = rep.flagged[:n_copies]
     # The nearest training image is the source, or a near-duplicate of it (Kermany holds
     # follow-up films of one patient that correlate > 0.99): a copy of one copies both.
-    nearest = rep.best_index[:n_copies]
+    nearest = rep.neighbours[:, 0][:n_copies]
     twin = PixelMatcher(train_x[sources]).match(train_x[nearest], 1, with_ssim=False)
     right = (nearest == sources) | (
         (twin.neighbours[:, 0] == np.arange(n_copies)) & (twin.scores[:, 0] > 0.99)
@@ -126,7 +126,7 @@ def _planted(images: np.ndarray, patients: np.ndarray, name: str, t0: float) -> 
         sl = slice(i * PER_KIND, (i + 1) * PER_KIND)
         print(
             f"  {kind:20} detected {caught[sl].mean():6.1%}  right train index "
-            f"{right[sl].mean():6.1%}  pixel {np.median(rep.similarities[sl]):.4f}  "
+            f"{right[sl].mean():6.1%}  pixel {np.median(rep.scores['pixel'][sl]):.4f}  "
             f"SSIM {np.median(rep.ssim[sl]):.3f}"
         )
     print(f"  all copies           detected {caught.mean():6.1%} ({caught.sum()}/{n_copies})")
@@ -222,20 +222,21 @@ def test_kermany_near_duplicates_are_found_and_flagged() -> None:
     synthetic = images[np.concatenate([checked, eval_idx])]
 
     t1 = time.perf_counter()
-    rep = check_memorization_v2(
+    rep = check_memorization(
         synthetic, images[train_idx], images[cal_idx], k=3, batch_figures=False
     )
     t2 = time.perf_counter()
 
     n = len(checked)
     expected = np.array([train_idx.tolist().index(g[0]) for g in groups for _ in g[1:]])
-    found = rep.best_index[:n] == expected
+    found = rep.neighbours[:, 0][:n] == expected
     real = rep.flagged[n:]
     print(
         f"\nKermany: {n_pairs} near-duplicate pairs in {len(groups)} groups; {n} films checked "
         f"against {len(train_idx)} training images: nearest neighbour right {found.mean():.0%}, "
         f"flagged {rep.flagged[:n].mean():.0%} (correlation min "
-        f"{rep.similarities[:n].min():.4f}, threshold {rep.threshold:.4f}); real held-out "
+        f"{rep.scores['pixel'][:n].min():.4f}, threshold {rep.thresholds['pixel']:.4f}); "
+        "real held-out "
         f"flagged {real.mean():.1%} ({real.sum()}/{len(real)}, calibrated on {len(cal_idx)}); "
         f"load+pairs {t1 - t0:.1f} s, "
         f"check {t2 - t1:.1f} s"

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from synthray.models.dcgan import to_channels_last
-from synthray.models.projgan import (
+from synthray.models.gan.projgan import (
     Discriminator,
     Generator,
     ProjGANConfig,
     build_seeded,
 )
+from synthray.models.runtime import to_channels_last
 
 
 def _cfg(resolution: int = 64) -> ProjGANConfig:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from synthray.models.checkpoint import ChecksumMismatch
-from synthray.models.quality import (
+from synthray.models.evaluation.quality import (
     EncoderConfig,
     evaluate,
     fid,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthray.models.search import ExactIndex, SearchStats, knn
+from synthray.models.gate.search import ExactIndex, SearchStats, knn
 
 
 def _brute(q: np.ndarray, r: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False):

@@ -11,16 +11,11 @@ import pytest
 import torch
 
 from synthray.models.checkpoint import ChecksumMismatch, load_state
-from synthray.models.dcgan import Generator
-from synthray.models.hardware import cpu_bf16_fast
-from synthray.models.training import (
-    TrainConfig,
-    TrainProgress,
-    _Trainer,
-    load_generator,
-    save_generator,
-    train_gan,
-)
+from synthray.models.gan.config import TrainConfig, TrainProgress
+from synthray.models.gan.dcgan import Generator
+from synthray.models.gan.files import load_generator, save_generator
+from synthray.models.gan.trainer import _Trainer, train_gan
+from synthray.models.runtime import cpu_bf16_fast
 
 
 def _data(n: int = 24, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -12,14 +12,11 @@ import torch
 
 from synthray.models import projgan
 from synthray.models.checkpoint import ChecksumMismatch, load_state, save_state
-from synthray.models.dcgan import Generator as DCGANGenerator
-from synthray.models.sampling import sample_images
-from synthray.models.training import (
-    TrainConfig,
-    load_generator,
-    save_generator,
-    train_gan,
-)
+from synthray.models.gan.config import TrainConfig
+from synthray.models.gan.dcgan import Generator as DCGANGenerator
+from synthray.models.gan.files import load_generator, save_generator
+from synthray.models.gan.sampling import sample_images
+from synthray.models.gan.trainer import train_gan
 
 
 def _data(n: int = 24, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +202,7 @@ def test_dcgan_files_still_load_as_dcgan(tmp_path: Path) -> None:
 
 
 def test_class_power_tempers_how_often_each_class_is_drawn() -> None:
-    from synthray.models.training import _Trainer
+    from synthray.models.gan.trainer import _Trainer
 
     images, labels = _data(n=104)  # 100 images of class 0, 4 of class 1
     cfg = _cfg(batch_size=64, class_power=0.5)

@@ -1,21 +1,18 @@
-"""Pixel-space nearest-neighbour memorization check for synthetic images.
+"""The memorization check: does a synthetic image copy a training image?
 
 Every synthetic image is compared with every training image (exact search: approximate indexes
-missed the true neighbour for 20-30 % of queries in our measurements, which is unfit for a privacy
-check). The similarity is the Pearson correlation of pixels, so a copy of a training image with
-changed brightness or contrast still scores ~1. The decision threshold is calibrated on a holdout
+missed the true neighbour for a fifth or more of the queries here, which is unfit for a privacy
+check), in two spaces: a shift-, flip- and crop-robust Pearson correlation of pixels
+(:mod:`synthray.models.gate.pixelmatch`), so a re-exposed, moved or cropped copy still scores
+about 1; and, optionally, a learned copy-detection embedding
+(:mod:`synthray.models.gate.copydetect`). The thresholds are calibrated together on a holdout
 set of real images the generator never saw: a synthetic image closer to a training image than
 almost all genuinely new images are is flagged. This is the distance-to-closest-record idea of
 Park et al., "Data Synthesis based on Generative Adversarial Networks", VLDB 2018, applied to
 images as in the memorization analysis of Carlini et al., "Extracting Training Data from
-Diffusion Models", USENIX Security 2023.
-
-:func:`check_memorization` uses plain pixel correlation. :func:`check_memorization_v2` also
-catches shifted, mirrored, cropped and noisy copies (robust correlation from
-:mod:`synthray.models.pixelmatch`, optionally a learned copy-detection embedding from
-:mod:`synthray.models.copydetect`), calibrates every space together on the holdout set, and
-reports alignment evidence, distance-to-closest-record and authenticity. The exact search behind
-both is :mod:`synthray.models.search`.
+Diffusion Models", USENIX Security 2023. The report also carries alignment evidence,
+distance-to-closest-record and authenticity. The exact search behind it is
+:mod:`synthray.models.gate.search`.
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from synthray.models.pixelmatch import PixelMatcher
-from synthray.models.search import ExactIndex
+from synthray.models.gate.pixelmatch import PixelMatcher
+from synthray.models.gate.search import ExactIndex
 
 _FEATURE_CHUNK = 4096
 
@@ -54,52 +51,6 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def nearest_neighbours(
-    queries: np.ndarray,
-    refs: np.ndarray,
-    k: int = 1,
-    block: int = 4096,
-    exclude_self: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact maximum-inner-product search of ``queries`` (Q, D) among ``refs`` (M, D).
-
-    Delegates to :class:`synthray.models.search.ExactIndex` (bf16 shortlist, fp32/fp64 re-rank,
-    proven by an error bound), scoring at most ``block`` queries at a time. Returns
-    (similarities float32 (Q, k), indices int64 (Q, k)), each row sorted by descending
-    similarity, ties broken by the lower index; identical to a brute-force fp64 search.
-    ``exclude_self`` (queries are refs) skips i == j.
-    """
-    if queries.ndim != 2 or refs.ndim != 2 or queries.shape[1] != refs.shape[1]:
-        raise ValueError(f"need (Q, D) and (M, D) arrays, got {queries.shape} and {refs.shape}")
-    if exclude_self and queries.shape[0] != refs.shape[0]:
-        raise ValueError("exclude_self needs queries and refs of the same length")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    m = refs.shape[0]
-    available = m - 1 if exclude_self else m
-    if not 1 <= k <= available:
-        raise ValueError(f"k must be in [1, {available}] for {m} references, got {k}")
-    if queries.shape[0] == 0:
-        return np.empty((0, k), dtype=np.float32), np.empty((0, k), dtype=np.int64)
-    return ExactIndex(refs, "ip").search(queries, k, exclude_self=exclude_self, block=block)
-
-
-@dataclass
-class MemorizationReport:
-    threshold: float
-    quantile: float
-    holdout_nn_similarity: list[float]  # per holdout image: similarity to its nearest train image
-    similarities: np.ndarray  # (Q,) per synthetic image: similarity to its nearest train image
-    neighbours: np.ndarray  # (Q, k) int64 train indices, most similar first
-    neighbour_similarities: np.ndarray  # (Q, k) float32
-    flagged: np.ndarray  # (Q,) bool: similarities > threshold
-    flagged_fraction: float
-    # Fraction of synthetic images more similar to their nearest train image than to their
-    # nearest holdout image, with train subsampled to the holdout's size; about 0.5 is
-    # ideal (train and holdout equally close).
-    dcr_train_share: float
-
-
 def _check_images(name: str, images: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"{name} must be a uint8 array of shape (N, R, R)")
@@ -107,83 +58,18 @@ def _check_images(name: str, images: np.ndarray) -> None:
         raise ValueError(f"{name} is empty")
 
 
-def check_memorization(
-    synthetic: np.ndarray,
-    train: np.ndarray,
-    holdout: np.ndarray,
-    *,
-    quantile: float = 0.95,
-    k: int = 3,
-) -> MemorizationReport:
-    """Flag synthetic images that sit closer to a training image than new real images do.
-
-    threshold = the ``quantile`` quantile (linear interpolation) of the holdout images'
-    nearest-train similarities; a synthetic image is flagged when its nearest-train similarity
-    exceeds it. ``k`` neighbours are reported per synthetic image (fewer if ``train`` is
-    smaller). All inputs are uint8 (N, R, R) at the same resolution and must not be empty.
-    """
-    for name, arr in (("synthetic", synthetic), ("train", train), ("holdout", holdout)):
-        _check_images(name, arr)
-    shapes = {synthetic.shape[1:], train.shape[1:], holdout.shape[1:]}
-    if len(shapes) != 1:
-        raise ValueError(f"synthetic, train and holdout differ in resolution: {sorted(shapes)}")
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, train.shape[0])
-
-    train_f = pixel_features(train)  # (M, D)
-    holdout_f = pixel_features(holdout)  # (H, D)
-    synth_f = pixel_features(synthetic)  # (Q, D)
-
-    holdout_sim, _ = nearest_neighbours(holdout_f, train_f, k=1)  # (H, 1)
-    threshold = float(np.quantile(holdout_sim[:, 0].astype(np.float64), quantile))
-    neighbour_sim, neighbours = nearest_neighbours(synth_f, train_f, k=k)  # (Q, k)
-    similarities = neighbour_sim[:, 0].copy()  # (Q,)
-    synth_to_holdout, _ = nearest_neighbours(synth_f, holdout_f, k=1)  # (Q, 1)
-    # The record share compares like with like: a train sample as large as the holdout
-    # set (a bigger reference set is closer by chance alone), drawn with a fixed seed.
-    n_ref = min(train_f.shape[0], holdout_f.shape[0])
-    pick = np.sort(np.random.default_rng(0).permutation(train_f.shape[0])[:n_ref])
-    synth_to_train_sample, _ = nearest_neighbours(synth_f, train_f[pick], k=1)  # (Q, 1)
-    flagged = similarities > threshold
-    return MemorizationReport(
-        threshold=threshold,
-        quantile=quantile,
-        holdout_nn_similarity=[float(s) for s in holdout_sim[:, 0]],
-        similarities=similarities,
-        neighbours=neighbours,
-        neighbour_similarities=neighbour_sim,
-        flagged=flagged,
-        flagged_fraction=float(flagged.mean()),
-        dcr_train_share=float(np.mean(synth_to_train_sample[:, 0] > synth_to_holdout[:, 0])),
-    )
-
-
-# ---------------------------------------------------------------- robust, multi-space check
-
 Embedder = Callable[[np.ndarray], np.ndarray]  # uint8 (N, R, R) -> float32 (N, d) unit rows
 
 
 @dataclass
-class MemorizationReportV2:
-    """Per-image evidence and batch figures of :func:`check_memorization_v2`.
+class MemorizationReport:
+    """Per-image evidence and batch figures of :func:`check_memorization`.
 
-    The first block has the fields (and meanings) of :class:`MemorizationReport`, measured with
-    the robust pixel correlation ("pixel" space); ``flagged`` is the union over spaces.
+    ``flagged`` is the union over spaces. Pixel-space figures (robust correlation) are
+    ``scores["pixel"]``, ``thresholds["pixel"]`` and the ``neighbours`` by that score.
     """
 
-    threshold: float  # pixel-space threshold
-    quantile: float
-    holdout_nn_similarity: list[float]  # per holdout image, robust pixel score of its NN
-    similarities: np.ndarray  # (Q,) robust pixel correlation with the nearest train image
-    neighbours: np.ndarray  # (Q, k) int64 train indices by robust pixel correlation
-    neighbour_similarities: np.ndarray  # (Q, k) float32
-    flagged: np.ndarray  # (Q,) bool: some space exceeds its threshold
-    flagged_fraction: float
-    dcr_train_share: float  # robust pixel space, train sample as large as the holdout set
-
+    quantile: float  # asked for: about 1 - quantile of new real images are flagged
     spaces: list[str]  # "pixel", and "embedding" with an embedder
     thresholds: dict[str, float]
     space_quantile: float  # per-space holdout quantile behind the thresholds
@@ -191,16 +77,22 @@ class MemorizationReportV2:
     holdout_flagged_fraction: float  # holdout images above some threshold (in-sample)
     scores: dict[str, np.ndarray]  # (Q,) nearest-train score per space
     flagged_by: dict[str, np.ndarray]  # (Q,) bool per space
-    best_index: np.ndarray  # (Q,) int64 = neighbours[:, 0]
-    best_correlation: np.ndarray  # (Q,) = similarities
-    best_shift: np.ndarray  # (Q, 2) int64 (dy, dx), see synthray.models.pixelmatch
+    flagged: np.ndarray  # (Q,) bool: some space exceeds its threshold
+    neighbours: np.ndarray  # (Q, k) int64 train indices by robust pixel correlation, best first
+    neighbour_similarities: np.ndarray  # (Q, k) float32
+    best_shift: np.ndarray  # (Q, 2) int64 (dy, dx), see synthray.models.gate.pixelmatch
     best_flip: np.ndarray  # (Q,) bool
     best_scale: np.ndarray  # (Q, 2) float32 template (height, width) / R
     ssim: np.ndarray  # (Q,) float32 SSIM at the best alignment (evidence, not a decision)
     embedding_neighbours: np.ndarray | None  # (Q, k) int64 train indices by embedding
     embedding_similarities: np.ndarray | None  # (Q, k) float32 cosine
+    dcr_train_share: float  # robust pixel space, train sample as large as the holdout set
     authentic: np.ndarray  # (Q,) bool, Alaa et al. 2022 (robust pixel space)
     authenticity: float  # fraction of authentic synthetic images
+
+    @property
+    def flagged_fraction(self) -> float:
+        return float(self.flagged.mean()) if len(self.flagged) else 0.0
 
 
 def _union_thresholds(holdout: dict[str, np.ndarray], quantile: float) -> tuple[dict, float]:
@@ -278,7 +170,7 @@ def _authentic(
     return score <= own[np.where(best >= 0, best, 0)]
 
 
-def check_memorization_v2(
+def check_memorization(
     synthetic: np.ndarray,
     train: np.ndarray,
     holdout: np.ndarray,
@@ -290,19 +182,21 @@ def check_memorization_v2(
     with_ssim: bool = True,
     batch_figures: bool = True,
     seed: int = 0,
-) -> MemorizationReportV2:
+) -> MemorizationReport:
     """Flag synthetic images that copy a training image, in every similarity space at once.
 
     Spaces: "pixel", the shift/flip/crop-robust Pearson correlation of
-    :class:`synthray.models.pixelmatch.PixelMatcher`; and, given an ``embedder`` (a
-    :class:`synthray.models.copydetect.CopyDetectNet` or a function from uint8 images to unit
+    :class:`synthray.models.gate.pixelmatch.PixelMatcher`; and, given an ``embedder`` (a
+    :class:`synthray.models.gate.copydetect.CopyDetectNet` or a function from uint8 images to unit
     vectors), "embedding", the larger cosine similarity of the image or its mirror image with
     the nearest training embedding. Each space's threshold is calibrated on the holdout
     images' nearest-train scores, computed the same way, so that about ``1 - quantile`` of new
     real images are flagged by at least one space (:func:`_union_thresholds`); an image is
     flagged when any space exceeds its threshold.
 
-    Batch figures: ``dcr_train_share`` (as in :func:`check_memorization`, robust pixel space)
+    Batch figures: ``dcr_train_share``, the share of synthetic images closer (robust pixel
+    correlation) to a train sample as large as the holdout set than to the holdout set (0.5 is
+    ideal),
     and ``authenticity`` after Alaa et al., "How Faithful is your Synthetic Data?
     Sample-level Metrics for Evaluating and Auditing Generative Models", ICML 2022: synthetic
     image j with nearest training image i* = NN(j) is unauthentic when
@@ -325,7 +219,7 @@ def check_memorization_v2(
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, train.shape[0])
     if isinstance(embedder, nn.Module):
-        from synthray.models.copydetect import CopyDetectNet, embed
+        from synthray.models.gate.copydetect import CopyDetectNet, embed
 
         if not isinstance(embedder, CopyDetectNet):
             raise TypeError("embedder must be a CopyDetectNet or a function of uint8 images")
@@ -356,16 +250,8 @@ def check_memorization_v2(
         dcr_share = _dcr_share(synthetic, train, holdout, max_shift, seed)
         authentic = _authentic(matcher, train, syn.neighbours[:, 0], scores["pixel"])
 
-    return MemorizationReportV2(
-        threshold=thresholds["pixel"],
+    return MemorizationReport(
         quantile=quantile,
-        holdout_nn_similarity=[float(s) for s in holdout_scores["pixel"]],
-        similarities=scores["pixel"],
-        neighbours=syn.neighbours,
-        neighbour_similarities=syn.scores,
-        flagged=flagged,
-        flagged_fraction=float(flagged.mean()),
-        dcr_train_share=dcr_share,
         spaces=list(scores),
         thresholds=thresholds,
         space_quantile=space_q,
@@ -373,14 +259,16 @@ def check_memorization_v2(
         holdout_flagged_fraction=float(hold_flagged.mean()),
         scores=scores,
         flagged_by=flagged_by,
-        best_index=syn.neighbours[:, 0].copy(),
-        best_correlation=scores["pixel"],
+        flagged=flagged,
+        neighbours=syn.neighbours,
+        neighbour_similarities=syn.scores,
         best_shift=syn.shift,
         best_flip=syn.flip,
         best_scale=syn.scale,
         ssim=syn.ssim if syn.ssim is not None else np.full(len(synthetic), np.nan, np.float32),
         embedding_neighbours=emb_i,
         embedding_similarities=emb_s,
+        dcr_train_share=dcr_share,
         authentic=authentic,
         authenticity=float(authentic.mean()) if batch_figures else math.nan,
     )

@@ -1,15 +1,17 @@
 """Training loop for the class-conditional GANs, with a step/time budget and exact resume.
 
+Architectures (networks, loss, defaults) come from :mod:`synthray.models.gan.registry`.
+
 The algorithm is Algorithm 1 of Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014,
 one discriminator update per generator update, with the Adam settings of Radford et al., ICLR
 2016 (lr 2e-4, beta1 0.5). Per architecture:
 
-- ``dcgan`` (:mod:`synthray.models.dcgan`): the non-saturating loss of Goodfellow et al.,
+- ``dcgan`` (:mod:`synthray.models.gan.dcgan`): the non-saturating loss of Goodfellow et al.,
   Section 3; by default no augmentation and no EMA (the seed study's baseline).
-- ``projgan`` (:mod:`synthray.models.projgan`): the hinge loss of Lim and Ye, "Geometric GAN",
+- ``projgan`` (:mod:`synthray.models.gan.projgan`): the hinge loss of Lim and Ye, "Geometric GAN",
   2017 (arXiv:1705.02894), as used with spectral normalisation and the projection
   discriminator by Miyato et al. 2018; by default DiffAugment (Zhao et al., NeurIPS 2020,
-  :mod:`synthray.models.diffaugment`) on every discriminator input, and an exponential moving
+  :mod:`synthray.models.gan.diffaugment`) on every discriminator input, and an exponential moving
   average of the generator's weights (Yazici et al., "The Unusual Effectiveness of Averaging in
   GAN Training", ICLR 2019; Karras et al. 2018), which is the generator the run returns.
 
@@ -28,220 +30,40 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 (conventional alias)
 from torch import Tensor, nn
 
-from synthray.models import dcgan, projgan
 from synthray.models.checkpoint import (
     flatten_state_dict,
     load_state,
     save_state,
     unflatten_state_dict,
 )
-from synthray.models.dcgan import DCGANConfig, Generator, to_channels_last
-from synthray.models.diffaugment import diff_augment, parse_policy
-from synthray.models.hardware import cpu_bf16_fast
-from synthray.models.projgan import ProjGANConfig
+from synthray.models.gan.config import (
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+    TrainProgress,
+    TrainResult,
+    validate_data,
+)
+from synthray.models.gan.diffaugment import diff_augment, parse_policy
+from synthray.models.gan.registry import get as architecture
+from synthray.models.runtime import (
+    autocast_dtype,
+    resolve_device,
+    resolve_precision,
+    to_channels_last,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("dcgan", "projgan")
-# What a TrainConfig field left at None means, per architecture.
-ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dcgan": {
-        "g_channels": 64,
-        "d_channels": 64,
-        "augment": "none",
-        "ema_decay": 0.0,
-        "class_power": 0.0,
-    },
-    "projgan": {
-        "g_channels": 32,
-        "d_channels": 64,
-        "augment": "color,translation,cutout",
-        "ema_decay": 0.999,
-        "class_power": 0.5,
-    },
-}
 EMA_WARMUP = 10  # decay at step t is min(ema_decay, (1 + t) / (EMA_WARMUP + t))
-GeneratorConfig = DCGANConfig | ProjGANConfig
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINT_KIND = "train_checkpoint"
 CHECKPOINT_FORMAT = 1
-# TrainConfig fields that may change between a checkpoint and the run that resumes it.
-RESUME_FREE_FIELDS = frozenset(
-    {"max_steps", "max_seconds", "checkpoint_every_s", "progress_every_s"}
-)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. ``class_names`` must not be empty.
-
-    Fields left at None take their architecture's default (ARCHITECTURE_DEFAULTS) when the
-    config is built, so ``to_dict`` always records the values the run used. ``augment`` is
-    ``"none"`` or a comma list of DiffAugment transforms (``color``, ``translation``,
-    ``cutout``); ``ema_decay`` 0 keeps no EMA generator. ``class_power`` sets how often each
-    class is drawn, for real batches and generated labels alike: P(c) proportional to
-    n_c ** class_power, n_c its number of training images (0: all classes equally often, 1: as
-    often as in the data).
-    """
-
-    architecture: str = "dcgan"
-    resolution: int = 64
-    class_names: list[str] = field(default_factory=list)
-    batch_size: int = 64
-    max_steps: int | None = None
-    max_seconds: float | None = None
-    seed: int = 0
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    precision: str = "auto"  # auto | bf16 | fp32 (| fp16 on CUDA)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    checkpoint_every_s: float = 60.0
-    progress_every_s: float = 5.0
-    z_dim: int = 100
-    g_channels: int | None = None  # dcgan 64, projgan 32
-    d_channels: int | None = None  # dcgan 64, projgan 64
-    augment: str | None = None  # dcgan "none", projgan "color,translation,cutout"
-    ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999
-    class_power: float | None = None  # dcgan 0 (class-balanced), projgan 0.5
-
-    def __post_init__(self) -> None:
-        self.class_names = list(self.class_names)
-        for name, value in ARCHITECTURE_DEFAULTS.get(self.architecture, {}).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError on any setting the training loop cannot honour."""
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {self.architecture!r}; supported: {list(ARCHITECTURES)}"
-            )
-        if not self.class_names:
-            raise ValueError("class_names must list at least one class")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class_names must be unique, got {self.class_names}")
-        if self.max_steps is None and self.max_seconds is None:
-            raise ValueError("set max_steps or max_seconds (or both): training needs a budget")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.max_seconds is not None and not self.max_seconds >= 0:
-            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not (
-            self.device in ("auto", "cpu", "cuda")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
-        ):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.checkpoint_every_s < 0 or self.progress_every_s < 0:
-            raise ValueError("checkpoint_every_s and progress_every_s must be >= 0")
-        for name in ("lr_g", "lr_d"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if not isinstance(self.augment, str):
-            raise ValueError(f"augment must be a string, got {self.augment!r}")
-        parse_policy(self.augment)
-        if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not (isinstance(self.class_power, int | float) and 0 <= self.class_power <= 1):
-            raise ValueError(f"class_power must be in [0, 1], got {self.class_power!r}")
-        self.generator_config()  # validates resolution and channel counts
-
-    def generator_config(self) -> GeneratorConfig:
-        if not (isinstance(self.g_channels, int) and isinstance(self.d_channels, int)):
-            raise ValueError("g_channels and d_channels must be positive integers")
-        common = {
-            "resolution": self.resolution,
-            "num_classes": len(self.class_names),
-            "z_dim": self.z_dim,
-            "g_channels": self.g_channels,
-            "d_channels": self.d_channels,
-        }
-        if self.architecture == "projgan":
-            return ProjGANConfig(**common)
-        return DCGANConfig(**common)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-
-@dataclass
-class TrainProgress:
-    step: int
-    total_steps: int | None
-    images_seen: int
-    seconds: float
-    images_per_second: float  # throughput of this process's part of the run
-    loss_d: float
-    loss_g: float
-    eta_seconds: float | None
-
-
-@dataclass
-class TrainResult:
-    generator_config: dict[str, Any]
-    generator_state: dict[str, Tensor]  # on CPU, floating tensors in fp32
-    steps: int
-    images_seen: int
-    seconds: float
-    final_loss_d: float
-    final_loss_g: float
-    device: str
-    precision: str
-    stopped: str  # "budget" or "cancelled"
-    architecture: str = "dcgan"  # rebuilds the generator with generator_config
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA where supported, else fp16; on CPU it is bf16 (autocast +
-    channels_last) where the CPU has bf16 units, else fp32 (see :mod:`synthray.models.hardware`)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_bf16_fast() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs CUDA (GradScaler); use bf16 or fp32 on CPU")
-    return precision
-
-
-def _autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def _data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
@@ -250,50 +72,6 @@ def _data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     h.update(np.ascontiguousarray(images).data)
     h.update(np.ascontiguousarray(labels).data)
     return h.hexdigest()
-
-
-def _validate_data(
-    images: np.ndarray, labels: np.ndarray, cfg: TrainConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    r = cfg.resolution
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError("images must be a uint8 numpy array of shape (N, R, R)")
-    if images.shape[1:] != (r, r):
-        raise ValueError(
-            f"images are {images.shape[1]}x{images.shape[2]} but cfg.resolution is {r}: "
-            "resize them first"
-        )
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("no training images")
-    labels = np.asarray(labels)
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}"
-        )
-    labels = labels.astype(np.int64, copy=False)
-    c = len(cfg.class_names)
-    if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(f"labels must be in [0, {c}), got range [{labels.min()}, {labels.max()}]")
-    counts = np.bincount(labels, minlength=c)
-    empty = [cfg.class_names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise ValueError(f"classes without any training image: {empty}")
-    return images, labels
-
-
-def _build_networks(
-    architecture: str, gcfg: GeneratorConfig, rng: torch.Generator
-) -> tuple[nn.Module, nn.Module]:
-    """Generator and discriminator of ``architecture``, all weights drawn from ``rng``."""
-    if architecture == "projgan":
-        assert isinstance(gcfg, ProjGANConfig)
-        g = projgan.build_seeded(projgan.Generator, gcfg, rng)
-        return g, projgan.build_seeded(projgan.Discriminator, gcfg, rng)
-    assert isinstance(gcfg, DCGANConfig)
-    return dcgan.build_seeded(Generator, gcfg, rng), dcgan.build_seeded(
-        dcgan.Discriminator, gcfg, rng
-    )
 
 
 def _to_cpu_fp32(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -336,7 +114,8 @@ class _Trainer:
         self.torch_rng.manual_seed(cfg.seed)
         self.np_rng = np.random.Generator(np.random.PCG64(cfg.seed))
 
-        self.G, self.D = _build_networks(cfg.architecture, self.gcfg, self.torch_rng)
+        self.arch = architecture(cfg.architecture)
+        self.G, self.D = self.arch.build(self.gcfg, self.torch_rng)
         self.G.to(device)
         self.D.to(device)
         # NHWC: faster convolutions on CUDA and on CPU, in bf16 and in fp32 (AVX2 fp32: -15%).
@@ -365,7 +144,7 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------- batches
     def _autocast(self) -> AbstractContextManager[Any]:
-        dtype = _autocast_dtype(self.precision)
+        dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _to_device_images(self, x: np.ndarray) -> Tensor:
@@ -427,43 +206,29 @@ class _Trainer:
     def train_step(self) -> None:
         x, y_real = self._real_batch()  # (B, 1, R, R), (B,)
         z, y_fake = self._noise()  # (B, z_dim), (B,)
-        hinge = self.cfg.architecture == "projgan"
+        loss = self.arch.loss  # see synthray.models.gan.losses
 
-        # Update D. dcgan: maximize log D(x|y) + log(1 - D(G(z|y')|y')), i.e. minimise the BCE
-        # of real images against 1 and of generated images against 0. projgan (hinge): minimise
-        # E[max(0, 1 - D(T(x)|y))] + E[max(0, 1 + D(T(G(z|y'))|y'))], T the DiffAugment draw
-        # (a fresh one per call; identity when augmentation is off).
+        # Update D on real images and detached generated ones, each through a fresh DiffAugment
+        # draw T (identity when augmentation is off): non-saturating, maximise
+        # log D(T(x)|y) + log(1 - D(T(G(z|y'))|y')); hinge, minimise
+        # E[max(0, 1 - D(T(x)|y))] + E[max(0, 1 + D(T(G(z|y'))|y'))].
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
             fake = self.G(z, y_fake)  # (B, 1, R, R)
             logits_real = self.D(self._augment(x), y_real)  # (B,)
             logits_fake = self.D(self._augment(fake.detach()), y_fake)  # (B,)
-        if hinge:
-            loss_d = (
-                F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
-            )
-        else:
-            ones = torch.ones(self.cfg.batch_size, device=self.device)
-            zeros = torch.zeros(self.cfg.batch_size, device=self.device)
-            loss_d = F.binary_cross_entropy_with_logits(
-                logits_real.float(), ones
-            ) + F.binary_cross_entropy_with_logits(logits_fake.float(), zeros)
+        loss_d = loss.discriminator(logits_real, logits_fake)
         self._backward_step(loss_d, self.opt_d)
 
-        # Update G. dcgan (non-saturating): maximize log D(G(z|y')|y') instead of minimising
-        # log(1 - D(G(z|y')|y')). projgan (hinge): minimise -E[D(T(G(z|y'))|y')]. D's weights are
-        # frozen so only G receives gradients; T is differentiable, so G learns un-augmented
-        # images.
+        # Update G: non-saturating, maximise log D(T(G(z|y'))|y'); hinge, minimise
+        # -E[D(T(G(z|y'))|y')]. D's weights are frozen so only G receives gradients; T is
+        # differentiable, so G learns un-augmented images.
         self.opt_g.zero_grad(set_to_none=True)
         self.D.requires_grad_(False)
         try:
             with self._autocast():
                 logits_gen = self.D(self._augment(fake), y_fake)  # (B,)
-            if hinge:
-                loss_g = -logits_gen.float().mean()
-            else:
-                ones = torch.ones(self.cfg.batch_size, device=self.device)
-                loss_g = F.binary_cross_entropy_with_logits(logits_gen.float(), ones)
+            loss_g = loss.generator(logits_gen)
             self._backward_step(loss_g, self.opt_g)
         finally:
             self.D.requires_grad_(True)
@@ -673,7 +438,7 @@ def train_gan(
     ``cudnn.benchmark`` is switched on when training on CUDA.
     """
     cfg.validate()
-    images, labels = _validate_data(images, labels, cfg)
+    images, labels = validate_data(images, labels, cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     trainer = _Trainer(images, labels, cfg, device, precision)
@@ -692,96 +457,3 @@ def train_gan(
             else:
                 logger.warning("not resuming from %s: %s", checkpoint_path, reason)
     return trainer.run(checkpoint_path, on_progress, should_stop)
-
-
-# --------------------------------------------------------------------------- generator files
-_GENERATOR_CONFIGS: dict[str, type[DCGANConfig] | type[ProjGANConfig]] = {
-    "dcgan": DCGANConfig,
-    "projgan": ProjGANConfig,
-}
-
-
-def _generator_class(architecture: str) -> type[nn.Module]:
-    return projgan.Generator if architecture == "projgan" else Generator
-
-
-def _architecture_of(generator_config: dict[str, Any]) -> str:
-    """The architecture whose config has exactly these keys (their key sets differ)."""
-    keys = set(generator_config)
-    for name, config_cls in _GENERATOR_CONFIGS.items():
-        if keys == {f.name for f in fields(config_cls)}:
-            return name
-    raise ValueError(
-        f"generator config keys {sorted(keys)} match no architecture; pass architecture="
-    )
-
-
-def save_generator(
-    path: Path,
-    generator_state: dict[str, Tensor],
-    generator_config: dict[str, Any],
-    extra_meta: dict[str, Any] | None = None,
-    *,
-    architecture: str | None = None,
-) -> str:
-    """Write a generator and the config that rebuilds it to a safetensors file; return sha256.
-
-    ``architecture`` (``TrainResult.architecture``) may be omitted: it is then recognised from
-    the config's keys. The state is checked against the config (same names and shapes) before
-    anything is written. The file's meta holds ``architecture`` and ``config``, which is all
-    :func:`load_generator` needs.
-    """
-    if architecture is None:
-        architecture = _architecture_of(generator_config)
-    if architecture not in _GENERATOR_CONFIGS:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; supported: {list(_GENERATOR_CONFIGS)}"
-        )
-    cfg = _GENERATOR_CONFIGS[architecture].from_dict(generator_config)
-    with torch.device("meta"):
-        reference = _generator_class(architecture)(cfg).state_dict()
-    if set(reference) != set(generator_state):
-        missing = sorted(set(reference) - set(generator_state))
-        unexpected = sorted(set(generator_state) - set(reference))
-        raise ValueError(
-            f"generator state does not fit its config: missing {missing}, unexpected {unexpected}"
-        )
-    for k, ref in reference.items():
-        if tuple(generator_state[k].shape) != tuple(ref.shape):
-            raise ValueError(
-                f"generator state {k} has shape {tuple(generator_state[k].shape)}, "
-                f"config implies {tuple(ref.shape)}"
-            )
-    meta: dict[str, Any] = {
-        "kind": "generator",
-        "architecture": architecture,
-        "config": cfg.to_dict(),
-    }
-    if extra_meta:
-        clash = sorted(set(extra_meta) & set(meta))
-        if clash:
-            raise ValueError(f"extra_meta must not override {clash}")
-        meta.update(extra_meta)
-    return save_state(path, generator_state, meta)
-
-
-def load_generator(path: Path, expected_sha256: str | None) -> nn.Module:
-    """Rebuild a generator, in eval mode on CPU, from a file written by :func:`save_generator`.
-
-    The network (a :class:`synthray.models.dcgan.Generator` or a
-    :class:`synthray.models.projgan.Generator`, both called as ``G(z, y)`` and carrying their
-    config as ``.cfg``) is built from the architecture and config stored in the file alone.
-    With ``expected_sha256`` the file is verified first
-    (:class:`~synthray.models.checkpoint.ChecksumMismatch`).
-    """
-    tensors, meta = load_state(Path(path), expected_sha256)
-    if meta.get("kind") != "generator":
-        raise ValueError(f"{path} is not a generator file (kind={meta.get('kind')!r})")
-    architecture = meta.get("architecture")
-    if architecture not in _GENERATOR_CONFIGS:
-        raise ValueError(f"{path}: unsupported generator architecture {architecture!r}")
-    cfg = _GENERATOR_CONFIGS[architecture].from_dict(meta["config"])
-    with torch.device("meta"):
-        net = _generator_class(architecture)(cfg)
-    net.load_state_dict(tensors, strict=True, assign=True)
-    return net.eval()

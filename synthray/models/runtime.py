@@ -1,4 +1,10 @@
-"""Which precision pays on this CPU, decided once per process.
+"""Where and how the networks run: device, precision and process memory, decided once.
+
+:func:`resolve_device` and :func:`resolve_precision` turn the ``auto`` settings into a torch
+device and a precision name; :func:`to_channels_last` puts a network in NHWC layout;
+:func:`keep_freed_memory` tunes glibc for processes that exist to train.
+
+Which precision pays on a CPU:
 
 bf16 halves memory traffic and, on CPUs with native bf16 units, doubles to quadruples matmul
 and convolution speed: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later) or AMX
@@ -22,6 +28,9 @@ import ctypes.util
 import functools
 
 import torch
+from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @functools.cache
@@ -42,6 +51,40 @@ def cpu_compute_dtype() -> torch.dtype:
 def cpu_autocast() -> contextlib.AbstractContextManager[object]:
     """bf16 autocast on CPU where it pays (see :func:`cpu_bf16_fast`), else a no-op."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_fast())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA where supported, else fp16; on CPU it is bf16 (autocast +
+    channels_last) where the CPU has bf16 units, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_bf16_fast() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 training needs CUDA (GradScaler); use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """Switch ``net``'s 4-d parameters to NHWC in place (faster convolutions on CPU and CUDA)."""
+    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc <malloc.h> mallopt parameters

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from synthray.models.dcgan import to_channels_last
-from synthray.models.hardware import cpu_compute_dtype
+from synthray.models.runtime import cpu_compute_dtype, resolve_device, to_channels_last
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -20,15 +19,6 @@ def _class_seed(seed: int, class_id: int) -> int:
     which other classes are requested."""
     words = np.random.SeedSequence([seed, class_id]).generate_state(2, dtype=np.uint32)
     return ((int(words[0]) << 32) | int(words[1])) & _SEED_MASK
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def sample_images(
@@ -50,7 +40,7 @@ def sample_images(
     ``c`` come from a generator seeded with (seed, c), so the result is deterministic given the
     seed. The generator runs in eval mode (batch-norm running statistics) on a copy, so the
     caller's module is not moved or switched; on CPU it runs in channels_last, with bf16
-    autocast where the CPU has bf16 units (:mod:`synthray.models.hardware`), on CUDA with bf16
+    autocast where the CPU has bf16 units (:mod:`synthray.models.runtime`), on CUDA with bf16
     (or fp16) autocast.
     """
     if batch_size < 1:
@@ -63,7 +53,7 @@ def sample_images(
             raise ValueError(f"class id {c} outside [0, {cfg.num_classes})")
         if int(n) < 0:
             raise ValueError(f"negative count {n} for class {c}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:

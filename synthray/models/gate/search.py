@@ -10,7 +10,7 @@ gamma_n = n u / (1 - n u)):
 1. Every score is computed by one bf16 matmul (inputs rounded to bf16, products accumulated in
    fp32, output rounded to bf16), several times faster than an fp32 matmul on CPUs with AMX or
    AVX-512 bf16 units. On CPUs without them bf16 is emulated and far slower than fp32
-   (:mod:`synthray.models.hardware`), so the shortlist matmul is fp32 there: the same steps and
+   (:mod:`synthray.models.runtime`), so the shortlist matmul is fp32 there: the same steps and
    bounds hold with no input or output rounding.
 2. The top-k' bf16 scores per query (the shortlist, k' > k) are found exactly with a group-max
    reduction followed by ``topk`` on 1/16 of the scores.
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from synthray.models.hardware import cpu_compute_dtype
+from synthray.models.runtime import cpu_compute_dtype
 
 _U_BF16_OUT = 2.0**-8  # |v - bf16(v)| <= 2^-8 |bf16(v)| for round-to-nearest (8 significant bits)
 _U_FP32 = 2.0**-24

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
-from synthray.models.hardware import cpu_autocast
+from synthray.models.runtime import cpu_autocast
 
 KIND = "quality-encoder"
 

@@ -16,7 +16,7 @@ NeurIPS 2020 (L_out):
 
 The network is trained from scratch on the site's own training images (no downloaded weights),
 deterministically for a given seed and step count, channels_last on CPU, with bf16 autocast where
-the CPU has bf16 units (:mod:`synthray.models.hardware`).
+the CPU has bf16 units (:mod:`synthray.models.runtime`).
 Checkpoints are safetensors files with the config in their metadata, checked by sha256 on load.
 """
 
@@ -34,8 +34,8 @@ import torch.nn.functional as F  # noqa: N812 (conventional alias)
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
-from synthray.models.hardware import cpu_autocast
-from synthray.models.search import torch_threads
+from synthray.models.gate.search import torch_threads
+from synthray.models.runtime import cpu_autocast
 
 KIND = "copydetect"
 

@@ -9,8 +9,8 @@ import numpy as np
 from torch import nn
 
 from synthray.models.checkpoint import load_state
-from synthray.models.sampling import sample_images
-from synthray.models.training import load_generator, save_generator
+from synthray.models.gan.files import load_generator, save_generator
+from synthray.models.gan.sampling import sample_images
 
 
 def generator_from_checkpoint(path: Path) -> nn.Module:

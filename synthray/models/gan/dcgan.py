@@ -170,11 +170,6 @@ class Discriminator(nn.Module):
         return self.net(h).view(b)  # (B,)
 
 
-def to_channels_last(net: nn.Module) -> nn.Module:
-    """Switch ``net``'s 4-d parameters to NHWC in place (faster bf16 convolutions)."""
-    return net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-
 def build_seeded(
     cls: type[Generator] | type[Discriminator], cfg: DCGANConfig, generator: torch.Generator
 ) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Class-conditional generators: networks, losses, training, files and sampling."""

@@ -1,0 +1,183 @@
+"""What defines a training run (:class:`TrainConfig`), what it reports while it runs
+(:class:`TrainProgress`) and what it returns (:class:`TrainResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from synthray.models.gan.diffaugment import parse_policy
+from synthray.models.gan.registry import ARCHITECTURES, GeneratorConfig
+from synthray.models.gan.registry import get as architecture
+from synthray.models.runtime import PRECISIONS
+
+# TrainConfig fields that may change between a checkpoint and the run that resumes it.
+RESUME_FREE_FIELDS = frozenset(
+    {"max_steps", "max_seconds", "checkpoint_every_s", "progress_every_s"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. ``class_names`` must not be empty.
+
+    Fields left at None take their architecture's default (its registry entry's ``defaults``)
+    when the config is built, so ``to_dict`` always records the values the run used. ``augment`` is
+    ``"none"`` or a comma list of DiffAugment transforms (``color``, ``translation``,
+    ``cutout``); ``ema_decay`` 0 keeps no EMA generator. ``class_power`` sets how often each
+    class is drawn, for real batches and generated labels alike: P(c) proportional to
+    n_c ** class_power, n_c its number of training images (0: all classes equally often, 1: as
+    often as in the data).
+    """
+
+    architecture: str = "dcgan"
+    resolution: int = 64
+    class_names: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    seed: int = 0
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    precision: str = "auto"  # auto | bf16 | fp32 (| fp16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    checkpoint_every_s: float = 60.0
+    progress_every_s: float = 5.0
+    z_dim: int = 100
+    g_channels: int | None = None  # dcgan 64, projgan 32
+    d_channels: int | None = None  # dcgan 64, projgan 64
+    augment: str | None = None  # dcgan "none", projgan "color,translation,cutout"
+    ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999
+    class_power: float | None = None  # dcgan 0 (class-balanced), projgan 0.5
+
+    def __post_init__(self) -> None:
+        self.class_names = list(self.class_names)
+        if self.architecture in ARCHITECTURES:
+            for name, value in ARCHITECTURES[self.architecture].defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on any setting the training loop cannot honour."""
+        architecture(self.architecture)
+        if not self.class_names:
+            raise ValueError("class_names must list at least one class")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be unique, got {self.class_names}")
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("set max_steps or max_seconds (or both): training needs a budget")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.max_seconds is not None and not self.max_seconds >= 0:
+            raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.checkpoint_every_s < 0 or self.progress_every_s < 0:
+            raise ValueError("checkpoint_every_s and progress_every_s must be >= 0")
+        for name in ("lr_g", "lr_d"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if not isinstance(self.augment, str):
+            raise ValueError(f"augment must be a string, got {self.augment!r}")
+        parse_policy(self.augment)
+        if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (isinstance(self.class_power, int | float) and 0 <= self.class_power <= 1):
+            raise ValueError(f"class_power must be in [0, 1], got {self.class_power!r}")
+        self.generator_config()  # validates resolution and channel counts
+
+    def generator_config(self) -> GeneratorConfig:
+        if not (isinstance(self.g_channels, int) and isinstance(self.d_channels, int)):
+            raise ValueError("g_channels and d_channels must be positive integers")
+        common = {
+            "resolution": self.resolution,
+            "num_classes": len(self.class_names),
+            "z_dim": self.z_dim,
+            "g_channels": self.g_channels,
+            "d_channels": self.d_channels,
+        }
+        return architecture(self.architecture).config(**common)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    total_steps: int | None
+    images_seen: int
+    seconds: float
+    images_per_second: float  # throughput of this process's part of the run
+    loss_d: float
+    loss_g: float
+    eta_seconds: float | None
+
+
+@dataclass
+class TrainResult:
+    generator_config: dict[str, Any]
+    generator_state: dict[str, Tensor]  # on CPU, floating tensors in fp32
+    steps: int
+    images_seen: int
+    seconds: float
+    final_loss_d: float
+    final_loss_g: float
+    device: str
+    precision: str
+    stopped: str  # "budget" or "cancelled"
+    architecture: str = "dcgan"  # rebuilds the generator with generator_config
+
+
+def validate_data(
+    images: np.ndarray, labels: np.ndarray, cfg: TrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check training data against ``cfg``; the labels come back as int64."""
+    r = cfg.resolution
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError("images must be a uint8 numpy array of shape (N, R, R)")
+    if images.shape[1:] != (r, r):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]} but cfg.resolution is {r}: "
+            "resize them first"
+        )
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("no training images")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}"
+        )
+    labels = labels.astype(np.int64, copy=False)
+    c = len(cfg.class_names)
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must be in [0, {c}), got range [{labels.min()}, {labels.max()}]")
+    counts = np.bincount(labels, minlength=c)
+    empty = [cfg.class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"classes without any training image: {empty}")
+    return images, labels

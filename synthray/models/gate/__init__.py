@@ -1,0 +1,1 @@
+"""The memorization gate: exact search, robust pixel matching, copy detection, the check."""
