@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         ge=0.5,
         description="Training time of the copy-detection embedding (once per dataset version).",
     )
+    copydetect_steps: int | None = Field(
+        None,
+        ge=1,
+        description="A fixed step count for the copy-detection embedding instead of a time "
+        "budget (deterministic; unset: as many steps as fit in copydetect_seconds).",
+    )
     rate_limit: str = Field(
         "1200/minute",
         description="Requests each client address may make, "

@@ -55,17 +55,5 @@ def record_refusal(
 
 
 def list_events(session: Session, limit: int, object_type: str | None) -> list[AuditRead]:
-    return [
-        AuditRead(
-            id=e.id,
-            at=e.at,
-            actor_key_id=e.actor_key_id,
-            actor_name=e.actor_name,
-            action=e.action,
-            object_type=e.object_type,
-            object_id=e.object_id,
-            outcome=e.outcome,
-            detail=e.detail,
-        )
-        for e in repository.list_recent(session, limit, object_type)
-    ]
+    events = repository.list_recent(session, limit, object_type)
+    return [AuditRead.model_validate(e) for e in events]

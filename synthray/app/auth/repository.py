@@ -3,6 +3,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from synthray.app.auth.schemas import Role
 from synthray.app.auth.tables import ApiKey
 
 
@@ -18,7 +19,7 @@ def by_hash(session: Session, key_hash: str) -> ApiKey | None:
 
 def active_partner_exists(session: Session, name: str) -> bool:
     stmt = select(ApiKey.id).where(
-        ApiKey.name == name, ApiKey.role == "partner", ApiKey.revoked_at.is_(None)
+        ApiKey.name == name, ApiKey.role == Role.partner, ApiKey.revoked_at.is_(None)
     )
     return session.scalars(stmt).first() is not None
 

@@ -25,25 +25,14 @@ def hash_key(secret_key: str, key: str) -> str:
     return hmac.new(secret_key.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
-def _read(k: ApiKey) -> KeyRead:
-    return KeyRead(
-        id=k.id,
-        name=k.name,
-        role=Role(k.role),
-        prefix=k.prefix,
-        created_at=k.created_at,
-        revoked_at=k.revoked_at,
-    )
-
-
 def create_key(session: Session, secret_key: str, name: str, role: Role) -> KeyCreated:
     prefix = secrets.token_hex(4)
     key = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
     row = repository.add(
         session,
-        ApiKey(name=name, role=role.value, prefix=prefix, key_hash=hash_key(secret_key, key)),
+        ApiKey(name=name, role=role, prefix=prefix, key_hash=hash_key(secret_key, key)),
     )
-    return KeyCreated(**_read(row).model_dump(), key=key)
+    return KeyCreated(**KeyRead.model_validate(row).model_dump(), key=key)
 
 
 def authenticate(session: Session, secret_key: str, key: str) -> Principal | None:
@@ -55,8 +44,13 @@ def authenticate(session: Session, secret_key: str, key: str) -> Principal | Non
     return Principal(key_id=row.id, name=row.name, role=Role(row.role))
 
 
+def active_partner_exists(session: Session, name: str) -> bool:
+    """Whether an unrevoked partner key carries ``name`` (exports are addressed by it)."""
+    return repository.active_partner_exists(session, name)
+
+
 def list_keys(session: Session) -> list[KeyRead]:
-    return [_read(k) for k in repository.list_all(session)]
+    return [KeyRead.model_validate(k) for k in repository.list_all(session)]
 
 
 def revoke_key(session: Session, key_id: int) -> KeyRead:
@@ -66,4 +60,4 @@ def revoke_key(session: Session, key_id: int) -> KeyRead:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()
-    return _read(row)
+    return KeyRead.model_validate(row)

@@ -31,7 +31,7 @@ def list_batches(
 
 @router.get("/batches/{batch_id}", response_model=BatchRead)
 def get_batch(batch_id: int, session: SessionDep, _: StaffDep) -> BatchRead:
-    return service.to_read(service.get(session, batch_id))
+    return BatchRead.model_validate(service.get(session, batch_id))
 
 
 @router.get("/batches/{batch_id}/report")

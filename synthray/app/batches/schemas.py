@@ -1,9 +1,25 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BatchState(StrEnum):
+    """generating -> unchecked -> checking -> passed | failed.
+
+    A synthesis job that fails or is cancelled leaves its end state on a batch still
+    generating; a check that stops leaves the batch unchecked.
+    """
+
+    generating = "generating"
+    unchecked = "unchecked"
+    checking = "checking"
+    passed = "passed"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class SynthesizeRequest(BaseModel):
@@ -34,12 +50,16 @@ class SynthesizeAccepted(BaseModel):
 
 
 class BatchRead(BaseModel):
+    # Validated from a row (``images_sha256`` is its ``images_blob``) or, by field name,
+    # from its own dump.
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
     id: int
     model_version_id: int
-    state: str
+    state: BatchState
     counts: dict[str, int]
     seed: int
-    images_sha256: str | None
+    images_sha256: str | None = Field(validation_alias="images_blob")
     checked_sha256: str | None
     check: dict[str, Any]
     synth_job_id: str | None

@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
+from synthray.app.batches.schemas import BatchState
 from synthray.app.db import Base, utcnow
 
 
@@ -20,7 +21,7 @@ class SyntheticBatch(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
-    state: Mapped[str] = mapped_column(String(20), default="generating")
+    state: Mapped[BatchState] = mapped_column(String(20), default=BatchState.generating)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     seed: Mapped[int] = mapped_column(default=0)
     images_blob: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -29,7 +29,7 @@ from synthray.app.datasets.decode import (
     parse_age,
 )
 from synthray.app.datasets.pool import DecodePool
-from synthray.app.datasets.schemas import DatasetCreate
+from synthray.app.datasets.schemas import DatasetCreate, DatasetVersionState
 from synthray.app.jobs.context import JobCancelled, JobContext, JobFailed
 
 MAX_SKIPS_LISTED = 500
@@ -262,7 +262,7 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         v.images_blob = blob
         v.content_sha256 = blob
         v.counts = counts
-        v.state = "ready"
+        v.state = DatasetVersionState.ready
         v.provenance = {
             "pixels": f"grey uint8, padded squares at {list(sizes)} px",
             "patient_key": "HMAC-SHA256(site secret, patient id), 128 bits",

@@ -3,13 +3,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
+from synthray.app.datasets.schemas import DatasetVersionState
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
 
 
-def get_by_name(session: Session, name: str) -> Dataset | None:
-    return session.scalars(select(Dataset).where(Dataset.name == name)).one_or_none()
+def get_by_name(session: Session, name: str, *, with_versions: bool = False) -> Dataset | None:
+    """The dataset; ``with_versions`` also loads (or reloads) ``Dataset.versions``."""
+    stmt = select(Dataset).where(Dataset.name == name)
+    if with_versions:
+        stmt = stmt.options(selectinload(Dataset.versions)).execution_options(
+            populate_existing=True
+        )
+    return session.scalars(stmt).one_or_none()
 
 
 def add_dataset(session: Session, name: str) -> Dataset:
@@ -20,7 +27,9 @@ def add_dataset(session: Session, name: str) -> Dataset:
 
 
 def list_datasets(session: Session) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.name)))
+    """Every dataset, by name, with its versions loaded."""
+    stmt = select(Dataset).order_by(Dataset.name).options(selectinload(Dataset.versions))
+    return list(session.scalars(stmt.execution_options(populate_existing=True)))
 
 
 def next_version(session: Session, dataset_id: int) -> int:
@@ -34,15 +43,6 @@ def add_version(session: Session, version: DatasetVersion) -> DatasetVersion:
     return version
 
 
-def versions_of(session: Session, dataset_id: int) -> list[DatasetVersion]:
-    stmt = (
-        select(DatasetVersion)
-        .where(DatasetVersion.dataset_id == dataset_id)
-        .order_by(DatasetVersion.version)
-    )
-    return list(session.scalars(stmt))
-
-
 def get_version(session: Session, version_id: int) -> DatasetVersion | None:
     return session.get(DatasetVersion, version_id)
 
@@ -54,7 +54,9 @@ def get_dataset(session: Session, dataset_id: int) -> Dataset | None:
 def find_version(session: Session, dataset_id: int, version: int | None) -> DatasetVersion | None:
     stmt = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id)
     if version is None:
-        stmt = stmt.where(DatasetVersion.state == "ready").order_by(DatasetVersion.version.desc())
+        stmt = stmt.where(DatasetVersion.state == DatasetVersionState.ready).order_by(
+            DatasetVersion.version.desc()
+        )
     else:
         stmt = stmt.where(DatasetVersion.version == version)
     return session.scalars(stmt.limit(1)).one_or_none()

@@ -1,11 +1,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+class DatasetVersionState(StrEnum):
+    """ingesting -> ready; an ingest job that fails or is cancelled leaves its end state."""
+
+    ingesting = "ingesting"
+    ready = "ready"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class DatasetCreate(BaseModel):
@@ -81,10 +91,14 @@ class DatasetCreate(BaseModel):
 
 
 class DatasetVersionRead(BaseModel):
+    # Validated from a row (``dataset`` is its dataset's name) or, by field name, from
+    # its own dump.
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
     id: int
-    dataset: str
+    dataset: str = Field(validation_alias=AliasPath("dataset", "name"))
     version: int
-    state: str
+    state: DatasetVersionState
     content_sha256: str | None
     resolutions: list[int]
     classes: list[str]
@@ -96,6 +110,8 @@ class DatasetVersionRead(BaseModel):
 
 
 class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     created_at: datetime

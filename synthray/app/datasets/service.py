@@ -11,10 +11,10 @@ from synthray.app.datasets import repository
 from synthray.app.datasets.schemas import (
     DatasetCreate,
     DatasetRead,
-    DatasetVersionRead,
+    DatasetVersionState,
     IngestAccepted,
 )
-from synthray.app.datasets.tables import Dataset, DatasetVersion
+from synthray.app.datasets.tables import DatasetVersion
 from synthray.app.errors import Conflict, Invalid, NotFound
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.schemas import JobKind
@@ -83,7 +83,7 @@ def request_ingest(
         DatasetVersion(
             dataset_id=ds.id,
             version=repository.next_version(session, ds.id),
-            state="ingesting",
+            state=DatasetVersionState.ingesting,
             resolutions=list(spec.resolutions),
             classes=list(spec.classes),
             holdout_fraction=spec.holdout_fraction,
@@ -99,37 +99,15 @@ def request_ingest(
     return IngestAccepted(dataset=ds.name, version=version.version, job_id=job.id)
 
 
-def version_read(ds: Dataset, v: DatasetVersion) -> DatasetVersionRead:
-    return DatasetVersionRead(
-        id=v.id,
-        dataset=ds.name,
-        version=v.version,
-        state=v.state,
-        content_sha256=v.content_sha256,
-        resolutions=list(v.resolutions),
-        classes=list(v.classes),
-        counts=v.counts,
-        holdout_fraction=v.holdout_fraction,
-        split_seed=v.split_seed,
-        ingest_job_id=v.ingest_job_id,
-        created_at=v.created_at,
-    )
-
-
-def dataset_read(session: Session, ds: Dataset) -> DatasetRead:
-    versions = [version_read(ds, v) for v in repository.versions_of(session, ds.id)]
-    return DatasetRead(id=ds.id, name=ds.name, created_at=ds.created_at, versions=versions)
-
-
 def list_datasets(session: Session) -> list[DatasetRead]:
-    return [dataset_read(session, ds) for ds in repository.list_datasets(session)]
+    return [DatasetRead.model_validate(ds) for ds in repository.list_datasets(session)]
 
 
 def get_dataset(session: Session, name: str) -> DatasetRead:
-    ds = repository.get_by_name(session, name)
+    ds = repository.get_by_name(session, name, with_versions=True)
     if ds is None:
         raise NotFound(f"dataset {name!r} not found")
-    return dataset_read(session, ds)
+    return DatasetRead.model_validate(ds)
 
 
 def resolve_version(session: Session, name: str, version: int | None) -> DatasetVersion:
@@ -140,9 +118,31 @@ def resolve_version(session: Session, name: str, version: int | None) -> Dataset
     v = repository.find_version(session, ds.id, version)
     if v is None:
         raise Invalid(f"dataset {name!r} has no ready version", field="version")
-    if v.state != "ready":
+    if v.state != DatasetVersionState.ready:
         raise Conflict(f"dataset {name!r} version {v.version} is {v.state}, not ready")
     return v
+
+
+def _ready(session: Session, version_id: int) -> DatasetVersion:
+    v = repository.get_version(session, version_id)
+    if v is None or v.state != DatasetVersionState.ready or v.images_blob is None:
+        raise NotFound(f"dataset version {version_id} is not ready")
+    return v
+
+
+def content_sha256(session: Session, version_id: int) -> str:
+    """The sha256 that names a ready version's content (recorded in its models' lineage)."""
+    v = _ready(session, version_id)
+    assert v.content_sha256 is not None  # set together with the ready state
+    return v.content_sha256
+
+
+def ingest_ended(session: Session, version_id: int, state: str) -> None:
+    """A version still ingesting takes the end state of its failed or cancelled ingest job."""
+    v = repository.get_version(session, version_id)
+    if v is not None and v.state == DatasetVersionState.ingesting:
+        v.state = DatasetVersionState(state)
+        session.flush()
 
 
 @dataclass
@@ -162,9 +162,8 @@ class SplitArrays:
 def load_split(
     session: Session, blobs: BlobStore, version_id: int, resolution: int | None = None
 ) -> SplitArrays:
-    v = repository.get_version(session, version_id)
-    if v is None or v.state != "ready" or v.images_blob is None:
-        raise NotFound(f"dataset version {version_id} is not ready")
+    v = _ready(session, version_id)
+    assert v.images_blob is not None
     size = resolution or min(v.resolutions)
     if size not in v.resolutions:
         raise NotFound(f"dataset version {version_id} has no {size}px images")

@@ -4,8 +4,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ForeignKey, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from synthray.app.datasets.schemas import DatasetVersionState
 from synthray.app.db import Base, utcnow
 
 
@@ -15,6 +16,11 @@ class Dataset(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Read-only, loaded only where a repository asks for them (never by lazy SQL).
+    versions: Mapped[list[DatasetVersion]] = relationship(
+        viewonly=True, lazy="raise_on_sql", order_by="DatasetVersion.version"
+    )
 
 
 class DatasetVersion(Base):
@@ -26,7 +32,9 @@ class DatasetVersion(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
     version: Mapped[int]
-    state: Mapped[str] = mapped_column(String(20), default="ingesting")
+    state: Mapped[DatasetVersionState] = mapped_column(
+        String(20), default=DatasetVersionState.ingesting
+    )
     content_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     images_blob: Mapped[str | None] = mapped_column(String(64), default=None)
     resolutions: Mapped[list[Any]] = mapped_column(default=list)
@@ -37,6 +45,8 @@ class DatasetVersion(Base):
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ingest_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship(viewonly=True, lazy="raise_on_sql")
 
 
 class DatasetImage(Base):

@@ -42,12 +42,12 @@ def list_exports(
 
 @router.get("/{export_id}", response_model=ExportRead)
 def get_export(export_id: int, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
-    return service.to_read(service.get(session, export_id, who))
+    return ExportRead.model_validate(service.get(session, export_id, who))
 
 
 @router.post("/{export_id}/approve", response_model=ExportRead)
 def approve_export(export_id: int, session: SessionDep, who: ReviewerDep) -> ExportRead:
-    return service.to_read(service.approve(session, export_id, who))
+    return ExportRead.model_validate(service.approve(session, export_id, who))
 
 
 def _downloader(export_id: str, session: SessionDep, who: CallerDep) -> Principal:

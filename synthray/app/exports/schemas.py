@@ -1,10 +1,22 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from synthray.app.datasets.schemas import NAME
+
+
+class ExportState(StrEnum):
+    """building -> awaiting_approval -> approved; a build job that fails or is cancelled
+    leaves its end state."""
+
+    building = "building"
+    awaiting_approval = "awaiting_approval"
+    approved = "approved"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class ExportCreate(BaseModel):
@@ -18,10 +30,12 @@ class ExportAccepted(BaseModel):
 
 
 class ExportRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     batch_id: int
     partner: str
-    state: str
+    state: ExportState
     bundle_sha256: str | None
     size_bytes: int | None
     image_count: int | None

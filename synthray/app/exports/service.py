@@ -18,47 +18,33 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from synthray.app.audit import service as audit
-from synthray.app.auth import repository as keys
+from synthray.app.auth import service as keys
 from synthray.app.auth.schemas import Principal, Role
 from synthray.app.batches import service as batches
+from synthray.app.batches.schemas import BatchState
 from synthray.app.batches.tables import SyntheticBatch
-from synthray.app.datasets import repository as datasets
+from synthray.app.datasets import service as datasets
 from synthray.app.db import utcnow
 from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from synthray.app.exports import bundle, repository
-from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
+from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead, ExportState
 from synthray.app.exports.tables import Export
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.jobs.schemas import JobKind
-from synthray.app.registry import repository as registry
+from synthray.app.registry import service as registry
 from synthray.app.storage import BlobCorrupt, BlobNotFound, BlobStore
 from synthray.config import Settings
 
 
-def to_read(e: Export) -> ExportRead:
-    return ExportRead(
-        id=e.id,
-        batch_id=e.batch_id,
-        partner=e.partner,
-        state=e.state,
-        bundle_sha256=e.bundle_sha256,
-        size_bytes=e.size_bytes,
-        image_count=e.image_count,
-        build_job_id=e.build_job_id,
-        approved_at=e.approved_at,
-        created_at=e.created_at,
-    )
-
-
 def gate(batch: SyntheticBatch) -> None:
     """Refuse anything but a checked, passed, unchanged batch."""
-    if batch.state != "passed":
+    if batch.state != BatchState.passed:
         reason = {
-            "generating": "is still being generated",
-            "unchecked": "has not been checked for memorization",
-            "checking": "is being checked for memorization",
-            "failed": "failed the memorization check",
+            BatchState.generating: "is still being generated",
+            BatchState.unchecked: "has not been checked for memorization",
+            BatchState.checking: "is being checked for memorization",
+            BatchState.failed: "failed the memorization check",
         }.get(batch.state, f"is {batch.state}")
         raise Conflict(f"batch {batch.id} {reason}; it cannot be exported")
     if not batch.images_blob or batch.checked_sha256 != batch.images_blob:
@@ -97,17 +83,14 @@ def build(ctx: JobContext) -> dict[str, object]:
         export = repository.get(session, export_id)
         if export is None:
             raise JobFailed(f"export {export_id} not found")
-        if export.state != "building":
+        if export.state != ExportState.building:
             return {"export_id": export_id, "state": export.state}
         batch = batches.get(session, export.batch_id)
         gate(batch)
         assert batch.images_blob is not None
         report = batches.report(session, ctx.blobs, batch.id)
         keep = ~np.array([img["flagged"] for img in report["images"]], dtype=bool)
-        mv = registry.get_version(session, batch.model_version_id)
-        assert mv is not None
-        model = registry.get_model_by_id(session, mv.model_id)
-        dv = datasets.get_version(session, mv.dataset_version_id)
+        mv = registry.get_version_by_id(session, batch.model_version_id)
         images_blob = batch.images_blob
         classes = list(mv.classes)
         provenance = {
@@ -115,11 +98,11 @@ def build(ctx: JobContext) -> dict[str, object]:
             "partner": export.partner,
             "batch_id": batch.id,
             "batch_images_sha256": images_blob,
-            "model": model.name if model else None,
+            "model": mv.registered_model.name,
             "model_version": mv.version,
             "model_sha256": mv.blob_sha256,
             "architecture": mv.architecture,
-            "dataset_version_sha256": dv.content_sha256 if dv else None,
+            "dataset_version_sha256": datasets.content_sha256(session, mv.dataset_version_id),
         }
     try:
         arrays = ctx.blobs.get_arrays(images_blob)
@@ -151,7 +134,7 @@ def build(ctx: JobContext) -> dict[str, object]:
         export.bundle_sha256 = sha
         export.size_bytes = size
         export.image_count = int(keep.sum())
-        export.state = "awaiting_approval"
+        export.state = ExportState.awaiting_approval
     ctx.progress(int(keep.sum()), int(keep.sum()), "bundle ready for review")
     return {
         "export_id": export_id,
@@ -160,6 +143,14 @@ def build(ctx: JobContext) -> dict[str, object]:
         "images": int(keep.sum()),
         "per_class": manifest["exported_per_class"],
     }
+
+
+def build_ended(session: Session, export_id: int, state: str) -> None:
+    """An export still building takes the end state of its failed or cancelled build job."""
+    e = repository.get(session, export_id)
+    if e is not None and e.state == ExportState.building:
+        e.state = ExportState(state)
+        session.flush()
 
 
 def get(session: Session, export_id: int, who: Principal) -> Export:
@@ -172,16 +163,16 @@ def get(session: Session, export_id: int, who: Principal) -> Export:
 
 def list_exports(session: Session, who: Principal, limit: int = 100) -> list[ExportRead]:
     partner = who.name if who.role == Role.partner else None
-    return [to_read(e) for e in repository.list_for(session, partner, limit)]
+    return [ExportRead.model_validate(e) for e in repository.list_for(session, partner, limit)]
 
 
 def approve(session: Session, export_id: int, who: Principal) -> Export:
     e = get(session, export_id, who)
-    if e.state != "awaiting_approval":
+    if e.state != ExportState.awaiting_approval:
         raise Conflict(f"export {export_id} is {e.state}; only a built bundle can be approved")
     batch = batches.get(session, e.batch_id)
     gate(batch)
-    e.state = "approved"
+    e.state = ExportState.approved
     e.approved_by = who.key_id
     e.approved_at = utcnow()
     audit.record(session, who, "approve_export", "export", e.id, "ok")
@@ -213,7 +204,7 @@ def open_download(
         raise refuse(NotFound(f"export {export_id} not found"), "addressed to another partner")
     if who.role not in (Role.partner, Role.admin):
         raise refuse(Forbidden("only the addressed partner or an admin can download"), "role")
-    if e.state != "approved" or e.bundle_sha256 is None:
+    if e.state != ExportState.approved or e.bundle_sha256 is None:
         raise refuse(Conflict(f"export {export_id} is {e.state}, not approved"), "not approved")
     try:
         path = blobs.open_verified(e.bundle_sha256)

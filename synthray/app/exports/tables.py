@@ -6,12 +6,14 @@ from sqlalchemy import BigInteger, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from synthray.app.db import Base, utcnow
+from synthray.app.exports.schemas import ExportState
 
 
 class Export(Base):
     """A bundle of approved synthetic images addressed to one partner.
 
-    state: building -> awaiting_approval -> approved (or failed while building).
+    state: building -> awaiting_approval -> approved (or failed or cancelled while
+    building).
     """
 
     __tablename__ = "exports"
@@ -19,7 +21,7 @@ class Export(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     batch_id: Mapped[int] = mapped_column(ForeignKey("synthetic_batches.id"), index=True)
     partner: Mapped[str] = mapped_column(String(100), index=True)
-    state: Mapped[str] = mapped_column(String(20), default="building")
+    state: Mapped[ExportState] = mapped_column(String(20), default=ExportState.building)
     bundle_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     image_count: Mapped[int | None] = mapped_column(default=None)

@@ -49,7 +49,7 @@ async def create_image_check(
 
 @router.get("/{check_id}", response_model=ImageCheckRead)
 def get_image_check(check_id: int, session: SessionDep, _: StaffDep) -> ImageCheckRead:
-    return service.to_read(service.get(session, check_id))
+    return ImageCheckRead.model_validate(service.get(session, check_id))
 
 
 @router.get("/{check_id}/report")

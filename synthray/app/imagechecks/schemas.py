@@ -1,9 +1,21 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageCheckState(StrEnum):
+    """queued -> checking -> done; a check job that fails or is cancelled leaves its end
+    state."""
+
+    queued = "queued"
+    checking = "checking"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class ImageCheckCreate(BaseModel):
@@ -20,10 +32,12 @@ class ImageCheckAccepted(BaseModel):
 
 
 class ImageCheckRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     dataset_version_id: int
     resolution: int
-    state: str
+    state: ImageCheckState
     summary: dict[str, Any]
     job_id: str | None
     created_at: datetime

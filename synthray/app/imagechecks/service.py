@@ -19,24 +19,17 @@ from synthray.app.datasets.decode import DecodeOptions
 from synthray.app.datasets.pool import DecodePool
 from synthray.app.errors import Invalid, NotFound
 from synthray.app.imagechecks import repository
-from synthray.app.imagechecks.schemas import ImageCheckAccepted, ImageCheckCreate, ImageCheckRead
+from synthray.app.imagechecks.schemas import (
+    ImageCheckAccepted,
+    ImageCheckCreate,
+    ImageCheckState,
+)
 from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.jobs.schemas import JobKind
+from synthray.app.storage import BlobStore
 from synthray.config import Settings
-
-
-def to_read(c: ImageCheck) -> ImageCheckRead:
-    return ImageCheckRead(
-        id=c.id,
-        dataset_version_id=c.dataset_version_id,
-        resolution=c.resolution,
-        state=c.state,
-        summary=c.summary,
-        job_id=c.job_id,
-        created_at=c.created_at,
-    )
 
 
 def request_check(
@@ -64,6 +57,42 @@ def get(session: Session, check_id: int) -> ImageCheck:
     if c is None:
         raise NotFound(f"image check {check_id} not found")
     return c
+
+
+def start(session: Session, check_id: int) -> ImageCheck | None:
+    """Mark the check as checking; None when it is already done (a redelivered job)."""
+    c = get(session, check_id)
+    if c.state == ImageCheckState.done:
+        return None
+    c.state = ImageCheckState.checking
+    session.flush()
+    return c
+
+
+def record_result(
+    session: Session, blobs: BlobStore, check_id: int, report: dict[str, Any], page: str
+) -> dict[str, Any]:
+    """Store the report (JSON and evidence page) and its summary; the check is done.
+
+    Returns the job's result: the check id and the summary.
+    """
+    c = get(session, check_id)
+    c.report_blob = blobs.put_bytes(json.dumps(report, indent=1).encode())[0]
+    c.report_html_blob = blobs.put_bytes(page.encode())[0]
+    c.summary = {k: v for k, v in report["summary"].items() if k != "per_class"} | {
+        "threshold": report["calibration"]["threshold"]
+    }
+    c.state = ImageCheckState.done
+    session.flush()
+    return {"check_id": check_id, **c.summary}
+
+
+def ended(session: Session, check_id: int, state: str) -> None:
+    """A check not yet done takes the end state of its failed or cancelled job."""
+    c = repository.get(session, check_id)
+    if c is not None and c.state in (ImageCheckState.queued, ImageCheckState.checking):
+        c.state = ImageCheckState(state)
+        session.flush()
 
 
 def report(session: Session, ctx_blobs: Any, check_id: int, html: bool) -> Any:

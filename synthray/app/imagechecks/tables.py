@@ -7,6 +7,7 @@ from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from synthray.app.db import Base, utcnow
+from synthray.app.imagechecks.schemas import ImageCheckState
 
 
 class ImageCheck(Base):
@@ -21,7 +22,7 @@ class ImageCheck(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
     resolution: Mapped[int]
-    state: Mapped[str] = mapped_column(String(20), default="queued")
+    state: Mapped[ImageCheckState] = mapped_column(String(20), default=ImageCheckState.queued)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
     report_blob: Mapped[str | None] = mapped_column(String(64), default=None)
     report_html_blob: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from synthray.app.jobs.schemas import TERMINAL, JobState
 from synthray.app.jobs.tables import Job
 
 
@@ -18,8 +19,10 @@ def add(session: Session, job: Job) -> Job:
     return job
 
 
-def get(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get(session: Session, job_id: str, *, fresh: bool = False) -> Job | None:
+    """The row; ``fresh`` reloads it over the session's copy (after a conditional UPDATE,
+    which does not touch the objects already loaded)."""
+    return session.get(Job, job_id, populate_existing=fresh)
 
 
 def list_recent(session: Session, limit: int, kind: str | None, state: str | None) -> list[Job]:
@@ -39,12 +42,12 @@ def claim(session: Session, job_id: str, owner: str, now: datetime, lease: timed
             Job.id == job_id,
             Job.cancel_requested.is_(False),
             or_(
-                Job.state == "queued",
-                and_(Job.state == "running", Job.lease_expires_at < now),
+                Job.state == JobState.queued,
+                and_(Job.state == JobState.running, Job.lease_expires_at < now),
             ),
         )
         .values(
-            state="running",
+            state=JobState.running,
             lease_owner=owner,
             lease_expires_at=now + lease,
             heartbeat_at=now,
@@ -74,7 +77,7 @@ def heartbeat(
         )
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.running)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -86,7 +89,7 @@ def finish(
 ) -> bool:
     stmt = (
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == "running")
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.state == JobState.running)
         .values(state=state, finished_at=now, lease_owner=None, lease_expires_at=None, **values)
         .execution_options(synchronize_session=False)
     )
@@ -94,12 +97,12 @@ def finish(
 
 
 def expired_running(session: Session, now: datetime) -> list[Job]:
-    stmt = select(Job).where(Job.state == "running", Job.lease_expires_at < now)
+    stmt = select(Job).where(Job.state == JobState.running, Job.lease_expires_at < now)
     return list(session.scalars(stmt.with_for_update(skip_locked=True)))
 
 
 def stale_queued(session: Session, before: datetime) -> list[Job]:
-    stmt = select(Job).where(Job.state == "queued", Job.enqueued_at < before)
+    stmt = select(Job).where(Job.state == JobState.queued, Job.enqueued_at < before)
     return list(session.scalars(stmt.with_for_update(skip_locked=True)))
 
 
@@ -109,6 +112,6 @@ def end_times(session: Session, ids: list[str]) -> dict[str, datetime | None]:
         return {}
     stmt = select(Job.id, Job.state, Job.finished_at).where(Job.id.in_(ids))
     return {
-        job_id: finished if state in ("succeeded", "failed", "cancelled") else None
+        job_id: finished if state in TERMINAL else None
         for job_id, state, finished in session.execute(stmt)
     }

@@ -27,12 +27,12 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobRead)
 def get_job(job_id: str, session: SessionDep, _: StaffDep) -> JobRead:
-    return service.to_read(service.get(session, job_id))
+    return JobRead.model_validate(service.get(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: str, session: SessionDep, _: OperatorDep) -> JobRead:
-    return service.to_read(service.cancel(session, job_id))
+    return JobRead.model_validate(service.cancel(session, job_id))
 
 
 @router.get(

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class JobState(StrEnum):
@@ -46,6 +46,9 @@ class Progress(BaseModel):
 
 
 class JobRead(BaseModel):
+    # Validated from a row; its four progress columns come nested through Job.progress.
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     kind: JobKind
     state: JobState

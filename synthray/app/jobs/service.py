@@ -1,8 +1,15 @@
+"""Jobs: the rows that are the truth about background work.
+
+The API writes a row and publishes its id after the commit; a worker changes a row
+only through the functions here (claim, heartbeat, finish), each one conditional
+UPDATE that only flushes.
+"""
+
 from __future__ import annotations
 
 import shutil
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -10,33 +17,9 @@ from sqlalchemy.orm import Session
 from synthray.app.db import on_commit, utcnow
 from synthray.app.errors import Conflict, NotFound
 from synthray.app.jobs import broker, repository
-from synthray.app.jobs.schemas import QUEUE_OF, TERMINAL, JobKind, JobRead, JobState, Progress
+from synthray.app.jobs.schemas import QUEUE_OF, TERMINAL, JobKind, JobRead, JobState
 from synthray.app.jobs.tables import Job
 from synthray.config import Settings
-
-
-def to_read(job: Job) -> JobRead:
-    return JobRead(
-        id=job.id,
-        kind=JobKind(job.kind),
-        state=JobState(job.state),
-        progress=Progress(
-            step=job.progress_step,
-            total=job.progress_total,
-            message=job.progress_message,
-            detail=job.progress_detail,
-        ),
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        cancel_requested=job.cancel_requested,
-        error=job.error,
-        result=job.result,
-        params=job.params,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        heartbeat_at=job.heartbeat_at,
-    )
 
 
 def create(
@@ -51,9 +34,9 @@ def create(
         session,
         Job(
             id=str(uuid.uuid4()),
-            kind=kind.value,
+            kind=kind,
             queue=QUEUE_OF[kind],
-            state=JobState.queued.value,
+            state=JobState.queued,
             params=params,
             max_attempts=settings.job_max_attempts,
             created_by=created_by,
@@ -73,20 +56,60 @@ def get(session: Session, job_id: str) -> Job:
     return job
 
 
+def creator(session: Session, job_id: str) -> int | None:
+    """The id of the API key that created the job (its follow-up jobs get the same)."""
+    return get(session, job_id).created_by
+
+
+def claim(
+    session: Session, job_id: str, owner: str, now: datetime, lease: timedelta
+) -> Job | None:
+    """The job, now running under ``owner``'s lease, if this delivery may run it; None when
+    it is finished, cancelled, or held by another worker (so a redelivery does nothing)."""
+    if not repository.claim(session, job_id, owner, now, lease):
+        return None
+    return repository.get(session, job_id, fresh=True)
+
+
+def heartbeat(
+    session: Session,
+    job_id: str,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+    pending: dict[str, Any] | None,
+) -> tuple[bool, bool]:
+    """Renew ``owner``'s lease and store the pending progress report (if any).
+
+    Returns (ok, cancel_requested); ok is False when ``owner`` no longer holds the job.
+    """
+    if not repository.heartbeat(session, job_id, owner, now, lease, pending):
+        return False, False
+    job = repository.get(session, job_id, fresh=True)
+    return True, job is not None and job.cancel_requested
+
+
+def finish(
+    session: Session, job_id: str, owner: str, now: datetime, state: JobState, **values: Any
+) -> bool:
+    """Record the end of a job ``owner`` still holds; False (and nothing written) otherwise."""
+    return repository.finish(session, job_id, owner, now, JobState(state), **values)
+
+
 def list_jobs(
     session: Session, limit: int = 50, kind: str | None = None, state: str | None = None
 ) -> list[JobRead]:
-    return [to_read(j) for j in repository.list_recent(session, limit, kind, state)]
+    return [JobRead.model_validate(j) for j in repository.list_recent(session, limit, kind, state)]
 
 
 def cancel(session: Session, job_id: str) -> Job:
     """A queued job is cancelled at once; a running one stops at its next heartbeat."""
     job = get(session, job_id)
-    if JobState(job.state) in TERMINAL:
+    if job.state in TERMINAL:
         raise Conflict(f"job {job_id} is already {job.state}")
     job.cancel_requested = True
     if job.state == JobState.queued:
-        job.state = JobState.cancelled.value
+        job.state = JobState.cancelled
         job.finished_at = utcnow()
         job.progress_message = "cancelled before it started"
     session.flush()
@@ -103,12 +126,12 @@ def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]
     out: list[tuple[str, str]] = []
     for job in repository.expired_running(session, now):
         if job.attempts >= job.max_attempts:
-            job.state = JobState.failed.value
+            job.state = JobState.failed
             job.error = f"the worker running this job was lost {job.attempts} times"
             job.finished_at = now
             job.lease_owner = None
             continue
-        job.state = JobState.queued.value
+        job.state = JobState.queued
         job.lease_owner = None
         job.lease_expires_at = None
         job.enqueued_at = now

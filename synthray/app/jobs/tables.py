@@ -7,6 +7,7 @@ from sqlalchemy import ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from synthray.app.db import Base, utcnow
+from synthray.app.jobs.schemas import JobKind, JobState
 
 
 class Job(Base):
@@ -20,9 +21,9 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20), index=True)
+    kind: Mapped[JobKind] = mapped_column(String(20), index=True)
     queue: Mapped[str] = mapped_column(String(20))
-    state: Mapped[str] = mapped_column(String(20), index=True, default="queued")
+    state: Mapped[JobState] = mapped_column(String(20), index=True, default=JobState.queued)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress_step: Mapped[int] = mapped_column(default=0)
     progress_total: Mapped[int | None] = mapped_column(default=None)
@@ -41,3 +42,13 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The progress columns as one value (what ``JobRead.progress`` shows)."""
+        return {
+            "step": self.progress_step,
+            "total": self.progress_total,
+            "message": self.progress_message,
+            "detail": self.progress_detail,
+        }

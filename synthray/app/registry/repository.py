@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.sql.base import ExecutableOption
 
 from synthray.app.registry.tables import (
     ModelAlias,
@@ -12,14 +13,20 @@ from synthray.app.registry.tables import (
 )
 
 
-def get_model(session: Session, name: str) -> RegisteredModel | None:
-    return session.scalars(
-        select(RegisteredModel).where(RegisteredModel.name == name)
-    ).one_or_none()
+def _tree() -> list[ExecutableOption]:
+    """Options that load (or reload) a model's versions and aliases with it."""
+    return [
+        selectinload(RegisteredModel.versions),
+        selectinload(RegisteredModel.aliases).joinedload(ModelAlias.target),
+    ]
 
 
-def get_model_by_id(session: Session, model_id: int) -> RegisteredModel | None:
-    return session.get(RegisteredModel, model_id)
+def get_model(session: Session, name: str, *, with_tree: bool = False) -> RegisteredModel | None:
+    """The model; ``with_tree`` also loads its versions and aliases."""
+    stmt = select(RegisteredModel).where(RegisteredModel.name == name)
+    if with_tree:
+        stmt = stmt.options(*_tree()).execution_options(populate_existing=True)
+    return session.scalars(stmt).one_or_none()
 
 
 def add_model(session: Session, name: str) -> RegisteredModel:
@@ -30,12 +37,9 @@ def add_model(session: Session, name: str) -> RegisteredModel:
 
 
 def list_models(session: Session) -> list[RegisteredModel]:
-    return list(session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)))
-
-
-def versions_of(session: Session, model_id: int) -> list[ModelVersion]:
-    stmt = select(ModelVersion).where(ModelVersion.model_id == model_id)
-    return list(session.scalars(stmt.order_by(ModelVersion.version)))
+    """Every model, by name, with its versions and aliases."""
+    stmt = select(RegisteredModel).order_by(RegisteredModel.name).options(*_tree())
+    return list(session.scalars(stmt.execution_options(populate_existing=True)))
 
 
 def next_version(session: Session, model_id: int) -> int:
@@ -49,24 +53,45 @@ def add_version(session: Session, mv: ModelVersion) -> ModelVersion:
     return mv
 
 
-def get_version(session: Session, version_id: int) -> ModelVersion | None:
-    return session.get(ModelVersion, version_id)
+def find_version(
+    session: Session,
+    *,
+    version_id: int | None = None,
+    train_job_id: str | None = None,
+    model_id: int | None = None,
+    number: int | None = None,
+    alias: str | None = None,
+    usable: bool = False,
+) -> ModelVersion | None:
+    """The one query for a model version, with its model loaded.
 
-
-def find_version(session: Session, model_id: int, version: int | None) -> ModelVersion | None:
-    stmt = select(ModelVersion).where(
-        ModelVersion.model_id == model_id, ModelVersion.archived.is_(False)
-    )
-    if version is None:
-        stmt = stmt.order_by(ModelVersion.version.desc())
-    else:
-        stmt = stmt.where(ModelVersion.version == version)
-    return session.scalars(stmt.limit(1)).one_or_none()
+    By ``version_id``; by the training job that produced it; or within ``model_id`` by
+    ``number``, by ``alias``, or (neither) the latest. ``usable`` leaves archived
+    versions out.
+    """
+    if version_id is None and train_job_id is None and model_id is None:
+        raise ValueError("find_version needs a version id, a training job id or a model id")
+    stmt = select(ModelVersion).options(joinedload(ModelVersion.registered_model))
+    if version_id is not None:
+        stmt = stmt.where(ModelVersion.id == version_id)
+    if train_job_id is not None:
+        stmt = stmt.where(ModelVersion.train_job_id == train_job_id)
+    if model_id is not None:
+        stmt = stmt.where(ModelVersion.model_id == model_id)
+    if number is not None:
+        stmt = stmt.where(ModelVersion.version == number)
+    if alias is not None:
+        stmt = stmt.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(
+            ModelAlias.model_id == ModelVersion.model_id, ModelAlias.alias == alias
+        )
+    if usable:
+        stmt = stmt.where(ModelVersion.archived.is_(False))
+    stmt = stmt.order_by(ModelVersion.version.desc()).limit(1)
+    return session.scalars(stmt).one_or_none()
 
 
 def by_train_job(session: Session, job_id: str) -> ModelVersion | None:
-    stmt = select(ModelVersion).where(ModelVersion.train_job_id == job_id)
-    return session.scalars(stmt).one_or_none()
+    return find_version(session, train_job_id=job_id)
 
 
 def aliases_of(session: Session, model_id: int) -> list[ModelAlias]:
@@ -95,7 +120,12 @@ def add_move(session: Session, move: ModelAliasMove) -> None:
 
 
 def moves_of(session: Session, model_id: int) -> list[ModelAliasMove]:
-    stmt = select(ModelAliasMove).where(ModelAliasMove.model_id == model_id)
+    """The alias history of a model, oldest first, with the versions each move names."""
+    stmt = (
+        select(ModelAliasMove)
+        .where(ModelAliasMove.model_id == model_id)
+        .options(selectinload(ModelAliasMove.moved_from), selectinload(ModelAliasMove.moved_to))
+    )
     return list(session.scalars(stmt.order_by(ModelAliasMove.id)))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from synthray.app.datasets.schemas import NAME
 
@@ -53,8 +53,12 @@ class TrainAccepted(BaseModel):
 
 
 class ModelVersionRead(BaseModel):
+    # Validated from a row (``model`` is its model's name) or, by field name, from its
+    # own dump.
+    model_config = ConfigDict(from_attributes=True, populate_by_name=True)
+
     id: int
-    model: str
+    model: str = Field(validation_alias=AliasPath("registered_model", "name"))
     version: int
     dataset_version_id: int
     dataset_sha256: str
@@ -72,10 +76,19 @@ class ModelVersionRead(BaseModel):
 
 
 class AliasMove(BaseModel):
+    # Validated from a history row, its versions given by number. A move that created or
+    # removed the alias has no version on that side (None); the defaults stay required
+    # in the response schema.
+    model_config = ConfigDict(
+        from_attributes=True,
+        populate_by_name=True,
+        json_schema_serialization_defaults_required=True,
+    )
+
     alias: str
-    from_version: int | None
-    to_version: int | None
-    moved_by: str | None
+    from_version: int | None = Field(None, validation_alias=AliasPath("moved_from", "version"))
+    to_version: int | None = Field(None, validation_alias=AliasPath("moved_to", "version"))
+    moved_by: str | None = Field(validation_alias="moved_by_name")
     moved_at: datetime
 
 
@@ -84,11 +97,21 @@ class AliasSet(BaseModel):
 
 
 class ModelRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     created_at: datetime
-    aliases: dict[str, int]
+    aliases: dict[str, int]  # alias -> version number
     versions: list[ModelVersionRead]
+
+    @field_validator("aliases", mode="before")
+    @classmethod
+    def _alias_targets(cls, value: Any) -> Any:
+        """A model's alias rows become alias -> the number of the version it points at."""
+        if isinstance(value, dict):
+            return value
+        return {a.alias: a.target.version for a in value}
 
 
 class VersionComparison(BaseModel):

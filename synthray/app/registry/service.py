@@ -71,7 +71,7 @@ def register_version(
     encoder_sha256: str | None = None,
 ) -> ModelVersion:
     """Add a new immutable version (idempotent per training job)."""
-    existing = repository.by_train_job(session, train_job_id)
+    existing = version_for_train_job(session, train_job_id)
     if existing is not None:
         return existing
     model = repository.get_model(session, model_name) or repository.add_model(session, model_name)
@@ -95,57 +95,50 @@ def register_version(
     )
 
 
-def version_read(model: RegisteredModel, mv: ModelVersion) -> ModelVersionRead:
-    return ModelVersionRead(
-        id=mv.id,
-        model=model.name,
-        version=mv.version,
-        dataset_version_id=mv.dataset_version_id,
-        dataset_sha256=mv.dataset_sha256,
-        architecture=mv.architecture,
-        config=mv.config,
-        classes=list(mv.classes),
-        code_version=mv.code_version,
-        train_job_id=mv.train_job_id,
-        metrics=mv.metrics,
-        blob_sha256=mv.blob_sha256,
-        size_bytes=mv.size_bytes,
-        encoder_sha256=mv.encoder_sha256,
-        archived=mv.archived,
-        created_at=mv.created_at,
-    )
+def find_version(
+    session: Session,
+    model: RegisteredModel | None = None,
+    *,
+    version_id: int | None = None,
+    train_job_id: str | None = None,
+    number: int | None = None,
+    alias: str | None = None,
+    usable: bool = False,
+) -> ModelVersion | None:
+    """The one way to find a model version (None when there is none).
 
-
-def model_read(session: Session, model: RegisteredModel) -> ModelRead:
-    versions = repository.versions_of(session, model.id)
-    number = {v.id: v.version for v in versions}
-    aliases = {a.alias: number[a.version_id] for a in repository.aliases_of(session, model.id)}
-    return ModelRead(
-        id=model.id,
-        name=model.name,
-        created_at=model.created_at,
-        aliases=aliases,
-        versions=[version_read(model, v) for v in versions],
+    By ``version_id``; by the ``train_job_id`` that produced it; or within ``model`` by
+    ``number``, by ``alias``, or (neither given) its latest version. ``usable`` leaves
+    archived versions out. Callers turn None into the error their request deserves.
+    """
+    return repository.find_version(
+        session,
+        version_id=version_id,
+        train_job_id=train_job_id,
+        model_id=model.id if model is not None else None,
+        number=number,
+        alias=alias,
+        usable=usable,
     )
 
 
 def list_models(session: Session) -> list[ModelRead]:
-    return [model_read(session, m) for m in repository.list_models(session)]
+    return [ModelRead.model_validate(m) for m in repository.list_models(session)]
 
 
 def get_model(session: Session, name: str) -> ModelRead:
-    m = repository.get_model(session, name)
+    m = repository.get_model(session, name, with_tree=True)
     if m is None:
         raise NotFound(f"model {name!r} not found")
-    return model_read(session, m)
+    return ModelRead.model_validate(m)
 
 
 def get_version(session: Session, name: str, version: int) -> ModelVersionRead:
     m = repository.get_model(session, name)
-    mv = repository.find_version(session, m.id, version) if m else None
-    if m is None or mv is None:
+    mv = find_version(session, m, number=version, usable=True) if m else None
+    if mv is None:
         raise NotFound(f"model {name!r} version {version} not found")
-    return version_read(m, mv)
+    return ModelVersionRead.model_validate(mv)
 
 
 def resolve_version(
@@ -156,25 +149,28 @@ def resolve_version(
     if m is None:
         raise Invalid(f"model {name!r} not found", field="model")
     if alias is not None:
-        a = repository.get_alias(session, m.id, alias)
-        if a is None:
+        target = find_version(session, m, alias=alias)
+        if target is None:
             raise Invalid(f"model {name!r} has no alias {alias!r}", field="alias")
-        target = repository.get_version(session, a.version_id)
-        assert target is not None
         if target.archived:
             raise Invalid(f"alias {alias!r} points at an archived version", field="alias")
         return target
-    mv = repository.find_version(session, m.id, version)
+    mv = find_version(session, m, number=version, usable=True)
     if mv is None:
         raise Invalid(f"model {name!r} has no such version", field="version")
     return mv
 
 
 def get_version_by_id(session: Session, version_id: int) -> ModelVersion:
-    mv = repository.get_version(session, version_id)
+    mv = find_version(session, version_id=version_id)
     if mv is None:
         raise NotFound(f"model version {version_id} not found")
     return mv
+
+
+def version_for_train_job(session: Session, job_id: str) -> ModelVersion | None:
+    """The version a training job registered (None until it has)."""
+    return find_version(session, train_job_id=job_id)
 
 
 def _model(session: Session, name: str) -> RegisteredModel:
@@ -185,10 +181,11 @@ def _model(session: Session, name: str) -> RegisteredModel:
 
 
 def _version(session: Session, m: RegisteredModel, version: int) -> ModelVersion:
-    for v in repository.versions_of(session, m.id):
-        if v.version == version:
-            return v
-    raise NotFound(f"model {m.name!r} version {version} not found")
+    """Any version of ``m`` by number, archived ones included."""
+    mv = find_version(session, m, number=version)
+    if mv is None:
+        raise NotFound(f"model {m.name!r} version {version} not found")
+    return mv
 
 
 def set_alias(
@@ -229,22 +226,12 @@ def set_alias(
         session, who, "move_alias", "model", m.id, "ok", {"alias": alias, "to_version": version}
     )
     session.flush()
-    return model_read(session, m)
+    return get_model(session, name)
 
 
 def alias_history(session: Session, name: str) -> list[AliasMove]:
     m = _model(session, name)
-    number = {v.id: v.version for v in repository.versions_of(session, m.id)}
-    return [
-        AliasMove(
-            alias=mv.alias,
-            from_version=number.get(mv.from_version_id) if mv.from_version_id else None,
-            to_version=number.get(mv.to_version_id) if mv.to_version_id else None,
-            moved_by=mv.moved_by_name,
-            moved_at=mv.moved_at,
-        )
-        for mv in repository.moves_of(session, m.id)
-    ]
+    return [AliasMove.model_validate(move) for move in repository.moves_of(session, m.id)]
 
 
 def archive(session: Session, name: str, version: int, who: Principal) -> ModelVersionRead:
@@ -256,7 +243,7 @@ def archive(session: Session, name: str, version: int, who: Principal) -> ModelV
     v.archived = True
     audit.record(session, who, "archive_version", "model", m.id, "ok", {"version": version})
     session.flush()
-    return version_read(m, v)
+    return ModelVersionRead.model_validate(v)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

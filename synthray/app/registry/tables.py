@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, ForeignKey, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from synthray.app.db import Base, utcnow
 
@@ -15,6 +15,15 @@ class RegisteredModel(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Relationships here are read-only and never load by lazy SQL: a repository query
+    # names what it loads (or the rows are already in the session).
+    versions: Mapped[list[ModelVersion]] = relationship(
+        viewonly=True, lazy="raise_on_sql", order_by="ModelVersion.version"
+    )
+    aliases: Mapped[list[ModelAlias]] = relationship(
+        viewonly=True, lazy="raise_on_sql", order_by="ModelAlias.alias"
+    )
 
 
 class ModelVersion(Base):
@@ -40,6 +49,8 @@ class ModelVersion(Base):
     archived: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    registered_model: Mapped[RegisteredModel] = relationship(viewonly=True, lazy="raise_on_sql")
+
 
 class ModelAlias(Base):
     """Where an alias (e.g. ``candidate``, ``approved``) points now."""
@@ -53,6 +64,8 @@ class ModelAlias(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     moved_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
     moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    target: Mapped[ModelVersion] = relationship(viewonly=True, lazy="raise_on_sql")
 
 
 class ModelAliasMove(Base):
@@ -70,6 +83,13 @@ class ModelAliasMove(Base):
     moved_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
     moved_by_name: Mapped[str | None] = mapped_column(String(100), default=None)
     moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    moved_from: Mapped[ModelVersion | None] = relationship(
+        foreign_keys=[from_version_id], viewonly=True, lazy="raise_on_sql"
+    )
+    moved_to: Mapped[ModelVersion | None] = relationship(
+        foreign_keys=[to_version_id], viewonly=True, lazy="raise_on_sql"
+    )
 
 
 class QualityEncoder(Base):
