@@ -81,6 +81,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         quality_encoder_steps=10,
         quality_samples_per_class=10,
         copydetect_seconds=2,
+        copydetect_steps=4,
         # Test datasets hold a few dozen images: a record share over a dozen synthetic
         # images is too noisy to bound (the flagged-fraction rule is still tested).
         max_dcr_train_share=1.0,

@@ -39,8 +39,8 @@ def _start_sweeper(**_: object) -> None:
 @signals.worker_process_init.connect
 def _keep_freed_memory(**_: object) -> None:
     """Job processes allocate and free the same large tensors every training step: keep the
-    pages rather than fault them in again (:func:`synthray.models.hardware.keep_freed_memory`)."""
-    from synthray.models.hardware import keep_freed_memory
+    pages rather than fault them in again (:func:`synthray.models.runtime.keep_freed_memory`)."""
+    from synthray.models.runtime import keep_freed_memory
 
     if not keep_freed_memory():
         log.info("allocator left as it is (not glibc)")

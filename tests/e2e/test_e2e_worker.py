@@ -46,6 +46,7 @@ class Worker:
             "SYNTHRAY_QUALITY_ENCODER_STEPS": str(settings.quality_encoder_steps),
             "SYNTHRAY_QUALITY_SAMPLES_PER_CLASS": str(settings.quality_samples_per_class),
             "SYNTHRAY_COPYDETECT_SECONDS": str(settings.copydetect_seconds),
+            "SYNTHRAY_COPYDETECT_STEPS": str(settings.copydetect_steps),
             "SYNTHRAY_MAX_DCR_TRAIN_SHARE": str(settings.max_dcr_train_share),
         }
         self._f = log.open("ab")
@@ -99,6 +100,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
         quality_encoder_steps=10,
         quality_samples_per_class=10,
         copydetect_seconds=2,
+        copydetect_steps=4,
         # Test datasets hold a few dozen images: a record share over a dozen synthetic
         # images is too noisy to bound (the flagged-fraction rule is still tested).
         max_dcr_train_share=1.0,

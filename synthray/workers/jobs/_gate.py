@@ -1,0 +1,96 @@
+"""The memorization gate as the check jobs run it: the dataset version's copy-detection
+embedding (trained once, registered by sha256), the two-space check of
+``synthray.models.gate.memorization``, and its :class:`GateReport` with the evidence page."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from synthray.app.batches import report_html
+from synthray.app.batches.report import GatePolicy, GateReport
+from synthray.app.datasets import service as datasets
+from synthray.app.datasets.service import SplitArrays
+from synthray.app.jobs.context import JobContext
+from synthray.app.registry import service as registry
+
+
+def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) -> tuple[Any, str]:
+    """The dataset version's copy-detection embedding: trained once on its training split
+    (augmented views and same-patient pairs as positives), registered by sha256."""
+    from synthray.models.gate import copydetect
+
+    resolution = int(split.resolution)
+    with ctx.session() as s:
+        row = registry.quality_encoder(s, dataset_version_id, resolution, "copydetect")
+        sha = row.blob_sha256 if row else None
+    if sha is None:
+        ctx.progress(0, None, "training the copy-detection embedding on the training split")
+        with ctx.session() as s:
+            keys = datasets.patient_keys(s, dataset_version_id, split.train_index)
+        cfg = copydetect.CopyDetectConfig(
+            resolution=resolution,
+            max_seconds=ctx.settings.copydetect_seconds,
+            steps=ctx.settings.copydetect_steps,
+        )
+        trained = copydetect.train(split.train_images, keys, cfg)
+        path = ctx.work_dir / "copydetect.safetensors"
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        copydetect.save(path, trained.model)
+        new_sha, _ = ctx.blobs.put_file(path)
+        with ctx.session() as s:
+            sha = registry.register_encoder(
+                s,
+                dataset_version_id,
+                resolution,
+                new_sha,
+                asdict(trained.config),
+                None,
+                kind="copydetect",
+            ).blob_sha256
+    return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha), sha
+
+
+def check(
+    ctx: JobContext,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    split: SplitArrays,
+    *,
+    images_sha256: str,
+    dataset_version_id: int,
+    subject_id: int,
+    title: str,
+) -> tuple[GateReport, str]:
+    """Check ``images`` (labels index ``classes``) against every training image of
+    ``split``: the report and the reviewer's evidence page."""
+    from synthray.models.gate.memorization import check_memorization
+
+    embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
+    ctx.progress(0, len(images), "searching nearest training images (exact)")
+    policy = GatePolicy.from_settings(ctx.settings)
+    figures = check_memorization(
+        images,
+        split.train_images,
+        split.holdout_images,
+        quantile=policy.threshold_quantile,
+        embedder=embedder,
+        k=3,
+    )
+    report = GateReport.build(
+        subject_id=subject_id,
+        images_sha256=images_sha256,
+        labels=labels,
+        classes=classes,
+        figures=figures,
+        policy=policy,
+        train_positions=split.train_index,
+        copydetect_sha256=embedder_sha,
+    )
+    by_position = dict(zip(split.train_index.tolist(), split.train_images, strict=True))
+    page = report_html.render(report.to_dict(), images, by_position.__getitem__, title=title)
+    ctx.progress(len(images), len(images), "check done")
+    return report, page

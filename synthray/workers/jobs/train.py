@@ -1,0 +1,158 @@
+"""Train job: train a generator on a dataset version's training split, measure its quality,
+and register it as a new model version (with a preview grid refreshed while it trains)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from synthray.app.datasets import service as datasets
+from synthray.app.jobs.context import JobCancelled, JobContext
+from synthray.app.registry import service as registry
+from synthray.workers.jobs import _quality
+
+
+class _Preview:
+    """A new preview grid whenever a newer checkpoint exists (about every 30 s)."""
+
+    def __init__(self, ctx: JobContext, num_classes: int) -> None:
+        self.ctx, self.num_classes = ctx, num_classes
+        self.checkpoint = ctx.work_dir / "checkpoint.safetensors"
+        self.mtime = 0.0
+        self.sha: str | None = None
+
+    def refresh(self) -> None:
+        try:
+            mtime = self.checkpoint.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == self.mtime:
+            return
+        from PIL import Image
+
+        from synthray.models.gan.preview import generator_from_checkpoint, preview_grid
+
+        grid = preview_grid(generator_from_checkpoint(self.checkpoint), self.num_classes)
+        buf = io.BytesIO()
+        Image.fromarray(grid, "L").save(buf, format="PNG")
+        self.sha, _ = self.ctx.blobs.put_bytes(buf.getvalue())
+        self.mtime = mtime
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    from synthray.models.gan.config import TrainConfig, TrainProgress
+    from synthray.models.gan.files import save_generator
+    from synthray.models.gan.trainer import train_gan
+
+    p = ctx.params
+    dataset_version_id = int(p["dataset_version_id"])
+    with ctx.session() as s:
+        done = registry.version_for_train_job(s, ctx.job_id)
+        if done is not None:  # redelivered after the version was registered
+            return {"model_version_id": done.id, "version": done.version}
+        split = datasets.load_split(s, ctx.blobs, dataset_version_id, int(p["resolution"]))
+        dataset_sha = datasets.content_sha256(s, dataset_version_id)
+    classes = list(p.get("classes") or split.classes)
+    keep = [split.classes.index(c) for c in classes]
+    remap = {old: new for new, old in enumerate(keep)}
+    mask = np.isin(split.train_labels, keep)
+    train_images = split.train_images[mask]
+    train_labels = np.array([remap[int(v)] for v in split.train_labels[mask]], dtype=np.int64)
+    cfg = TrainConfig(
+        architecture=p["architecture"],
+        resolution=int(p["resolution"]),
+        class_names=classes,
+        batch_size=int(p["batch_size"]),
+        max_steps=p.get("max_steps"),
+        max_seconds=p.get("max_seconds"),
+        seed=int(p["seed"]),
+        lr_g=float(p["lr_g"]),
+        lr_d=float(p["lr_d"]),
+        device=ctx.settings.device,
+        precision=str(p.get("precision", "auto")),
+        checkpoint_every_s=float(p.get("checkpoint_every_s", 30.0)),
+        progress_every_s=5.0,
+    )
+    preview = _Preview(ctx, len(classes))
+
+    def on_progress(tp: TrainProgress) -> None:
+        preview.refresh()
+        eta = f", ETA {tp.eta_seconds:.0f}s" if tp.eta_seconds is not None else ""
+        # A step budget is shown in steps; a pure time budget in seconds of training.
+        if tp.total_steps is not None:
+            step, of = tp.step, tp.total_steps
+        elif cfg.max_seconds is not None:
+            step, of = min(int(tp.seconds), int(cfg.max_seconds)), int(cfg.max_seconds)
+        else:
+            step, of = tp.step, None
+        ctx.progress(
+            step,
+            of,
+            f"step {tp.step}, {tp.images_per_second:.0f} img/s{eta}",
+            {
+                "step": tp.step,
+                "images_seen": tp.images_seen,
+                "seconds": round(tp.seconds, 1),
+                "images_per_second": round(tp.images_per_second, 1),
+                "loss_d": round(tp.loss_d, 4),
+                "loss_g": round(tp.loss_g, 4),
+                "eta_seconds": None if tp.eta_seconds is None else round(tp.eta_seconds, 1),
+                "preview_sha256": preview.sha,
+            },
+        )
+
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    result = train_gan(
+        train_images,
+        train_labels,
+        cfg,
+        checkpoint_path=preview.checkpoint,
+        on_progress=on_progress,
+        should_stop=ctx.should_stop,
+    )
+    if result.stopped == "cancelled":
+        raise JobCancelled()
+    gen_path = ctx.work_dir / "generator.safetensors"
+    save_generator(
+        gen_path,
+        result.generator_state,
+        result.generator_config,
+        extra_meta={"classes": classes, "dataset_sha256": dataset_sha},
+    )
+    sha, size = ctx.blobs.put_file(gen_path)
+    quality, encoder_sha = (
+        _quality.measure(ctx, split, classes, gen_path, dataset_version_id)
+        if p.get("evaluate", True)
+        else ({}, None)
+    )
+    metrics = {
+        "steps": result.steps,
+        "images_seen": result.images_seen,
+        "train_seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 2),
+        "final_loss_d": round(result.final_loss_d, 5),
+        "final_loss_g": round(result.final_loss_g, 5),
+        "device": result.device,
+        "precision": result.precision,
+        "train_images": len(train_images),
+        "holdout_images": len(split.holdout_images),
+        "quality": quality,
+    }
+    with ctx.session() as s:
+        mv = registry.register_version(
+            s,
+            model_name=p["model_name"],
+            dataset_version_id=dataset_version_id,
+            dataset_sha256=dataset_sha,
+            architecture=p["architecture"],
+            config={"train": cfg.to_dict(), "generator": result.generator_config},
+            classes=classes,
+            train_job_id=ctx.job_id,
+            metrics=metrics,
+            blob_sha256=sha,
+            size_bytes=size,
+            encoder_sha256=encoder_sha,
+        )
+        return {"model_version_id": mv.id, "version": mv.version, "metrics": metrics}
