@@ -21,12 +21,18 @@ class ApiError(RuntimeError):
 
 
 class Client:
+    """The API under ``/v1`` as the CLI and the demo use it.
+
+    Paths are relative to ``/v1``; every method returns the decoded JSON body (or
+    text, or bytes on disk) and raises :class:`ApiError` for any 4xx/5xx answer.
+    """
+
     def __init__(self, base_url: str, api_key: str | None, timeout: float = 60.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
     def close(self) -> None:
-        self.http.close()
+        self._http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -34,29 +40,58 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check(self, r: httpx.Response) -> Any:
+    @staticmethod
+    def _raise_for_error(r: httpx.Response) -> None:
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
             raise ApiError(r.status_code, detail)
+
+    def _json(self, r: httpx.Response) -> Any:
+        self._raise_for_error(r)
         return r.json() if r.content else None
 
     def get(self, path: str, **params: Any) -> Any:
+        """GET ``path``; query parameters that are None are left out."""
         clean = {k: v for k, v in params.items() if v is not None}
-        return self._check(self.http.get(f"/v1{path}", params=clean))
+        return self._json(self._http.get(f"/v1{path}", params=clean))
+
+    def get_text(self, path: str) -> str:
+        """GET ``path`` as text (an HTML evidence page)."""
+        r = self._http.get(f"/v1{path}")
+        self._raise_for_error(r)
+        return r.text
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self._check(self.http.post(f"/v1{path}", json=body or {}))
+        return self._json(self._http.post(f"/v1{path}", json=body or {}))
+
+    def put(self, path: str, body: dict[str, Any]) -> Any:
+        return self._json(self._http.put(f"/v1{path}", json=body))
+
+    def upload(
+        self,
+        path: str,
+        file: Path,
+        *,
+        form: dict[str, str] | None = None,
+        filename: str | None = None,
+        content_type: str = "application/zip",
+    ) -> Any:
+        """POST ``file`` as the multipart field ``file``, beside the text fields ``form``."""
+        with file.open("rb") as f:
+            files = {"file": (filename or file.name, f, content_type)}
+            return self._json(self._http.post(f"/v1{path}", data=form or {}, files=files))
 
     def download(self, path: str, dest: Path) -> int:
+        """Stream ``path`` into ``dest`` (through a ``.part`` file); returns the size."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
-        with self.http.stream("GET", f"/v1{path}") as r:
+        with self._http.stream("GET", f"/v1{path}") as r:
             if r.status_code >= 400:
                 r.read()
-                self._check(r)
+                self._raise_for_error(r)
             size = 0
             with tmp.open("wb") as f:
                 for chunk in r.iter_bytes(1 << 20):

@@ -3,11 +3,14 @@ verbs that talk to the REST API (SYNTHRAY_URL, SYNTHRAY_API_KEY)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Concatenate, NoReturn, ParamSpec
 
 import typer
 from rich.console import Console
@@ -28,8 +31,70 @@ app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
 
-UrlOpt = Annotated[str, typer.Option(envvar="SYNTHRAY_URL", help="API base URL.")]
-KeyOpt = Annotated[str, typer.Option(envvar="SYNTHRAY_API_KEY", help="API key.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _connection(
+    url: Annotated[str, typer.Option(envvar="SYNTHRAY_URL", help="API base URL.")] = DEFAULT_URL,
+    api_key: Annotated[str, typer.Option(envvar="SYNTHRAY_API_KEY", help="API key.")] = "",
+) -> Client:
+    """The options every client verb takes; their values become the verb's ``Client``."""
+    return Client(url, api_key)
+
+
+_P = ParamSpec("_P")
+Verb = Callable[Concatenate[Client, _P], None]
+
+
+def api_command(
+    group: typer.Typer, name: str | None = None, *, hidden: bool = False
+) -> Callable[[Verb[_P]], Verb[_P]]:
+    """Register a client verb: ``def verb(c: Client, ...)``.
+
+    The command gets the options of ``_connection`` (``--url``/SYNTHRAY_URL and
+    ``--api-key``/SYNTHRAY_API_KEY) after its own; the verb gets the open ``Client``
+    and any ``ApiError`` it lets out becomes ``error (status): detail`` and exit 1.
+    """
+
+    def register(verb: Verb[_P]) -> Verb[_P]:
+        own = list(inspect.signature(verb, eval_str=True).parameters.values())[1:]
+        conn = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(_connection, eval_str=True).parameters.values()
+        ]
+
+        @functools.wraps(verb)
+        def command(**kwargs: Any) -> None:
+            client = _connection(**{p.name: kwargs.pop(p.name) for p in conn})
+            with client:
+                try:
+                    verb(client, **kwargs)  # type: ignore[call-arg]
+                except ApiError as exc:
+                    _fail(exc)
+
+        # Typer reads a command's options from its signature.
+        command.__signature__ = inspect.Signature([*own, *conn])  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in (*own, *conn)}
+        group.command(name, hidden=hidden)(command)
+        return verb
+
+    return register
+
+
+def _renamed(old: str, new: str, verb: Verb[_P]) -> Verb[_P]:
+    """``verb`` behind a deprecated name: one warning line on stderr, then the same."""
+
+    @functools.wraps(verb)
+    def warned(c: Client, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        err.print(
+            f"warning: 'synthray {old}' is deprecated and will be removed in the next "
+            f"release; use 'synthray {new}'",
+            soft_wrap=True,
+            highlight=False,
+        )
+        verb(c, *args, **kwargs)
+
+    return warned
 
 
 def _settings() -> Any:
@@ -44,22 +109,14 @@ def _settings() -> Any:
         raise typer.Exit(2) from exc
 
 
-def _client(url: str, key: str) -> Client:
-    return Client(url, key)
-
-
-def _fail(exc: ApiError) -> None:
+def _fail(exc: ApiError) -> NoReturn:
     err.print(f"[red]error[/red] ({exc.status}): {exc.detail}")
     raise typer.Exit(1)
 
 
-def _download(url: str, key: str, path: str, dest: Path) -> None:
+def _download(c: Client, path: str, dest: Path) -> None:
     """Stream an API file to ``dest`` and say where it went."""
-    with _client(url, key) as c:
-        try:
-            size = c.download(path, dest)
-        except ApiError as exc:
-            _fail(exc)
+    size = c.download(path, dest)
     err.print(f"wrote {dest} ({size} bytes)")
 
 
@@ -193,13 +250,12 @@ def demo(
 # ---------------------------------------------------------------- client verbs
 
 
-@app.command()
+@api_command(app)
 def ingest(
+    c: Client,
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     source: Annotated[str, typer.Option(help="Folder relative to the server's import root.")],
     classes: Annotated[str, typer.Option(help="Comma-separated class names.")],
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
     labels_csv: Annotated[str | None, typer.Option(help="'' for none (label_attribute)")] = (
         "labels.csv"
     ),
@@ -234,20 +290,19 @@ def ingest(
         "patient_column": patient_column or None,
         "label_separator": label_separator,
         "label_map": json.loads(label_map) if label_map else {},
-        "classes": [c.strip() for c in classes.split(",") if c.strip()],
+        "classes": [k.strip() for k in classes.split(",") if k.strip()],
         "resolutions": [int(r) for r in resolutions.split(",") if r.strip()],
         "holdout_fraction": holdout_fraction,
         "allow_burned_in": allow_burned_in,
     }
-    _submit(url, api_key, "/datasets", body, wait, "ingest")
+    _submit(c, "/datasets", body, wait, "ingest")
 
 
-@app.command()
+@api_command(app)
 def train(
+    c: Client,
     dataset: str,
     model_name: Annotated[str, typer.Option(help="Registry name of the model.")],
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
     max_seconds: float | None = None,
     max_steps: int | None = None,
     batch_size: int = 64,
@@ -269,14 +324,13 @@ def train(
         "architecture": architecture,
         "precision": precision,
     }
-    _submit(url, api_key, "/train", body, wait, "train")
+    _submit(c, "/train", body, wait, "train")
 
 
-@app.command()
+@api_command(app)
 def synthesize(
+    c: Client,
     model: str,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
     version: int | None = None,
     per_class: int = 100,
     seed: int = 0,
@@ -284,59 +338,51 @@ def synthesize(
 ) -> None:
     """Sample a class-balanced batch; its memorization check runs right after."""
     body = {"model": model, "version": version, "per_class": per_class, "seed": seed}
-    with _client(url, api_key) as c:
-        try:
-            acc = c.post("/synthesize", body)
-            if not wait:
-                _print(acc)
-                return
-            job = c.wait(acc["job_id"], err, "synthesize")
-            if job["state"] != "succeeded":
-                _job_failed(job)
-            check = c.wait(job["result"]["check_job_id"], err, "check")
-            if check["state"] != "succeeded":
-                _job_failed(check)
-            _print(c.get(f"/batches/{acc['batch_id']}"))
-        except ApiError as exc:
-            _fail(exc)
+    acc = c.post("/synthesize", body)
+    if not wait:
+        _print(acc)
+        return
+    job = c.wait(acc["job_id"], err, "synthesize")
+    if job["state"] != "succeeded":
+        _job_failed(job)
+    check = c.wait(job["result"]["check_job_id"], err, "check")
+    if check["state"] != "succeeded":
+        _job_failed(check)
+    _print(c.get(f"/batches/{acc['batch_id']}"))
 
 
-@app.command()
+@api_command(app)
 def export(
+    c: Client,
     batch_id: int,
     partner: Annotated[str, typer.Option(help="Partner key name the export is for.")],
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
     wait: bool = True,
 ) -> None:
     """Build an export bundle from a batch that passed the memorization gate."""
-    _submit(url, api_key, "/exports", {"batch_id": batch_id, "partner": partner}, wait, "export")
+    _submit(c, "/exports", {"batch_id": batch_id, "partner": partner}, wait, "export")
 
 
-@app.command()
-def approve(export_id: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+@api_command(app)
+def approve(c: Client, export_id: int) -> None:
     """Approve a built export bundle (reviewer)."""
-    _print(_call(url, api_key, "POST", f"/exports/{export_id}/approve"))
+    _print(c.post(f"/exports/{export_id}/approve"))
 
 
-@app.command()
+@api_command(app)
 def download(
+    c: Client,
     export_id: int,
     dest: Annotated[Path, typer.Option(help="Where to write the zip.")] = Path("."),
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
 ) -> None:
     """Download an approved export bundle (the partner it is addressed to)."""
     target = dest / f"synthray-export-{export_id}.zip" if dest.is_dir() else dest
-    _download(url, api_key, f"/exports/{export_id}/download", target)
+    _download(c, f"/exports/{export_id}/download", target)
 
 
-@app.command()
-def check(
+def check_images(
+    c: Client,
     dataset: Annotated[str, typer.Option(help="Dataset whose patients to check against.")],
     images: Annotated[Path, typer.Option(help="Folder (or zip) of PNG/JPEG/DICOM images.")],
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
     version: int | None = None,
     html: Annotated[Path | None, typer.Option(help="Save the evidence page here.")] = None,
 ) -> None:
@@ -356,36 +402,27 @@ def check(
                         zf.write(p, p.relative_to(images).as_posix())
         else:
             archive = images
-        body = json.dumps({"dataset": dataset, "version": version})
-        with _client(url, api_key) as c:
-            try:
-                with archive.open("rb") as f:
-                    r = c.http.post(
-                        "/v1/image-checks",
-                        data={"check": body},
-                        files={"file": ("images.zip", f, "application/zip")},
-                    )
-                acc = c._check(r)
-                job = c.wait(acc["job_id"], err, "check")
-                if job["state"] != "succeeded":
-                    _job_failed(job)
-                if html is not None:
-                    page = c.http.get(f"/v1/image-checks/{acc['check_id']}/report.html")
-                    c._check(page) if page.status_code >= 400 else html.write_text(page.text)
-                    err.print(f"evidence page written to {html}")
-                _print(c.get(f"/image-checks/{acc['check_id']}"))
-            except ApiError as exc:
-                _fail(exc)
+        form = {"check": json.dumps({"dataset": dataset, "version": version})}
+        acc = c.upload("/image-checks", archive, form=form, filename="images.zip")
+    job = c.wait(acc["job_id"], err, "imagecheck")
+    if job["state"] != "succeeded":
+        _job_failed(job)
+    if html is not None:
+        html.write_text(c.get_text(f"/image-checks/{acc['check_id']}/report.html"))
+        err.print(f"evidence page written to {html}")
+    _print(c.get(f"/image-checks/{acc['check_id']}"))
 
 
-@jobs_app.command("list")
-def jobs_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "", limit: int = 20) -> None:
+api_command(app, "check-images")(check_images)
+# ``check`` was this verb's name up to 0.1.0, but it is also the job kind of a batch's
+# memorization check. The old name stays, hidden and deprecated, for one release.
+api_command(app, "check", hidden=True)(_renamed("check", "check-images", check_images))
+
+
+@api_command(jobs_app, "list")
+def jobs_list(c: Client, limit: int = 20) -> None:
     """Recent jobs."""
-    with _client(url, api_key) as c:
-        try:
-            jobs = c.get("/jobs", limit=limit)
-        except ApiError as exc:
-            _fail(exc)
+    jobs = c.get("/jobs", limit=limit)
     t = Table("id", "kind", "state", "progress", "attempts", "created")
     for j in jobs:
         p = j["progress"]
@@ -401,53 +438,33 @@ def jobs_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "", limit
     out.print(t)
 
 
-@jobs_app.command("show")
-def jobs_show(
-    job_id: str,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
-    wait: bool = False,
-) -> None:
+@api_command(jobs_app, "show")
+def jobs_show(c: Client, job_id: str, wait: bool = False) -> None:
     """One job (with --wait: follow it with a progress bar until it ends)."""
-    with _client(url, api_key) as c:
-        try:
-            _print(c.wait(job_id, err) if wait else c.get(f"/jobs/{job_id}"))
-        except ApiError as exc:
-            _fail(exc)
+    _print(c.wait(job_id, err) if wait else c.get(f"/jobs/{job_id}"))
 
 
-@jobs_app.command("preview")
+@api_command(jobs_app, "preview")
 def jobs_preview(
+    c: Client,
     job_id: str,
     dest: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("preview.png"),
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
 ) -> None:
     """Save the latest preview grid of a training job (one row per class)."""
-    _download(url, api_key, f"/jobs/{job_id}/preview.png", dest)
+    _download(c, f"/jobs/{job_id}/preview.png", dest)
 
 
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+@api_command(jobs_app, "cancel")
+def jobs_cancel(c: Client, job_id: str) -> None:
     """Ask a job to stop (a training job stops at its next step and keeps its checkpoint)."""
-    _print(_call(url, api_key, "POST", f"/jobs/{job_id}/cancel"))
+    _print(c.post(f"/jobs/{job_id}/cancel"))
 
 
-def _call(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    with _client(url, key) as c:
-        try:
-            if method == "GET":
-                return c.get(path, **(body or {}))
-            return c._check(c.http.request(method, f"/v1{path}", json=body))
-        except ApiError as exc:
-            _fail(exc)
-
-
-@models_app.command("list")
-def models_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> None:
+@api_command(models_app, "list")
+def models_list(c: Client) -> None:
     """Registered models, their versions and aliases."""
     t = Table("model", "version", "architecture", "steps", "created", "aliases", "archived")
-    for m in _call(url, api_key, "GET", "/models"):
+    for m in c.get("/models"):
         names = {v: a for a, v in m["aliases"].items()}
         for v in m["versions"]:
             t.add_row(
@@ -462,20 +479,16 @@ def models_list(url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = "") -> 
     out.print(t)
 
 
-@models_app.command("show")
-def models_show(
-    name: str, version: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
-) -> None:
+@api_command(models_app, "show")
+def models_show(c: Client, name: str, version: int) -> None:
     """One version with its full lineage."""
-    _print(_call(url, api_key, "GET", f"/models/{name}/versions/{version}"))
+    _print(c.get(f"/models/{name}/versions/{version}"))
 
 
-@models_app.command("compare")
-def models_compare(
-    name: str, a: int, b: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
-) -> None:
+@api_command(models_app, "compare")
+def models_compare(c: Client, name: str, a: int, b: int) -> None:
     """Two versions' metrics side by side."""
-    cmp = _call(url, api_key, "GET", f"/models/{name}/compare", {"a": a, "b": b})
+    cmp = c.get(f"/models/{name}/compare", a=a, b=b)
     t = Table("metric", f"v{a}", f"v{b}", "delta")
     for k, row in cmp["metrics"].items():
         t.add_row(k, str(row["a"]), str(row["b"]), str(row.get("delta", "")))
@@ -484,53 +497,45 @@ def models_compare(
         _print(cmp["config_changes"])
 
 
-@models_app.command("alias")
+@api_command(models_app, "alias")
 def models_alias(
+    c: Client,
     name: str,
     alias: str,
     version: Annotated[int | None, typer.Argument(help="Omit to remove the alias.")] = None,
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
 ) -> None:
     """Move an alias (reviewer); every move is recorded."""
-    _print(_call(url, api_key, "PUT", f"/models/{name}/aliases/{alias}", {"version": version}))
+    _print(c.put(f"/models/{name}/aliases/{alias}", {"version": version}))
 
 
-@models_app.command("archive")
-def models_archive(
-    name: str, version: int, url: UrlOpt = "http://127.0.0.1:8000", api_key: KeyOpt = ""
-) -> None:
+@api_command(models_app, "archive")
+def models_archive(c: Client, name: str, version: int) -> None:
     """Archive a version (kept for lineage, no longer usable)."""
-    _print(_call(url, api_key, "POST", f"/models/{name}/versions/{version}/archive"))
+    _print(c.post(f"/models/{name}/versions/{version}/archive"))
 
 
-@models_app.command("weights")
+@api_command(models_app, "weights")
 def models_weights(
+    c: Client,
     name: str,
     version: int,
     dest: Annotated[Path, typer.Option(help="File to write.")] = Path("generator.safetensors"),
-    url: UrlOpt = "http://127.0.0.1:8000",
-    api_key: KeyOpt = "",
 ) -> None:
     """Download a generator's weights (admin)."""
-    _download(url, api_key, f"/models/{name}/versions/{version}/weights", dest)
+    _download(c, f"/models/{name}/versions/{version}/weights", dest)
 
 
-def _job_failed(job: dict[str, Any]) -> None:
+def _job_failed(job: dict[str, Any]) -> NoReturn:
     err.print(f"[red]job {job['id']} {job['state']}:[/red] {job.get('error') or ''}")
     raise typer.Exit(1)
 
 
-def _submit(url: str, key: str, path: str, body: dict[str, Any], wait: bool, label: str) -> None:
-    with _client(url, key) as c:
-        try:
-            acc = c.post(path, body)
-            if not wait:
-                _print(acc)
-                return
-            job = c.wait(acc["job_id"], err, label)
-        except ApiError as exc:
-            _fail(exc)
+def _submit(c: Client, path: str, body: dict[str, Any], wait: bool, label: str) -> None:
+    acc = c.post(path, body)
+    if not wait:
+        _print(acc)
+        return
+    job = c.wait(acc["job_id"], err, label)
     if job["state"] != "succeeded":
         _job_failed(job)
     _print(acc | {"result": job["result"]})
