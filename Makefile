@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # production GPU images install a CUDA build instead (see Dockerfile).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test lint typecheck serve worker clean
+.PHONY: venv demo test test-fast lint typecheck serve worker gpu-check clean
 
 $(BIN)/synthray: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,18 @@ demo: venv
 test: venv
 	$(BIN)/pytest
 
+# The inner loop: SQLite only, no worker processes, no whole-reference-set acceptance runs.
+test-fast: venv
+	$(BIN)/pytest -m "not e2e and not slow" -k "not postgres and not redis"
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy synthray
+
+# The CUDA path (tests marked cuda, the train benchmark, a worker job on the GPU); says so
+# and exits 0 where there is no GPU.
+gpu-check: venv
+	bash scripts/gpu_check.sh
 
 serve: venv
 	$(BIN)/synthray serve

@@ -30,7 +30,8 @@ def load_kermany(folder: Path, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     for r in rows:
         with Image.open(folder / r["file"]) as im:
             im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale
-            images.append(np.asarray(im.convert("L").resize((size, size), Image.BILINEAR)))
+            small = im.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+            images.append(np.asarray(small))
     return np.stack(images), np.array([r["patient_key"] for r in rows])
 
 

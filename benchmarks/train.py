@@ -26,6 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ class _ConvRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _is_spec(a: object) -> bool:
+def _is_spec(a: object) -> TypeGuard[tuple[Any, ...]]:
     return isinstance(a, tuple) and len(a) == 5 and a[0] == "tensor"
 
 
@@ -104,14 +105,14 @@ def conv_replay(
 
     def make(a: object) -> object:
         if _is_spec(a):
-            _, shape, stride, dtype, device = a  # type: ignore[misc]
+            _, shape, stride, dtype, device = a
             return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
         return a
 
     replay = [(f, tree_map(make, spec, is_leaf=_is_spec)) for f, spec in rec.calls]
 
     def run() -> None:
-        for f, (args, kwargs) in replay:  # type: ignore[misc]
+        for f, (args, kwargs) in replay:
             f(*args, **kwargs)  # type: ignore[operator]
 
     def timed() -> float:
@@ -138,8 +139,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round at 64 px")
     ap.add_argument("--rounds", type=int, default=3, help="at 64 px; one fewer at 128 px")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument(
+        "--resolutions",
+        default=None,
+        help="comma list (default: 64,128 on CPU, 64,128,256 on CUDA); an architecture "
+        "is skipped at a resolution it does not support",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
+    default_resolutions = "64,128,256" if device.type == "cuda" else "64,128"
+    resolutions = [int(r) for r in (args.resolutions or default_resolutions).split(",")]
     if device.type == "cpu":
         keep_freed_memory()  # as the worker's job processes do
     n = 4096 if device.type == "cuda" else 2048
@@ -161,7 +170,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for arch in ARCHITECTURES:
-        for res in (64, 128):
+        for res in resolutions:
+            if res not in ARCHITECTURES[arch].resolutions:
+                continue
             images = rng.integers(0, 256, size=(512, res, res), dtype=np.uint8)
             labels = np.arange(512) % 5
             cfg = TrainConfig(

@@ -54,8 +54,14 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def copy_subset(dest: Path, per_class: int = 30, name: str = "nih") -> Path:
-    """Copy a small, labelled slice of the NIH reference set into an import folder."""
+def copy_subset(
+    dest: Path, per_class: int = 30, name: str = "nih", *, skip_first: int = 0
+) -> Path:
+    """Copy a small, labelled slice of the NIH reference set into an import folder.
+
+    ``skip_first`` leaves out the patients of the slice ``copy_subset(per_class=skip_first)``
+    would copy, so the two slices share no patient.
+    """
     src = nih_dir()
     folder = dest / name
     (folder / "images").mkdir(parents=True)
@@ -63,18 +69,43 @@ def copy_subset(dest: Path, per_class: int = 30, name: str = "nih") -> Path:
     with (src / "labels.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
-        rows = []
-        for r in reader:
-            lab = r["Finding Labels"]
-            if wanted.get(lab, 0) > 0:
-                wanted[lab] -= 1
-                rows.append(r)
+        every = list(reader)
+    skipped: set[str] = set()
+    if skip_first:
+        first = dict.fromkeys(wanted, skip_first)
+        for r in every:
+            if first.get(r["Finding Labels"], 0) > 0:
+                first[r["Finding Labels"]] -= 1
+                skipped.add(r["Patient ID"])
+    rows = []
+    for r in every:
+        lab = r["Finding Labels"]
+        if wanted.get(lab, 0) > 0 and r["Patient ID"] not in skipped:
+            wanted[lab] -= 1
+            rows.append(r)
     for r in rows:
         shutil.copyfile(src / r["file"], folder / r["file"])
     with (folder / "labels.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+    return folder
+
+
+def plant_bad_rows(folder: Path) -> Path:
+    """Rows that must be skipped, each for its own reason."""
+    (folder / "images" / "not-an-image.png").write_bytes(b"hello, I am text")
+    first = sorted((folder / "images").glob("*.png"))[0]
+    good = first.read_bytes()
+    rel = f"images/{first.name}"
+    (folder / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
+    with (folder / "labels.csv").open("a") as f:
+        f.write("images/not-an-image.png,x,Effusion,0,9001,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/truncated.png,x,Effusion,0,9002,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("images/missing.png,x,Effusion,0,9003,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write("../../etc/passwd,x,Effusion,0,9004,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write(f"{rel},x,Effusion|Cardiomegaly,0,9005,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
+        f.write(f"{rel},x,Hernia,0,9006,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
     return folder
 
 

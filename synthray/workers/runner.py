@@ -11,6 +11,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from synthray.app.db import session_scope, utcnow
 from synthray.app.errors import DomainError
@@ -53,6 +54,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
     log.info("job %s (%s): started", job_id, kind)
     handler = HANDLERS[kind]
     with WorkerJobContext(settings, job_id, owner, params) as ctx:
+        values: dict[str, Any]  # column values for jobs.finish
         try:
             result = handler.run(ctx)
             state, values = JobState.succeeded, {"result": result or {}}

@@ -165,9 +165,10 @@ def decode_raster(data: bytes, opts: DecodeOptions) -> Decoded:
                     lo, hi = float(arr.min()), float(arr.max())
                     img8 = unit_to_u8((arr - lo) / (hi - lo) if hi > lo else arr * 0.0)
                 else:
+                    rgb: Image.Image = im
                     if im.mode in {"RGBA", "LA", "PA", "P"}:
-                        im = im.convert("RGBA").convert("RGB")
-                    img8 = np.asarray(im.convert("L"), dtype=np.uint8)
+                        rgb = im.convert("RGBA").convert("RGB")
+                    img8 = np.asarray(rgb.convert("L"), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("image is larger than the pixel limit") from exc
     except UnidentifiedImageError as exc:
@@ -215,7 +216,7 @@ def _window(ds: Any, values: np.ndarray, weights: np.ndarray | None = None) -> n
     order = np.argsort(out, kind="stable")
     cum = np.cumsum(w[order]) / max(w.sum(), 1.0)
     lo = float(out[order][np.searchsorted(cum, 0.005)])
-    hi = float(out[order][min(np.searchsorted(cum, 0.995), len(cum) - 1)])
+    hi = float(out[order][min(int(np.searchsorted(cum, 0.995)), len(cum) - 1)])
     return np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
 
 

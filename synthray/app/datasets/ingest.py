@@ -121,10 +121,10 @@ def run_ingest(ctx: JobContext) -> dict[str, object]:
         raise JobFailed("the labels CSV has no rows")
     by_sop: dict[str, dict[str, str]] = {}
     if spec.sop_column:
-        for row in rows:
-            uid = (row.get(spec.sop_column) or "").strip()
+        for csv_row in rows:
+            uid = (csv_row.get(spec.sop_column) or "").strip()
             if uid:
-                by_sop[keyed_hash(secret, "sop", uid)] = row
+                by_sop[keyed_hash(secret, "sop", uid)] = csv_row
     items = (
         _items_from_folder(folder, spec)
         if spec.walks_folder

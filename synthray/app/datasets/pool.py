@@ -14,6 +14,9 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+
+# A private stdlib class (the type of a process's authkey) that typeshed does not declare.
+from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,8 +65,8 @@ class DecodePool:
         # refuses to be pickled into a spawned child's preparation data; re-wrap the same
         # key in the standard library's type.
         key = self._config.get("authkey")
-        if key is not None and type(key) is not multiprocessing.process.AuthenticationString:
-            self._config["authkey"] = multiprocessing.process.AuthenticationString(bytes(key))
+        if key is not None and type(key) is not AuthenticationString:
+            self._config["authkey"] = AuthenticationString(bytes(key))
         self._pool = self._new()
 
     def _new(self) -> ProcessPoolExecutor:

@@ -18,6 +18,10 @@ class DatasetVersionState(StrEnum):
     cancelled = "cancelled"
 
 
+def _default_resolutions() -> list[Literal[64, 128, 256]]:
+    return [64]
+
+
 class DatasetCreate(BaseModel):
     """Import radiographs (DICOM, PNG or JPEG) as a new, immutable dataset version.
 
@@ -46,7 +50,9 @@ class DatasetCreate(BaseModel):
     view_column: str | None = None
     sex_column: str | None = None
     age_column: str | None = None
-    resolutions: list[Literal[64, 128, 256]] = Field(default_factory=lambda: [64], min_length=1)
+    resolutions: list[Literal[64, 128, 256]] = Field(
+        default_factory=_default_resolutions, min_length=1
+    )
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
     split_seed: int = 0
     allow_burned_in: bool = Field(

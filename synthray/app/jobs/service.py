@@ -143,7 +143,11 @@ def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]
         out.append((job.id, job.queue))
     session.flush()
     for job_id, queue in out:
-        on_commit(session, lambda j=job_id, q=queue: broker.publish(settings, j, q))
+
+        def publish(j: str = job_id, q: str = queue) -> None:
+            broker.publish(settings, j, q)
+
+        on_commit(session, publish)
     return out
 
 

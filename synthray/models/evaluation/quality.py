@@ -106,7 +106,8 @@ def train_encoder(
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = Encoder(cfg).to(memory_format=torch.channels_last)
+    # torch's Module.to overloads omit the documented memory_format keyword.
+    model = Encoder(cfg).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     by_class = [np.flatnonzero(labels == c) for c in range(cfg.num_classes)]
     present = [c for c in range(cfg.num_classes) if len(by_class[c])]

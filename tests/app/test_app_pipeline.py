@@ -7,11 +7,11 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import World
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -27,55 +27,16 @@ from synthray.app.storage import BlobStore
 from synthray.config import Settings
 
 
-def _plant_bad_rows(folder: Path) -> None:
-    """Rows that must be skipped, each for its own reason."""
-    (folder / "images" / "not-an-image.png").write_bytes(b"hello, I am text")
-    first = sorted((folder / "images").glob("*.png"))[0]
-    good = first.read_bytes()
-    rel = f"images/{first.name}"
-    (folder / "images" / "truncated.png").write_bytes(good[: len(good) // 3])
-    with (folder / "labels.csv").open("a") as f:
-        f.write("images/not-an-image.png,x,Effusion,0,9001,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write("images/truncated.png,x,Effusion,0,9002,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write("images/missing.png,x,Effusion,0,9003,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write("../../etc/passwd,x,Effusion,0,9004,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write(f"{rel},x,Effusion|Cardiomegaly,0,9005,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-        f.write(f"{rel},x,Hernia,0,9006,50,M,PA,1,1,1,1,0,1,0,0,0,0,0,0\n")
-
-
 def _wait_ok(client: TestClient, key: str, job_id: str) -> dict:
     job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
     assert job["state"] == "succeeded", job
     return job
 
 
-@pytest.fixture
-def trained(client: TestClient, keys: Keys, settings: Settings) -> dict:
-    """A dataset ingested and a generator trained for a few real steps."""
-    assert settings.import_root is not None
-    folder = copy_subset(settings.import_root, per_class=12)
-    _plant_bad_rows(folder)
-    h = auth(keys.operator)
-    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=h)
-    assert r.status_code == 202, r.text
-    ingest_job = r.json()["job_id"]
-    assert run_queued(settings) == ["succeeded"]
-    job = _wait_ok(client, keys.operator, ingest_job)
-    r = client.post(
-        "/v1/train",
-        json={"dataset": "nih", "model_name": "m", "max_steps": 3, "batch_size": 8},
-        headers=h,
-    )
-    assert r.status_code == 202, r.text
-    train_job = r.json()["job_id"]
-    assert run_queued(settings) == ["succeeded"]
-    return {"ingest": job, "train": _wait_ok(client, keys.operator, train_job)}
-
-
 def test_ingest_skips_bad_rows_and_splits_by_patient(
-    client: TestClient, keys: Keys, settings: Settings, trained: dict
+    client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
-    result = trained["ingest"]["result"]
+    result = trained.ingest["result"]
     counts = result["counts"]
     assert counts["images"] == 36
     reasons = {s["item"]: s["reason"] for s in result["skipped"]}
@@ -141,14 +102,14 @@ def test_ingest_with_no_usable_image_fails_with_a_reason(
     assert ds["versions"][0]["state"] == "failed"
 
 
-def test_registry_records_lineage(client: TestClient, keys: Keys, trained: dict) -> None:
+def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World) -> None:
     m = client.get("/v1/models/m", headers=auth(keys.reviewer)).json()
     v = m["versions"][0]
     assert v["version"] == 1
     assert v["metrics"]["steps"] == 3
     assert v["classes"] == ["Normal", "Effusion", "Cardiomegaly"]
     assert len(v["blob_sha256"]) == 64 and v["size_bytes"] > 0
-    assert v["train_job_id"] == trained["train"]["id"]
+    assert v["train_job_id"] == trained.train["id"]
     assert v["config"]["generator"]["num_classes"] == 3
     q = v["metrics"]["quality"]
     assert set(q["overall"]) == {"generated", "floor"}
@@ -156,13 +117,13 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: dict)
         assert set(q["overall"][side]) == {"fid", "kid", "precision", "recall"}
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
     # The training job's preview grid: one row per class, 8 samples each.
-    r = client.get(f"/v1/jobs/{trained['train']['id']}/preview.png", headers=auth(keys.reviewer))
+    r = client.get(f"/v1/jobs/{trained.train['id']}/preview.png", headers=auth(keys.reviewer))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (8 * 64, 3 * 64)
 
 
 def test_train_on_a_class_subset(
-    client: TestClient, keys: Keys, settings: Settings, trained: dict
+    client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
     h = auth(keys.operator)
     body = {
@@ -189,17 +150,17 @@ def test_train_on_a_class_subset(
 
 
 def test_duplicate_delivery_does_no_second_work(
-    client: TestClient, keys: Keys, settings: Settings, trained: dict
+    client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
     from synthray.workers.runner import run
 
-    assert run(trained["train"]["id"], settings) == "skipped"
+    assert run(trained.train["id"], settings) == "skipped"
     m = client.get("/v1/models/m", headers=auth(keys.reviewer)).json()
     assert len(m["versions"]) == 1
 
 
 def test_synthesize_check_export_download(
-    client: TestClient, keys: Keys, settings: Settings, trained: dict
+    client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
     op, rev = auth(keys.operator), auth(keys.reviewer)
     r = client.post("/v1/synthesize", json={"model": "m", "per_class": 6, "seed": 3}, headers=op)
@@ -252,13 +213,13 @@ def test_synthesize_check_export_download(
 
 
 def test_gate_blocks_memorized_and_changed_batches(
-    client: TestClient, keys: Keys, settings: Settings, trained: dict
+    client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
     """Training images planted as a 'synthetic' batch are flagged and the export refused."""
     blobs = BlobStore(settings.blob_dir)
     op = auth(keys.operator)
     with session_scope(settings.sqlalchemy_url) as s:
-        mv_id = trained["train"]["result"]["model_version_id"]
+        mv_id = trained.train["result"]["model_version_id"]
         dv = client.get("/v1/datasets/nih", headers=op).json()["versions"][0]
         split = datasets.load_split(s, blobs, dv["id"])
         images = split.train_images[:10]

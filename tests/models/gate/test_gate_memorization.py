@@ -1,4 +1,4 @@
-"""Robust pixel matching (shifts, flips, crops), SSIM, and the multi-space memorization check."""
+"""Robust pixel matching (shifts, flips, crops), SSIM, and the two-space memorization check."""
 
 from __future__ import annotations
 
@@ -266,5 +266,32 @@ def test_input_validation() -> None:
         check_memorization(a, a[:0], a)
     with pytest.raises(ValueError, match="quantile"):
         check_memorization(a, a, a, quantile=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        check_memorization(a, a, a[:0])
     with pytest.raises(ValueError, match="uint8"):
         check_memorization(a.astype(np.float32), a, a)
+    rep = check_memorization(a, a[:2], a, k=3)  # k is capped at the number of train images
+    assert rep.neighbours.shape == (4, 2)
+
+
+def test_fresh_images_are_rarely_flagged() -> None:
+    rng = np.random.default_rng(4)
+    train = _smooth_images(80, rng)
+    holdout = _smooth_images(40, rng)
+    fresh = _smooth_images(40, rng)  # same distribution, not copies
+    rep = check_memorization(fresh, train, holdout, quantile=0.95)
+    assert rep.flagged_fraction <= 0.2
+    assert 0.2 <= rep.dcr_train_share <= 0.9
+
+
+def test_pixel_features_are_pearson_correlations() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 16, 16), dtype=np.uint8)
+    images[4] = 77  # constant image
+    f = pixel_features(images)
+    assert f.shape == (5, 256) and f.dtype == np.float32
+    assert np.isfinite(f).all()
+    assert np.allclose(np.linalg.norm(f[:4], axis=1), 1.0, atol=1e-5)
+    assert not f[4].any()
+    expected = np.corrcoef(images[:4].reshape(4, -1).astype(np.float64))
+    assert np.allclose(f[:4] @ f[:4].T, expected, atol=1e-5)

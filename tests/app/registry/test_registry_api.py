@@ -6,32 +6,22 @@ from __future__ import annotations
 import hashlib
 import json
 
+from conftest import World
 from fastapi.testclient import TestClient
 from safetensors import safe_open
-from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
+from support import Keys, auth, run_queued
 
 from synthray.config import Settings
 
 
-def _train(client: TestClient, key: str, settings: Settings, seed: int) -> None:
-    r = client.post(
-        "/v1/train",
-        json={"dataset": "nih", "model_name": "m", "max_steps": 2, "batch_size": 4, "seed": seed},
-        headers=auth(key),
-    )
+def test_registry(client: TestClient, keys: Keys, settings: Settings, trained: World) -> None:
+    op, rev, adm = auth(keys.operator), auth(keys.reviewer), auth(keys.admin)
+    # The world holds m v1 (3 steps); v2 differs in its seed and budget.
+    body = {"dataset": "nih", "model_name": "m", "max_steps": 2, "batch_size": 4, "seed": 2}
+    r = client.post("/v1/train", json=body | {"evaluate": False}, headers=op)
     assert r.status_code == 202, r.text
     assert run_queued(settings) == ["succeeded"]
-
-
-def test_registry(client: TestClient, keys: Keys, settings: Settings) -> None:
-    assert settings.import_root is not None
-    copy_subset(settings.import_root, per_class=6)
-    op, rev, adm = auth(keys.operator), auth(keys.reviewer), auth(keys.admin)
-    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
-    assert r.status_code == 202
-    assert run_queued(settings) == ["succeeded"]
-    _train(client, keys.operator, settings, seed=1)
-    _train(client, keys.operator, settings, seed=2)
+    seed_v1 = trained.train["params"]["seed"]
 
     # Aliases: reviewers move them; every move is recorded with who and when.
     url = "/v1/models/m/aliases/candidate"
@@ -75,8 +65,8 @@ def test_registry(client: TestClient, keys: Keys, settings: Settings) -> None:
 
     # Compare: metrics side by side and the config keys that differ (the seed).
     cmp = client.get("/v1/models/m/compare", params={"a": 1, "b": 2}, headers=rev).json()
-    assert cmp["metrics"]["steps"] == {"a": 2, "b": 2, "delta": 0}
-    assert cmp["config_changes"]["train.seed"] == {"a": 1, "b": 2}
+    assert cmp["metrics"]["steps"] == {"a": 3, "b": 2, "delta": -1}
+    assert cmp["config_changes"]["train.seed"] == {"a": seed_v1, "b": 2}
 
     # Weights: admin only, with the registered hash.
     wurl = "/v1/models/m/versions/2/weights"
@@ -93,13 +83,10 @@ def test_registry(client: TestClient, keys: Keys, settings: Settings) -> None:
     assert "config" in json.dumps(meta)
 
 
-def test_tampered_generator_is_refused(client: TestClient, keys: Keys, settings: Settings) -> None:
-    assert settings.import_root is not None
-    copy_subset(settings.import_root, per_class=6)
+def test_tampered_generator_is_refused(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
     op = auth(keys.operator)
-    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
-    assert run_queued(settings) == ["succeeded"]
-    _train(client, keys.operator, settings, seed=1)
     v = client.get("/v1/models/m/versions/1", headers=op).json()
     blob = settings.blob_dir / v["blob_sha256"][:2] / v["blob_sha256"][2:]
     data = bytearray(blob.read_bytes())

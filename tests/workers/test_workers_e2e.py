@@ -25,6 +25,7 @@ from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
 
 from synthray.app.main import create_app
 from synthray.config import Settings
+from synthray.models.checkpoint import load_state
 
 pytestmark = pytest.mark.e2e
 
@@ -190,6 +191,8 @@ def test_pipeline_through_a_real_worker(
     job = wait_job(api, keys.operator, train_id)
     assert job["state"] == "succeeded", (job, worker.log.read_text()[-2000:])
     assert job["result"]["metrics"]["steps"] == 4
+    if os.environ.get("SYNTHRAY_DEVICE", "auto").startswith("cuda"):  # scripts/gpu_check.sh
+        assert job["result"]["metrics"]["device"].startswith("cuda"), job["result"]
     # The CLI's file verbs, over real HTTP: a preview grid, the weights (admin only).
     r = cli(http_url, keys.operator, "jobs", "preview", train_id, "--dest", "p.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -243,9 +246,10 @@ def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: 
             json={
                 "dataset": "nih",
                 "model_name": "k",
-                "max_steps": 200,
+                "max_steps": 12,
                 "batch_size": 8,
                 "checkpoint_every_s": 1,
+                "evaluate": False,
             },
             headers=auth(keys.operator),
         )
@@ -256,6 +260,8 @@ def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: 
             assert time.monotonic() < deadline, first.log.read_text()[-2000:]
             time.sleep(0.1)
         first.kill()
+        _, meta = load_state(ckpt)
+        assert 0 < meta["step"] < 12, "the worker must die mid-training"
     finally:
         first.stop()
     job = api.get(f"/v1/jobs/{job_id}", headers=auth(keys.operator)).json()
@@ -268,6 +274,6 @@ def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: 
         second.stop()
     assert job["state"] == "succeeded", (job, (tmp_path / "worker2.log").read_text()[-3000:])
     assert job["attempts"] == 2
-    assert job["result"]["metrics"]["steps"] == 200
+    assert job["result"]["metrics"]["steps"] == 12
     versions = api.get("/v1/models/k", headers=auth(keys.reviewer)).json()["versions"]
     assert len(versions) == 1

@@ -8,9 +8,10 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from conftest import World
 from fastapi.testclient import TestClient
 from sqlalchemy import update
-from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
+from support import Keys, auth
 
 from synthray.app.db import session_scope
 from synthray.app.jobs.service import prune_job_files
@@ -19,15 +20,13 @@ from synthray.config import Settings
 from synthray.workers.runner import run
 
 
-def test_cancel_queued_and_running(client: TestClient, keys: Keys, settings: Settings) -> None:
-    assert settings.import_root is not None
-    copy_subset(settings.import_root, per_class=6)
+def test_cancel_queued_and_running(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
     op = auth(keys.operator)
-    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
-    assert run_queued(settings) == ["succeeded"]
     body = {
         "dataset": "nih",
-        "model_name": "m",
+        "model_name": "cancelled",
         "max_seconds": 120,
         "batch_size": 4,
         "checkpoint_every_s": 1,
@@ -61,7 +60,8 @@ def test_cancel_queued_and_running(client: TestClient, keys: Keys, settings: Set
     job = client.get(f"/v1/jobs/{job_id}", headers=op).json()
     assert job["state"] == "cancelled" and job["cancel_requested"] is True
     assert ckpt.exists()  # the last checkpoint is kept
-    assert client.get("/v1/models", headers=op).json() == []  # nothing registered
+    models = client.get("/v1/models", headers=op).json()
+    assert [m["name"] for m in models] == ["m"]  # the world's; nothing new registered
 
     # Retention: the kept checkpoint goes once the job ended job_files_retention_days ago;
     # a queued job's folder stays however old, and a folder with no job goes when old.

@@ -24,6 +24,9 @@ from synthray.models.gate.memorization import check_memorization, pixel_features
 from synthray.models.gate.pixelmatch import PixelMatcher
 from synthray.models.gate.search import ExactIndex
 
+# Acceptance tests on whole reference sets: minutes, not seconds (left out of `make test-fast`).
+pytestmark = pytest.mark.slow
+
 KINDS = ("exact", "noise", "shift", "brightness/contrast", "crop+rescale", "flip")
 PER_KIND = 30
 
@@ -74,16 +77,21 @@ def _blurred_noisy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+@pytest.fixture(scope="module")
+def kermany() -> tuple[np.ndarray, np.ndarray]:
+    """The Kermany training folder at 64 px and its patient keys, decoded once."""
+    return _load_kermany()
+
+
 def test_planted_copies_in_nih_are_caught() -> None:
     images, patients = _load_nih()
     _planted(images, patients, "NIH", time.perf_counter())
 
 
-def test_planted_copies_in_kermany_are_caught() -> None:
-    """The same planted test on the whole Kermany set (5,856 films of 3,000-odd patients)."""
-    t0 = time.perf_counter()
-    images, patients = _load_kermany()
-    _planted(images, patients, "Kermany", t0)
+def test_planted_copies_in_kermany_are_caught(kermany: tuple[np.ndarray, np.ndarray]) -> None:
+    """The same planted test on the whole Kermany training folder (5,216 films)."""
+    images, patients = kermany
+    _planted(images, patients, "Kermany", time.perf_counter())
 
 
 def _planted(images: np.ndarray, patients: np.ndarray, name: str, t0: float) -> None:
@@ -200,9 +208,11 @@ def _duplicate_groups(images: np.ndarray) -> tuple[list[list[int]], int]:
     return [sorted(g) for g in groups.values()], len(pairs)
 
 
-def test_kermany_near_duplicates_are_found_and_flagged() -> None:
+def test_kermany_near_duplicates_are_found_and_flagged(
+    kermany: tuple[np.ndarray, np.ndarray],
+) -> None:
     t0 = time.perf_counter()
-    images, keys = _load_kermany()
+    images, keys = kermany
     groups, n_pairs = _duplicate_groups(images)
     assert n_pairs == 28  # the set's documented near-duplicate pairs, found at 64x64
     in_group = {v for g in groups for v in g}

@@ -8,9 +8,10 @@ import json
 import zipfile
 
 import numpy as np
+from conftest import World
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
+from support import Keys, auth, run_queued
 
 from synthray.app.datasets import service as datasets
 from synthray.app.db import session_scope
@@ -24,13 +25,10 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_check_uploaded_images(client: TestClient, keys: Keys, settings: Settings) -> None:
-    assert settings.import_root is not None
-    copy_subset(settings.import_root, per_class=15)
+def test_check_uploaded_images(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
     op = auth(keys.operator)
-    r = client.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=op)
-    assert r.status_code == 202
-    assert run_queued(settings) == ["succeeded"]
     with session_scope(settings.sqlalchemy_url) as s:
         dv = client.get("/v1/datasets/nih", headers=op).json()["versions"][0]
         split = datasets.load_split(s, BlobStore(settings.blob_dir), dv["id"])

@@ -1,0 +1,364 @@
+"""The training loop, for every registered architecture: budget, determinism, exact resume,
+progress, generator files and sampling; then what is particular to each architecture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from synthray.models.checkpoint import ChecksumMismatch, load_state, save_state
+from synthray.models.gan import dcgan, projgan
+from synthray.models.gan.config import TrainConfig, TrainProgress
+from synthray.models.gan.files import load_generator, save_generator
+from synthray.models.gan.registry import ARCHITECTURES
+from synthray.models.gan.sampling import sample_images
+from synthray.models.gan.trainer import _Trainer, train_gan
+from synthray.models.runtime import cpu_bf16_fast
+
+# Tiny networks: a few channels, so a step takes milliseconds.
+CHANNELS = {"dcgan": 8, "projgan": 4}
+FIRST_WEIGHT = {"dcgan": "net.0.weight", "projgan": "seed.weight"}
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def arch(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _data(n: int = 24, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, resolution, resolution), dtype=np.uint8)
+    labels = np.array([0] * (n - 4) + [1] * 4, dtype=np.int64)  # unbalanced on purpose
+    return images, labels
+
+
+def _cfg(arch: str = "projgan", **overrides: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "architecture": arch,
+        "class_names": ["normal", "pneumonia"],
+        "batch_size": 8,
+        "g_channels": CHANNELS[arch],
+        "d_channels": CHANNELS[arch],
+        "max_steps": 3,
+        "device": "cpu",
+        "checkpoint_every_s": 0.0,
+    }
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------ every architecture
+
+
+def test_trains_a_few_steps_with_finite_losses(arch: str) -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(arch))
+    assert result.architecture == arch
+    assert result.steps == 3 and result.images_seen == 24
+    assert result.stopped == "budget"
+    assert math.isfinite(result.final_loss_d) and math.isfinite(result.final_loss_g)
+    # auto: bf16 only on CPUs with bf16 units; emulated bf16 is slower than fp32 elsewhere.
+    assert result.device == "cpu"
+    assert result.precision == ("bf16" if cpu_bf16_fast() else "fp32")
+    assert all(t.device.type == "cpu" for t in result.generator_state.values())
+    assert all(
+        t.dtype == torch.float32 for t in result.generator_state.values() if t.is_floating_point()
+    )
+    assert result.generator_config == ARCHITECTURES[arch].config(
+        num_classes=2, g_channels=CHANNELS[arch], d_channels=CHANNELS[arch]
+    ).to_dict()
+
+
+def test_same_seed_same_weights_and_other_seed_differs(arch: str) -> None:
+    images, labels = _data()
+    a = train_gan(images, labels, _cfg(arch, max_steps=2))
+    b = train_gan(images, labels, _cfg(arch, max_steps=2))
+    c = train_gan(images, labels, _cfg(arch, max_steps=2, seed=1))
+    _assert_states_equal(a.generator_state, b.generator_state)
+    w = FIRST_WEIGHT[arch]
+    assert not torch.equal(a.generator_state[w], c.generator_state[w])
+
+
+def test_cancelled_run_resumes_to_the_uninterrupted_result(arch: str, tmp_path: Path) -> None:
+    images, labels = _data()
+    cfg = _cfg(arch, max_steps=4)
+    reference = train_gan(images, labels, cfg)
+
+    ckpt = tmp_path / "run.safetensors"
+    calls = 0
+
+    def stop_after_two_steps() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 2
+
+    first = train_gan(images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two_steps)
+    assert first.stopped == "cancelled" and first.steps == 2
+    tensors, meta = load_state(ckpt)
+    assert meta["step"] == 2 and meta["kind"] == "train_checkpoint"
+    assert meta["architecture"] == arch
+    assert "rng.torch" in tensors  # noise, labels and augmentation draws
+
+    second = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert second.stopped == "budget"
+    assert second.steps == 4 and second.images_seen == 32
+    _assert_states_equal(reference.generator_state, second.generator_state)
+    assert second.final_loss_d == reference.final_loss_d
+    assert second.final_loss_g == reference.final_loss_g
+    assert second.seconds >= first.seconds
+
+    # A finished checkpoint is not trained further.
+    third = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert third.steps == 4
+    _assert_states_equal(reference.generator_state, third.generator_state)
+
+
+def test_killed_run_resumes_from_its_last_periodic_checkpoint(arch: str, tmp_path: Path) -> None:
+    images, labels = _data()
+    cfg = _cfg(arch, max_steps=4, progress_every_s=0.0)
+    reference = train_gan(images, labels, cfg)
+    ckpt = tmp_path / "run.safetensors"
+
+    def die_at_step_three(p: TrainProgress) -> None:
+        if p.step == 3:
+            raise RuntimeError("worker killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_gan(images, labels, cfg, checkpoint_path=ckpt, on_progress=die_at_step_three)
+    _, meta = load_state(ckpt)
+    assert meta["step"] == 2  # the periodic checkpoint written after step 2
+    resumed = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert resumed.steps == 4
+    _assert_states_equal(reference.generator_state, resumed.generator_state)
+
+
+def test_resumed_time_counts_toward_max_seconds(arch: str, tmp_path: Path) -> None:
+    images, labels = _data()
+    ckpt = tmp_path / "run.safetensors"
+    train_gan(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
+    _, meta = load_state(ckpt)
+    assert meta["seconds"] > 0
+    cfg = _cfg(arch, max_steps=1000, max_seconds=meta["seconds"])  # budget fields may change
+    result = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert result.steps == 2 and result.stopped == "budget"
+    assert result.seconds >= meta["seconds"]
+
+
+def test_checkpoint_of_another_run_is_not_resumed(arch: str, tmp_path: Path) -> None:
+    images, labels = _data()
+    ckpt = tmp_path / "run.safetensors"
+    train_gan(images, labels, _cfg(arch, max_steps=2, seed=5), checkpoint_path=ckpt)
+    fresh = train_gan(images, labels, _cfg(arch, max_steps=2))
+    resumed = train_gan(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
+    _assert_states_equal(fresh.generator_state, resumed.generator_state)
+    _, meta = load_state(ckpt)
+    assert meta["train_config"]["seed"] == 0  # overwritten by the new run
+
+
+def test_time_budget_stops_the_run(arch: str) -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(arch, max_steps=None, max_seconds=0.0))
+    assert result.steps == 0 and result.stopped == "budget"
+    result = train_gan(images, labels, _cfg(arch, max_steps=10_000, max_seconds=0.3))
+    assert 1 <= result.steps < 10_000
+
+
+def test_progress_is_reported_and_final_call_made(arch: str) -> None:
+    images, labels = _data()
+    seen: list[TrainProgress] = []
+    cfg = _cfg(arch, max_steps=3, progress_every_s=0.0)
+    train_gan(images, labels, cfg, on_progress=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 3]
+    last = seen[-1]
+    assert last.total_steps == 3 and last.images_seen == 24
+    assert last.images_per_second > 0 and last.eta_seconds == 0.0
+    seen.clear()
+    cfg = _cfg(arch, max_steps=3, progress_every_s=3600.0)
+    train_gan(images, labels, cfg, on_progress=seen.append)
+    assert [p.step for p in seen] == [3]
+
+
+def test_config_round_trip(arch: str) -> None:
+    cfg = _cfg(arch, max_seconds=12.5)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert isinstance(cfg.generator_config(), ARCHITECTURES[arch].config)
+
+
+def test_generator_file_round_trip_and_sampling(arch: str, tmp_path: Path) -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg(arch, max_steps=2))
+    path = tmp_path / "g.safetensors"
+    # The architecture is recognised from the config when not passed.
+    digest = save_generator(
+        path, result.generator_state, result.generator_config, {"class_names": ["n", "p"]}
+    )
+    _, meta = load_state(path)
+    assert meta["kind"] == "generator" and meta["architecture"] == arch
+    assert meta["config"] == result.generator_config and meta["class_names"] == ["n", "p"]
+
+    g = load_generator(path, digest)
+    assert isinstance(g, ARCHITECTURES[arch].generator) and not g.training
+    _assert_states_equal(result.generator_state, g.state_dict())
+    with pytest.raises(ChecksumMismatch):
+        load_generator(path, "0" * 64)
+
+    a, ya = sample_images(g, {1: 3, 0: 2}, seed=5, batch_size=2, device="cpu")
+    b, _ = sample_images(g, {1: 3, 0: 2}, seed=5, device="cpu")
+    assert a.shape == (5, 64, 64) and a.dtype == np.uint8
+    assert ya.tolist() == [0, 0, 1, 1, 1]
+    assert np.array_equal(a, b) and a.std() > 0
+    assert g.training is False
+
+    with pytest.raises(ValueError, match="must not override"):
+        save_generator(path, result.generator_state, result.generator_config, {"kind": "x"})
+    bad_config = {**result.generator_config, "g_channels": 2 * CHANNELS[arch]}
+    with pytest.raises(ValueError, match="shape"):
+        save_generator(tmp_path / "bad.safetensors", result.generator_state, bad_config)
+    other = next(a for a in ARCHITECTURES if a != arch)
+    with pytest.raises(ValueError, match=r"unexpected|missing|unknown"):
+        save_generator(
+            tmp_path / "bad.safetensors",
+            result.generator_state,
+            result.generator_config,
+            architecture=other,
+        )
+
+
+# ------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_explicit_precision_runs(precision: str) -> None:
+    images, labels = _data()
+    result = train_gan(images, labels, _cfg("dcgan", precision=precision, max_steps=2))
+    assert result.precision == precision and result.steps == 2
+    assert math.isfinite(result.final_loss_d)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_steps": None, "max_seconds": None}, "budget"),
+        ({"architecture": "stylegan2"}, "unknown architecture"),
+        ({"resolution": 96}, "resolution"),
+        ({"class_names": []}, "class_names"),
+        ({"precision": "fp8"}, "precision"),
+        ({"device": "tpu"}, "device"),
+        ({"augment": "flip"}, "unknown augmentation"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+    ],
+)
+def test_config_validation(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _cfg(**overrides)
+
+
+def test_architecture_defaults_are_resolved_and_recorded() -> None:
+    dc = TrainConfig(class_names=["a"], max_steps=1)
+    assert (dc.architecture, dc.g_channels, dc.d_channels, dc.augment, dc.ema_decay) == (
+        "dcgan",
+        64,
+        64,
+        "none",
+        0.0,
+    )
+    assert dc.class_power == 0.0
+    pg = TrainConfig(architecture="projgan", class_names=["a"], max_steps=1)
+    assert (pg.g_channels, pg.d_channels, pg.augment, pg.ema_decay, pg.class_power) == (
+        32,
+        64,
+        "color,translation,cutout",
+        0.999,
+        0.5,
+    )
+    assert TrainConfig.from_dict(pg.to_dict()) == pg
+    assert isinstance(pg.generator_config(), projgan.ProjGANConfig)
+    assert isinstance(dc.generator_config(), dcgan.DCGANConfig)
+
+
+def test_data_validation() -> None:
+    images, labels = _data()
+    with pytest.raises(ValueError, match="resolution"):
+        train_gan(images[:, :32, :32], labels, _cfg())
+    with pytest.raises(ValueError, match="uint8"):
+        train_gan(images.astype(np.float32), labels, _cfg())
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
+        train_gan(images, labels + 1, _cfg())
+    with pytest.raises(ValueError, match="without any training image"):
+        train_gan(images, np.zeros_like(labels), _cfg())
+
+
+def test_old_checkpoint_without_the_new_fields_still_resumes(tmp_path: Path) -> None:
+    """A dcgan checkpoint written before augment/ema_decay existed is resumed, not discarded."""
+    images, labels = _data()
+    cfg = _cfg("dcgan", max_steps=2)
+    ckpt = tmp_path / "run.safetensors"
+    train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    tensors, meta = load_state(ckpt)
+    for key in ("augment", "ema_decay"):
+        del meta["train_config"][key]
+    save_state(ckpt, tensors, meta)
+    resumed = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    assert resumed.steps == 2  # nothing left to train: it was resumed
+
+
+# ------------------------------------------------------- particular to one architecture
+
+
+def test_dcgan_real_batches_are_class_balanced() -> None:
+    images, labels = _data()  # 20 images of class 0, 4 of class 1
+    trainer = _Trainer(images, labels, _cfg("dcgan", batch_size=64), torch.device("cpu"), "fp32")
+    drawn = [trainer._real_batch() for _ in range(20)]
+    ys = torch.cat([y for _, y in drawn])
+    assert 0.4 < ys.float().mean().item() < 0.6
+    xs = torch.cat([x for x, _ in drawn])  # (B, 1, R, R) scaled to [-1, 1]
+    assert xs.min() >= -1.0 and xs.max() <= 1.0
+    # Each drawn image really belongs to the drawn class.
+    class_one = {images[i].tobytes() for i in np.flatnonzero(labels == 1)}
+    for x, y in zip(xs[:64], ys[:64], strict=True):
+        pixels = ((x[0] + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
+        assert (pixels in class_one) == bool(y == 1)
+
+
+def test_projgan_class_power_tempers_how_often_each_class_is_drawn() -> None:
+    images, labels = _data(n=104)  # 100 images of class 0, 4 of class 1
+    cfg = _cfg(batch_size=64, class_power=0.5)
+    trainer = _Trainer(images, labels, cfg, torch.device("cpu"), "fp32")
+    expected = 2 / (10 + 2)  # sqrt(4) / (sqrt(100) + sqrt(4))
+    assert trainer.class_probs[1] == pytest.approx(expected)
+    real = torch.cat([trainer._real_batch()[1] for _ in range(20)]).float().mean().item()
+    fake = torch.cat([trainer._noise()[1] for _ in range(20)]).float().mean().item()
+    assert abs(real - expected) < 0.04 and abs(fake - expected) < 0.04
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_projgan_returns_the_ema_generator(resolution: int) -> None:
+    images, labels = _data(resolution=resolution)
+    result = train_gan(images, labels, _cfg(resolution=resolution))
+    no_ema = train_gan(images, labels, _cfg(resolution=resolution, ema_decay=0.0))
+    # Same training, but the returned weights are the average, not the last iterate.
+    assert no_ema.final_loss_d == result.final_loss_d
+    assert not torch.equal(
+        result.generator_state["seed.weight"], no_ema.generator_state["seed.weight"]
+    )
+
+
+def test_projgan_checkpoint_keeps_the_ema_and_uses_augmentation(tmp_path: Path) -> None:
+    images, labels = _data()
+    ckpt = tmp_path / "run.safetensors"
+    a = train_gan(images, labels, _cfg(max_steps=2), checkpoint_path=ckpt)
+    tensors, _ = load_state(ckpt)
+    assert any(k.startswith("G_ema.") for k in tensors)  # the EMA generator is saved
+    d = train_gan(images, labels, _cfg(max_steps=2, augment="none"))  # augmentation is used
+    assert not torch.equal(a.generator_state["seed.weight"], d.generator_state["seed.weight"])
