@@ -18,6 +18,7 @@ from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
 from synthray.app.db import engine_for
 from synthray.app.errors import install_handlers
+from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
 from synthray.app.imagechecks.router import router as imagechecks_router
 from synthray.app.jobs import broker
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batches_router,
         exports_router,
         imagechecks_router,
+        evaluations_router,
         audit_router,
     ):
         v1.include_router(r)

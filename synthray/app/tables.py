@@ -5,6 +5,7 @@ from synthray.app.auth.tables import ApiKey
 from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
 from synthray.app.db import Base
+from synthray.app.evaluations.tables import Evaluation
 from synthray.app.exports.tables import Export
 from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs.tables import Job
@@ -17,6 +18,7 @@ __all__ = [
     "Dataset",
     "DatasetImage",
     "DatasetVersion",
+    "Evaluation",
     "Export",
     "ImageCheck",
     "Job",

@@ -310,10 +310,21 @@ def train(
     seed: int = 0,
     architecture: Annotated[str, typer.Option(help="projgan (default) or dcgan.")] = "projgan",
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
+    classes: Annotated[
+        str | None, typer.Option(help="Comma list: train on these classes only.")
+    ] = None,
+    imbalance: Annotated[
+        str | None,
+        typer.Option(
+            help="Induce imbalance, e.g. 'virus=0.1,normal=0.5': keep that fraction of the "
+            "class's training images (whole patients)."
+        ),
+    ] = None,
+    evaluate: Annotated[bool, typer.Option(help="Measure FID/KID/precision/recall.")] = True,
     wait: bool = True,
 ) -> None:
     """Train a generator; it is registered as a new model version when it finishes."""
-    body = {
+    body: dict[str, Any] = {
         "dataset": dataset,
         "model_name": model_name,
         "max_seconds": max_seconds,
@@ -323,8 +334,103 @@ def train(
         "seed": seed,
         "architecture": architecture,
         "precision": precision,
+        "evaluate": evaluate,
     }
+    if classes:
+        body["classes"] = [x.strip() for x in classes.split(",") if x.strip()]
+    if imbalance:
+        body["imbalance"] = _fractions(imbalance)
     _submit(c, "/train", body, wait, "train")
+
+
+def _fractions(text: str) -> dict[str, float]:
+    """'virus=0.1,normal=0.5' -> {'virus': 0.1, 'normal': 0.5}."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            err.print(f"[red]error:[/red] expected CLASS=FRACTION, got {part.strip()!r}")
+            raise typer.Exit(2) from None
+    return out
+
+
+@api_command(app)
+def evaluate(
+    c: Client,
+    model: str,
+    version: Annotated[int | None, typer.Option(help="Latest if omitted.")] = None,
+    seeds: Annotated[int, typer.Option(help="Repeats of every arm.")] = 3,
+    steps: Annotated[int, typer.Option(help="Classifier steps, the same for every arm.")] = 300,
+    batch_size: int = 64,
+    width: Annotated[int, typer.Option(help="Channels of the classifier's first stage.")] = 16,
+    arms: Annotated[
+        str | None,
+        typer.Option(help="Comma list of DS1,DS2,DS3,TSTR,AUG,DS2+AUG,DS2-even,PRE (all)."),
+    ] = None,
+    test_dataset: Annotated[
+        str | None, typer.Option(help="Score on this dataset instead of the held-out patients.")
+    ] = None,
+    synthesis_seed: int = 0,
+    dest: Annotated[
+        Path | None, typer.Option(help="Write evaluation-ID.csv and evaluation-ID.png here.")
+    ] = None,
+    wait: bool = True,
+) -> None:
+    """Does the generator's output help a classifier? Trains the same classifier on each
+    arm (real, real+synthetic, undersampled, synthetic only, ...) and scores it on real
+    images of unseen patients."""
+    body: dict[str, Any] = {
+        "model": model,
+        "version": version,
+        "seeds": seeds,
+        "steps": steps,
+        "batch_size": batch_size,
+        "width": width,
+        "test_dataset": test_dataset,
+        "synthesis_seed": synthesis_seed,
+    }
+    if arms:
+        body["arms"] = [a.strip() for a in arms.split(",") if a.strip()]
+    acc = c.post("/evaluations", body)
+    if not wait:
+        _print(acc)
+        return
+    job = c.wait(acc["job_id"], err, "evaluate")
+    if job["state"] != "succeeded":
+        _job_failed(job)
+    eid = acc["evaluation_id"]
+    evaluation = c.get(f"/evaluations/{eid}")
+    table = Table(title=f"evaluation {eid}: {evaluation['summary']['seeds']} seed(s)")
+    for col in ("arm", "balanced accuracy", "accuracy", "macro AUROC", "vs DS1 (bal. acc.)"):
+        table.add_column(col)
+    for arm, fig in evaluation["summary"]["arms"].items():
+        table.add_row(
+            arm,
+            _interval(fig["balanced_accuracy"]),
+            _interval(fig["accuracy"]),
+            _interval(fig["macro_auroc"]),
+            _interval(fig["vs_ds1"].get("balanced_accuracy"), signed=True),
+        )
+    out.print(table)
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        _download(c, f"/evaluations/{eid}/result.csv", dest / f"evaluation-{eid}.csv")
+        _download(c, f"/evaluations/{eid}/chart.png", dest / f"evaluation-{eid}.png")
+
+
+def _interval(fig: dict[str, Any] | None, signed: bool = False) -> str:
+    """'0.712 [0.690, 0.734]' (no interval with one seed)."""
+    if not fig:
+        return ""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    text = fmt.format(fig["mean"])
+    if fig.get("low") is not None and fig.get("high") is not None:
+        text += f" [{fmt.format(fig['low'])}, {fmt.format(fig['high'])}]"
+    return text
 
 
 @api_command(app)

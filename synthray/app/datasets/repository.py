@@ -70,3 +70,19 @@ def add_images(session: Session, rows: Sequence[dict[str, object]]) -> None:
 def image_rows(session: Session, version_id: int) -> list[DatasetImage]:
     stmt = select(DatasetImage).where(DatasetImage.version_id == version_id)
     return list(session.scalars(stmt.order_by(DatasetImage.idx)))
+
+
+def shared_patients(session: Session, train_version_id: int, other_version_id: int) -> int:
+    """How many pseudonymous patients of the first version's training split have any
+    image in the second version."""
+    train = (
+        select(DatasetImage.patient_key)
+        .where(DatasetImage.version_id == train_version_id, DatasetImage.split == "train")
+        .distinct()
+    )
+    other = (
+        select(DatasetImage.patient_key)
+        .where(DatasetImage.version_id == other_version_id)
+        .distinct()
+    )
+    return len(set(session.scalars(train).all()) & set(session.scalars(other).all()))

@@ -189,3 +189,68 @@ def patient_keys(session: Session, version_id: int, positions: np.ndarray) -> np
     rows = repository.image_rows(session, version_id)
     keys = np.array([r.patient_key for r in rows], dtype=object)
     return keys[np.asarray(positions, dtype=np.int64)]
+
+
+def shared_patients(session: Session, train_version_id: int, other_version_id: int) -> int:
+    """Pseudonymous patients of the first version's training split found anywhere in the
+    second version (the same patient has the same key under one site secret)."""
+    return repository.shared_patients(session, train_version_id, other_version_id)
+
+
+def keep_fraction_by_patient(
+    labels: np.ndarray, keys: np.ndarray, fractions: dict[int, float], seed: int
+) -> np.ndarray:
+    """(N,) bool: which images stay when only ``fractions[c]`` of class c's images are kept,
+    taking whole patients in a seeded random order until that many images are kept (at
+    least one). A patient's images of other classes are not affected."""
+    keep = np.ones(len(labels), dtype=bool)
+    for c, fraction in sorted(fractions.items()):
+        in_class = np.flatnonzero(labels == c)
+        if fraction >= 1.0 or len(in_class) == 0:
+            continue
+        target = max(1, round(fraction * len(in_class)))
+        patients = sorted(set(keys[in_class].tolist()))
+        order = np.random.default_rng([seed, c]).permutation(len(patients))
+        kept = 0
+        chosen: set[str] = set()
+        for i in order:
+            if kept >= target:
+                break
+            chosen.add(patients[i])
+            kept += int(np.sum(keys[in_class] == patients[i]))
+        keep[in_class] = np.isin(keys[in_class], list(chosen))
+    return keep
+
+
+@dataclass
+class TrainingSet:
+    """The real images a generator trains on: its classes of the training split, less
+    any induced imbalance. Labels index ``classes``."""
+
+    classes: list[str]
+    images: np.ndarray  # (N, R, R) uint8
+    labels: np.ndarray  # (N,) int64
+    positions: np.ndarray  # (N,) positions in the dataset version
+
+
+def training_set(
+    session: Session,
+    split: SplitArrays,
+    version_id: int,
+    classes: list[str],
+    imbalance: dict[str, float] | None = None,
+    imbalance_seed: int = 0,
+) -> TrainingSet:
+    """The training images of ``classes`` (in the version's class order), with
+    ``imbalance`` (class name -> fraction of its images kept, by patient) applied."""
+    keep = [split.classes.index(c) for c in classes]
+    remap = {old: new for new, old in enumerate(keep)}
+    mask = np.isin(split.train_labels, keep)
+    labels = np.array([remap[int(v)] for v in split.train_labels[mask]], dtype=np.int64)
+    images, positions = split.train_images[mask], split.train_index[mask]
+    if imbalance:
+        keys = patient_keys(session, version_id, positions)
+        fractions = {classes.index(c): float(f) for c, f in imbalance.items()}
+        sub = keep_fraction_by_patient(labels, keys, fractions, imbalance_seed)
+        images, labels, positions = images[sub], labels[sub], positions[sub]
+    return TrainingSet(list(classes), images, labels, positions)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,11 @@ def write_bundle(
     classes: list[str],
     report: dict[str, Any],
     provenance: dict[str, Any],
+    utility: Utility | None = None,
 ) -> dict[str, Any]:
-    """Write the zip to ``out``; returns the manifest. Only ``keep`` images go in."""
+    """Write the zip to ``out``; returns the manifest. Only ``keep`` images go in. With
+    ``utility`` (the generator's latest utility evaluation), its table goes into the
+    README and its result, CSV and chart under ``utility/``."""
     files: list[dict[str, Any]] = []
     exported = {c: 0 for c in classes}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
@@ -109,12 +113,76 @@ def write_bundle(
             "removed_by_memorization_gate": int((~keep).sum()),
             "provenance": provenance,
             "memorization": report["summary"] | {"threshold": report["calibration"]["threshold"]},
+            "utility_evaluation_id": utility.evaluation_id if utility else None,
             "files": files,
         }
+        if utility is not None:
+            for name, data in (
+                ("utility/evaluation.json", json.dumps(utility.result, indent=1).encode()),
+                ("utility/evaluation.csv", utility.csv),
+                ("utility/chart.png", utility.chart_png),
+            ):
+                zf.writestr(name, data)
+                files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest()})
         zf.writestr("manifest.json", json.dumps(manifest, indent=1))
         zf.writestr("memorization_report.json", json.dumps(report, indent=1))
-        zf.writestr("README.txt", README)
+        zf.writestr("README.txt", README + utility_section(utility))
     return manifest
+
+
+@dataclass(frozen=True)
+class Utility:
+    """A finished utility evaluation of the generator, as stored."""
+
+    evaluation_id: int
+    result: dict[str, Any]
+    csv: bytes
+    chart_png: bytes
+
+
+def _interval(fig: dict[str, Any] | None, signed: bool = False) -> str:
+    if not fig:
+        return "-"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    text = fmt.format(fig["mean"])
+    if fig.get("low") is not None and fig.get("high") is not None:
+        text += f" [{fmt.format(fig['low'])}, {fmt.format(fig['high'])}]"
+    return text
+
+
+def utility_section(utility: Utility | None) -> str:
+    """The README's account of what the images are good for, as measured."""
+    if utility is None:
+        return (
+            "\nUtility: no utility evaluation of this generator version has been run, so\n"
+            "nothing here says whether these images help a classifier.\n"
+        )
+    r = utility.result
+    lineage = r.get("lineage", {})
+    rows = [
+        f"{'arm':10} {'balanced accuracy':28} {'accuracy':28} {'vs DS1 (bal. acc.)':28}",
+    ]
+    for arm in r["arms"]:
+        fig = r["summary"][arm]
+        rows.append(
+            f"{arm:10} {_interval(fig['balanced_accuracy']):28} "
+            f"{_interval(fig['accuracy']):28} "
+            f"{_interval(r['vs_ds1'].get(arm, {}).get('balanced_accuracy'), signed=True):28}"
+        )
+    seeds = len(r["seeds"])
+    return (
+        f"\nUtility (evaluation {utility.evaluation_id}; utility/chart.png, "
+        "utility/evaluation.csv)\n"
+        f"A small classifier trained {r['config']['steps']} steps on each arm, "
+        f"{seeds} seed{'s' if seeds != 1 else ''} "
+        f"(mean [95% interval over seeds]{'' if seeds > 1 else '; one seed: no interval'}), "
+        f"scored on {r['test_images']} real images of unseen patients "
+        f"({lineage.get('test_set', 'held-out patients')}).\n"
+        "DS1 real as it is; DS2 real + synthetic up to the largest class; DS3 real "
+        "undersampled;\nTSTR synthetic only; AUG classic augmentation; DS2-even synthetic "
+        "in every class in the same\nproportion; PRE synthetic pre-training, then real "
+        "fine-tuning.\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 README = """SynthRay synthetic export

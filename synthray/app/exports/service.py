@@ -9,6 +9,7 @@ reviewer approved it, and every attempt, refused or not, is audited.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,7 @@ from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets import service as datasets
 from synthray.app.db import utcnow
 from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from synthray.app.evaluations import service as evaluations
 from synthray.app.exports import bundle, repository
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead, ExportState
 from synthray.app.exports.tables import Export
@@ -104,6 +106,7 @@ def build(ctx: JobContext) -> dict[str, object]:
             "architecture": mv.architecture,
             "dataset_version_sha256": datasets.content_sha256(session, mv.dataset_version_id),
         }
+        utility = _utility(session, ctx.blobs, mv.id)
     try:
         arrays = ctx.blobs.get_arrays(images_blob)
     except (BlobCorrupt, BlobNotFound) as exc:
@@ -124,6 +127,7 @@ def build(ctx: JobContext) -> dict[str, object]:
             classes=classes,
             report=report,
             provenance=provenance,
+            utility=utility,
         )
         sha, size = ctx.blobs.put_file(Path(tmp))
     finally:
@@ -220,3 +224,16 @@ def open_download(
         {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes},
     )
     return path, e
+
+
+def _utility(session: Session, blobs: BlobStore, model_version_id: int) -> bundle.Utility | None:
+    """The generator version's latest finished utility evaluation, for the bundle."""
+    e = evaluations.latest_done(session, model_version_id)
+    if e is None:
+        return None
+    return bundle.Utility(
+        evaluation_id=e.id,
+        result=json.loads(evaluations.artefact(session, blobs, e.id, "result")),
+        csv=evaluations.artefact(session, blobs, e.id, "csv"),
+        chart_png=evaluations.artefact(session, blobs, e.id, "chart"),
+    )

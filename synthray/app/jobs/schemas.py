@@ -25,6 +25,7 @@ class JobKind(StrEnum):
     check = "check"
     export = "export"
     imagecheck = "imagecheck"
+    evaluate = "evaluate"
 
 
 # Training and synthesis need the accelerator; everything else runs on CPU workers.
@@ -35,6 +36,7 @@ QUEUE_OF = {
     JobKind.check: "cpu",
     JobKind.export: "cpu",
     JobKind.imagecheck: "cpu",
+    JobKind.evaluate: "gpu",  # trains classifiers and samples the generator
 }
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +38,14 @@ class TrainRequest(BaseModel):
     classes: list[str] | None = Field(
         None, description="Train on these classes of the dataset only (all if omitted)."
     )
+    imbalance: dict[str, Annotated[float, Field(gt=0, le=1)]] | None = Field(
+        None,
+        max_length=64,
+        description="Induce imbalance: keep only this fraction of each named class's "
+        "training images, taking whole patients (e.g. {\"virus\": 0.1}). Utility "
+        "evaluations of the generator use exactly the same real images.",
+    )
+    imbalance_seed: int = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _budget(self) -> TrainRequest:

@@ -50,6 +50,13 @@ def request_training(
                 field="classes",
             )
         classes = [c for c in classes if c in set(req.classes)]
+    if req.imbalance:
+        unknown = sorted(set(req.imbalance) - set(classes))
+        if unknown:
+            raise Invalid(
+                f"imbalance names classes the model is not trained on: {unknown}",
+                field="imbalance",
+            )
     params = req.model_dump() | {"dataset_version_id": dv.id, "classes": classes}
     job = jobs.create(session, settings, JobKind.train, params, created_by)
     return TrainAccepted(job_id=job.id, model_name=req.model_name, dataset_version_id=dv.id)

@@ -15,7 +15,15 @@ from typing import Any
 
 from synthray.app.jobs.context import JobContext
 from synthray.app.jobs.schemas import JobKind
-from synthray.workers.jobs import check, export, imagecheck, ingest, synthesize, train
+from synthray.workers.jobs import (
+    check,
+    evaluate,
+    export,
+    imagecheck,
+    ingest,
+    synthesize,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -31,4 +39,5 @@ HANDLERS: dict[str, Handler] = {
     JobKind.check: Handler(check.run, check.on_failure),
     JobKind.imagecheck: Handler(imagecheck.run, imagecheck.on_failure),
     JobKind.export: Handler(export.run, export.on_failure),
+    JobKind.evaluate: Handler(evaluate.run, evaluate.on_failure),
 }

@@ -53,6 +53,28 @@ def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) ->
     return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha), sha
 
 
+def flagged(
+    ctx: JobContext, images: np.ndarray, split: SplitArrays, dataset_version_id: int
+) -> tuple[np.ndarray, str]:
+    """(N,) bool: which of ``images`` the gate flags against ``split`` (the same policy
+    and spaces as a batch check, without the per-image evidence), and the embedding's
+    sha256."""
+    from synthray.models.gate.memorization import check_memorization
+
+    embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
+    figures = check_memorization(
+        images,
+        split.train_images,
+        split.holdout_images,
+        quantile=ctx.settings.memorization_quantile,
+        embedder=embedder,
+        k=1,
+        with_ssim=False,
+        batch_figures=False,
+    )
+    return figures.flagged, embedder_sha
+
+
 def check(
     ctx: JobContext,
     images: np.ndarray,

@@ -54,12 +54,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
             return {"model_version_id": done.id, "version": done.version}
         split = datasets.load_split(s, ctx.blobs, dataset_version_id, int(p["resolution"]))
         dataset_sha = datasets.content_sha256(s, dataset_version_id)
-    classes = list(p.get("classes") or split.classes)
-    keep = [split.classes.index(c) for c in classes]
-    remap = {old: new for new, old in enumerate(keep)}
-    mask = np.isin(split.train_labels, keep)
-    train_images = split.train_images[mask]
-    train_labels = np.array([remap[int(v)] for v in split.train_labels[mask]], dtype=np.int64)
+        classes = list(p.get("classes") or split.classes)
+        real = datasets.training_set(
+            s,
+            split,
+            dataset_version_id,
+            classes,
+            p.get("imbalance"),
+            int(p.get("imbalance_seed", 0)),
+        )
+    train_images, train_labels = real.images, real.labels
     cfg = TrainConfig(
         architecture=p["architecture"],
         resolution=int(p["resolution"]),
@@ -147,7 +151,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
             dataset_version_id=dataset_version_id,
             dataset_sha256=dataset_sha,
             architecture=p["architecture"],
-            config={"train": cfg.to_dict(), "generator": result.generator_config},
+            config={
+                "train": cfg.to_dict(),
+                "generator": result.generator_config,
+                # The real images it saw, so utility evaluations use exactly the same.
+                "data": {
+                    "imbalance": p.get("imbalance"),
+                    "imbalance_seed": int(p.get("imbalance_seed", 0)),
+                    "train_images_per_class": [
+                        int(n) for n in np.bincount(train_labels, minlength=len(classes))
+                    ],
+                },
+            },
             classes=classes,
             train_job_id=ctx.job_id,
             metrics=metrics,

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The utility tables of the README, through the product itself: a fresh embedded
+# deployment (SQLite, serverless broker, one worker), the reference data ingested by the
+# CLI, a generator trained for TRAIN_SECONDS, then `synthray evaluate`.
+#
+#   scripts/experiments/utility_study.sh kermany-imb   # viral class cut to 10% of its patients
+#   scripts/experiments/utility_study.sh kermany       # the three classes as they are
+#   scripts/experiments/utility_study.sh nih           # the seed study's five NIH classes
+#
+# Settings (environment): DATA (default ../shared/data), TRAIN_SECONDS (300), RESOLUTION
+# (64), SEEDS (3), STEPS (300). Output: var/study-<set>-<time>/ with the evaluation's CSV
+# and chart, the worker and API logs, and summary.txt (the printed table).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SET=${1:?usage: utility_study.sh kermany-imb|kermany|nih}
+DATA=$(cd "${DATA:-../shared/data}" && pwd)
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+RESOLUTION=${RESOLUTION:-64}
+SEEDS=${SEEDS:-3}
+STEPS=${STEPS:-300}
+OUT=var/study-$SET-$RESOLUTION-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SR=.venv/bin/synthray
+export SYNTHRAY_DEV_MODE=true SYNTHRAY_DATA_DIR="$OUT/state" SYNTHRAY_IMPORT_ROOT="$DATA"
+unset SYNTHRAY_DATABASE_URL SYNTHRAY_BROKER_URL
+PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export SYNTHRAY_URL=http://127.0.0.1:$PORT
+SYNTHRAY_API_KEY=$($SR keys create --role admin --name study 2>/dev/null | tail -n 1)
+export SYNTHRAY_API_KEY
+$SR serve --port "$PORT" > "$OUT/api.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+for _ in $(seq 1 60); do curl -fs "$SYNTHRAY_URL/healthz" > /dev/null && break; sleep 1; done
+T0=$(date +%s)
+log() { printf '[study %s +%ss] %s\n' "$SET" "$(( $(date +%s) - T0 ))" "$*" | tee -a "$OUT/summary.txt"; }
+
+RES_LIST=64
+[ "$RESOLUTION" != 64 ] && RES_LIST="64,$RESOLUTION"
+IMBALANCE=()
+case "$SET" in
+    kermany|kermany-imb)
+        log "ingest Kermany (normal, bacteria, virus) at $RES_LIST px"
+        $SR ingest kermany --source kermany-224 --classes normal,bacteria,virus \
+            --label-column subtype --patient-column patient_key --resolutions "$RES_LIST" \
+            > "$OUT/ingest.json"
+        DATASET=kermany
+        [ "$SET" = kermany-imb ] && IMBALANCE=(--imbalance virus=0.1)
+        ;;
+    nih)
+        log "ingest NIH ChestX-ray14 (the seed study's five classes) at 64 px"
+        $SR ingest nih --source nih-cxr14-64 \
+            --classes Normal,Cardiomegaly,Effusion,Edema,Pneumothorax \
+            --label-column "Finding Labels" --label-separator "|" \
+            --label-map '{"No Finding": "Normal"}' --patient-column "Patient ID" \
+            > "$OUT/ingest.json"
+        DATASET=nih
+        ;;
+    *) echo "unknown set $SET" >&2; exit 2 ;;
+esac
+log "train projgan for ${TRAIN_SECONDS}s at ${RESOLUTION}px ${IMBALANCE[*]:-}"
+$SR train "$DATASET" --model-name "$SET" --max-seconds "$TRAIN_SECONDS" \
+    --resolution "$RESOLUTION" "${IMBALANCE[@]}" > "$OUT/train.json"
+log "evaluate: $SEEDS seeds, $STEPS classifier steps per arm"
+$SR evaluate "$SET" --seeds "$SEEDS" --steps "$STEPS" --dest "$OUT" | tee -a "$OUT/summary.txt"
+log "done; $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
