@@ -21,7 +21,7 @@ demo: venv
 	$(BIN)/synthray demo
 
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 # The inner loop: SQLite only, no worker processes, no whole-reference-set acceptance runs.
 test-fast: venv
