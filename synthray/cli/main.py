@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from synthray.app.evaluations.schemas import format_interval
 from synthray.cli.client import ApiError, Client
 
 app = typer.Typer(help="SynthRay: privacy-gated synthetic chest radiographs.", no_args_is_help=True)
@@ -410,27 +411,16 @@ def evaluate(
     for arm, fig in evaluation["summary"]["arms"].items():
         table.add_row(
             arm,
-            _interval(fig["balanced_accuracy"]),
-            _interval(fig["accuracy"]),
-            _interval(fig["macro_auroc"]),
-            _interval(fig["vs_ds1"].get("balanced_accuracy"), signed=True),
+            format_interval(fig["balanced_accuracy"]),
+            format_interval(fig["accuracy"]),
+            format_interval(fig["macro_auroc"]),
+            format_interval(fig["vs_ds1"].get("balanced_accuracy"), signed=True),
         )
     out.print(table)
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         _download(c, f"/evaluations/{eid}/result.csv", dest / f"evaluation-{eid}.csv")
         _download(c, f"/evaluations/{eid}/chart.png", dest / f"evaluation-{eid}.png")
-
-
-def _interval(fig: dict[str, Any] | None, signed: bool = False) -> str:
-    """'0.712 [0.690, 0.734]' (no interval with one seed)."""
-    if not fig:
-        return ""
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    text = fmt.format(fig["mean"])
-    if fig.get("low") is not None and fig.get("high") is not None:
-        text += f" [{fmt.format(fig['low'])}, {fmt.format(fig['high'])}]"
-    return text
 
 
 @api_command(app)

@@ -78,3 +78,15 @@ class EvaluationRead(BaseModel):
     code_version: str
     job_id: str | None
     created_at: datetime
+
+
+def format_interval(fig: dict[str, Any] | None, signed: bool = False) -> str:
+    """A summary figure as text: '0.712 [0.690, 0.734]', without the interval when there is
+    none (one seed), '-' when there is no figure."""
+    if not fig:
+        return "-"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    text = fmt.format(fig["mean"])
+    if fig.get("low") is not None and fig.get("high") is not None:
+        text += f" [{fmt.format(fig['low'])}, {fmt.format(fig['high'])}]"
+    return text

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from synthray import code_version
+from synthray.app.evaluations.schemas import format_interval
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -140,16 +141,6 @@ class Utility:
     chart_png: bytes
 
 
-def _interval(fig: dict[str, Any] | None, signed: bool = False) -> str:
-    if not fig:
-        return "-"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    text = fmt.format(fig["mean"])
-    if fig.get("low") is not None and fig.get("high") is not None:
-        text += f" [{fmt.format(fig['low'])}, {fmt.format(fig['high'])}]"
-    return text
-
-
 def utility_section(utility: Utility | None) -> str:
     """The README's account of what the images are good for, as measured."""
     if utility is None:
@@ -165,9 +156,9 @@ def utility_section(utility: Utility | None) -> str:
     for arm in r["arms"]:
         fig = r["summary"][arm]
         rows.append(
-            f"{arm:10} {_interval(fig['balanced_accuracy']):28} "
-            f"{_interval(fig['accuracy']):28} "
-            f"{_interval(r['vs_ds1'].get(arm, {}).get('balanced_accuracy'), signed=True):28}"
+            f"{arm:10} {format_interval(fig['balanced_accuracy']):28} "
+            f"{format_interval(fig['accuracy']):28} "
+            f"{format_interval(r['vs_ds1'].get(arm, {}).get('balanced_accuracy'), signed=True):28}"
         )
     seeds = len(r["seeds"])
     return (
