@@ -348,12 +348,10 @@ def _fractions(text: str) -> dict[str, float]:
     """'virus=0.1,normal=0.5' -> {'virus': 0.1, 'normal': 0.5}."""
     out: dict[str, float] = {}
     for part in text.split(","):
-        name, sep, value = part.partition("=")
+        name, _, value = part.partition("=")
         try:
             out[name.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
             err.print(f"[red]error:[/red] expected CLASS=FRACTION, got {part.strip()!r}")
             raise typer.Exit(2) from None
     return out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,15 +212,26 @@ def keep_fraction_by_patient(
         target = max(1, round(fraction * len(in_class)))
         patients = sorted(set(keys[in_class].tolist()))
         order = np.random.default_rng([seed, c]).permutation(len(patients))
+        per_patient = Counter(keys[in_class].tolist())
         kept = 0
         chosen: set[str] = set()
         for i in order:
             if kept >= target:
                 break
             chosen.add(patients[i])
-            kept += int(np.sum(keys[in_class] == patients[i]))
+            kept += per_patient[patients[i]]
         keep[in_class] = np.isin(keys[in_class], list(chosen))
     return keep
+
+
+def select_classes(
+    labels: np.ndarray, names: list[str], classes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which images (labels index ``names``) belong to ``classes``, and their labels
+    re-indexed to ``classes``: (mask (N,) bool, labels (mask.sum(),) int64)."""
+    index = {names.index(c): i for i, c in enumerate(classes)}
+    mask = np.isin(labels, list(index))
+    return mask, np.array([index[int(v)] for v in labels[mask]], dtype=np.int64)
 
 
 @dataclass
@@ -243,10 +255,7 @@ def training_set(
 ) -> TrainingSet:
     """The training images of ``classes`` (in the version's class order), with
     ``imbalance`` (class name -> fraction of its images kept, by patient) applied."""
-    keep = [split.classes.index(c) for c in classes]
-    remap = {old: new for new, old in enumerate(keep)}
-    mask = np.isin(split.train_labels, keep)
-    labels = np.array([remap[int(v)] for v in split.train_labels[mask]], dtype=np.int64)
+    mask, labels = select_classes(split.train_labels, split.classes, classes)
     images, positions = split.train_images[mask], split.train_index[mask]
     if imbalance:
         keys = patient_keys(session, version_id, positions)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from synthray.app.evaluations.schemas import EvaluationState
 from synthray.app.evaluations.tables import Evaluation
 
 
@@ -25,3 +26,14 @@ def for_version(session: Session, model_version_id: int) -> Sequence[Evaluation]
         .order_by(Evaluation.id.desc())
     ).all()
 
+
+def latest_done(session: Session, model_version_id: int) -> Evaluation | None:
+    return session.scalars(
+        select(Evaluation)
+        .where(
+            Evaluation.model_version_id == model_version_id,
+            Evaluation.state == EvaluationState.done,
+        )
+        .order_by(Evaluation.id.desc())
+        .limit(1)
+    ).first()

@@ -108,8 +108,7 @@ def for_version(session: Session, model_version_id: int) -> Sequence[Evaluation]
 
 def latest_done(session: Session, model_version_id: int) -> Evaluation | None:
     """The newest finished evaluation of a generator version (for bundles)."""
-    done = [e for e in for_version(session, model_version_id) if e.state == EvaluationState.done]
-    return done[0] if done else None
+    return repository.latest_done(session, model_version_id)
 
 
 def start(session: Session, evaluation_id: int) -> Evaluation | None:

@@ -53,25 +53,41 @@ def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) ->
     return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha), sha
 
 
-def flagged(
-    ctx: JobContext, images: np.ndarray, split: SplitArrays, dataset_version_id: int
-) -> tuple[np.ndarray, str]:
-    """(N,) bool: which of ``images`` the gate flags against ``split`` (the same policy
-    and spaces as a batch check, without the per-image evidence), and the embedding's
-    sha256."""
+def _figures(
+    ctx: JobContext,
+    images: np.ndarray,
+    split: SplitArrays,
+    dataset_version_id: int,
+    *,
+    evidence: bool,
+) -> tuple[Any, str]:
+    """The two-space check of ``images`` against every training image of ``split``, with
+    the site's policy; ``evidence`` adds three neighbours, SSIM and the batch figures.
+    Returns the check's figures and the copy-detection embedding's sha256."""
     from synthray.models.gate.memorization import check_memorization
 
     embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
+    ctx.progress(0, len(images), "searching nearest training images (exact)")
     figures = check_memorization(
         images,
         split.train_images,
         split.holdout_images,
         quantile=ctx.settings.memorization_quantile,
         embedder=embedder,
-        k=1,
-        with_ssim=False,
-        batch_figures=False,
+        k=3 if evidence else 1,
+        with_ssim=evidence,
+        batch_figures=evidence,
     )
+    return figures, embedder_sha
+
+
+def flagged(
+    ctx: JobContext, images: np.ndarray, split: SplitArrays, dataset_version_id: int
+) -> tuple[np.ndarray, str]:
+    """(N,) bool: which of ``images`` the gate flags against ``split`` (the same policy
+    and spaces as a batch check, without the per-image evidence), and the embedding's
+    sha256."""
+    figures, embedder_sha = _figures(ctx, images, split, dataset_version_id, evidence=False)
     return figures.flagged, embedder_sha
 
 
@@ -89,26 +105,14 @@ def check(
 ) -> tuple[GateReport, str]:
     """Check ``images`` (labels index ``classes``) against every training image of
     ``split``: the report and the reviewer's evidence page."""
-    from synthray.models.gate.memorization import check_memorization
-
-    embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
-    ctx.progress(0, len(images), "searching nearest training images (exact)")
-    policy = GatePolicy.from_settings(ctx.settings)
-    figures = check_memorization(
-        images,
-        split.train_images,
-        split.holdout_images,
-        quantile=policy.threshold_quantile,
-        embedder=embedder,
-        k=3,
-    )
+    figures, embedder_sha = _figures(ctx, images, split, dataset_version_id, evidence=True)
     report = GateReport.build(
         subject_id=subject_id,
         images_sha256=images_sha256,
         labels=labels,
         classes=classes,
         figures=figures,
-        policy=policy,
+        policy=GatePolicy.from_settings(ctx.settings),
         train_positions=split.train_index,
         copydetect_sha256=embedder_sha,
     )

@@ -50,18 +50,15 @@ def run(ctx: JobContext) -> dict[str, Any]:
             int(data.get("imbalance_seed", 0)),
         )
         if e.test_dataset_version_id is None:
-            test_x, test_y = _by_name(
-                split.holdout_images, split.holdout_labels, split.classes, classes
-            )
+            mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
+            test_x = split.holdout_images[mask]
             test_name = f"held-out patients of dataset version {mv.dataset_version_id}"
         else:
             test = datasets.load_split(s, ctx.blobs, e.test_dataset_version_id, resolution)
-            test_x, test_y = _by_name(
-                np.concatenate([test.train_images, test.holdout_images]),
-                np.concatenate([test.train_labels, test.holdout_labels]),
-                test.classes,
-                classes,
-            )
+            all_x = np.concatenate([test.train_images, test.holdout_images])
+            all_y = np.concatenate([test.train_labels, test.holdout_labels])
+            mask, test_y = datasets.select_classes(all_y, test.classes, classes)
+            test_x = all_x[mask]
             test_name = f"all images of dataset version {e.test_dataset_version_id}"
         model_version = {"id": mv.id, "version": mv.version, "blob_sha256": blob}
         dataset_version_id = mv.dataset_version_id
@@ -153,15 +150,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
             s, ctx.blobs, evaluation_id, out, result.to_csv(), utility.chart_png(result)
         )
     return {"evaluation_id": evaluation_id, **summary}
-
-
-def _by_name(
-    images: np.ndarray, labels: np.ndarray, names: list[str], classes: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The images of ``classes`` (by name), relabelled to index ``classes``."""
-    index = {names.index(c): i for i, c in enumerate(classes)}
-    mask = np.isin(labels, list(index))
-    return images[mask], np.array([index[int(v)] for v in labels[mask]], dtype=np.int64)
 
 
 def on_failure(ctx: JobContext, state: str) -> None:
