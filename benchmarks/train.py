@@ -1,11 +1,13 @@
 """Training throughput and achieved FLOP/s beside the matmul peak of the same machine.
 
-For each architecture (the DCGAN baseline and the projection GAN default) at 64 and
-128 px it times real training steps of ``train_gan`` (after a warm-up), counts the
-FLOPs of one step with torch's FlopCounterMode (matmuls and convolutions, forward and
-backward, D and G updates), and divides. The peak is a large square matmul in fp32 and
-in bf16, measured in the same run. Target: a step reaches >= 60% of the peak of the
-precision it trains in (``auto``: bf16 on CPUs with bf16 units and on CUDA, else fp32).
+For every registered architecture at 64 and 128 px (and 256 with ``--device cuda``), and
+for each phase of its training (a GAN has one; the latent flow trains its autoencoder,
+then its velocity field), it times real training steps of the architecture's own trainer
+(after a warm-up), counts the FLOPs of one step with torch's FlopCounterMode (matmuls and
+convolutions, forward and backward, every network the step updates), and divides. The
+peak is a large square matmul in fp32 and in bf16, measured in the same run. Target: a
+step reaches >= 60% of the peak of the precision it trains in (``auto``: bf16 on CPUs with
+bf16 units and on CUDA, else fp32).
 The machine is shared and its speed drifts, so for each row the peak, the training steps
 and the convolution replay below are timed in alternation for a few rounds, and each
 figure is its best round.
@@ -15,6 +17,9 @@ backward with the gradients that step asked for) is recorded with its shapes, st
 dtype, and replayed alone on random tensors: ``conv_ms`` is the time the convolution library
 needs for one step's convolutions with nothing else running, ``conv_fraction_of_peak`` what
 those kernels reach by themselves, and ``step_over_conv`` how much of the step they are.
+
+Each phase trains at its architecture's default batch size (GANs 64; the latent flow's
+autoencoder 32 and its flow 128), so images per second are comparable within a row only.
 
 Usage: python benchmarks/train.py [--device cuda] [--steps 10] [--rounds 3]
 """
@@ -34,10 +39,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from synthray.models.gan.config import TrainConfig
-from synthray.models.gan.registry import ARCHITECTURES
-from synthray.models.gan.trainer import train_gan
-from synthray.models.runtime import cpu_bf16_fast, keep_freed_memory, resolve_precision
+from synthray.models.generators.config import TrainConfig
+from synthray.models.generators.flow_trainer import FLOW, FlowTrainer
+from synthray.models.generators.registry import ARCHITECTURES, DEFAULT_ARCHITECTURE, LATENT_FLOW
+from synthray.models.generators.training import family_of
+from synthray.models.generators.trainloop import BudgetedRun
+from synthray.models.runtime import (
+    cpu_bf16_fast,
+    keep_freed_memory,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
@@ -54,14 +66,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def _one_step(cfg: TrainConfig) -> TrainConfig:
-    return TrainConfig.from_dict(cfg.to_dict() | {"max_steps": 1, "max_seconds": None})
+def phases(arch: str) -> list[str]:
+    return ["autoencoder", FLOW] if ARCHITECTURES[arch].family == LATENT_FLOW else ["train"]
 
 
-def step_flops(cfg: TrainConfig, images: np.ndarray, labels: np.ndarray) -> float:
+def positioned_trainer(
+    cfg: TrainConfig, images: np.ndarray, labels: np.ndarray, phase: str
+) -> BudgetedRun:
+    """A fresh trainer of ``cfg`` whose next steps are steps of ``phase``."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    trainer = family_of(cfg.architecture).trainer(images, labels, cfg, device, precision)
+    trainer.set_train_mode()
+    if phase == FLOW:
+        assert isinstance(trainer, FlowTrainer)
+        trainer.start_flow(0.0)
+    return trainer
+
+
+def step_flops(trainer: BudgetedRun) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
-        train_gan(images, labels, _one_step(cfg))
+        trainer.train_step(0.0)
     return float(counter.get_total_flops())
 
 
@@ -94,14 +120,12 @@ def _is_spec(a: object) -> TypeGuard[tuple[Any, ...]]:
     return isinstance(a, tuple) and len(a) == 5 and a[0] == "tensor"
 
 
-def conv_replay(
-    cfg: TrainConfig, images: np.ndarray, labels: np.ndarray
-) -> tuple[Callable[[], float], float]:
+def conv_replay(trainer: BudgetedRun) -> tuple[Callable[[], float], float]:
     """One step's convolutions, recorded and made replayable on random tensors: a function
     that times one replay (seconds), and their FLOPs."""
     rec = _ConvRecorder()
     with rec:
-        train_gan(images, labels, _one_step(cfg))
+        trainer.train_step(0.0)
 
     def make(a: object) -> object:
         if _is_spec(a):
@@ -115,11 +139,13 @@ def conv_replay(
         for f, (args, kwargs) in replay:
             f(*args, **kwargs)  # type: ignore[operator]
 
+    device = trainer.device.type
+
     def timed() -> float:
-        _sync(cfg.device)
+        _sync(device)
         t0 = time.perf_counter()
         run()
-        _sync(cfg.device)
+        _sync(device)
         return time.perf_counter() - t0
 
     counter = FlopCounterMode(display=False)
@@ -129,8 +155,18 @@ def conv_replay(
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_steps(trainer: BudgetedRun, steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive steps."""
+    _sync(trainer.device.type)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(0.0)
+    _sync(trainer.device.type)
+    return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:
@@ -179,61 +215,73 @@ def main() -> None:
                 architecture=arch,
                 resolution=res,
                 class_names=[f"c{i}" for i in range(5)],
-                batch_size=args.batch,
-                max_steps=1,
+                batch_size=args.batch if ARCHITECTURES[arch].family != LATENT_FLOW else None,
+                max_steps=10**9,  # the phases below never end by budget
                 device=args.device,
             )
-            train_gan(images, labels, cfg)  # warm-up (allocator, kernels, autotuning)
-            flops = step_flops(cfg, images, labels)
-            conv_timer, conv_flops = conv_replay(cfg, images, labels)
-            conv_timer()  # warm-up
-            steps = max(2, args.steps * 64 * 64 // (res * res))
-            timed = TrainConfig.from_dict(cfg.to_dict() | {"max_steps": steps})
             precision = resolve_precision(cfg.precision, device)
             key = "bf16" if precision in ("bf16", "fp16") else "fp32"
-            # This machine is a shared host whose speed drifts by 2x within minutes: the
-            # peak, the training steps and the convolution replay are measured in
-            # alternation, ``--rounds`` times, and each figure is its best round.
-            peak, step_s, conv_s = 0.0, math.inf, math.inf
-            rounds = args.rounds if res == 64 else max(1, args.rounds - 1)  # 10 min on 2 cores
-            for _ in range(rounds):
-                peak = max(peak, matmul_peak(device, dtypes[key], n, 1.0))
-                result = train_gan(images, labels, timed)
-                step_s = min(step_s, result.seconds / result.steps)
-                conv_s = min(conv_s, conv_timer())
-            steps_per_s = 1.0 / step_s
-            achieved = flops * steps_per_s
-            rows.append(
-                {
-                    "architecture": arch,
-                    "resolution": res,
-                    "precision": precision,
-                    "images_per_s": round(steps_per_s * args.batch, 1),
-                    "gflop_per_step": round(flops / 1e9, 2),
-                    "achieved_gflops": round(achieved / 1e9, 1),
-                    "peak_gflops": round(peak / 1e9, 1),
-                    "fraction_of_peak": round(achieved / peak, 3),
-                    "conv_ms": round(conv_s * 1e3, 1),
-                    "conv_fraction_of_peak": round(conv_flops / conv_s / peak, 3),
-                    "step_over_conv": round(conv_s * steps_per_s, 3),
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{arch:8} {res:>4}px {precision}: {r['images_per_s']:>7} img/s, "
-                f"{r['gflop_per_step']:>7} GFLOP/step, {r['achieved_gflops']:>7} GFLOP/s, "
-                f"{r['fraction_of_peak']:.0%} of the {r['peak_gflops']:.0f} GFLOP/s peak; "
-                "its convolutions alone "
-                f"{r['conv_ms']} ms = {r['conv_fraction_of_peak']:.0%} of peak, "
-                f"{r['step_over_conv']:.0%} of the step"
-            )
-    default = next(r for r in rows if r["architecture"] == "projgan" and r["resolution"] == 64)
+            for phase in phases(arch):
+                trainer = positioned_trainer(cfg, images, labels, phase)
+                batch = int(cfg.ae_batch_size if phase == "autoencoder" else cfg.batch_size or 0)
+                time_steps(trainer, 1)  # warm-up (allocator, kernels, autotuning)
+                flops = step_flops(trainer)
+                conv_timer, conv_flops = conv_replay(trainer)
+                conv_timer()  # warm-up
+                pixels = res * res if phase != FLOW else 64 * 64  # a flow step is resolution-free
+                steps = max(2, args.steps * 64 * 64 * 64 // (pixels * batch))
+                # This machine is a shared host whose speed drifts by 2x within minutes: the
+                # peak, the training steps and the convolution replay are measured in
+                # alternation, ``--rounds`` times, and each figure is its best round.
+                peak, step_s, conv_s = 0.0, math.inf, math.inf
+                rounds = args.rounds if res == 64 else max(1, args.rounds - 1)
+                for _ in range(rounds):
+                    peak = max(peak, matmul_peak(device, dtypes[key], n, 1.0))
+                    step_s = min(step_s, time_steps(trainer, steps))
+                    conv_s = min(conv_s, conv_timer())
+                steps_per_s = 1.0 / step_s
+                achieved = flops * steps_per_s
+                rows.append(
+                    {
+                        "architecture": arch,
+                        "phase": phase,
+                        "resolution": res,
+                        "precision": precision,
+                        "batch": batch,
+                        "images_per_s": round(steps_per_s * batch, 1),
+                        "gflop_per_step": round(flops / 1e9, 2),
+                        "achieved_gflops": round(achieved / 1e9, 1),
+                        "peak_gflops": round(peak / 1e9, 1),
+                        "fraction_of_peak": round(achieved / peak, 3),
+                        "conv_ms": round(conv_s * 1e3, 1),
+                        "conv_fraction_of_peak": round(conv_flops / conv_s / peak, 3),
+                        "step_over_conv": round(conv_s * steps_per_s, 3),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{arch:10} {phase:11} {res:>4}px {precision} (batch {batch}): "
+                    f"{r['images_per_s']:>7} img/s, "
+                    f"{r['gflop_per_step']:>7} GFLOP/step, {r['achieved_gflops']:>7} GFLOP/s, "
+                    f"{r['fraction_of_peak']:.0%} of the {r['peak_gflops']:.0f} GFLOP/s peak; "
+                    "its convolutions alone "
+                    f"{r['conv_ms']} ms = {r['conv_fraction_of_peak']:.0%} of peak, "
+                    f"{r['step_over_conv']:.0%} of the step",
+                    flush=True,
+                )
+    default = next(
+        r
+        for r in rows
+        if r["architecture"] == DEFAULT_ARCHITECTURE
+        and r["resolution"] == 64
+        and r["phase"] == phases(DEFAULT_ARCHITECTURE)[-1]
+    )
     print(
         json.dumps(
             {
                 "benchmark": "train",
                 "value": default["achieved_gflops"],
-                "unit": "GFLOP/s (projgan 64px training step)",
+                "unit": f"GFLOP/s ({DEFAULT_ARCHITECTURE} 64px {default['phase']} step)",
                 "reference": f"{default['precision']} matmul peak ({n}x{n})",
                 "reference_value": default["peak_gflops"],
                 "ratio": default["fraction_of_peak"],

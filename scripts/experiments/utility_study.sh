@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The utility tables of the README, through the product itself: a fresh embedded
-# deployment (SQLite, serverless broker, one worker), the reference data ingested by the
-# CLI, a generator trained for TRAIN_SECONDS, then `synthray evaluate`.
+# The quality and utility tables of the README, through the product itself: a fresh
+# embedded deployment (SQLite, serverless broker, one worker), the reference data ingested
+# by the CLI, a generator trained for TRAIN_SECONDS (its quality metrics and gallery come
+# with the model version), then `synthray evaluate`.
 #
 #   scripts/experiments/utility_study.sh kermany-imb   # viral class cut to 10% of its patients
 #   scripts/experiments/utility_study.sh kermany       # the three classes as they are
 #   scripts/experiments/utility_study.sh nih           # the seed study's five NIH classes
 #
-# Settings (environment): DATA (default ../shared/data), TRAIN_SECONDS (300), RESOLUTION
-# (64), SEEDS (3), STEPS (300). Output: var/study-<set>-<time>/ with the evaluation's CSV
-# and chart, the worker and API logs, and summary.txt (the printed table).
+# Settings (environment): DATA (default ../shared/data), ARCH (latentflow), TRAIN_SECONDS
+# (300), RESOLUTION (64), SEEDS (3; 0 skips the evaluation), STEPS (300). Output:
+# var/study-<set>-<resolution>-<time>/ with train.json (the version's metrics), gallery.png,
+# the evaluation's CSV and chart, the worker and API logs, and summary.txt (the printed
+# table).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SET=${1:?usage: utility_study.sh kermany-imb|kermany|nih}
@@ -17,6 +20,7 @@ DATA=$(cd "${DATA:-../shared/data}" && pwd)
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 RESOLUTION=${RESOLUTION:-64}
 SEEDS=${SEEDS:-3}
+ARCH=${ARCH:-latentflow}
 STEPS=${STEPS:-300}
 OUT=var/study-$SET-$RESOLUTION-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
@@ -58,9 +62,15 @@ case "$SET" in
         ;;
     *) echo "unknown set $SET" >&2; exit 2 ;;
 esac
-log "train projgan for ${TRAIN_SECONDS}s at ${RESOLUTION}px ${IMBALANCE[*]:-}"
-$SR train "$DATASET" --model-name "$SET" --max-seconds "$TRAIN_SECONDS" \
-    --resolution "$RESOLUTION" "${IMBALANCE[@]}" > "$OUT/train.json"
-log "evaluate: $SEEDS seeds, $STEPS classifier steps per arm"
-$SR evaluate "$SET" --seeds "$SEEDS" --steps "$STEPS" --dest "$OUT" | tee -a "$OUT/summary.txt"
+log "train $ARCH for ${TRAIN_SECONDS}s at ${RESOLUTION}px ${IMBALANCE[*]:-}"
+$SR train "$DATASET" --model-name "$SET" --architecture "$ARCH" \
+    --max-seconds "$TRAIN_SECONDS" --resolution "$RESOLUTION" "${IMBALANCE[@]}" \
+    > "$OUT/train.json"
+curl -fs -H "X-API-Key: $SYNTHRAY_API_KEY" \
+    "$SYNTHRAY_URL/v1/models/$SET/versions/1/gallery.png" -o "$OUT/gallery.png" \
+    && log "gallery: $OUT/gallery.png"
+if [ "$SEEDS" -gt 0 ]; then
+    log "evaluate: $SEEDS seeds, $STEPS classifier steps per arm"
+    $SR evaluate "$SET" --seeds "$SEEDS" --steps "$STEPS" --dest "$OUT" | tee -a "$OUT/summary.txt"
+fi
 log "done; $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"

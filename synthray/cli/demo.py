@@ -57,6 +57,29 @@ def ingest_body(folder: Path) -> dict[str, Any]:
     }
 
 
+def quality_lines(q: dict[str, Any]) -> list[str]:
+    """Class consistency and precision / recall beside their real-vs-real floors."""
+    if not q:
+        return []
+    lines = []
+    cc = q.get("class_consistency") or {}
+    if cc.get("generated") is not None:
+        lines.append(
+            "class consistency: "
+            f"{cc['generated']:.2f} (a real-trained classifier's balanced accuracy on the "
+            f"synthetic images by their class; {cc['floor']:.2f} on real unseen patients)"
+        )
+    for name, space in (q.get("spaces") or {}).items():
+        g, f = space["overall"]["generated"], space["overall"]["floor"]
+        lines.append(
+            f"{name.replace('_', '-')} space: "
+            f"precision {g['precision']:.2f} (floor {f['precision']:.2f}), "
+            f"recall {g['recall']:.2f} (floor {f['recall']:.2f}), "
+            f"FID {g['fid']:.2f} (floor {f['fid']:.2f})"
+        )
+    return lines
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,19 +225,26 @@ def _pipeline(
         "/train",
         {
             "dataset": body["name"],
-            "model_name": "demo-gan",
+            "model_name": "demo-generator",
             "max_seconds": train_seconds,
             "checkpoint_every_s": 30,
         },
     )
     job = _require(op.wait(acc["job_id"], err, "train     "), "train")
     m = job["result"]["metrics"]
+    version = job["result"]["version"]
     err.print(
         f"  {m['steps']} steps, {m['images_per_second']:.0f} img/s on {m['device']} "
-        f"({m['precision']}); registered demo-gan v{job['result']['version']}"
+        f"({m['precision']}); registered demo-generator v{version}"
     )
+    quality = quality_lines(m.get("quality") or {})
+    for line in quality:
+        err.print(f"  {line}")
+    gallery = work / "gallery.png"
+    rev.download(f"/models/demo-generator/versions/{version}/gallery.png", gallery)
+    err.print(f"  gallery (synthetic beside real held-out images, per class): {gallery}")
 
-    acc = op.post("/synthesize", {"model": "demo-gan", "per_class": per_class, "seed": 1})
+    acc = op.post("/synthesize", {"model": "demo-generator", "per_class": per_class, "seed": 1})
     job = _require(op.wait(acc["job_id"], err, "synthesize"), "synthesize")
     _require(op.wait(job["result"]["check_job_id"], err, "check     "), "check")
     batch = op.get(f"/batches/{acc['batch_id']}")
@@ -249,6 +279,10 @@ def _pipeline(
     t.add_row("bundle", f"{bundle} ({size / 1e6:.1f} MB)")
     for c, n in manifest["exported_per_class"].items():
         t.add_row(f"images: {c}", str(n))
+    t.add_row("gallery: synthetic beside real", str(gallery))
+    for line in quality:
+        name, _, value = line.partition(": ")
+        t.add_row(name, value)
     t.add_row("flagged by memorization check", f"{chk['flagged']} of {chk['images']}")
     t.add_row("distance-to-closest-record train share", f"{chk['dcr_train_share']:.3f}")
     for who, r in refusals.items():

@@ -306,10 +306,18 @@ def train(
     model_name: Annotated[str, typer.Option(help="Registry name of the model.")],
     max_seconds: float | None = None,
     max_steps: int | None = None,
-    batch_size: int = 64,
+    batch_size: Annotated[
+        int | None, typer.Option(help="The architecture's default if omitted.")
+    ] = None,
     resolution: int = 64,
     seed: int = 0,
-    architecture: Annotated[str, typer.Option(help="projgan (default) or dcgan.")] = "projgan",
+    architecture: Annotated[
+        str, typer.Option(help="latentflow (default), projgan or dcgan.")
+    ] = "latentflow",
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="latentflow: classifier-free guidance of the sampler (default 3)."),
+    ] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     classes: Annotated[
         str | None, typer.Option(help="Comma list: train on these classes only.")
@@ -334,6 +342,7 @@ def train(
         "resolution": resolution,
         "seed": seed,
         "architecture": architecture,
+        "guidance": guidance,
         "precision": precision,
         "evaluate": evaluate,
     }

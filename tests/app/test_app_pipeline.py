@@ -112,10 +112,16 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
     assert v["train_job_id"] == trained.train["id"]
     assert v["config"]["generator"]["num_classes"] == 3
     q = v["metrics"]["quality"]
-    assert set(q["overall"]) == {"generated", "floor"}
-    for side in ("generated", "floor"):
-        assert set(q["overall"][side]) == {"fid", "kid", "precision", "recall"}
+    assert set(q["spaces"]) == {"supervised", "self_supervised"}  # two feature spaces
+    for space in q["spaces"].values():
+        assert set(space["overall"]) == {"generated", "floor"}
+        for side in ("generated", "floor"):
+            assert set(space["overall"][side]) == {"fid", "kid", "precision", "recall"}
+    assert set(q["class_consistency"]) == {"generated", "floor", "per_class"}
+    # As many held-out images as generated ones (10 per class), as far as they go.
+    assert q["compared_images"] == min(30, v["metrics"]["holdout_images"])
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
+    assert len(q["ssl_encoder_sha256"]) == 64 and q["ssl_encoder_sha256"] != q["encoder_sha256"]
     # The training job's preview grid: one row per class, 8 samples each.
     r = client.get(f"/v1/jobs/{trained.train['id']}/preview.png", headers=auth(keys.reviewer))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from synthray.app.deps import (
     AdminDep,
@@ -84,6 +84,22 @@ def compare_versions(
 ) -> VersionComparison:
     """Two versions' metrics side by side (with deltas) and the config keys that differ."""
     return service.compare(session, name, a, b)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/gallery.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_gallery(
+    name: str, version: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+) -> Response:
+    """Per class, generated images beside real images of held-out patients. It shows real
+    radiographs, so it is staff-only and every view is audited."""
+    sha = service.gallery(session, name, version, who)
+    return Response(
+        blobs.read_bytes(sha), media_type="image/png", headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.get(

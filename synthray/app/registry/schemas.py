@@ -10,22 +10,46 @@ from synthray.app.datasets.schemas import NAME
 ALIAS = r"^[a-z][a-z0-9_\-]{0,39}$"
 
 
+# What the torch-free API must know of each generator architecture: its family and the
+# resolutions it supports (tests hold this against synthray.models.generators.registry).
+ARCHITECTURES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "latentflow": ("latent-flow", (64, 128, 256)),
+    "projgan": ("gan", (64, 128, 256)),
+    "dcgan": ("gan", (64, 128)),
+}
+GAN_ONLY = ("lr_g", "lr_d")
+LATENT_FLOW_ONLY = ("guidance", "sample_steps")
+
+
 class TrainRequest(BaseModel):
     dataset: str
     dataset_version: int | None = Field(None, description="Latest ready version if omitted.")
     model_name: str = Field(pattern=NAME)
-    architecture: Literal["projgan", "dcgan"] = Field(
-        "projgan",
-        description="projgan: projection discriminator, hinge loss, spectral norm, "
-        "DiffAugment, EMA generator (the default); dcgan: the seed study's baseline.",
+    architecture: Literal["latentflow", "projgan", "dcgan"] = Field(
+        "latentflow",
+        description="latentflow: a site autoencoder, then class-conditional flow matching "
+        "on its latents (the default); projgan: projection discriminator, hinge loss, "
+        "spectral norm, DiffAugment, EMA generator; dcgan: the seed study's baseline.",
     )
-    resolution: Literal[64, 128] = 64
-    batch_size: int = Field(64, ge=2, le=1024)
+    resolution: Literal[64, 128, 256] = 64
+    batch_size: int | None = Field(
+        None, ge=2, le=1024, description="The architecture's default if omitted."
+    )
     max_steps: int | None = Field(None, ge=1, le=10_000_000)
     max_seconds: float | None = Field(None, ge=5, le=7 * 24 * 3600)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    lr_g: float = Field(2e-4, gt=0, le=0.1)
-    lr_d: float = Field(2e-4, gt=0, le=0.1)
+    lr_g: float | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
+    lr_d: float | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
+    guidance: float | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="latentflow only: classifier-free guidance weight of the sampler "
+        "(default 3; 1 is no guidance, higher trades diversity for class fidelity).",
+    )
+    sample_steps: int | None = Field(
+        None, ge=1, le=100, description="latentflow only: Heun steps per sample (default 8)."
+    )
     checkpoint_every_s: float = Field(
         30.0, ge=1, le=3600, description="Also how often the preview grid is refreshed."
     )
@@ -42,7 +66,7 @@ class TrainRequest(BaseModel):
         None,
         max_length=64,
         description="Induce imbalance: keep only this fraction of each named class's "
-        "training images, taking whole patients (e.g. {\"virus\": 0.1}). Utility "
+        'training images, taking whole patients (e.g. {"virus": 0.1}). Utility '
         "evaluations of the generator use exactly the same real images.",
     )
     imbalance_seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -51,6 +75,16 @@ class TrainRequest(BaseModel):
     def _budget(self) -> TrainRequest:
         if self.max_steps is None and self.max_seconds is None:
             raise ValueError("set a training budget: max_steps, max_seconds or both")
+        family, resolutions = ARCHITECTURES[self.architecture]
+        if self.resolution not in resolutions:
+            raise ValueError(
+                f"{self.architecture} supports resolutions {list(resolutions)}, "
+                f"not {self.resolution}"
+            )
+        foreign = LATENT_FLOW_ONLY if family == "gan" else GAN_ONLY
+        given = [name for name in foreign if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to {self.architecture}")
         return self
 
 

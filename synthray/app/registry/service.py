@@ -291,6 +291,18 @@ def weights(session: Session, name: str, version: int, who: Principal) -> ModelV
     return v
 
 
+def gallery(session: Session, name: str, version: int, who: Principal) -> str:
+    """The sha256 of a version's gallery (generated images beside real held-out ones). It
+    shows real radiographs, so every view is audited like the evidence page's."""
+    m = _model(session, name)
+    v = _version(session, m, version)
+    sha = (v.metrics.get("quality") or {}).get("gallery_sha256")
+    if not sha:
+        raise NotFound(f"model {name!r} version {version} has no gallery (quality not measured)")
+    audit.record(session, who, "view_gallery", "model", m.id, "ok", {"version": version})
+    return str(sha)
+
+
 def quality_encoder(
     session: Session, dataset_version_id: int, resolution: int, kind: str = "quality"
 ) -> QualityEncoder | None:

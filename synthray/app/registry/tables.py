@@ -94,15 +94,16 @@ class ModelAliasMove(Base):
 
 class QualityEncoder(Base):
     """A network trained on a dataset version's real training split, registered by sha256:
-    ``quality`` is the feature encoder of the quality metrics, ``copydetect`` the
-    copy-detection embedding of the memorization gate. One of each per dataset version
-    and resolution, so every generator of that version is measured in the same space."""
+    ``quality`` (supervised on the labels) and ``quality-ssl`` (self-supervised) are the
+    feature encoders of the quality metrics, ``copydetect`` the copy-detection embedding of
+    the memorization gate. One of each per dataset version and resolution, so every
+    generator of that version is measured in the same spaces."""
 
     __tablename__ = "quality_encoders"
     __table_args__ = (UniqueConstraint("dataset_version_id", "resolution", "kind"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20), default="quality")  # or "copydetect"
+    kind: Mapped[str] = mapped_column(String(20), default="quality")  # see the docstring
     dataset_version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id"))
     resolution: Mapped[int]
     blob_sha256: Mapped[str] = mapped_column(String(64))

@@ -1,8 +1,10 @@
-"""Generator quality metrics that work offline, in a feature space learned on site.
+"""Generator quality metrics that work offline, in feature spaces learned on site.
 
-No weights are downloaded: a small CNN encoder is trained, supervised on the dataset's
-own labels, on the real training split. Its penultimate features (D = ``feat_dim``)
-replace Inception's in:
+No weights are downloaded. Two small CNN encoders are trained on the real training split
+(never on held-out patients, whose images are the floor): one supervised on the dataset's
+own labels (:func:`train_encoder`), one self-supervised, contrastively, without labels
+(:func:`train_ssl_encoder`; SimCLR, Chen et al., ICML 2020). Neither is any part of a
+generator. Their penultimate features (D = ``feat_dim``) replace Inception's in:
 
 - FID, the Frechet distance between Gaussians fitted to real and generated features
   (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...");
@@ -12,13 +14,17 @@ replace Inception's in:
   "Improved Precision and Recall Metric for Assessing Generative Models").
 
 A number in such a space means little alone, so :func:`evaluate` also reports the floor:
-the same metric between the real held-out patients and the real training patients.
+the same metric between real held-out patients and the real training patients, with as many
+held-out images as generated ones (FID and KID depend on the sample size). The supervised
+encoder is also a classifier: its accuracy on the generated images by the class they were
+asked for is their class consistency, beside its accuracy on the held-out images.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ from synthray.models.checkpoint import load_state, save_state
 from synthray.models.runtime import cpu_autocast
 
 KIND = "quality-encoder"
+SSL_PROJECTION = 64  # output size of the self-supervised encoder's projection head
 
 
 @dataclass
@@ -90,6 +97,72 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     scale = 1.0 + 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
     shift = 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
     return (x * scale + shift).clamp_(-1.0, 1.0)
+
+
+def _views(x: Tensor, gen: torch.Generator) -> Tensor:
+    """A random view of each image in (B, 1, R, R): a crop of 70-100 % of the side (aspect
+    within 10 %), shifted anywhere it fits, scaled back, and brightness/contrast within 20 %.
+    No flip (anatomy is not symmetric), no blur or noise: the features must stay sensitive
+    to sharpness and texture, which is what generators get wrong."""
+    b, _, r, _ = x.shape
+    scale = 0.7 + 0.3 * torch.rand(b, generator=gen)
+    aspect = 1.0 + 0.1 * (2 * torch.rand(b, generator=gen) - 1)
+    sx, sy = (scale * aspect).clamp(max=1.0), (scale / aspect).clamp(max=1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = sx, sy
+    theta[:, 0, 2] = (2 * torch.rand(b, generator=gen) - 1) * (1 - sx)
+    theta[:, 1, 2] = (2 * torch.rand(b, generator=gen) - 1) * (1 - sy)
+    grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    gain = 1.0 + 0.2 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)
+    offset = 0.2 * (2 * torch.rand(b, 1, 1, 1, generator=gen) - 1)
+    return (y * gain + offset).clamp_(-1.0, 1.0)
+
+
+def nt_xent(z: Tensor, temperature: float) -> Tensor:
+    """NT-Xent over (2B, d) unit vectors whose rows i and i + B are views of one image."""
+    n = z.shape[0]
+    sim = (z @ z.T / temperature).masked_fill(torch.eye(n, dtype=torch.bool), -torch.inf)
+    partner = torch.arange(n).roll(n // 2)  # (2B,) the index of each row's other view
+    return F.cross_entropy(sim, partner)
+
+
+def train_ssl_encoder(
+    images: np.ndarray,
+    cfg: EncoderConfig,
+    *,
+    max_seconds: float = 120.0,
+    max_steps: int = 600,
+    batch_size: int = 64,
+    temperature: float = 0.2,
+    seed: int = 0,
+) -> Encoder:
+    """Contrastive training without labels: two views per image (:func:`_views`), NT-Xent
+    on the head's output (``cfg.num_classes`` is the projection's size), so that views of
+    one image map close together and other images apart. The features before the head are
+    the representation (Chen et al. 2020 discard the projection the same way)."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = Encoder(cfg).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    b = min(batch_size, len(images))
+    start = time.monotonic()
+    model.train()
+    for _step in range(max_steps):
+        if time.monotonic() - start > max_seconds:
+            break
+        idx = rng.choice(len(images), size=b, replace=False)
+        x = _to_input(images[idx])
+        views = torch.cat([_views(x, gen), _views(x, gen)])  # (2B, 1, R, R)
+        with cpu_autocast():
+            out = model(views.contiguous(memory_format=torch.channels_last))
+        # Minimise NT-Xent: each view must pick its partner out of the 2B - 1 others.
+        loss = nt_xent(F.normalize(out.float(), dim=1), temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
 
 
 def train_encoder(
@@ -229,7 +302,8 @@ def _metrics(real: np.ndarray, other: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(
-    model: Encoder,
+    spaces: Mapping[str, Encoder],
+    classifier: Encoder,
     train: np.ndarray,
     train_labels: np.ndarray,
     holdout: np.ndarray,
@@ -240,34 +314,87 @@ def evaluate(
     max_per_set: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of generated vs real-train features, overall and per class, each beside
-    its floor (real held-out vs real train)."""
+    """Metrics of generated vs real-train features in every space of ``spaces``, overall and
+    per class, each beside its floor (real held-out vs real train, with as many held-out
+    images as generated ones), and the class consistency of the generated images under
+    ``classifier`` beside its accuracy on the held-out images."""
     rng = np.random.default_rng(seed)
 
-    def cap(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(x) <= max_per_set:
+    def cap(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(x) <= n:
             return x, y
-        keep = np.sort(rng.choice(len(x), max_per_set, replace=False))
+        keep = np.sort(rng.choice(len(x), n, replace=False))
         return x[keep], y[keep]
 
-    train, train_labels = cap(train, train_labels)
-    fake, fake_labels = cap(fake, fake_labels)
-    f_train, f_hold, f_fake = (features(model, x) for x in (train, holdout, fake))
-    out: dict[str, Any] = {
-        "overall": {"generated": _metrics(f_train, f_fake), "floor": _metrics(f_train, f_hold)},
-        "per_class": {},
-        "encoder_holdout_accuracy": accuracy(model, holdout, holdout_labels),
-    }
-    for c, name in enumerate(class_names):
-        tr, ho, fa = (
-            f_train[train_labels == c],
-            f_hold[holdout_labels == c],
-            f_fake[fake_labels == c],
-        )
-        if min(len(tr), len(ho), len(fa)) < 5:
-            continue
-        out["per_class"][name] = {"generated": _metrics(tr, fa), "floor": _metrics(tr, ho)}
+    train, train_labels = cap(train, train_labels, max_per_set)
+    m = min(len(holdout), len(fake), max_per_set)
+    hold_m, hold_m_labels = cap(holdout, holdout_labels, m)
+    fake_m, fake_m_labels = cap(fake, fake_labels, m)
+    out: dict[str, Any] = {"spaces": {}, "reference_images": len(train), "compared_images": m}
+    for name, model in spaces.items():
+        f_train, f_hold, f_fake = (features(model, x) for x in (train, hold_m, fake_m))
+        space: dict[str, Any] = {
+            "overall": {
+                "generated": _metrics(f_train, f_fake),
+                "floor": _metrics(f_train, f_hold),
+            },
+            "per_class": {},
+        }
+        for c, cname in enumerate(class_names):
+            tr, ho, fa = (
+                f_train[train_labels == c],
+                f_hold[hold_m_labels == c],
+                f_fake[fake_m_labels == c],
+            )
+            n_c = min(len(ho), len(fa))
+            if min(len(tr), n_c) < 5:
+                continue
+            space["per_class"][cname] = {
+                "generated": _metrics(tr, fa[:n_c]),
+                "floor": _metrics(tr, ho[:n_c]),
+            }
+        out["spaces"][name] = space
+    out["class_consistency"] = _consistency(
+        classifier, holdout, holdout_labels, fake, fake_labels, class_names
+    )
     return _rounded(out)
+
+
+@torch.inference_mode()
+def predict(model: Encoder, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        x = _to_input(images[i : i + batch]).contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().argmax(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _consistency(
+    classifier: Encoder,
+    holdout: np.ndarray,
+    holdout_labels: np.ndarray,
+    fake: np.ndarray,
+    fake_labels: np.ndarray,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Balanced accuracy of the real-trained classifier on generated images by the class
+    they were asked for, and its recall per class, beside the same on real held-out images
+    (the floor: what the classifier makes of real radiographs of unseen patients)."""
+    pred = {"generated": predict(classifier, fake), "floor": predict(classifier, holdout)}
+    truth = {"generated": fake_labels, "floor": holdout_labels}
+    per_class: dict[str, dict[str, float]] = {}
+    for c, name in enumerate(class_names):
+        per_class[name] = {}
+        for side in ("generated", "floor"):
+            mask = truth[side] == c
+            per_class[name][side] = (
+                float((pred[side][mask] == c).mean()) if mask.any() else math.nan
+            )
+    out: dict[str, Any] = {}
+    for side in ("generated", "floor"):
+        recalls = [per_class[n][side] for n in class_names if not math.isnan(per_class[n][side])]
+        out[side] = float(np.mean(recalls)) if recalls else math.nan
+    return out | {"per_class": per_class}
 
 
 def _rounded(x: Any) -> Any:

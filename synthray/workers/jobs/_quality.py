@@ -1,6 +1,7 @@
-"""Offline quality of a trained generator (FID, KID, precision, recall) in the dataset
-version's own encoder space, beside the real-vs-real floors. The encoder is trained once
-per dataset version and resolution and registered by sha256."""
+"""Offline quality of a trained generator (FID, KID, precision, recall, class consistency)
+in two feature spaces of the dataset version's own, beside the real-vs-real floors. Both
+encoders (supervised and self-supervised) are trained once per dataset version and
+resolution and registered by sha256."""
 
 from __future__ import annotations
 
@@ -14,50 +15,79 @@ from synthray.app.jobs.context import JobContext
 from synthray.app.registry import service as registry
 
 
+def _encoder(
+    ctx: JobContext, split: SplitArrays, dataset_version_id: int, kind: str
+) -> tuple[Any, str]:
+    """The dataset version's quality encoder of ``kind`` (``quality``: supervised on the
+    labels; ``quality-ssl``: contrastive, no labels), trained on its training split the
+    first time it is needed."""
+    from synthray.models.evaluation import quality
+
+    resolution = int(split.resolution)
+    with ctx.session() as s:
+        row = registry.quality_encoder(s, dataset_version_id, resolution, kind)
+        sha = row.blob_sha256 if row else None
+    if sha is None:
+        steps = ctx.settings.quality_encoder_steps
+        if kind == SUPERVISED:
+            ctx.progress(0, None, "training the supervised quality encoder (training split)")
+            cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
+            enc = quality.train_encoder(
+                split.train_images, split.train_labels, cfg, max_steps=steps, seed=0
+            )
+            acc: float | None = quality.accuracy(enc, split.holdout_images, split.holdout_labels)
+        else:
+            ctx.progress(0, None, "training the self-supervised quality encoder (training split)")
+            cfg = quality.EncoderConfig(resolution=resolution, num_classes=quality.SSL_PROJECTION)
+            enc = quality.train_ssl_encoder(split.train_images, cfg, max_steps=steps, seed=0)
+            acc = None
+        path = ctx.work_dir / f"{kind}.safetensors"
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        quality.save_encoder(path, enc, {"classes": list(split.classes), "objective": kind})
+        new_sha, _ = ctx.blobs.put_file(path)
+        with ctx.session() as s:
+            sha = registry.register_encoder(
+                s, dataset_version_id, resolution, new_sha, cfg.to_dict(), acc, kind=kind
+            ).blob_sha256
+    return quality.load_encoder(ctx.blobs.path(sha), expected_sha256=sha), sha
+
+
+SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
+
+
 def measure(
     ctx: JobContext, split: SplitArrays, classes: list[str], gen_path: Path, dataset_version_id: int
 ) -> tuple[dict[str, Any], str]:
-    """The quality figures of the generator at ``gen_path`` and the encoder's sha256."""
+    """The quality figures of the generator at ``gen_path`` and the supervised encoder's
+    sha256 (the one recorded with the model version)."""
     from synthray.models.evaluation import quality
-    from synthray.models.gan.files import load_generator
-    from synthray.models.gan.sampling import sample_images
+    from synthray.models.evaluation.gallery import gallery_png
+    from synthray.models.generators.files import load_generator
+    from synthray.models.generators.sampling import sample_images
 
-    resolution = int(split.resolution)
     keep = [split.classes.index(c) for c in classes]
-    with ctx.session() as s:
-        enc_row = registry.quality_encoder(s, dataset_version_id, resolution)
-        enc_sha = enc_row.blob_sha256 if enc_row else None
-    if enc_sha is None:
-        ctx.progress(0, None, "training the quality-metric encoder on the real training split")
-        cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
-        enc = quality.train_encoder(
-            split.train_images,
-            split.train_labels,
-            cfg,
-            max_steps=ctx.settings.quality_encoder_steps,
-            seed=0,
-        )
-        acc = quality.accuracy(enc, split.holdout_images, split.holdout_labels)
-        path = ctx.work_dir / "encoder.safetensors"
-        quality.save_encoder(path, enc, {"classes": list(split.classes)})
-        new_sha, _ = ctx.blobs.put_file(path)
-        with ctx.session() as s:
-            enc_sha = registry.register_encoder(
-                s, dataset_version_id, resolution, new_sha, cfg.to_dict(), acc
-            ).blob_sha256
-    encoder = quality.load_encoder(ctx.blobs.path(enc_sha), expected_sha256=enc_sha)
-    ctx.progress(0, None, "measuring quality (FID, KID, precision, recall)")
+    supervised, sup_sha = _encoder(ctx, split, dataset_version_id, SUPERVISED)
+    ssl, ssl_sha = _encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     generator = load_generator(gen_path, expected_sha256=None)
     n = ctx.settings.quality_samples_per_class
+    total = n * len(classes)
     fake_x, fake_y = sample_images(
-        generator, {c: n for c in range(len(classes))}, seed=12345, device=ctx.settings.device
+        generator,
+        {c: n for c in range(len(classes))},
+        seed=12345,
+        device=ctx.settings.device,
+        on_progress=lambda done, of: ctx.progress(
+            done, of, f"sampling {of} images for the quality metrics"
+        ),
     )
-    # Labels everywhere index the dataset's classes (the encoder's); generated labels are
+    ctx.progress(total, total, "measuring quality (FID, KID, precision, recall, classes)")
+    # Labels everywhere index the dataset's classes (the encoders'); generated labels are
     # mapped back from the generator's own class list.
     m_train = np.isin(split.train_labels, keep)
     m_hold = np.isin(split.holdout_labels, keep)
     out = quality.evaluate(
-        encoder,
+        {"supervised": supervised, "self_supervised": ssl},
+        supervised,
         split.train_images[m_train],
         split.train_labels[m_train],
         split.holdout_images[m_hold],
@@ -66,6 +96,15 @@ def measure(
         np.asarray(keep, dtype=np.int64)[fake_y.astype(np.int64)],
         list(split.classes),
     )
-    out["encoder_sha256"] = enc_sha
+    out["encoder_sha256"] = sup_sha
+    out["ssl_encoder_sha256"] = ssl_sha
+    out["encoder_holdout_accuracy"] = quality.accuracy(
+        supervised, split.holdout_images[m_hold], split.holdout_labels[m_hold]
+    )
     out["samples_per_class"] = n
-    return out, enc_sha
+    # Staff look at this: per class, generated images beside real ones of unseen patients.
+    own_class = {dataset_class: g for g, dataset_class in enumerate(keep)}
+    hold_y = np.array([own_class[int(v)] for v in split.holdout_labels[m_hold]], dtype=np.int64)
+    picture = gallery_png(fake_x, fake_y, split.holdout_images[m_hold], hold_y, classes)
+    out["gallery_sha256"], _ = ctx.blobs.put_bytes(picture)
+    return out, sup_sha

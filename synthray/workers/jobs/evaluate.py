@@ -25,8 +25,8 @@ _MARGIN = 0.1
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.evaluation import utility
-    from synthray.models.gan.files import load_generator
-    from synthray.models.gan.sampling import sample_images
+    from synthray.models.generators.files import load_generator
+    from synthray.models.generators.sampling import sample_images
     from synthray.models.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -74,10 +74,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
     arms = list(p["arms"])
     needs = utility.pool_needs(counts, arms)
     draw = {c: int(n + np.ceil(_MARGIN * n)) + 4 for c, n in enumerate(needs) if n > 0}
-    ctx.progress(0, None, f"drawing {sum(draw.values())} synthetic images")
+    ctx.progress(0, sum(draw.values()), f"drawing {sum(draw.values())} synthetic images")
     generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
     syn_x, syn_y = sample_images(
-        generator, draw, seed=int(p["synthesis_seed"]), device=ctx.settings.device
+        generator,
+        draw,
+        seed=int(p["synthesis_seed"]),
+        device=ctx.settings.device,
+        on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
     )
     ctx.progress(0, None, f"memorization gate over {len(syn_x)} synthetic images")
     flagged = np.zeros(len(syn_x), dtype=bool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,8 @@ from synthray.app.registry import service as registry
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.checkpoint import ChecksumMismatch
-    from synthray.models.gan.files import load_generator
-    from synthray.models.gan.sampling import sample_images
+    from synthray.models.generators.files import load_generator
+    from synthray.models.generators.sampling import sample_images
 
     batch_id = int(ctx.params["batch_id"])
     with ctx.session() as s:
@@ -36,8 +37,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "the registered generator file does not match its recorded sha256; refusing to load it"
         ) from exc
     ctx.progress(0, total, "sampling")
+    started = time.perf_counter()
+
+    def on_progress(done: int, of: int) -> None:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        ctx.progress(done, of, f"sampled {done} of {of} ({rate:.0f} img/s)")
+
     images, labels = sample_images(
-        generator, counts, seed=int(ctx.params["seed"]), device=ctx.settings.device
+        generator,
+        counts,
+        seed=int(ctx.params["seed"]),
+        device=ctx.settings.device,
+        on_progress=on_progress,
     )
     images_blob, _ = ctx.blobs.put_arrays(images=images, labels=labels.astype(np.int64))
     with ctx.session() as s:

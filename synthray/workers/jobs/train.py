@@ -4,6 +4,7 @@ and register it as a new model version (with a preview grid refreshed while it t
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,14 @@ from synthray.app.datasets import service as datasets
 from synthray.app.jobs.context import JobCancelled, JobContext
 from synthray.app.registry import service as registry
 from synthray.workers.jobs import _quality
+
+# Train request fields that set TrainConfig fields of the same name when given.
+TUNABLE = ("batch_size", "lr_g", "lr_d", "guidance", "sample_steps")
+
+
+def _finite(x: float, digits: int) -> float | None:
+    """``x`` rounded, or None where JSON (and PostgreSQL's json type) has no value for it."""
+    return round(x, digits) if math.isfinite(x) else None
 
 
 class _Preview:
@@ -32,19 +41,22 @@ class _Preview:
             return
         from PIL import Image
 
-        from synthray.models.gan.preview import generator_from_checkpoint, preview_grid
+        from synthray.models.generators.preview import generator_from_checkpoint, preview_grid
 
-        grid = preview_grid(generator_from_checkpoint(self.checkpoint), self.num_classes)
+        generator = generator_from_checkpoint(self.checkpoint)
+        self.mtime = mtime
+        if generator is None:  # nothing to sample yet (a latent flow's autoencoder phase)
+            return
+        grid = preview_grid(generator, self.num_classes)
         buf = io.BytesIO()
         Image.fromarray(grid, "L").save(buf, format="PNG")
         self.sha, _ = self.ctx.blobs.put_bytes(buf.getvalue())
-        self.mtime = mtime
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    from synthray.models.gan.config import TrainConfig, TrainProgress
-    from synthray.models.gan.files import save_generator
-    from synthray.models.gan.trainer import train_gan
+    from synthray.models.generators.config import TrainConfig, TrainProgress
+    from synthray.models.generators.files import save_generator
+    from synthray.models.generators.training import train_generator
 
     p = ctx.params
     dataset_version_id = int(p["dataset_version_id"])
@@ -64,16 +76,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
             int(p.get("imbalance_seed", 0)),
         )
     train_images, train_labels = real.images, real.labels
+    # Settings the request left out (None) take the architecture's defaults.
+    tuned = {k: p[k] for k in TUNABLE if p.get(k) is not None}
     cfg = TrainConfig(
         architecture=p["architecture"],
         resolution=int(p["resolution"]),
         class_names=classes,
-        batch_size=int(p["batch_size"]),
         max_steps=p.get("max_steps"),
         max_seconds=p.get("max_seconds"),
         seed=int(p["seed"]),
-        lr_g=float(p["lr_g"]),
-        lr_d=float(p["lr_d"]),
+        **tuned,
         device=ctx.settings.device,
         precision=str(p.get("precision", "auto")),
         checkpoint_every_s=float(p.get("checkpoint_every_s", 30.0)),
@@ -94,21 +106,21 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ctx.progress(
             step,
             of,
-            f"step {tp.step}, {tp.images_per_second:.0f} img/s{eta}",
+            f"{tp.phase} step {tp.step}, {tp.images_per_second:.0f} img/s{eta}",
             {
                 "step": tp.step,
                 "images_seen": tp.images_seen,
                 "seconds": round(tp.seconds, 1),
                 "images_per_second": round(tp.images_per_second, 1),
-                "loss_d": round(tp.loss_d, 4),
-                "loss_g": round(tp.loss_g, 4),
+                "phase": tp.phase,
+                "losses": {k: _finite(v, 4) for k, v in tp.losses.items()},
                 "eta_seconds": None if tp.eta_seconds is None else round(tp.eta_seconds, 1),
                 "preview_sha256": preview.sha,
             },
         )
 
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    result = train_gan(
+    result = train_generator(
         train_images,
         train_labels,
         cfg,
@@ -136,8 +148,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "images_seen": result.images_seen,
         "train_seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 2),
-        "final_loss_d": round(result.final_loss_d, 5),
-        "final_loss_g": round(result.final_loss_g, 5),
+        "final_losses": {k: _finite(v, 5) for k, v in result.final_losses.items()},
         "device": result.device,
         "precision": result.precision,
         "train_images": len(train_images),

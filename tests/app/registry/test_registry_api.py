@@ -4,10 +4,12 @@ admin-only weight downloads whose hash is checked."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 from conftest import World
 from fastapi.testclient import TestClient
+from PIL import Image
 from safetensors import safe_open
 from support import Keys, auth, run_queued
 
@@ -100,3 +102,48 @@ def test_tampered_generator_is_refused(
     assert b["state"] == "failed"
     r = client.get("/v1/models/m/versions/1/weights", headers=auth(keys.admin))
     assert r.status_code == 409 and "integrity" in r.json()["detail"]
+
+
+def test_gallery_is_staff_only_and_every_view_is_audited(
+    client: TestClient, keys: Keys, trained: World
+) -> None:
+    url = "/v1/models/m/versions/1/gallery.png"
+    assert client.get(url, headers=auth(keys.partner)).status_code == 403
+    assert client.get(url).status_code == 401
+    r = client.get(url, headers=auth(keys.reviewer))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["cache-control"] == "no-store"
+    picture = Image.open(io.BytesIO(r.content))
+    # Three classes, each a band with a row of synthetic and a row of real 64 px images.
+    assert picture.size[1] == 3 * (14 + 2 * 64 + 3 * 4) and picture.size[0] > 8 * 64
+    audit = client.get("/v1/audit", headers=auth(keys.reviewer)).json()
+    views = [e for e in audit if e["action"] == "view_gallery"]
+    assert len(views) == 1 and views[0]["detail"] == {"version": 1}
+    assert (
+        client.get("/v1/models/m/versions/7/gallery.png", headers=auth(keys.reviewer)).status_code
+        == 404
+    )
+
+
+def test_architecture_settings_are_checked_before_anything_is_queued(
+    client: TestClient, keys: Keys, trained: World
+) -> None:
+    op = auth(keys.operator)
+    body = {"dataset": "nih", "model_name": "x", "max_steps": 2}
+    for extra, words in [
+        ({"lr_d": 1e-3}, "lr_d do not apply to latentflow"),
+        ({"architecture": "projgan", "guidance": 2.0}, "guidance do not apply to projgan"),
+        ({"architecture": "dcgan", "resolution": 256}, "dcgan supports resolutions [64, 128]"),
+        ({"guidance": 50}, "guidance"),
+    ]:
+        r = client.post("/v1/train", json=body | extra, headers=op)
+        assert r.status_code == 422 and words in r.text, (extra, r.text)
+    jobs = client.get("/v1/jobs", headers=op).json()
+    assert not [j for j in jobs if (j.get("params") or {}).get("model_name") == "x"]
+
+
+def test_the_api_knows_every_architecture_the_models_register() -> None:
+    from synthray.app.registry.schemas import ARCHITECTURES as API
+    from synthray.models.generators.registry import ARCHITECTURES
+
+    assert {name: (a.family, a.resolutions) for name, a in ARCHITECTURES.items()} == API

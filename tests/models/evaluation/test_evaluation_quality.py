@@ -6,17 +6,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from synthray.models.checkpoint import ChecksumMismatch
 from synthray.models.evaluation.quality import (
+    Encoder,
     EncoderConfig,
+    _to_input,
+    _views,
+    accuracy,
     evaluate,
+    features,
     fid,
     kid,
     load_encoder,
     precision_recall,
     save_encoder,
     train_encoder,
+    train_ssl_encoder,
 )
 
 
@@ -47,21 +54,27 @@ def test_kid_and_precision_recall() -> None:
     assert p == 1.0 and r < 0.05
 
 
-def test_encoder_round_trip_and_evaluate(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    # Two classes a classifier can tell apart: bright top half vs bright bottom half.
-    n = 64
+def _two_kinds(n: int = 64, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes a classifier can tell apart: bright top half vs bright bottom half."""
+    rng = np.random.default_rng(seed)
     imgs = rng.integers(0, 60, size=(n, 32, 32), dtype=np.uint8)
     labels = np.arange(n) % 2
     imgs[labels == 0, :16] += 150
     imgs[labels == 1, 16:] += 150
+    return imgs, labels
+
+
+def test_encoder_round_trip_and_evaluate(tmp_path: Path) -> None:
+    imgs, labels = _two_kinds()
     cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
     model = train_encoder(imgs, labels, cfg, max_steps=40, max_seconds=30, batch_size=16)
     sha = save_encoder(tmp_path / "enc.safetensors", model)
     again = load_encoder(tmp_path / "enc.safetensors", sha)
     with pytest.raises(ChecksumMismatch):
         load_encoder(tmp_path / "enc.safetensors", "0" * 64)
+    assert accuracy(again, imgs[48:], labels[48:]) >= 0.9
     out = evaluate(
+        {"a": again, "b": model},
         again,
         imgs[:48],
         labels[:48],
@@ -71,7 +84,64 @@ def test_encoder_round_trip_and_evaluate(tmp_path: Path) -> None:
         labels[48:],
         ["top", "bottom"],
     )
-    assert out["encoder_holdout_accuracy"] >= 0.9
-    assert set(out["overall"]) == {"generated", "floor"}
-    # Generated == holdout here, so the generated figures equal the floor.
-    assert out["overall"]["generated"]["fid"] == pytest.approx(out["overall"]["floor"]["fid"])
+    assert set(out["spaces"]) == {"a", "b"} and out["compared_images"] == 16
+    for space in out["spaces"].values():
+        assert set(space["overall"]) == {"generated", "floor"}
+        # Generated == holdout here, so the generated figures equal the floor.
+        assert space["overall"]["generated"] == space["overall"]["floor"]
+    consistency = out["class_consistency"]
+    assert consistency["generated"] == consistency["floor"] >= 0.9
+    # Images that do not look like the class they were asked for.
+    swapped = evaluate(
+        {"a": again},
+        again,
+        imgs[:48],
+        labels[:48],
+        imgs[48:],
+        labels[48:],
+        imgs[48:],
+        1 - labels[48:],
+        ["top", "bottom"],
+    )["class_consistency"]
+    assert swapped["generated"] <= 0.1 and swapped["floor"] >= 0.9
+    assert swapped["per_class"]["top"]["generated"] <= 0.1
+
+
+def test_floor_uses_as_many_held_out_images_as_generated_ones() -> None:
+    imgs, labels = _two_kinds(n=96)
+    cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
+    model = train_encoder(imgs, labels, cfg, max_steps=10, batch_size=16)
+    out = evaluate(
+        {"s": model},
+        model,
+        imgs[:40],
+        labels[:40],
+        imgs[40:],
+        labels[40:],
+        imgs[:20],
+        labels[:20],
+        ["top", "bottom"],
+    )
+    assert out["compared_images"] == 20 and out["reference_images"] == 40
+
+
+def _retrieval(model: Encoder, images: np.ndarray) -> float:
+    """Share of new views of ``images`` whose nearest image in feature space is their own."""
+    views = _views(_to_input(images), torch.Generator().manual_seed(5))
+    views_u8 = ((views[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    f_img, f_view = features(model, images), features(model, views_u8)
+    d = ((f_view[:, None] - f_img[None]) ** 2).sum(-1)
+    return float((d.argmin(1) == np.arange(len(images))).mean())
+
+
+def test_self_supervised_encoder_maps_views_of_an_unseen_image_together() -> None:
+    rng = np.random.default_rng(0)
+    smooth = torch.nn.functional.interpolate(
+        torch.from_numpy(rng.normal(size=(96, 1, 8, 8))).float(), size=32, mode="bilinear"
+    )[:, 0].numpy()
+    imgs = np.clip(128 + 50 * smooth, 0, 255).astype(np.uint8)
+    cfg = EncoderConfig(resolution=32, num_classes=16, width=8, feat_dim=16)
+    untrained = train_ssl_encoder(imgs[:64], cfg, max_steps=0)
+    trained = train_ssl_encoder(imgs[:64], cfg, max_steps=200, batch_size=32)
+    before, after = _retrieval(untrained, imgs[64:]), _retrieval(trained, imgs[64:])
+    assert after >= 0.6 and after >= before + 0.2, (before, after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,14 @@ def sample_images(
     seed: int,
     batch_size: int = 256,
     device: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``counts[c]`` images of every class ``c``.
 
     ``generator`` is any class-conditional generator called as ``generator(z, y)`` with z
     (B, z_dim) and y (B,) int64, returning (B, 1, R, R) in [-1, 1], whose ``.cfg`` names
-    ``num_classes``, ``z_dim`` and ``resolution`` (the dcgan and projgan generators do).
+    ``num_classes``, ``z_dim`` and ``resolution`` (every registered generator does; the
+    latent flow's integrates its ODE inside that call).
 
     Returns uint8 images (N, R, R) ([-1, 1] mapped to [0, 255], rounded and clipped) and int64
     labels (N,), ordered by class id, then by index within the class. The latent codes of class
@@ -41,7 +44,7 @@ def sample_images(
     seed. The generator runs in eval mode (batch-norm running statistics) on a copy, so the
     caller's module is not moved or switched; on CPU it runs in channels_last, with bf16
     autocast where the CPU has bf16 units (:mod:`synthray.models.runtime`), on CUDA with bf16
-    (or fp16) autocast.
+    (or fp16) autocast. ``on_progress(done, total)`` is called after every batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -86,4 +89,6 @@ def sample_images(
                 images[pos : pos + b] = x[:, 0].cpu().numpy()  # (b, R, R)
                 labels[pos : pos + b] = c
                 pos += b
+                if on_progress is not None:
+                    on_progress(pos, total)
     return images, labels

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthray.models.gan.diffaugment import (
+from synthray.models.generators.diffaugment import (
     brightness_contrast,
     cutout,
     diff_augment,

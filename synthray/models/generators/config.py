@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from synthray.models.gan.diffaugment import parse_policy
-from synthray.models.gan.registry import ARCHITECTURES, GeneratorConfig
-from synthray.models.gan.registry import get as architecture
+from synthray.models.generators.diffaugment import parse_policy
+from synthray.models.generators.registry import ARCHITECTURES, GeneratorConfig
+from synthray.models.generators.registry import get as architecture
 from synthray.models.runtime import PRECISIONS
 
 # TrainConfig fields that may change between a checkpoint and the run that resumes it.
@@ -25,35 +26,59 @@ class TrainConfig:
     """Everything that defines a training run. ``class_names`` must not be empty.
 
     Fields left at None take their architecture's default (its registry entry's ``defaults``)
-    when the config is built, so ``to_dict`` always records the values the run used. ``augment`` is
-    ``"none"`` or a comma list of DiffAugment transforms (``color``, ``translation``,
-    ``cutout``); ``ema_decay`` 0 keeps no EMA generator. ``class_power`` sets how often each
+    when the config is built, so ``to_dict`` always records the values the run used. A field
+    that belongs to another family of architectures must stay None (a GAN has no
+    ``guidance``, the latent flow no ``lr_d``).
+
+    Every architecture: ``batch_size`` (for the latent flow, the flow phase's batch);
+    ``ema_decay`` (0 keeps no EMA copy of the generator); ``class_power`` sets how often each
     class is drawn, for real batches and generated labels alike: P(c) proportional to
-    n_c ** class_power, n_c its number of training images (0: all classes equally often, 1: as
-    often as in the data).
+    n_c ** class_power, n_c its number of training images (0: all classes equally often, 1:
+    as often as in the data).
+
+    GANs: ``augment`` is ``"none"`` or a comma list of DiffAugment transforms (``color``,
+    ``translation``, ``cutout``); the learning rates, Adam betas, z_dim and widths.
+
+    Latent flow (:mod:`synthray.models.generators.latentflow`): the run first trains the
+    autoencoder for ``ae_fraction`` of the budget (of the steps, or of the seconds), then
+    the flow on its latents; ``guidance`` and ``sample_steps`` are how the generator
+    samples, stored in its config.
     """
 
     architecture: str = "dcgan"
     resolution: int = 64
     class_names: list[str] = field(default_factory=list)
-    batch_size: int = 64
+    batch_size: int | None = None  # GANs 64, latentflow 128
     max_steps: int | None = None
     max_seconds: float | None = None
     seed: int = 0
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
     precision: str = "auto"  # auto | bf16 | fp32 (| fp16 on CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     checkpoint_every_s: float = 60.0
     progress_every_s: float = 5.0
-    z_dim: int = 100
+    ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999, latentflow 0.995
+    class_power: float | None = None  # dcgan 0 (class-balanced), projgan and latentflow 0.5
+    # GANs
+    lr_g: float | None = None  # 2e-4
+    lr_d: float | None = None  # 2e-4
+    beta1: float | None = None  # 0.5
+    beta2: float | None = None  # 0.999
+    z_dim: int | None = None  # 100
     g_channels: int | None = None  # dcgan 64, projgan 32
     d_channels: int | None = None  # dcgan 64, projgan 64
     augment: str | None = None  # dcgan "none", projgan "color,translation,cutout"
-    ema_decay: float | None = None  # dcgan 0 (no EMA), projgan 0.999
-    class_power: float | None = None  # dcgan 0 (class-balanced), projgan 0.5
+    # Latent flow
+    ae_fraction: float | None = None  # share of the budget spent on the autoencoder
+    ae_batch_size: int | None = None
+    lr_ae: float | None = None
+    lr_flow: float | None = None
+    latent_size: int | None = None  # the latent grid's side
+    latent_channels: int | None = None
+    ae_width: int | None = None  # autoencoder channels at full resolution
+    flow_width: int | None = None  # velocity U-Net channels at the latent's side
+    label_dropout: float | None = None  # share of flow batches trained without their class
+    guidance: float | None = None  # classifier-free guidance weight when sampling
+    sample_steps: int | None = None  # Heun steps when sampling
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -65,19 +90,28 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on any setting the training loop cannot honour."""
-        architecture(self.architecture)
+        arch = architecture(self.architecture)
         if not self.class_names:
             raise ValueError("class_names must list at least one class")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be unique, got {self.class_names}")
+        foreign = sorted(
+            name
+            for name in FAMILY_FIELDS
+            if name not in arch.defaults and getattr(self, name) is not None
+        )
+        if foreign:
+            raise ValueError(f"{foreign} do not apply to the {arch.name} architecture")
         if self.max_steps is None and self.max_seconds is None:
             raise ValueError("set max_steps or max_seconds (or both): training needs a budget")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.max_seconds is not None and not self.max_seconds >= 0:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "ae_batch_size"):
+            value = getattr(self, name)
+            if name in arch.defaults and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not (
@@ -87,31 +121,35 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.checkpoint_every_s < 0 or self.progress_every_s < 0:
             raise ValueError("checkpoint_every_s and progress_every_s must be >= 0")
-        for name in ("lr_g", "lr_d"):
-            if not getattr(self, name) > 0:
+        for name in ("lr_g", "lr_d", "lr_ae", "lr_flow"):
+            if name in arch.defaults and not _number(getattr(self, name)) > 0:
                 raise ValueError(f"{name} must be > 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+        if "beta1" in arch.defaults and not (
+            0 <= _number(self.beta1) < 1 and 0 <= _number(self.beta2) < 1
+        ):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if not isinstance(self.augment, str):
-            raise ValueError(f"augment must be a string, got {self.augment!r}")
-        parse_policy(self.augment)
+        if "augment" in arch.defaults:
+            if not isinstance(self.augment, str):
+                raise ValueError(f"augment must be a string, got {self.augment!r}")
+            parse_policy(self.augment)
         if not (isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not (isinstance(self.class_power, int | float) and 0 <= self.class_power <= 1):
             raise ValueError(f"class_power must be in [0, 1], got {self.class_power!r}")
-        self.generator_config()  # validates resolution and channel counts
+        if "ae_fraction" in arch.defaults and not 0 < _number(self.ae_fraction) < 1:
+            raise ValueError(f"ae_fraction must be in (0, 1), got {self.ae_fraction!r}")
+        if "label_dropout" in arch.defaults and not 0 <= _number(self.label_dropout) < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if self.resolution not in arch.resolutions:
+            raise ValueError(
+                f"{arch.name} resolution must be one of {arch.resolutions}, got {self.resolution}"
+            )
+        self.generator_config()  # validates the networks' own settings
 
     def generator_config(self) -> GeneratorConfig:
-        if not (isinstance(self.g_channels, int) and isinstance(self.d_channels, int)):
-            raise ValueError("g_channels and d_channels must be positive integers")
-        common = {
-            "resolution": self.resolution,
-            "num_classes": len(self.class_names),
-            "z_dim": self.z_dim,
-            "g_channels": self.g_channels,
-            "d_channels": self.d_channels,
-        }
-        return architecture(self.architecture).config(**common)
+        arch = architecture(self.architecture)
+        values = {name: getattr(self, name) for name in arch.config_fields}
+        return arch.config(resolution=self.resolution, num_classes=len(self.class_names), **values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +163,38 @@ class TrainConfig:
         return cls(**d)
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float for range checks; NaN (which fails every check) otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+# TrainConfig fields that only some architectures have (each lists its own in ``defaults``).
+FAMILY_FIELDS = (
+    "batch_size",
+    "lr_g",
+    "lr_d",
+    "beta1",
+    "beta2",
+    "z_dim",
+    "g_channels",
+    "d_channels",
+    "augment",
+    "ae_fraction",
+    "ae_batch_size",
+    "lr_ae",
+    "lr_flow",
+    "latent_size",
+    "latent_channels",
+    "ae_width",
+    "flow_width",
+    "label_dropout",
+    "guidance",
+    "sample_steps",
+)
+
+
 @dataclass
 class TrainProgress:
     step: int
@@ -132,9 +202,9 @@ class TrainProgress:
     images_seen: int
     seconds: float
     images_per_second: float  # throughput of this process's part of the run
-    loss_d: float
-    loss_g: float
+    losses: dict[str, float]  # GANs: "d", "g"; latent flow: "reconstruction" or "flow"
     eta_seconds: float | None
+    phase: str = "train"  # latent flow: "autoencoder", then "flow"
 
 
 @dataclass
@@ -144,8 +214,7 @@ class TrainResult:
     steps: int
     images_seen: int
     seconds: float
-    final_loss_d: float
-    final_loss_g: float
+    final_losses: dict[str, float]
     device: str
     precision: str
     stopped: str  # "budget" or "cancelled"

@@ -1,8 +1,9 @@
 """Generator files: the weights of a trained generator plus the config that rebuilds it.
 
 A file is a safetensors file (:mod:`synthray.models.checkpoint`) whose meta holds ``kind``
-(``"generator"``), ``architecture`` (a key of :data:`synthray.models.gan.registry.ARCHITECTURES`)
-and ``config``; the registry gives the class to rebuild, so no file ever names code.
+(``"generator"``), ``architecture`` (a key of
+:data:`synthray.models.generators.registry.ARCHITECTURES`) and ``config``; the registry gives
+the class to rebuild, so no file ever names code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
-from synthray.models.gan import registry
+from synthray.models.generators import registry
 
 
 def save_generator(
@@ -64,10 +65,9 @@ def save_generator(
 def load_generator(path: Path, expected_sha256: str | None) -> nn.Module:
     """Rebuild a generator, in eval mode on CPU, from a file written by :func:`save_generator`.
 
-    The network (a :class:`synthray.models.gan.dcgan.Generator` or a
-    :class:`synthray.models.gan.projgan.Generator`, both called as ``G(z, y)`` and carrying their
-    config as ``.cfg``) is built from the architecture and config stored in the file alone.
-    With ``expected_sha256`` the file is verified first
+    The network (the ``generator`` class of its registry entry, called as ``G(z, y)`` and
+    carrying its config as ``.cfg``) is built from the architecture and config stored in the
+    file alone. With ``expected_sha256`` the file is verified first
     (:class:`~synthray.models.checkpoint.ChecksumMismatch`).
     """
     tensors, meta = load_state(Path(path), expected_sha256)

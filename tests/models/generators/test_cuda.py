@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from synthray.models.gan.config import TrainConfig
-from synthray.models.gan.files import load_generator, save_generator
-from synthray.models.gan.registry import ARCHITECTURES
-from synthray.models.gan.sampling import sample_images
-from synthray.models.gan.trainer import train_gan
+from synthray.models.generators.config import TrainConfig
+from synthray.models.generators.files import load_generator, save_generator
+from synthray.models.generators.registry import ARCHITECTURES
+from synthray.models.generators.sampling import sample_images
+from synthray.models.generators.training import train_generator
 
 pytestmark = [
     pytest.mark.cuda,
@@ -34,6 +34,7 @@ def _cfg(arch: str, resolution: int, **overrides: object) -> TrainConfig:
         "resolution": resolution,
         "class_names": ["a", "b"],
         "batch_size": 8,
+        **({"ae_batch_size": 8} if arch == "latentflow" else {}),
         "max_steps": 4,
         "device": "cuda",
         "checkpoint_every_s": 0.0,
@@ -45,19 +46,20 @@ def _cfg(arch: str, resolution: int, **overrides: object) -> TrainConfig:
 @pytest.mark.parametrize("precision", ["auto", "fp32", "fp16"])
 def test_trains_on_cuda(arch: str, precision: str) -> None:
     images, labels = _data(64)
-    result = train_gan(images, labels, _cfg(arch, 64, precision=precision))
+    result = train_generator(images, labels, _cfg(arch, 64, precision=precision))
     assert result.device.startswith("cuda") and result.steps == 4
     expected = {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(
         precision, precision
     )
     assert result.precision == expected
-    assert math.isfinite(result.final_loss_d) and math.isfinite(result.final_loss_g)
+    assert all(math.isfinite(v) for v in result.final_losses.values())
     assert all(t.device.type == "cpu" for t in result.generator_state.values())
 
 
-def test_projgan_256_trains_and_samples_on_cuda(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["projgan", "latentflow"])
+def test_256_px_trains_and_samples_on_cuda(arch: str, tmp_path: Path) -> None:
     images, labels = _data(256)
-    result = train_gan(images, labels, _cfg("projgan", 256, max_steps=2))
+    result = train_generator(images, labels, _cfg(arch, 256, max_steps=2))
     path = tmp_path / "g.safetensors"
     digest = save_generator(path, result.generator_state, result.generator_config)
     g = load_generator(path, digest)
@@ -66,12 +68,13 @@ def test_projgan_256_trains_and_samples_on_cuda(tmp_path: Path) -> None:
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def test_resume_on_cuda_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["projgan", "latentflow"])
+def test_resume_on_cuda_ends_where_an_uninterrupted_run_ends(arch: str, tmp_path: Path) -> None:
     images, labels = _data(64)
-    cfg = _cfg("projgan", 64, precision="fp32")
+    cfg = _cfg(arch, 64, precision="fp32")
     torch.backends.cudnn.deterministic = True
     try:
-        reference = train_gan(images, labels, cfg)
+        reference = train_generator(images, labels, cfg)
         calls = 0
 
         def stop_after_two() -> bool:
@@ -80,9 +83,11 @@ def test_resume_on_cuda_ends_where_an_uninterrupted_run_ends(tmp_path: Path) -> 
             return calls > 2
 
         ckpt = tmp_path / "run.safetensors"
-        first = train_gan(images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two)
+        first = train_generator(
+            images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two
+        )
         assert first.stopped == "cancelled" and first.steps == 2
-        second = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+        second = train_generator(images, labels, cfg, checkpoint_path=ckpt)
         assert second.steps == 4
         for k, v in reference.generator_state.items():
             assert torch.allclose(v, second.generator_state[k], atol=1e-4), k

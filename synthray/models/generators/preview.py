@@ -9,18 +9,22 @@ import numpy as np
 from torch import nn
 
 from synthray.models.checkpoint import load_state
-from synthray.models.gan.files import load_generator, save_generator
-from synthray.models.gan.sampling import sample_images
+from synthray.models.generators.files import load_generator, save_generator
+from synthray.models.generators.sampling import sample_images
+from synthray.models.generators.training import family_of
 
 
-def generator_from_checkpoint(path: Path) -> nn.Module:
-    """The generator a training checkpoint holds (its EMA copy when it keeps one)."""
+def generator_from_checkpoint(path: Path) -> nn.Module | None:
+    """The generator a training checkpoint holds (a GAN's EMA copy when it keeps one), or
+    None when the run has no generator yet (a latent flow still training its autoencoder)."""
     tensors, meta = load_state(path)
-    prefix = "G_ema." if any(k.startswith("G_ema.") for k in tensors) else "G."
-    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    found = family_of(str(meta.get("architecture"))).generator_in_checkpoint(tensors, meta)
+    if found is None:
+        return None
+    config, state = found
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "g.safetensors"
-        save_generator(file, state, meta["generator_config"], architecture=meta.get("architecture"))
+        save_generator(file, state, config, architecture=meta.get("architecture"))
         return load_generator(file, expected_sha256=None)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from synthray.models.gan.dcgan import DCGANConfig, Generator, build_seeded
-from synthray.models.gan.sampling import _class_seed, sample_images
+from synthray.models.generators.dcgan import DCGANConfig, Generator, build_seeded
+from synthray.models.generators.sampling import _class_seed, sample_images
 
 
 def _generator() -> Generator:

@@ -14,7 +14,7 @@ al., "Modulating early visual processing by language", NeurIPS 2017; used for cG
 and Koyama 2018): a per-class scale and shift after a batch norm without affine parameters.
 
 The loss (hinge, Lim and Ye 2017), the differentiable augmentation (Zhao et al. 2020) and the
-EMA of the generator are the training loop's (:mod:`synthray.models.gan.trainer`).
+EMA of the generator are the training loop's (:mod:`synthray.models.generators.trainer`).
 
 Widths: ``g_channels`` / ``d_channels`` are the widths at half the output side; they double
 every time the side halves, up to 8x. At the defaults (32 and 64; at 64x64 the generator has

@@ -1,4 +1,4 @@
-"""The training loop, for every registered architecture: budget, determinism, exact resume,
+"""The training loops, for every registered architecture: budget, determinism, exact resume,
 progress, generator files and sampling; then what is particular to each architecture."""
 
 from __future__ import annotations
@@ -12,17 +12,35 @@ import pytest
 import torch
 
 from synthray.models.checkpoint import ChecksumMismatch, load_state, save_state
-from synthray.models.gan import dcgan, projgan
-from synthray.models.gan.config import TrainConfig, TrainProgress
-from synthray.models.gan.files import load_generator, save_generator
-from synthray.models.gan.registry import ARCHITECTURES
-from synthray.models.gan.sampling import sample_images
-from synthray.models.gan.trainer import _Trainer, train_gan
+from synthray.models.generators import dcgan, projgan
+from synthray.models.generators.config import TrainConfig, TrainProgress
+from synthray.models.generators.files import load_generator, save_generator
+from synthray.models.generators.gan_trainer import GanTrainer
+from synthray.models.generators.registry import ARCHITECTURES
+from synthray.models.generators.sampling import sample_images
+from synthray.models.generators.training import train_generator
 from synthray.models.runtime import cpu_bf16_fast
 
 # Tiny networks: a few channels, so a step takes milliseconds.
-CHANNELS = {"dcgan": 8, "projgan": 4}
-FIRST_WEIGHT = {"dcgan": "net.0.weight", "projgan": "seed.weight"}
+TINY: dict[str, dict[str, Any]] = {
+    "dcgan": {"g_channels": 8, "d_channels": 8, "batch_size": 8},
+    "projgan": {"g_channels": 4, "d_channels": 4, "batch_size": 8},
+    "latentflow": {
+        "ae_width": 4,
+        "flow_width": 8,
+        "latent_size": 8,
+        "latent_channels": 2,
+        "ae_batch_size": 8,
+        "batch_size": 8,
+        "sample_steps": 2,
+    },
+}
+WIDTH_FIELD = {"dcgan": "g_channels", "projgan": "g_channels", "latentflow": "flow_width"}
+FIRST_WEIGHT = {
+    "dcgan": "net.0.weight",
+    "projgan": "seed.weight",
+    "latentflow": "velocity.inp.weight",
+}
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))
@@ -41,9 +59,7 @@ def _cfg(arch: str = "projgan", **overrides: Any) -> TrainConfig:
     base: dict[str, Any] = {
         "architecture": arch,
         "class_names": ["normal", "pneumonia"],
-        "batch_size": 8,
-        "g_channels": CHANNELS[arch],
-        "d_channels": CHANNELS[arch],
+        **TINY[arch],
         "max_steps": 3,
         "device": "cpu",
         "checkpoint_every_s": 0.0,
@@ -63,11 +79,11 @@ def _assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 def test_trains_a_few_steps_with_finite_losses(arch: str) -> None:
     images, labels = _data()
-    result = train_gan(images, labels, _cfg(arch))
+    result = train_generator(images, labels, _cfg(arch))
     assert result.architecture == arch
     assert result.steps == 3 and result.images_seen == 24
     assert result.stopped == "budget"
-    assert math.isfinite(result.final_loss_d) and math.isfinite(result.final_loss_g)
+    assert result.final_losses and all(math.isfinite(v) for v in result.final_losses.values())
     # auto: bf16 only on CPUs with bf16 units; emulated bf16 is slower than fp32 elsewhere.
     assert result.device == "cpu"
     assert result.precision == ("bf16" if cpu_bf16_fast() else "fp32")
@@ -75,16 +91,16 @@ def test_trains_a_few_steps_with_finite_losses(arch: str) -> None:
     assert all(
         t.dtype == torch.float32 for t in result.generator_state.values() if t.is_floating_point()
     )
-    assert result.generator_config == ARCHITECTURES[arch].config(
-        num_classes=2, g_channels=CHANNELS[arch], d_channels=CHANNELS[arch]
-    ).to_dict()
+    a = ARCHITECTURES[arch]
+    own = {k: v for k, v in TINY[arch].items() if k in a.config_fields}
+    assert result.generator_config == a.config(num_classes=2, **own).to_dict()
 
 
 def test_same_seed_same_weights_and_other_seed_differs(arch: str) -> None:
     images, labels = _data()
-    a = train_gan(images, labels, _cfg(arch, max_steps=2))
-    b = train_gan(images, labels, _cfg(arch, max_steps=2))
-    c = train_gan(images, labels, _cfg(arch, max_steps=2, seed=1))
+    a = train_generator(images, labels, _cfg(arch, max_steps=2))
+    b = train_generator(images, labels, _cfg(arch, max_steps=2))
+    c = train_generator(images, labels, _cfg(arch, max_steps=2, seed=1))
     _assert_states_equal(a.generator_state, b.generator_state)
     w = FIRST_WEIGHT[arch]
     assert not torch.equal(a.generator_state[w], c.generator_state[w])
@@ -93,7 +109,7 @@ def test_same_seed_same_weights_and_other_seed_differs(arch: str) -> None:
 def test_cancelled_run_resumes_to_the_uninterrupted_result(arch: str, tmp_path: Path) -> None:
     images, labels = _data()
     cfg = _cfg(arch, max_steps=4)
-    reference = train_gan(images, labels, cfg)
+    reference = train_generator(images, labels, cfg)
 
     ckpt = tmp_path / "run.safetensors"
     calls = 0
@@ -103,23 +119,24 @@ def test_cancelled_run_resumes_to_the_uninterrupted_result(arch: str, tmp_path: 
         calls += 1
         return calls > 2
 
-    first = train_gan(images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two_steps)
+    first = train_generator(
+        images, labels, cfg, checkpoint_path=ckpt, should_stop=stop_after_two_steps
+    )
     assert first.stopped == "cancelled" and first.steps == 2
     tensors, meta = load_state(ckpt)
     assert meta["step"] == 2 and meta["kind"] == "train_checkpoint"
     assert meta["architecture"] == arch
     assert "rng.torch" in tensors  # noise, labels and augmentation draws
 
-    second = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    second = train_generator(images, labels, cfg, checkpoint_path=ckpt)
     assert second.stopped == "budget"
     assert second.steps == 4 and second.images_seen == 32
     _assert_states_equal(reference.generator_state, second.generator_state)
-    assert second.final_loss_d == reference.final_loss_d
-    assert second.final_loss_g == reference.final_loss_g
+    assert second.final_losses == reference.final_losses
     assert second.seconds >= first.seconds
 
     # A finished checkpoint is not trained further.
-    third = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    third = train_generator(images, labels, cfg, checkpoint_path=ckpt)
     assert third.steps == 4
     _assert_states_equal(reference.generator_state, third.generator_state)
 
@@ -127,7 +144,7 @@ def test_cancelled_run_resumes_to_the_uninterrupted_result(arch: str, tmp_path: 
 def test_killed_run_resumes_from_its_last_periodic_checkpoint(arch: str, tmp_path: Path) -> None:
     images, labels = _data()
     cfg = _cfg(arch, max_steps=4, progress_every_s=0.0)
-    reference = train_gan(images, labels, cfg)
+    reference = train_generator(images, labels, cfg)
     ckpt = tmp_path / "run.safetensors"
 
     def die_at_step_three(p: TrainProgress) -> None:
@@ -135,10 +152,10 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(arch: str, tmp_pat
             raise RuntimeError("worker killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        train_gan(images, labels, cfg, checkpoint_path=ckpt, on_progress=die_at_step_three)
+        train_generator(images, labels, cfg, checkpoint_path=ckpt, on_progress=die_at_step_three)
     _, meta = load_state(ckpt)
     assert meta["step"] == 2  # the periodic checkpoint written after step 2
-    resumed = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    resumed = train_generator(images, labels, cfg, checkpoint_path=ckpt)
     assert resumed.steps == 4
     _assert_states_equal(reference.generator_state, resumed.generator_state)
 
@@ -146,11 +163,11 @@ def test_killed_run_resumes_from_its_last_periodic_checkpoint(arch: str, tmp_pat
 def test_resumed_time_counts_toward_max_seconds(arch: str, tmp_path: Path) -> None:
     images, labels = _data()
     ckpt = tmp_path / "run.safetensors"
-    train_gan(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
+    train_generator(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
     _, meta = load_state(ckpt)
     assert meta["seconds"] > 0
     cfg = _cfg(arch, max_steps=1000, max_seconds=meta["seconds"])  # budget fields may change
-    result = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    result = train_generator(images, labels, cfg, checkpoint_path=ckpt)
     assert result.steps == 2 and result.stopped == "budget"
     assert result.seconds >= meta["seconds"]
 
@@ -158,9 +175,9 @@ def test_resumed_time_counts_toward_max_seconds(arch: str, tmp_path: Path) -> No
 def test_checkpoint_of_another_run_is_not_resumed(arch: str, tmp_path: Path) -> None:
     images, labels = _data()
     ckpt = tmp_path / "run.safetensors"
-    train_gan(images, labels, _cfg(arch, max_steps=2, seed=5), checkpoint_path=ckpt)
-    fresh = train_gan(images, labels, _cfg(arch, max_steps=2))
-    resumed = train_gan(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
+    train_generator(images, labels, _cfg(arch, max_steps=2, seed=5), checkpoint_path=ckpt)
+    fresh = train_generator(images, labels, _cfg(arch, max_steps=2))
+    resumed = train_generator(images, labels, _cfg(arch, max_steps=2), checkpoint_path=ckpt)
     _assert_states_equal(fresh.generator_state, resumed.generator_state)
     _, meta = load_state(ckpt)
     assert meta["train_config"]["seed"] == 0  # overwritten by the new run
@@ -168,9 +185,9 @@ def test_checkpoint_of_another_run_is_not_resumed(arch: str, tmp_path: Path) -> 
 
 def test_time_budget_stops_the_run(arch: str) -> None:
     images, labels = _data()
-    result = train_gan(images, labels, _cfg(arch, max_steps=None, max_seconds=0.0))
+    result = train_generator(images, labels, _cfg(arch, max_steps=None, max_seconds=0.0))
     assert result.steps == 0 and result.stopped == "budget"
-    result = train_gan(images, labels, _cfg(arch, max_steps=10_000, max_seconds=0.3))
+    result = train_generator(images, labels, _cfg(arch, max_steps=10_000, max_seconds=0.3))
     assert 1 <= result.steps < 10_000
 
 
@@ -178,14 +195,14 @@ def test_progress_is_reported_and_final_call_made(arch: str) -> None:
     images, labels = _data()
     seen: list[TrainProgress] = []
     cfg = _cfg(arch, max_steps=3, progress_every_s=0.0)
-    train_gan(images, labels, cfg, on_progress=seen.append)
+    train_generator(images, labels, cfg, on_progress=seen.append)
     assert [p.step for p in seen] == [1, 2, 3, 3]
     last = seen[-1]
     assert last.total_steps == 3 and last.images_seen == 24
     assert last.images_per_second > 0 and last.eta_seconds == 0.0
     seen.clear()
     cfg = _cfg(arch, max_steps=3, progress_every_s=3600.0)
-    train_gan(images, labels, cfg, on_progress=seen.append)
+    train_generator(images, labels, cfg, on_progress=seen.append)
     assert [p.step for p in seen] == [3]
 
 
@@ -197,7 +214,7 @@ def test_config_round_trip(arch: str) -> None:
 
 def test_generator_file_round_trip_and_sampling(arch: str, tmp_path: Path) -> None:
     images, labels = _data()
-    result = train_gan(images, labels, _cfg(arch, max_steps=2))
+    result = train_generator(images, labels, _cfg(arch, max_steps=2))
     path = tmp_path / "g.safetensors"
     # The architecture is recognised from the config when not passed.
     digest = save_generator(
@@ -222,7 +239,8 @@ def test_generator_file_round_trip_and_sampling(arch: str, tmp_path: Path) -> No
 
     with pytest.raises(ValueError, match="must not override"):
         save_generator(path, result.generator_state, result.generator_config, {"kind": "x"})
-    bad_config = {**result.generator_config, "g_channels": 2 * CHANNELS[arch]}
+    width = WIDTH_FIELD[arch]
+    bad_config = {**result.generator_config, width: 2 * result.generator_config[width]}
     with pytest.raises(ValueError, match="shape"):
         save_generator(tmp_path / "bad.safetensors", result.generator_state, bad_config)
     other = next(a for a in ARCHITECTURES if a != arch)
@@ -241,9 +259,9 @@ def test_generator_file_round_trip_and_sampling(arch: str, tmp_path: Path) -> No
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_explicit_precision_runs(precision: str) -> None:
     images, labels = _data()
-    result = train_gan(images, labels, _cfg("dcgan", precision=precision, max_steps=2))
+    result = train_generator(images, labels, _cfg("dcgan", precision=precision, max_steps=2))
     assert result.precision == precision and result.steps == 2
-    assert math.isfinite(result.final_loss_d)
+    assert math.isfinite(result.final_losses["d"])
 
 
 @pytest.mark.parametrize(
@@ -290,13 +308,13 @@ def test_architecture_defaults_are_resolved_and_recorded() -> None:
 def test_data_validation() -> None:
     images, labels = _data()
     with pytest.raises(ValueError, match="resolution"):
-        train_gan(images[:, :32, :32], labels, _cfg())
+        train_generator(images[:, :32, :32], labels, _cfg())
     with pytest.raises(ValueError, match="uint8"):
-        train_gan(images.astype(np.float32), labels, _cfg())
+        train_generator(images.astype(np.float32), labels, _cfg())
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
-        train_gan(images, labels + 1, _cfg())
+        train_generator(images, labels + 1, _cfg())
     with pytest.raises(ValueError, match="without any training image"):
-        train_gan(images, np.zeros_like(labels), _cfg())
+        train_generator(images, np.zeros_like(labels), _cfg())
 
 
 def test_old_checkpoint_without_the_new_fields_still_resumes(tmp_path: Path) -> None:
@@ -304,12 +322,12 @@ def test_old_checkpoint_without_the_new_fields_still_resumes(tmp_path: Path) -> 
     images, labels = _data()
     cfg = _cfg("dcgan", max_steps=2)
     ckpt = tmp_path / "run.safetensors"
-    train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    train_generator(images, labels, cfg, checkpoint_path=ckpt)
     tensors, meta = load_state(ckpt)
     for key in ("augment", "ema_decay"):
         del meta["train_config"][key]
     save_state(ckpt, tensors, meta)
-    resumed = train_gan(images, labels, cfg, checkpoint_path=ckpt)
+    resumed = train_generator(images, labels, cfg, checkpoint_path=ckpt)
     assert resumed.steps == 2  # nothing left to train: it was resumed
 
 
@@ -318,7 +336,7 @@ def test_old_checkpoint_without_the_new_fields_still_resumes(tmp_path: Path) -> 
 
 def test_dcgan_real_batches_are_class_balanced() -> None:
     images, labels = _data()  # 20 images of class 0, 4 of class 1
-    trainer = _Trainer(images, labels, _cfg("dcgan", batch_size=64), torch.device("cpu"), "fp32")
+    trainer = GanTrainer(images, labels, _cfg("dcgan", batch_size=64), torch.device("cpu"), "fp32")
     drawn = [trainer._real_batch() for _ in range(20)]
     ys = torch.cat([y for _, y in drawn])
     assert 0.4 < ys.float().mean().item() < 0.6
@@ -334,7 +352,7 @@ def test_dcgan_real_batches_are_class_balanced() -> None:
 def test_projgan_class_power_tempers_how_often_each_class_is_drawn() -> None:
     images, labels = _data(n=104)  # 100 images of class 0, 4 of class 1
     cfg = _cfg(batch_size=64, class_power=0.5)
-    trainer = _Trainer(images, labels, cfg, torch.device("cpu"), "fp32")
+    trainer = GanTrainer(images, labels, cfg, torch.device("cpu"), "fp32")
     expected = 2 / (10 + 2)  # sqrt(4) / (sqrt(100) + sqrt(4))
     assert trainer.class_probs[1] == pytest.approx(expected)
     real = torch.cat([trainer._real_batch()[1] for _ in range(20)]).float().mean().item()
@@ -345,10 +363,10 @@ def test_projgan_class_power_tempers_how_often_each_class_is_drawn() -> None:
 @pytest.mark.parametrize("resolution", [64, 128])
 def test_projgan_returns_the_ema_generator(resolution: int) -> None:
     images, labels = _data(resolution=resolution)
-    result = train_gan(images, labels, _cfg(resolution=resolution))
-    no_ema = train_gan(images, labels, _cfg(resolution=resolution, ema_decay=0.0))
+    result = train_generator(images, labels, _cfg(resolution=resolution))
+    no_ema = train_generator(images, labels, _cfg(resolution=resolution, ema_decay=0.0))
     # Same training, but the returned weights are the average, not the last iterate.
-    assert no_ema.final_loss_d == result.final_loss_d
+    assert no_ema.final_losses == result.final_losses
     assert not torch.equal(
         result.generator_state["seed.weight"], no_ema.generator_state["seed.weight"]
     )
@@ -357,8 +375,8 @@ def test_projgan_returns_the_ema_generator(resolution: int) -> None:
 def test_projgan_checkpoint_keeps_the_ema_and_uses_augmentation(tmp_path: Path) -> None:
     images, labels = _data()
     ckpt = tmp_path / "run.safetensors"
-    a = train_gan(images, labels, _cfg(max_steps=2), checkpoint_path=ckpt)
+    a = train_generator(images, labels, _cfg(max_steps=2), checkpoint_path=ckpt)
     tensors, _ = load_state(ckpt)
     assert any(k.startswith("G_ema.") for k in tensors)  # the EMA generator is saved
-    d = train_gan(images, labels, _cfg(max_steps=2, augment="none"))  # augmentation is used
+    d = train_generator(images, labels, _cfg(max_steps=2, augment="none"))  # augmentation is used
     assert not torch.equal(a.generator_state["seed.weight"], d.generator_state["seed.weight"])

@@ -1,0 +1,169 @@
+"""Every generator architecture SynthRay can train, in one table.
+
+An :class:`Architecture` names its family (which training loop trains it:
+:data:`synthray.models.generators.training.TRAINERS`), the generator's config class and
+network, which :class:`~synthray.models.generators.config.TrainConfig` fields it has and their
+defaults, which of them build the generator's config, and the resolutions it supports. GANs
+add their discriminator, seeded builder and adversarial loss (:class:`GanParts`). The training
+loops, the generator files and the sampler look architectures up here and nowhere else, so
+adding a generator is one network file plus one entry in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from synthray.models.generators import dcgan, latentflow, projgan
+from synthray.models.generators.losses import HINGE, NON_SATURATING, AdversarialLoss
+
+GeneratorConfig = dcgan.DCGANConfig | projgan.ProjGANConfig | latentflow.LatentFlowConfig
+
+GAN = "gan"
+LATENT_FLOW = "latent-flow"
+
+
+@dataclass(frozen=True)
+class GanParts:
+    discriminator: type[nn.Module]  # D(cfg); called as D(x, y) -> logits (B,)
+    build_seeded: Callable[[Any, Any, torch.Generator], nn.Module]  # (cls, cfg, rng) -> net
+    loss: AdversarialLoss
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str  # GAN or LATENT_FLOW
+    config: type[GeneratorConfig]  # a dataclass with to_dict / from_dict
+    generator: type[nn.Module]  # G(cfg); called as G(z, y) -> (B, 1, R, R) in [-1, 1]
+    defaults: Mapping[str, Any]  # this architecture's own TrainConfig fields and defaults
+    config_fields: tuple[str, ...]  # TrainConfig fields that go into the generator config
+    resolutions: tuple[int, ...]
+    gan: GanParts | None = None
+
+    def build(self, cfg: GeneratorConfig, rng: torch.Generator) -> tuple[nn.Module, nn.Module]:
+        """A GAN's generator and discriminator, every weight drawn from ``rng`` (G first)."""
+        if self.gan is None:
+            raise ValueError(f"{self.name} is not a GAN")
+        g = self.gan.build_seeded(self.generator, cfg, rng)
+        return g, self.gan.build_seeded(self.gan.discriminator, cfg, rng)
+
+
+_GAN_DEFAULTS = {
+    "batch_size": 64,
+    "lr_g": 2e-4,
+    "lr_d": 2e-4,
+    "beta1": 0.5,
+    "beta2": 0.999,
+    "z_dim": 100,
+}
+_GAN_CONFIG_FIELDS = ("z_dim", "g_channels", "d_channels")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        # The seed study's baseline: non-saturating loss, no augmentation, no EMA.
+        Architecture(
+            name="dcgan",
+            family=GAN,
+            config=dcgan.DCGANConfig,
+            generator=dcgan.Generator,
+            defaults=MappingProxyType(
+                _GAN_DEFAULTS
+                | {
+                    "g_channels": 64,
+                    "d_channels": 64,
+                    "augment": "none",
+                    "ema_decay": 0.0,
+                    "class_power": 0.0,
+                }
+            ),
+            config_fields=_GAN_CONFIG_FIELDS,
+            resolutions=dcgan.SUPPORTED_RESOLUTIONS,
+            gan=GanParts(dcgan.Discriminator, dcgan.build_seeded, NON_SATURATING),
+        ),
+        # Spectral norm, projection discriminator, hinge loss, DiffAugment and EMA.
+        Architecture(
+            name="projgan",
+            family=GAN,
+            config=projgan.ProjGANConfig,
+            generator=projgan.Generator,
+            defaults=MappingProxyType(
+                _GAN_DEFAULTS
+                | {
+                    "g_channels": 32,
+                    "d_channels": 64,
+                    "augment": "color,translation,cutout",
+                    "ema_decay": 0.999,
+                    "class_power": 0.5,
+                }
+            ),
+            config_fields=_GAN_CONFIG_FIELDS,
+            resolutions=projgan.SUPPORTED_RESOLUTIONS,
+            gan=GanParts(projgan.Discriminator, projgan.build_seeded, HINGE),
+        ),
+        # A site autoencoder, then class-conditional flow matching on its 16 x 16 latents,
+        # sampled with classifier-free guidance.
+        Architecture(
+            name="latentflow",
+            family=LATENT_FLOW,
+            config=latentflow.LatentFlowConfig,
+            generator=latentflow.Generator,
+            defaults=MappingProxyType(
+                {
+                    "batch_size": 128,
+                    "ema_decay": 0.995,
+                    "class_power": 0.5,
+                    "ae_fraction": 0.25,
+                    "ae_batch_size": 32,
+                    "lr_ae": 2e-3,
+                    "lr_flow": 1e-3,
+                    "latent_size": 16,
+                    "latent_channels": 4,
+                    "ae_width": 16,
+                    "flow_width": 48,
+                    "label_dropout": 0.1,
+                    "guidance": 3.0,
+                    "sample_steps": 8,
+                }
+            ),
+            config_fields=(
+                "latent_size",
+                "latent_channels",
+                "ae_width",
+                "flow_width",
+                "guidance",
+                "sample_steps",
+            ),
+            resolutions=latentflow.SUPPORTED_RESOLUTIONS,
+        ),
+    )
+}
+
+DEFAULT_ARCHITECTURE = "latentflow"
+
+
+def get(name: str) -> Architecture:
+    """The architecture called ``name``; ValueError naming the supported ones otherwise."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; supported: {list(ARCHITECTURES)}"
+        ) from None
+
+
+def architecture_of(generator_config: Mapping[str, Any]) -> str:
+    """The architecture whose config has exactly these keys (their key sets differ)."""
+    keys = set(generator_config)
+    for a in ARCHITECTURES.values():
+        if keys == {f.name for f in fields(a.config)}:
+            return a.name
+    raise ValueError(
+        f"generator config keys {sorted(keys)} match no architecture; pass architecture="
+    )
