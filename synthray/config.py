@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="A batch whose images sit nearer to training than to held-out images "
         "more often than this fails the gate (0.5 is ideal).",
     )
+    min_class_patients: int = Field(
+        5,
+        ge=1,
+        description="Synthesis refuses a class with fewer training patients than this: a "
+        "generator can only reproduce the few it has seen.",
+    )
     max_file_bytes: int = Field(
         1024**3, ge=1024, description="Largest single file ingest will read."
     )
@@ -86,7 +92,10 @@ class Settings(BaseSettings):
     )
     max_zip_entries: int = Field(100_000, ge=1, description="Most entries a zip upload may hold.")
     quality_encoder_steps: int = Field(
-        600, ge=1, description="Training steps of the quality-metric encoder (once per dataset)."
+        300,
+        ge=1,
+        description="Training steps of each quality-metric encoder (supervised and "
+        "self-supervised; once per dataset version and resolution).",
     )
     quality_samples_per_class: int = Field(
         200, ge=10, description="Generated images per class for the quality metrics."

@@ -94,6 +94,9 @@ def make_settings(folder: Path, database_url: str, **overrides: Any) -> Settings
         # Test datasets hold a few dozen images: a record share over a dozen synthetic
         # images is too noisy to bound (the flagged-fraction rule is still tested).
         "max_dcr_train_share": 1.0,
+        # A dozen images per class hold only a few patients; the refusal of thin classes
+        # has its own test.
+        "min_class_patients": 1,
     }
     return Settings(**(values | overrides))
 

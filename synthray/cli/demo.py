@@ -57,6 +57,20 @@ def ingest_body(folder: Path) -> dict[str, Any]:
     }
 
 
+def synthesis_counts(
+    version: dict[str, Any], per_class: int, minimum: int
+) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """Images per class for the classes with at least ``minimum`` training patients, and
+    the (class, patients) left out."""
+    patients = (version["config"].get("data") or {}).get("train_patients_per_class")
+    patients = patients or [minimum] * len(version["classes"])
+    counts = {
+        c: per_class for c, n in zip(version["classes"], patients, strict=True) if n >= minimum
+    }
+    thin = [(c, n) for c, n in zip(version["classes"], patients, strict=True) if n < minimum]
+    return counts, thin
+
+
 def quality_lines(q: dict[str, Any]) -> list[str]:
     """Class consistency and precision / recall beside their real-vs-real floors."""
     if not q:
@@ -172,7 +186,18 @@ def run_demo(
     )
     try:
         _wait_ready(url, [api, worker])
-        return _pipeline(url, keys, folder, train_seconds, per_class, work, t0, out, err)
+        return _pipeline(
+            url,
+            keys,
+            folder,
+            train_seconds,
+            per_class,
+            settings.min_class_patients,
+            work,
+            t0,
+            out,
+            err,
+        )
     except (ApiError, RuntimeError) as exc:
         err.print(f"[red]demo failed:[/red] {exc} (logs in {work})")
         return 1
@@ -201,6 +226,7 @@ def _pipeline(
     folder: Path,
     train_seconds: float,
     per_class: int,
+    min_patients: int,
     work: Path,
     t0: float,
     out: Console,
@@ -244,7 +270,16 @@ def _pipeline(
     rev.download(f"/models/demo-generator/versions/{version}/gallery.png", gallery)
     err.print(f"  gallery (synthetic beside real held-out images, per class): {gallery}")
 
-    acc = op.post("/synthesize", {"model": "demo-generator", "per_class": per_class, "seed": 1})
+    # Classes with too few training patients cannot be synthesized without reproducing
+    # them (the API refuses them); the demo asks for the others and says so.
+    mv = op.get(f"/models/demo-generator/versions/{version}")
+    counts, thin = synthesis_counts(mv, per_class, min_patients)
+    for name, n in thin:
+        err.print(
+            f"  [yellow]{name} is left out[/yellow]: {n} training patient(s), fewer than "
+            f"{min_patients}; its synthetic images could only copy them"
+        )
+    acc = op.post("/synthesize", {"model": "demo-generator", "counts": counts, "seed": 1})
     job = _require(op.wait(acc["job_id"], err, "synthesize"), "synthesize")
     _require(op.wait(job["result"]["check_job_id"], err, "check     "), "check")
     batch = op.get(f"/batches/{acc['batch_id']}")

@@ -268,3 +268,30 @@ def test_gate_blocks_memorized_and_changed_batches(
         row.images_blob = other
     r = client.post("/v1/exports", json={"batch_id": batch_id, "partner": "partner-a"}, headers=op)
     assert r.status_code == 409 and "changed after its check" in r.json()["detail"]
+
+
+def test_synthesis_refuses_classes_with_too_few_training_patients(
+    keys: Keys, settings: Settings, trained: World
+) -> None:
+    from synthray.app.main import create_app
+
+    strict = settings.model_copy(update={"min_class_patients": 10_000})
+    with TestClient(create_app(strict), raise_server_exceptions=False) as c:
+        h = auth(keys.operator)
+        v = c.get("/v1/models/m/versions/1", headers=h).json()
+        patients = v["config"]["data"]["train_patients_per_class"]
+        assert len(patients) == 3 and all(n >= 1 for n in patients)
+        r = c.post("/v1/synthesize", json={"model": "m", "per_class": 2}, headers=h)
+        assert r.status_code == 422 and r.json()["field"] == "counts"
+        assert "too few training patients to synthesize Normal (" in r.json()["detail"]
+        r = c.post(
+            "/v1/synthesize", json={"model": "m", "counts": {"Normal": 0, "Effusion": 2}}, headers=h
+        )
+        assert r.status_code == 422 and "Effusion" in r.json()["detail"]
+        assert "Normal" not in r.json()["detail"]  # not asked for, not refused
+        assert c.get("/v1/batches", headers=h).json() == []  # nothing was queued
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        r = c.post(
+            "/v1/synthesize", json={"model": "m", "per_class": 2}, headers=auth(keys.operator)
+        )
+        assert r.status_code == 202

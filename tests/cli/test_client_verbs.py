@@ -72,6 +72,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         copydetect_seconds=2,
         copydetect_steps=4,
         max_dcr_train_share=1.0,
+        min_class_patients=1,
     )
     upgrade(settings.sqlalchemy_url)
     keys = make_keys(settings)

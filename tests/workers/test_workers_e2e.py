@@ -105,6 +105,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
         # Test datasets hold a few dozen images: a record share over a dozen synthetic
         # images is too noisy to bound (the flagged-fraction rule is still tested).
         max_dcr_train_share=1.0,
+        min_class_patients=1,  # a few patients per class (the refusal has its own test)
     )
     _empty(db)
 

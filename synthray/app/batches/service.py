@@ -42,6 +42,7 @@ def request_synthesis(
     else:
         assert req.per_class is not None
         counts = {c: req.per_class for c in classes}
+    _refuse_thin_classes(mv.config, classes, counts, settings.min_class_patients)
     batch = repository.add(
         session, SyntheticBatch(model_version_id=mv.id, counts=counts, seed=req.seed)
     )
@@ -50,6 +51,28 @@ def request_synthesis(
     batch.synth_job_id = job.id
     session.flush()
     return SynthesizeAccepted(batch_id=batch.id, job_id=job.id)
+
+
+def _refuse_thin_classes(
+    config: dict[str, Any], classes: list[str], counts: dict[str, int], minimum: int
+) -> None:
+    """A class whose generator saw fewer than ``minimum`` patients cannot be synthesized
+    without reproducing them; refuse before anything is sampled. Versions registered
+    before patients were counted are not checked here (the gate still is)."""
+    patients = (config.get("data") or {}).get("train_patients_per_class")
+    if patients is None:
+        return
+    thin = [
+        f"{c} ({n} patient{'s' if n != 1 else ''})"
+        for c, n in zip(classes, patients, strict=True)
+        if counts.get(c, 0) > 0 and n < minimum
+    ]
+    if thin:
+        raise Invalid(
+            f"too few training patients to synthesize {', '.join(thin)}: at least {minimum} "
+            "are needed (SYNTHRAY_MIN_CLASS_PATIENTS); ask for the other classes with counts",
+            field="counts",
+        )
 
 
 def get(session: Session, batch_id: int) -> SyntheticBatch:

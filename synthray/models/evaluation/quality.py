@@ -133,7 +133,7 @@ def train_ssl_encoder(
     *,
     max_seconds: float = 120.0,
     max_steps: int = 600,
-    batch_size: int = 64,
+    batch_size: int = 32,
     temperature: float = 0.2,
     seed: int = 0,
 ) -> Encoder:

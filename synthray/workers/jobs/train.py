@@ -75,7 +75,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
             p.get("imbalance"),
             int(p.get("imbalance_seed", 0)),
         )
+        keys = datasets.patient_keys(s, dataset_version_id, real.positions)
     train_images, train_labels = real.images, real.labels
+    patients_per_class = [len(set(keys[train_labels == c])) for c in range(len(classes))]
     # Settings the request left out (None) take the architecture's defaults.
     tuned = {k: p[k] for k in TUNABLE if p.get(k) is not None}
     cfg = TrainConfig(
@@ -172,6 +174,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                     "train_images_per_class": [
                         int(n) for n in np.bincount(train_labels, minlength=len(classes))
                     ],
+                    # Synthesis refuses classes with too few patients to hide among.
+                    "train_patients_per_class": patients_per_class,
                 },
             },
             classes=classes,
