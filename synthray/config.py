@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="Synthesis refuses a class with fewer training patients than this: a "
         "generator can only reproduce the few it has seen.",
     )
+    guidance_full_patients: int = Field(
+        50,
+        ge=1,
+        description="A latent flow generator guides a class with fewer training patients "
+        "than this less strongly (linearly towards no guidance), so its samples stay away "
+        "from those few patients.",
+    )
     max_file_bytes: int = Field(
         1024**3, ge=1024, description="Largest single file ingest will read."
     )

@@ -59,6 +59,9 @@ class LatentFlowConfig:
     emb_dim: int = 128
     sample_steps: int = 8
     guidance: float = 3.0
+    # Per class, overriding ``guidance`` (set by the train job, which tapers the guidance
+    # of classes with few training patients: see ``tapered_guidance``).
+    class_guidance: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.resolution not in SUPPORTED_RESOLUTIONS:
@@ -74,6 +77,12 @@ class LatentFlowConfig:
             raise ValueError(f"latent_size must be even, got {self.latent_size}")
         if not (isinstance(self.guidance, int | float) and 0 <= self.guidance <= 20):
             raise ValueError(f"guidance must be in [0, 20], got {self.guidance!r}")
+        if self.class_guidance is not None:
+            self.class_guidance = [float(w) for w in self.class_guidance]
+            if len(self.class_guidance) != self.num_classes or not all(
+                0 <= w <= 20 for w in self.class_guidance
+            ):
+                raise ValueError("class_guidance needs one weight in [0, 20] per class")
         self.autoencoder()  # validates resolution / latent size / widths
 
     def autoencoder(self) -> AutoencoderConfig:
@@ -99,6 +108,19 @@ class LatentFlowConfig:
         if unknown:
             raise ValueError(f"unknown LatentFlowConfig keys: {sorted(unknown)}")
         return cls(**d)
+
+
+def tapered_guidance(guidance: float, patients: list[int], full: int) -> list[float]:
+    """Per-class guidance: ``guidance`` for a class with at least ``full`` training
+    patients, tapered linearly towards 1 (no guidance) below that,
+    w_c = 1 + (w - 1) min(1, p_c / full).
+
+    Guidance pulls a class's samples towards what is typical of its training images; with a
+    handful of patients, that is those patients, and the memorization gate flags the
+    samples as near-copies. Weights of 1 or below are left as they are."""
+    if guidance <= 1.0:
+        return [float(guidance)] * len(patients)
+    return [1.0 + (guidance - 1.0) * min(1.0, p / max(full, 1)) for p in patients]
 
 
 def time_features(t: Tensor) -> Tensor:
@@ -196,12 +218,18 @@ class Generator(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(shape))
         self.register_buffer("latent_std", torch.ones(shape))
 
+    def guidance_of(self, y: Tensor) -> Tensor:
+        """(B, 1, 1, 1) guidance weight of each row's class."""
+        per_class = self.cfg.class_guidance or [float(self.cfg.guidance)] * self.cfg.num_classes
+        w = torch.tensor(per_class, dtype=torch.float32, device=y.device)[y]
+        return w[:, None, None, None]
+
     def guided_velocity(self, z: Tensor, t: float, y: Tensor) -> Tensor:
         """v_u + w (v_c - v_u) at time t for every row of z, in fp32."""
         b = z.shape[0]
-        w = float(self.cfg.guidance)
+        w = self.guidance_of(y)
         tt = torch.full((b,), t, device=z.device)
-        if w == 1.0:
+        if bool((w == 1.0).all()):
             return self.velocity(z, tt, y).float()
         null = torch.full_like(y, self.cfg.num_classes)
         v = self.velocity(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, null])).float()

@@ -56,6 +56,7 @@ class _Preview:
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.generators.config import TrainConfig, TrainProgress
     from synthray.models.generators.files import save_generator
+    from synthray.models.generators.latentflow import tapered_guidance
     from synthray.models.generators.training import train_generator
 
     p = ctx.params
@@ -132,11 +133,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
     )
     if result.stopped == "cancelled":
         raise JobCancelled()
+    generator_config = dict(result.generator_config)
+    if "class_guidance" in generator_config:  # taper the guidance of thin classes
+        generator_config["class_guidance"] = tapered_guidance(
+            float(generator_config["guidance"]),
+            patients_per_class,
+            ctx.settings.guidance_full_patients,
+        )
     gen_path = ctx.work_dir / "generator.safetensors"
     save_generator(
         gen_path,
         result.generator_state,
-        result.generator_config,
+        generator_config,
         extra_meta={"classes": classes, "dataset_sha256": dataset_sha},
     )
     sha, size = ctx.blobs.put_file(gen_path)
@@ -166,7 +174,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             architecture=p["architecture"],
             config={
                 "train": cfg.to_dict(),
-                "generator": result.generator_config,
+                "generator": generator_config,
                 # The real images it saw, so utility evaluations use exactly the same.
                 "data": {
                     "imbalance": p.get("imbalance"),

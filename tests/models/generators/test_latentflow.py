@@ -18,6 +18,7 @@ from synthray.models.generators.latentflow import (
     LatentFlowConfig,
     VelocityNet,
     build_seeded,
+    tapered_guidance,
 )
 from synthray.models.generators.preview import generator_from_checkpoint
 from synthray.models.generators.training import train_generator
@@ -199,3 +200,28 @@ def test_settings_of_other_families_are_refused() -> None:
     cfg = TrainConfig(architecture="latentflow", class_names=["a", "b"], max_steps=1)
     assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (128, 3.0, None)
     assert cfg.generator_config().guidance == 3.0
+
+
+def test_guidance_is_tapered_for_classes_with_few_patients() -> None:
+    assert tapered_guidance(3.0, [100, 50, 25, 5, 0], full=50) == [3.0, 3.0, 2.0, 1.2, 1.0]
+    assert tapered_guidance(1.0, [1, 100], full=50) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="one weight"):
+        LatentFlowConfig(num_classes=3, class_guidance=[2.0, 2.0])
+    # Each row is guided with its own class's weight: a class at weight 1 samples as the
+    # unguided generator does, the others do not.
+    cfg = LatentFlowConfig(num_classes=3, sample_steps=2, **TINY)
+    g = build_seeded(lambda: Generator(cfg), torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        _perturb_zero_layers(g.velocity)
+    tapered = Generator(
+        LatentFlowConfig(num_classes=3, sample_steps=2, class_guidance=[1.0, 3.0, 3.0], **TINY)
+    )
+    unguided = Generator(LatentFlowConfig(num_classes=3, sample_steps=2, guidance=1.0, **TINY))
+    for other in (tapered, unguided):
+        other.load_state_dict(g.state_dict())
+        other.eval()
+    z, y = torch.randn(3, cfg.z_dim), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        a, b, c = g(z, y), tapered(z, y), unguided(z, y)
+    assert torch.allclose(b[0], c[0]) and not torch.allclose(a[0], c[0])
+    assert torch.allclose(b[1:], a[1:])
