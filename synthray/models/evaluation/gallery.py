@@ -26,10 +26,12 @@ def gallery_png(
     class_names: list[str],
     per_class: int = 8,
     seed: int = 0,
+    notes: dict[str, str] | None = None,
 ) -> bytes:
     """PNG bytes of the gallery; images are uint8 (N, R, R), labels index ``class_names``.
     Real images are drawn at random (``seed``) within their class; a class with fewer images
-    than ``per_class`` leaves the rest of its row empty."""
+    than ``per_class`` leaves the rest of its row empty. ``notes`` adds a remark after a
+    class's name (for example that it cannot be exported)."""
     if generated.ndim != 3 or real.ndim != 3 or generated.shape[1:] != real.shape[1:]:
         raise ValueError("generated and real images must be (N, R, R) of one resolution")
     rng = np.random.default_rng(seed)
@@ -40,7 +42,8 @@ def gallery_png(
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(class_names):
         top = c * band
-        draw.text((GAP, top + 1), name, fill=0)
+        note = (notes or {}).get(name)
+        draw.text((GAP, top + 1), f"{name}  ({note})" if note else name, fill=0)
         for row, (images, labels, title) in enumerate(
             ((generated, generated_labels, "synthetic"), (real, real_labels, "real, unseen"))
         ):

@@ -56,7 +56,12 @@ SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
 
 
 def measure(
-    ctx: JobContext, split: SplitArrays, classes: list[str], gen_path: Path, dataset_version_id: int
+    ctx: JobContext,
+    split: SplitArrays,
+    classes: list[str],
+    gen_path: Path,
+    dataset_version_id: int,
+    notes: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """The quality figures of the generator at ``gen_path`` and the supervised encoder's
     sha256 (the one recorded with the model version)."""
@@ -105,6 +110,8 @@ def measure(
     # Staff look at this: per class, generated images beside real ones of unseen patients.
     own_class = {dataset_class: g for g, dataset_class in enumerate(keep)}
     hold_y = np.array([own_class[int(v)] for v in split.holdout_labels[m_hold]], dtype=np.int64)
-    picture = gallery_png(fake_x, fake_y, split.holdout_images[m_hold], hold_y, classes)
+    picture = gallery_png(
+        fake_x, fake_y, split.holdout_images[m_hold], hold_y, classes, notes=notes
+    )
     out["gallery_sha256"], _ = ctx.blobs.put_bytes(picture)
     return out, sup_sha

@@ -148,8 +148,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
         extra_meta={"classes": classes, "dataset_sha256": dataset_sha},
     )
     sha, size = ctx.blobs.put_file(gen_path)
+    minimum = ctx.settings.min_class_patients
+    thin = {
+        c: f"{n} training patient{'s' if n != 1 else ''}: synthesis refused"
+        for c, n in zip(classes, patients_per_class, strict=True)
+        if n < minimum
+    }
     quality, encoder_sha = (
-        _quality.measure(ctx, split, classes, gen_path, dataset_version_id)
+        _quality.measure(ctx, split, classes, gen_path, dataset_version_id, thin)
         if p.get("evaluate", True)
         else ({}, None)
     )
