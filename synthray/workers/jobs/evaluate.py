@@ -19,8 +19,29 @@ from synthray.app.jobs.context import JobCancelled, JobContext, JobFailed
 from synthray.app.registry import service as registry
 from synthray.workers.jobs import _gate
 
-# Extra synthetic images drawn per class, so that flagged ones can be left out.
+# Extra synthetic images drawn per class, so that flagged ones can be left out, and how
+# many draws a class the gate flags more often may take.
 _MARGIN = 0.1
+_ROUNDS = 3
+
+
+def _round_seed(seed: int, draw: int) -> int:
+    """The recorded synthesis seed for the first draw, a derived one for later draws."""
+    if draw == 1:
+        return seed
+    return int(np.random.SeedSequence([seed, draw]).generate_state(1, dtype=np.uint32)[0])
+
+
+def draw_sizes(missing: np.ndarray, drawn: np.ndarray, flagged: np.ndarray) -> dict[int, int]:
+    """How many images to draw per class for what each still lacks (``missing``), given
+    how many were drawn and flagged so far: the margin, scaled up by the class's observed
+    flag rate (at most 80% assumed, so one draw stays bounded)."""
+    rate = np.where(drawn > 0, flagged / np.maximum(drawn, 1), 0.0)
+    return {
+        c: int(np.ceil(round(n * (1 + _MARGIN) / max(1.0 - float(rate[c]), 0.2), 6))) + 4
+        for c, n in enumerate(missing)
+        if n > 0
+    }
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -70,35 +91,54 @@ def run(ctx: JobContext) -> dict[str, Any]:
             empty = [classes[i] for i in np.flatnonzero(per_class == 0)]
             raise JobFailed(f"the {name} set has no image of {empty}")
 
-    # The synthetic pool: what the arms need, plus a margin for flagged images.
+    # The synthetic pool: what the arms need, plus a margin for flagged images. A class the
+    # gate flags more often than the margin allows is drawn again (new latent codes) for
+    # what it still lacks, sized by its observed flag rate, up to _ROUNDS draws.
     arms = list(p["arms"])
     needs = utility.pool_needs(counts, arms)
-    draw = {c: int(n + np.ceil(_MARGIN * n)) + 4 for c, n in enumerate(needs) if n > 0}
-    ctx.progress(0, sum(draw.values()), f"drawing {sum(draw.values())} synthetic images")
     generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
-    syn_x, syn_y = sample_images(
-        generator,
-        draw,
-        seed=int(p["synthesis_seed"]),
-        device=ctx.settings.device,
-        on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
-    )
-    ctx.progress(0, None, f"memorization gate over {len(syn_x)} synthetic images")
-    flagged = np.zeros(len(syn_x), dtype=bool)
+    kept_x: list[np.ndarray] = []
+    kept_y: list[np.ndarray] = []
+    have = np.zeros(len(classes), dtype=np.int64)
+    drawn_per_class = np.zeros(len(classes), dtype=np.int64)
+    flagged_per_class = np.zeros(len(classes), dtype=np.int64)
     embedder_sha = None
-    if len(syn_x):
-        flagged, embedder_sha = _gate.flagged(ctx, syn_x, split, dataset_version_id)
-    keep = np.zeros(len(syn_x), dtype=bool)
-    for c, n in enumerate(needs):
-        ok = np.flatnonzero((syn_y == c) & ~flagged)
-        if len(ok) < n:
-            raise JobFailed(
-                f"the memorization gate flagged {int(((syn_y == c) & flagged).sum())} of "
-                f"{int((syn_y == c).sum())} synthetic images of class {classes[c]!r}; "
-                f"{int(n)} unflagged ones are needed"
-            )
-        keep[ok[: int(n)]] = True
-    syn_x, syn_y = syn_x[keep], syn_y[keep]
+    rounds = 0
+    for rounds in range(1, _ROUNDS + 1):
+        missing = np.maximum(needs - have, 0)
+        if not missing.any():
+            rounds -= 1
+            break
+        draw = draw_sizes(missing, drawn_per_class, flagged_per_class)
+        total = sum(draw.values())
+        ctx.progress(0, total, f"drawing {total} synthetic images (round {rounds})")
+        x, y = sample_images(
+            generator,
+            draw,
+            seed=_round_seed(int(p["synthesis_seed"]), rounds),
+            device=ctx.settings.device,
+            on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
+        )
+        ctx.progress(0, None, f"memorization gate over {len(x)} synthetic images")
+        flagged, embedder_sha = _gate.flagged(ctx, x, split, dataset_version_id)
+        for c in range(len(classes)):
+            mine = y == c
+            drawn_per_class[c] += int(mine.sum())
+            flagged_per_class[c] += int((mine & flagged).sum())
+            ok = np.flatnonzero(mine & ~flagged)[: int(max(needs[c] - have[c], 0))]
+            kept_x.append(x[ok])
+            kept_y.append(y[ok])
+            have[c] += len(ok)
+    short = np.flatnonzero(have < needs)
+    if len(short):
+        c = int(short[0])
+        raise JobFailed(
+            f"the memorization gate flagged {int(flagged_per_class[c])} of "
+            f"{int(drawn_per_class[c])} synthetic images of class {classes[c]!r} over "
+            f"{_ROUNDS} draws; {int(needs[c])} unflagged ones are needed"
+        )
+    syn_x = np.concatenate(kept_x) if kept_x else np.zeros((0, resolution, resolution), np.uint8)
+    syn_y = np.concatenate(kept_y) if kept_y else np.zeros(0, np.int64)
     gate_seconds = time.perf_counter() - t0
 
     cfg = utility.ClassifierConfig(
@@ -140,8 +180,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
         },
         "synthetic": {
             "seed": int(p["synthesis_seed"]),
-            "drawn": len(flagged),
-            "flagged": int(flagged.sum()),
+            "draws": rounds,
+            "drawn": int(drawn_per_class.sum()),
+            "flagged": int(flagged_per_class.sum()),
+            "drawn_per_class": [int(n) for n in drawn_per_class],
+            "flagged_per_class": [int(n) for n in flagged_per_class],
             "used_per_class": [int(n) for n in needs],
             "copydetect_sha256": embedder_sha,
             "gate_seconds": round(gate_seconds, 1),

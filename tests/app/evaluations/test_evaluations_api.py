@@ -63,6 +63,15 @@ def test_evaluation_runs_every_arm_and_is_stored_with_its_lineage(
     assert e["code_version"]
     synthetic = result["synthetic"]
     assert synthetic["seed"] == 0 and synthetic["drawn"] >= sum(synthetic["used_per_class"])
+    assert synthetic["draws"] >= 1 and sum(synthetic["drawn_per_class"]) == synthetic["drawn"]
+    assert sum(synthetic["flagged_per_class"]) == synthetic["flagged"]
+    for drawn, flagged, used in zip(
+        synthetic["drawn_per_class"],
+        synthetic["flagged_per_class"],
+        synthetic["used_per_class"],
+        strict=True,
+    ):
+        assert drawn - flagged >= used
     assert len(result["scores"]["DS1"]) == 2
     # TSTR trains on as many images as DS1 holds, all synthetic.
     tstr, ds1 = result["scores"]["TSTR"][0], result["scores"]["DS1"][0]
@@ -184,3 +193,4 @@ def test_an_external_test_set_and_an_induced_imbalance(
     assert result["real_train_per_class"] == [normal, effusion, cardio]
     assert result["test_images"] == 15
     assert result["lineage"]["imbalance"] == {"Cardiomegaly": 0.3}
+
