@@ -32,9 +32,10 @@ PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 export SYNTHRAY_URL=http://127.0.0.1:$PORT
 SYNTHRAY_API_KEY=$($SR keys create --role admin --name study 2>/dev/null | tail -n 1)
 export SYNTHRAY_API_KEY
-$SR serve --port "$PORT" > "$OUT/api.log" 2>&1 &
+# Its own process group, so that the API and its worker are stopped together.
+setsid $SR serve --port "$PORT" > "$OUT/api.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+trap 'kill -- -$SERVER 2>/dev/null; sleep 5; kill -9 -- -$SERVER 2>/dev/null; true' EXIT
 for _ in $(seq 1 60); do curl -fs "$SYNTHRAY_URL/healthz" > /dev/null && break; sleep 1; done
 T0=$(date +%s)
 log() { printf '[study %s +%ss] %s\n' "$SET" "$(( $(date +%s) - T0 ))" "$*" | tee -a "$OUT/summary.txt"; }

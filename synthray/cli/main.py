@@ -197,8 +197,14 @@ def serve(
         uvicorn.run(create_app(s), host=host, port=port, log_level=s.log_level.lower())
     finally:
         if worker is not None:
+            # Warm shutdown lets the running job reach a checkpoint; after 30 s the worker
+            # is killed rather than left behind (its job is redelivered by the sweeper).
             worker.terminate()
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 @app.command()
@@ -316,7 +322,7 @@ def train(
     ] = "latentflow",
     guidance: Annotated[
         float | None,
-        typer.Option(help="latentflow: classifier-free guidance of the sampler (default 3)."),
+        typer.Option(help="latentflow: classifier-free guidance of the sampler (default 2)."),
     ] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     classes: Annotated[
