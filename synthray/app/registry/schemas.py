@@ -45,7 +45,7 @@ class TrainRequest(BaseModel):
         ge=0,
         le=20,
         description="latentflow only: classifier-free guidance weight of the sampler "
-        "(default 3; 1 is no guidance, higher trades diversity for class fidelity).",
+        "(default 2; 1 is no guidance, higher trades diversity for class fidelity).",
     )
     sample_steps: int | None = Field(
         None, ge=1, le=100, description="latentflow only: Heun steps per sample (default 8)."

@@ -58,7 +58,7 @@ class LatentFlowConfig:
     flow_width: int = 48
     emb_dim: int = 128
     sample_steps: int = 8
-    guidance: float = 3.0
+    guidance: float = 2.0
     # Per class, overriding ``guidance`` (set by the train job, which tapers the guidance
     # of classes with few training patients: see ``tapered_guidance``).
     class_guidance: list[float] | None = None

@@ -128,7 +128,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "ae_width": 16,
                     "flow_width": 48,
                     "label_dropout": 0.1,
-                    "guidance": 3.0,
+                    "guidance": 2.0,
                     "sample_steps": 8,
                 }
             ),

@@ -198,8 +198,8 @@ def test_settings_of_other_families_are_refused() -> None:
     with pytest.raises(ValueError, match="ae_fraction"):
         _cfg(ae_fraction=1.0)
     cfg = TrainConfig(architecture="latentflow", class_names=["a", "b"], max_steps=1)
-    assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (128, 3.0, None)
-    assert cfg.generator_config().guidance == 3.0
+    assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (128, 2.0, None)
+    assert cfg.generator_config().guidance == 2.0
 
 
 def test_guidance_is_tapered_for_classes_with_few_patients() -> None:
@@ -209,7 +209,7 @@ def test_guidance_is_tapered_for_classes_with_few_patients() -> None:
         LatentFlowConfig(num_classes=3, class_guidance=[2.0, 2.0])
     # Each row is guided with its own class's weight: a class at weight 1 samples as the
     # unguided generator does, the others do not.
-    cfg = LatentFlowConfig(num_classes=3, sample_steps=2, **TINY)
+    cfg = LatentFlowConfig(num_classes=3, sample_steps=2, guidance=3.0, **TINY)
     g = build_seeded(lambda: Generator(cfg), torch.Generator().manual_seed(0)).eval()
     with torch.no_grad():
         _perturb_zero_layers(g.velocity)
