@@ -15,10 +15,10 @@ from synthray.models.runtime import cpu_compute_dtype, resolve_device, to_channe
 _SEED_MASK = (1 << 63) - 1
 
 
-def _class_seed(seed: int, class_id: int) -> int:
-    """An independent 63-bit seed per (seed, class), so one class's images do not depend on
-    which other classes are requested."""
-    words = np.random.SeedSequence([seed, class_id]).generate_state(2, dtype=np.uint32)
+def derived_seed(seed: int, key: int) -> int:
+    """An independent 63-bit seed per (seed, key): per class here, so one class's images do
+    not depend on which other classes are requested; per draw in the evaluation job."""
+    words = np.random.SeedSequence([seed, key]).generate_state(2, dtype=np.uint32)
     return ((int(words[0]) << 32) | int(words[1])) & _SEED_MASK
 
 
@@ -78,7 +78,7 @@ def sample_images(
             if n == 0:
                 continue
             rng = torch.Generator(device="cpu")
-            rng.manual_seed(_class_seed(seed, c))
+            rng.manual_seed(derived_seed(seed, c))
             z_all = torch.randn(n, cfg.z_dim, generator=rng)  # (n, z_dim)
             for start in range(0, n, batch_size):
                 z = z_all[start : start + batch_size].to(dev)  # (b, z_dim)

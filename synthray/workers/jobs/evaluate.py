@@ -25,13 +25,6 @@ _MARGIN = 0.1
 _ROUNDS = 3
 
 
-def _round_seed(seed: int, draw: int) -> int:
-    """The recorded synthesis seed for the first draw, a derived one for later draws."""
-    if draw == 1:
-        return seed
-    return int(np.random.SeedSequence([seed, draw]).generate_state(1, dtype=np.uint32)[0])
-
-
 def draw_sizes(missing: np.ndarray, drawn: np.ndarray, flagged: np.ndarray) -> dict[int, int]:
     """How many images to draw per class for what each still lacks (``missing``), given
     how many were drawn and flagged so far: the margin, scaled up by the class's observed
@@ -47,7 +40,7 @@ def draw_sizes(missing: np.ndarray, drawn: np.ndarray, flagged: np.ndarray) -> d
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.evaluation import utility
     from synthray.models.generators.files import load_generator
-    from synthray.models.generators.sampling import sample_images
+    from synthray.models.generators.sampling import derived_seed, sample_images
     from synthray.models.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -103,19 +96,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
     drawn_per_class = np.zeros(len(classes), dtype=np.int64)
     flagged_per_class = np.zeros(len(classes), dtype=np.int64)
     embedder_sha = None
-    rounds = 0
-    for rounds in range(1, _ROUNDS + 1):
-        missing = np.maximum(needs - have, 0)
-        if not missing.any():
-            rounds -= 1
-            break
+    seed = int(p["synthesis_seed"])
+    draws = 0
+    while draws < _ROUNDS and (missing := np.maximum(needs - have, 0)).any():
+        draws += 1
         draw = draw_sizes(missing, drawn_per_class, flagged_per_class)
         total = sum(draw.values())
-        ctx.progress(0, total, f"drawing {total} synthetic images (round {rounds})")
+        ctx.progress(0, total, f"drawing {total} synthetic images (draw {draws})")
         x, y = sample_images(
             generator,
             draw,
-            seed=_round_seed(int(p["synthesis_seed"]), rounds),
+            # The recorded seed for the first draw, one derived from it for later draws.
+            seed=seed if draws == 1 else derived_seed(seed, draws),
             device=ctx.settings.device,
             on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
         )
@@ -125,7 +117,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             mine = y == c
             drawn_per_class[c] += int(mine.sum())
             flagged_per_class[c] += int((mine & flagged).sum())
-            ok = np.flatnonzero(mine & ~flagged)[: int(max(needs[c] - have[c], 0))]
+            ok = np.flatnonzero(mine & ~flagged)[: int(missing[c])]
             kept_x.append(x[ok])
             kept_y.append(y[ok])
             have[c] += len(ok)
@@ -179,8 +171,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "imbalance_seed": int(data.get("imbalance_seed", 0)),
         },
         "synthetic": {
-            "seed": int(p["synthesis_seed"]),
-            "draws": rounds,
+            "seed": seed,
+            "draws": draws,
             "drawn": int(drawn_per_class.sum()),
             "flagged": int(flagged_per_class.sum()),
             "drawn_per_class": [int(n) for n in drawn_per_class],

@@ -193,4 +193,3 @@ def test_an_external_test_set_and_an_induced_imbalance(
     assert result["real_train_per_class"] == [normal, effusion, cardio]
     assert result["test_images"] == 15
     assert result["lineage"]["imbalance"] == {"Cardiomegaly": 0.3}
-
