@@ -13,13 +13,16 @@ import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 log = logging.getLogger(__name__)
+
+READ_ONLY = "synthray_read_only"
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -64,6 +67,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
     pysqlite defers BEGIN until the first write, so a read-then-write transaction can
     fail with "database is locked" when it upgrades; taking the write lock at BEGIN
     makes concurrent writers (API, worker heartbeats) queue on busy_timeout instead.
+    A transaction that only reads (a connection with the ``read_only`` execution option,
+    see :func:`read_session_scope`) begins deferred: under WAL it reads a snapshot and
+    waits for nobody.
     """
 
     @event.listens_for(engine, "connect")
@@ -78,7 +84,8 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -98,6 +105,29 @@ def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=engine_for(url), expire_on_commit=False)
 
 
+T = TypeVar("T", bound=Base)
+
+
+def lock_or_create(session: Session, table: type[T], **key: Any) -> T:
+    """The row of ``table`` with these unique ``key`` values, created if missing and held
+    until the transaction ends, so that numbering its children (version n + 1) cannot race.
+
+    On PostgreSQL, ``INSERT ... ON CONFLICT DO NOTHING`` then ``SELECT ... FOR UPDATE``: a
+    second request for the same new name waits for the first to commit instead of failing
+    on the unique index, then reads the versions the first one added. SQLite needs no lock:
+    every transaction here takes its write lock at BEGIN (``BEGIN IMMEDIATE``).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(pg_insert(table).values(**key).on_conflict_do_nothing())
+    stmt = select(table).filter_by(**key).with_for_update()
+    row = session.scalars(stmt.execution_options(populate_existing=True)).one_or_none()
+    if row is None:
+        row = table(**key)
+        session.add(row)
+        session.flush()
+    return row
+
+
 def on_commit(session: Session, fn: Callable[[], None]) -> None:
     """Run ``fn`` after the session's transaction commits (never if it rolls back)."""
     session.info.setdefault("after_commit", []).append(fn)
@@ -115,9 +145,15 @@ def commit(session: Session) -> None:
 
 
 @contextlib.contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A unit of work outside a request (workers, CLI): commit on success."""
+def session_scope(url: str, *, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work (a request, a worker step, a CLI verb): commit on success.
+
+    ``read_only`` promises that the unit writes nothing, so that on SQLite it does not take
+    the write lock (a write in it would have to upgrade the lock and may fail under load).
+    """
     session = session_factory(url)()
+    if read_only:
+        session.connection(execution_options={READ_ONLY: True})
     try:
         yield session
         commit(session)

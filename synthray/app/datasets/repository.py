@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from synthray.app.datasets.schemas import DatasetVersionState
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
+from synthray.app.db import lock_or_create
 
 
 def get_by_name(session: Session, name: str, *, with_versions: bool = False) -> Dataset | None:
@@ -19,11 +20,9 @@ def get_by_name(session: Session, name: str, *, with_versions: bool = False) -> 
     return session.scalars(stmt).one_or_none()
 
 
-def add_dataset(session: Session, name: str) -> Dataset:
-    ds = Dataset(name=name)
-    session.add(ds)
-    session.flush()
-    return ds
+def lock_or_add(session: Session, name: str) -> Dataset:
+    """The dataset, created if new, locked while this transaction numbers a version."""
+    return lock_or_create(session, Dataset, name=name)
 
 
 def list_datasets(session: Session) -> list[Dataset]:

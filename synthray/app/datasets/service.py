@@ -39,6 +39,7 @@ def resolve_source(settings: Settings, source: str) -> Path:
 def _check_csv(folder: Path, spec: DatasetCreate) -> None:
     if not spec.labels_csv:
         return
+    folder = folder.resolve()
     csv_path = (folder / spec.labels_csv).resolve()
     if folder not in csv_path.parents or not csv_path.is_file():
         raise Invalid("labels_csv is not a file inside the source folder", field="labels_csv")
@@ -58,7 +59,7 @@ def _check_csv(folder: Path, spec: DatasetCreate) -> None:
     }
     for field, column in wanted.items():
         if column is not None and column not in header:
-            raise Invalid(f"labels_csv has no column {column!r}", field=field)
+            raise Invalid(f"labels_csv has no column named as {field} says", field=field)
 
 
 def request_ingest(
@@ -78,7 +79,7 @@ def request_ingest(
     else:
         folder = resolve_source(settings, spec.source)
     _check_csv(folder, spec)
-    ds = repository.get_by_name(session, spec.name) or repository.add_dataset(session, spec.name)
+    ds = repository.lock_or_add(session, spec.name)
     version = repository.add_version(
         session,
         DatasetVersion(

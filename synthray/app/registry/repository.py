@@ -4,6 +4,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.sql.base import ExecutableOption
 
+from synthray.app.db import lock_or_create
 from synthray.app.registry.tables import (
     ModelAlias,
     ModelAliasMove,
@@ -29,11 +30,9 @@ def get_model(session: Session, name: str, *, with_tree: bool = False) -> Regist
     return session.scalars(stmt).one_or_none()
 
 
-def add_model(session: Session, name: str) -> RegisteredModel:
-    m = RegisteredModel(name=name)
-    session.add(m)
-    session.flush()
-    return m
+def lock_or_add(session: Session, name: str) -> RegisteredModel:
+    """The model, created if new, locked while this transaction numbers a version."""
+    return lock_or_create(session, RegisteredModel, name=name)
 
 
 def list_models(session: Session) -> list[RegisteredModel]:

@@ -78,10 +78,10 @@ def register_version(
     encoder_sha256: str | None = None,
 ) -> ModelVersion:
     """Add a new immutable version (idempotent per training job)."""
-    existing = version_for_train_job(session, train_job_id)
+    model = repository.lock_or_add(session, model_name)
+    existing = version_for_train_job(session, train_job_id)  # looked up under the lock
     if existing is not None:
         return existing
-    model = repository.get_model(session, model_name) or repository.add_model(session, model_name)
     return repository.add_version(
         session,
         ModelVersion(
