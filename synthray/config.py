@@ -97,6 +97,26 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(
         8 * 1024**3, ge=1024, description="Largest total size a zip upload may unpack to."
     )
+    max_zip_ratio: int = Field(
+        100,
+        ge=1,
+        description="A zip upload may unpack to at most this many times its own size (or "
+        "64 MiB, whichever is more), and never past max_unpacked_bytes.",
+    )
+    max_json_bytes: int = Field(
+        1024**2,
+        ge=1024,
+        description="Largest request body of every route but the uploads (413 past it, "
+        "before it is read).",
+    )
+    max_batch_images: int = Field(
+        100_000, ge=1, description="Most images one synthesis request may ask for."
+    )
+    min_free_bytes: int = Field(
+        100 * 1024**2,
+        ge=0,
+        description="/readyz reports the storage unavailable below this much free space.",
+    )
     max_zip_entries: int = Field(100_000, ge=1, description="Most entries a zip upload may hold.")
     quality_encoder_steps: int = Field(
         300,
@@ -128,7 +148,19 @@ class Settings(BaseSettings):
         description="Where request counts live: memory:// for one API process, a redis:// URL "
         "when several API processes share the limit.",
     )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="Addresses of reverse proxies whose X-Forwarded-For is believed "
+        "(comma-separated, as uvicorn's --forwarded-allow-ips); empty: none.",
+    )
     log_level: str = "INFO"
+
+    @field_validator("data_dir", "import_root")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        # Every process resolves paths the same way, whatever its working directory
+        # becomes; relative and resolved paths are never compared with each other.
+        return v.expanduser().resolve() if v is not None else None
 
     @field_validator("broker_url")
     @classmethod

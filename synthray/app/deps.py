@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from synthray.app.audit import service as audit
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
 from synthray.app.db import session_scope
@@ -16,8 +18,12 @@ from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def get_settings(request: Request) -> Settings:
+
+# Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
+# its thread pool, and those hops were a large share of a small request's cost.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -25,9 +31,20 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One transaction per request, committed before the response is sent."""
-    with session_scope(settings.sqlalchemy_url) as session:
+def writes_on_read(endpoint: F) -> F:
+    """Mark a GET endpoint that writes (it audits who viewed or downloaded something)."""
+    endpoint.__synthray_writes__ = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+    """One transaction per request, committed before the response is sent. A GET or HEAD
+    reads only, unless its endpoint is marked with :func:`writes_on_read`."""
+    route = request.scope.get("route")
+    read_only = request.method in ("GET", "HEAD") and not getattr(
+        getattr(route, "endpoint", None), "__synthray_writes__", False
+    )
+    with session_scope(settings.sqlalchemy_url, read_only=read_only) as session:
         yield session
 
 
@@ -36,7 +53,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_blobs(settings: SettingsDep) -> BlobStore:
+async def get_blobs(settings: SettingsDep) -> BlobStore:
     return BlobStore(settings.blob_dir)
 
 
@@ -65,8 +82,16 @@ def caller(
 CallerDep = Annotated[Principal | Unauthorized, Depends(caller)]
 
 
-def current_principal(who: CallerDep) -> Principal:
+def _refuse(request: Request, session: Session, who: Principal | None, reason: str) -> None:
+    """Audit a refused request (committed at once; the request itself ends in an error):
+    its method and path (printable characters, at most 64), never its body or query."""
+    path = "".join(c for c in request.url.path if c.isprintable())
+    audit.record_refusal(session, who, "request", "route", f"{request.method} {path}"[:64], reason)
+
+
+async def current_principal(request: Request, session: SessionDep, who: CallerDep) -> Principal:
     if isinstance(who, Unauthorized):
+        await run_in_threadpool(_refuse, request, session, None, "no valid API key")
         raise who
     return who
 
@@ -74,12 +99,16 @@ def current_principal(who: CallerDep) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-def require(*roles: Role) -> Callable[[Principal], Principal]:
+def require(*roles: Role) -> Callable[..., Awaitable[Principal]]:
     allowed = set(roles) | {Role.admin}
 
-    def check(principal: CurrentPrincipal) -> Principal:
+    async def check(
+        request: Request, session: SessionDep, principal: CurrentPrincipal
+    ) -> Principal:
         if principal.role not in allowed:
             names = ", ".join(sorted(r.value for r in allowed))
+            reason = f"role {principal.role} lacks the right"
+            await run_in_threadpool(_refuse, request, session, principal, reason)
             raise Forbidden(f"this action needs role: {names}")
         return principal
 
@@ -103,7 +132,11 @@ def multipart_body(field: str, description: str) -> dict[str, object]:
                         "type": "object",
                         "required": [field, "file"],
                         "properties": {
-                            field: {"type": "string", "description": description},
+                            field: {
+                                "type": "string",
+                                "maxLength": 65536,
+                                "description": description,
+                            },
                             "file": {"type": "string", "format": "binary"},
                         },
                     }

@@ -2,15 +2,50 @@
 
 from __future__ import annotations
 
+import errno
 import logging
-import traceback
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 
 from synthray.app.storage import BlobCorrupt
 
 log = logging.getLogger(__name__)
+
+
+class FieldError(BaseModel):
+    field: str
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a sentence (or, for 422 on a malformed request, one entry per
+    field), and the field it concerns where there is one. Never the submitted value."""
+
+    detail: str | list[FieldError]
+    field: str | None = None
+
+
+def _described(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# What any /v1 operation may answer besides its success (documented on every route).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _described("A request the server cannot act on."),
+    401: _described("No API key, or one that is unknown or revoked."),
+    403: _described("The key's role may not do this."),
+    404: _described("No such object (or one this key may not see)."),
+    409: _described("The object is in a state that does not allow this."),
+    413: _described("The body or upload is larger than the server accepts."),
+    422: _described("A field is missing, malformed or out of range."),
+    429: _described("Too many requests from this address; see Retry-After."),
+    503: _described("The database is unavailable; see Retry-After."),
+    507: _described("The server's storage is full."),
+}
 
 
 class DomainError(Exception):
@@ -50,6 +85,26 @@ class PayloadTooLarge(DomainError):
     status_code = 413
 
 
+DB_RETRY_AFTER_S = 5
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_unexpected(exc: BaseException) -> tuple[int, str, dict[str, str]]:
+    """Status, a fixed sentence and headers for an exception no handler took (the API's
+    answer, and a failed job's reason): the database or the disk, else an internal error."""
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return (
+            503,
+            "the database is unavailable; retry shortly",
+            {"Retry-After": str(DB_RETRY_AFTER_S)},
+        )
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return 503, "the database connection was lost; retry", {"Retry-After": "1"}
+    if isinstance(exc, OSError) and exc.errno in STORAGE_FULL:
+        return 507, "the server's storage is full; ask the operator to free space", {}
+    return 500, "internal error", {}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_req: Request, exc: DomainError) -> JSONResponse:
@@ -66,10 +121,4 @@ def install_handlers(app: FastAPI) -> None:
             content={"detail": "a stored file failed its integrity check; refusing to serve it"},
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
-        # Log the type and the frames, not the message: messages of low-level errors can
-        # carry file names, SQL parameters or header values.
-        tb = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s\n%s", type(exc).__name__, tb)
-        return JSONResponse(status_code=500, content={"detail": "internal error"})
+    # Every other exception is answered by ``middleware.Failures`` (500, 503 or 507).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -11,22 +12,47 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from synthray import __version__
-from synthray.app import ratelimit
+from synthray.app import ratelimit, storage
 from synthray.app.audit.router import router as audit_router
 from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
 from synthray.app.db import engine_for
-from synthray.app.errors import install_handlers
+from synthray.app.errors import ERROR_RESPONSES, install_handlers
 from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
 from synthray.app.imagechecks.router import router as imagechecks_router
 from synthray.app.jobs import broker
 from synthray.app.jobs.router import router as jobs_router
+from synthray.app.middleware import BodyLimit, Failures
 from synthray.app.registry.router import router as registry_router
 from synthray.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+# Routes that stream a multipart body to disk under their own limit (max_upload_bytes).
+UPLOAD_PATHS = ("/v1/datasets/upload", "/v1/image-checks")
+
+
+def _errors_as_json(app: FastAPI) -> None:
+    """Document every error answer as JSON: FastAPI gives a route's error responses the
+    media type of its success (an HTML page, a PNG), but errors are always ErrorBody."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    for code, response in op.get("responses", {}).items():
+                        content = response.get("content")
+                        if code[0] in "45" and content and "application/json" not in content:
+                            schema = next(iter(content.values())).get("schema", {})
+                            response["content"] = {"application/json": {"schema": schema}}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,6 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_handlers(app)
     ratelimit.install(app, settings)
+    # Added last, so outermost: the size cap holds before rate limiting and routing, and
+    # Failures answers whatever escapes everything inside it.
+    app.add_middleware(BodyLimit, limit=settings.max_json_bytes, exempt=UPLOAD_PATHS)
+    app.add_middleware(Failures)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
     for r in (
         auth_router,
         datasets_router,
@@ -64,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         v1.include_router(r)
     app.include_router(v1)
+    _errors_as_json(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -72,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        """The database and the broker answer."""
+        """The database and the broker answer, and the data folder takes writes."""
         checks: dict[str, str] = {}
         try:
             with engine_for(settings.sqlalchemy_url).connect() as conn:
@@ -85,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["broker"] = "ok"
         except Exception as exc:
             checks["broker"] = f"unavailable ({type(exc).__name__})"
+        checks["storage"] = storage.writable(settings.data_dir, settings.min_free_bytes)
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(status_code=200 if ok else 503, content=checks)
 

@@ -9,6 +9,7 @@ file. Reads can verify the hash, so a changed file is refused rather than served
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -45,6 +46,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def writable(folder: Path, min_free_bytes: int) -> str:
+    """ "ok" when ``folder`` takes a synced write and has ``min_free_bytes`` left, else why
+    not (for /readyz: a full or read-only disk fails every job that writes a blob)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ready-")
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        st = os.statvfs(folder)
+    except OSError as exc:
+        return f"unavailable ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})"
+    free = st.f_bavail * st.f_frsize
+    if free < min_free_bytes:
+        return f"unavailable (only {free // 1024**2} MiB free, below {min_free_bytes // 1024**2})"
+    return "ok"
 
 
 class BlobStore:

@@ -194,7 +194,16 @@ def serve(
     if start_worker:
         worker = subprocess.Popen([sys.executable, "-m", "synthray.cli.main", "worker"])
     try:
-        uvicorn.run(create_app(s), host=host, port=port, log_level=s.log_level.lower())
+        # X-Forwarded-For is believed only from the proxies the operator names: the rate
+        # limit counts per client address, and any client can write that header.
+        uvicorn.run(
+            create_app(s),
+            host=host,
+            port=port,
+            log_level=s.log_level.lower(),
+            proxy_headers=bool(s.forwarded_allow_ips),
+            forwarded_allow_ips=s.forwarded_allow_ips or None,
+        )
     finally:
         if worker is not None:
             # Warm shutdown lets the running job reach a checkpoint; after 30 s the worker

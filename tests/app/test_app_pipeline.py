@@ -169,6 +169,10 @@ def test_synthesize_check_export_download(
     client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
     op, rev = auth(keys.operator), auth(keys.reviewer)
+    settings.max_batch_images = 17  # one request may not ask for more images in all
+    r = client.post("/v1/synthesize", json={"model": "m", "per_class": 6, "seed": 3}, headers=op)
+    assert r.status_code == 422 and "at most 17 images" in r.json()["detail"], r.text
+    settings.max_batch_images = 18
     r = client.post("/v1/synthesize", json={"model": "m", "per_class": 6, "seed": 3}, headers=op)
     assert r.status_code == 202, r.text
     batch_id = r.json()["batch_id"]
@@ -191,6 +195,9 @@ def test_synthesize_check_export_download(
     assert run_queued(settings) == ["succeeded"]
     url = f"/v1/exports/{export_id}/download"
     assert client.get(url, headers=auth(keys.partner)).status_code == 409  # not approved
+    # Until it is approved, its partner cannot list it or read its hash and size.
+    assert client.get("/v1/exports", headers=auth(keys.partner)).json() == []
+    assert client.get(f"/v1/exports/{export_id}", headers=auth(keys.partner)).status_code == 404
     assert client.post(f"/v1/exports/{export_id}/approve", headers=op).status_code == 403
     assert client.post(f"/v1/exports/{export_id}/approve", headers=rev).status_code == 200
     assert client.get(url).status_code == 401
@@ -198,6 +205,8 @@ def test_synthesize_check_export_download(
     assert client.get(url, headers=auth(keys.other_partner)).status_code == 404
     assert client.get(url, headers=auth(keys.operator)).status_code == 403
     assert client.get("/v1/exports", headers=auth(keys.other_partner)).json() == []
+    listed = client.get("/v1/exports", headers=auth(keys.partner)).json()
+    assert [e["id"] for e in listed] == [export_id]
     r = client.get(url, headers=auth(keys.partner))
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
@@ -246,6 +255,7 @@ def test_gate_blocks_memorized_and_changed_batches(
         assert img["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
     page = client.get(f"/v1/batches/{batch_id}/report.html", headers=auth(keys.reviewer))
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["cache-control"] == "no-store"  # it shows real training images
     assert page.text.count("FLAGGED") == 10
     assert page.text.count("data:image/png;base64,") == 10 * 4  # each beside 3 neighbours
     assert (

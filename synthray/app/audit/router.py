@@ -16,6 +16,6 @@ def list_audit(
     session: SessionDep,
     _: ReviewerDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    object_type: str | None = None,
+    object_type: Annotated[str | None, Query(max_length=40, pattern=r"^[a-z_]+$")] = None,
 ) -> list[AuditRead]:
     return service.list_events(session, limit, object_type)

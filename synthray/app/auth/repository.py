@@ -24,6 +24,13 @@ def active_partner_exists(session: Session, name: str) -> bool:
     return session.scalars(stmt).first() is not None
 
 
+def active_admin_ids(session: Session) -> list[int]:
+    """Ids of the admin keys not revoked, locked until the transaction ends (so that two
+    revocations cannot each leave the other as the last admin)."""
+    stmt = select(ApiKey.id).where(ApiKey.role == Role.admin, ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt.with_for_update()))
+
+
 def list_all(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 

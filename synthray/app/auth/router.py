@@ -6,6 +6,7 @@ from synthray.app.audit import service as audit
 from synthray.app.auth import service
 from synthray.app.auth.schemas import KeyCreate, KeyCreated, KeyRead, Principal
 from synthray.app.deps import AdminDep, CurrentPrincipal, SessionDep, SettingsDep
+from synthray.app.fields import RowId
 
 router = APIRouter(tags=["auth"])
 
@@ -30,7 +31,7 @@ def list_keys(session: SessionDep, _: AdminDep) -> list[KeyRead]:
 
 
 @router.delete("/keys/{key_id}", response_model=KeyRead)
-def revoke_key(key_id: int, session: SessionDep, who: AdminDep) -> KeyRead:
+def revoke_key(key_id: RowId, session: SessionDep, who: AdminDep) -> KeyRead:
     revoked = service.revoke_key(session, key_id)
     audit.record(session, who, "revoke_key", "api_key", key_id, "ok")
     return revoked

@@ -5,6 +5,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from synthray.app.fields import RequestModel
+
 
 class Role(StrEnum):
     admin = "admin"
@@ -13,7 +15,7 @@ class Role(StrEnum):
     partner = "partner"
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(RequestModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
     role: Role
 

@@ -18,7 +18,7 @@ from synthray.app.auth import repository
 from synthray.app.auth.schemas import KeyCreated, KeyRead, Principal, Role
 from synthray.app.auth.tables import ApiKey
 from synthray.app.db import utcnow
-from synthray.app.errors import NotFound
+from synthray.app.errors import Conflict, NotFound
 
 
 def hash_key(secret_key: str, key: str) -> str:
@@ -58,6 +58,11 @@ def revoke_key(session: Session, key_id: int) -> KeyRead:
     if row is None:
         raise NotFound(f"key {key_id} not found")
     if row.revoked_at is None:
+        if row.role == Role.admin and repository.active_admin_ids(session) == [row.id]:
+            raise Conflict(
+                "this is the last active admin key; create another admin key first, "
+                "or nobody could manage keys any more"
+            )
         row.revoked_at = utcnow()
         session.flush()
     return KeyRead.model_validate(row)

@@ -112,11 +112,15 @@ def render(
 
 def evidence_response(page: str) -> HTMLResponse:
     """The page as an HTML response that may show its own inline images and styles only
-    (no scripts, nothing fetched from anywhere)."""
+    (no scripts, nothing fetched from anywhere), and that no browser or proxy may keep:
+    it shows real training images."""
     return HTMLResponse(
         page,
         headers={
             "Content-Security-Policy": "default-src 'none'; "
-            "img-src data:; style-src 'unsafe-inline'"
+            "img-src data:; style-src 'unsafe-inline'",
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff",
         },
     )

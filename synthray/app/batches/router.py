@@ -9,7 +9,15 @@ from synthray.app.audit import service as audit
 from synthray.app.batches import service
 from synthray.app.batches.report_html import evidence_response
 from synthray.app.batches.schemas import BatchRead, SynthesizeAccepted, SynthesizeRequest
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
+from synthray.app.deps import (
+    BlobsDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+    writes_on_read,
+)
+from synthray.app.fields import RowId
 
 router = APIRouter(tags=["batches"])
 
@@ -30,19 +38,22 @@ def list_batches(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchRead)
-def get_batch(batch_id: int, session: SessionDep, _: StaffDep) -> BatchRead:
+def get_batch(batch_id: RowId, session: SessionDep, _: StaffDep) -> BatchRead:
     return BatchRead.model_validate(service.get(session, batch_id))
 
 
 @router.get("/batches/{batch_id}/report")
-def get_report(batch_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> dict[str, Any]:
+def get_report(
+    batch_id: RowId, session: SessionDep, blobs: BlobsDep, _: StaffDep
+) -> dict[str, Any]:
     """The memorization report: policy, calibration, and every image's neighbours."""
     return service.report(session, blobs, batch_id)
 
 
 @router.get("/batches/{batch_id}/report.html", response_class=HTMLResponse)
+@writes_on_read
 def get_report_html(
-    batch_id: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+    batch_id: RowId, session: SessionDep, blobs: BlobsDep, who: StaffDep
 ) -> HTMLResponse:
     """The evidence page: flagged images beside their nearest training images. It shows
     real training images, so it is staff-only and every view is audited."""

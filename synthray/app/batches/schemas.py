@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from synthray.app.fields import ALIAS, MAX_CLASSES, Id32, Label, Name, RequestModel, Seed
 
 
 class BatchState(StrEnum):
@@ -22,13 +24,17 @@ class BatchState(StrEnum):
     cancelled = "cancelled"
 
 
-class SynthesizeRequest(BaseModel):
-    model: str
-    version: int | None = Field(None, description="Latest non-archived version if omitted.")
-    alias: str | None = Field(None, description="Use the version an alias points at.")
+class SynthesizeRequest(RequestModel):
+    model: Name
+    version: Id32 | None = Field(None, description="Latest non-archived version if omitted.")
+    alias: str | None = Field(
+        None, max_length=40, pattern=ALIAS, description="Use the version an alias points at."
+    )
     per_class: int | None = Field(None, ge=1, le=100_000)
-    counts: dict[str, int] | None = Field(None, description="Images per class name.")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    counts: dict[Label, Annotated[int, Field(ge=0, le=100_000)]] | None = Field(
+        None, max_length=MAX_CLASSES, description="Images per class name."
+    )
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_of(self) -> SynthesizeRequest:
@@ -37,8 +43,6 @@ class SynthesizeRequest(BaseModel):
         if self.counts is not None:
             if not self.counts:
                 raise ValueError("counts must name at least one class")
-            if any(n < 0 or n > 100_000 for n in self.counts.values()):
-                raise ValueError("counts must be between 0 and 100000 per class")
             if sum(self.counts.values()) == 0:
                 raise ValueError("counts must ask for at least one image")
         return self

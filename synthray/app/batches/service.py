@@ -37,11 +37,21 @@ def request_synthesis(
     if req.counts is not None:
         unknown = sorted(set(req.counts) - set(classes))
         if unknown:
-            raise Invalid(f"unknown classes {unknown}; the model knows {classes}", field="counts")
+            raise Invalid(
+                f"counts names {len(unknown)} class(es) the model does not know; "
+                f"it knows {classes}",
+                field="counts",
+            )
         counts = {c: int(req.counts.get(c, 0)) for c in classes}
     else:
         assert req.per_class is not None
         counts = {c: req.per_class for c in classes}
+    if sum(counts.values()) > settings.max_batch_images:
+        raise Invalid(
+            f"a batch may hold at most {settings.max_batch_images} images "
+            "(SYNTHRAY_MAX_BATCH_IMAGES); ask for fewer or split the request",
+            field="counts" if req.counts is not None else "per_class",
+        )
     _refuse_thin_classes(mv.config, classes, counts, settings.min_class_patients)
     batch = repository.add(
         session, SyntheticBatch(model_version_id=mv.id, counts=counts, seed=req.seed)

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Request, status
 from synthray.app.datasets import service, uploads
 from synthray.app.datasets.schemas import DatasetCreate, DatasetRead, IngestAccepted
 from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep, multipart_body
+from synthray.app.fields import NameParam
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -23,7 +24,7 @@ def list_datasets(session: SessionDep, _: StaffDep) -> list[DatasetRead]:
 
 
 @router.get("/{name}", response_model=DatasetRead)
-def get_dataset(name: str, session: SessionDep, _: StaffDep) -> DatasetRead:
+def get_dataset(name: NameParam, session: SessionDep, _: StaffDep) -> DatasetRead:
     return service.get_dataset(session, name)
 
 

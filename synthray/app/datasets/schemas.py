@@ -2,11 +2,20 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+from synthray.app.fields import (
+    MAX_CLASSES,
+    MAX_LABEL_MAP,
+    Column,
+    Label,
+    Name,
+    RelPath,
+    RequestModel,
+    Seed,
+)
 
 
 class DatasetVersionState(StrEnum):
@@ -22,7 +31,7 @@ def _default_resolutions() -> list[Literal[64, 128, 256]]:
     return [64]
 
 
-class DatasetCreate(BaseModel):
+class DatasetCreate(RequestModel):
     """Import radiographs (DICOM, PNG or JPEG) as a new, immutable dataset version.
 
     Labels come from one of three places:
@@ -36,25 +45,27 @@ class DatasetCreate(BaseModel):
     Patients come from ``patient_column`` or, when it is unset, from DICOM PatientID.
     """
 
-    name: str = Field(pattern=NAME)
-    source: str = Field("", description="Folder relative to SYNTHRAY_IMPORT_ROOT.")
-    labels_csv: str | None = "labels.csv"
-    file_column: str | None = "file"
-    sop_column: str | None = None
-    label_column: str | None = "label"
-    label_attribute: str | None = Field(None, pattern=r"^[A-Za-z]{1,64}$")
-    patient_column: str | None = "patient_id"
+    name: Name
+    source: RelPath = Field("", description="Folder relative to SYNTHRAY_IMPORT_ROOT.")
+    labels_csv: RelPath | None = "labels.csv"
+    file_column: Column | None = "file"
+    sop_column: Column | None = None
+    label_column: Column | None = "label"
+    label_attribute: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z]{1,64}$")
+    patient_column: Column | None = "patient_id"
     label_separator: str | None = Field(None, max_length=3)
-    label_map: dict[str, str] = Field(default_factory=dict)
-    classes: list[str] = Field(min_length=2, max_length=64)
-    view_column: str | None = None
-    sex_column: str | None = None
-    age_column: str | None = None
+    label_map: dict[Annotated[str, Field(max_length=200)], Label] = Field(
+        default_factory=dict, max_length=MAX_LABEL_MAP
+    )
+    classes: list[Label] = Field(min_length=2, max_length=MAX_CLASSES)
+    view_column: Column | None = None
+    sex_column: Column | None = None
+    age_column: Column | None = None
     resolutions: list[Literal[64, 128, 256]] = Field(
-        default_factory=_default_resolutions, min_length=1
+        default_factory=_default_resolutions, min_length=1, max_length=3
     )
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
-    split_seed: int = 0
+    split_seed: Seed = 0
     allow_burned_in: bool = Field(
         False, description="Accept DICOM files that declare BurnedInAnnotation YES."
     )

@@ -8,6 +8,7 @@ archives are refused. Errors name entries by position, never by name.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import stat
 import zipfile
@@ -60,8 +61,8 @@ def extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_bytes:
                     f"zip entry {i} is an archive; nested archives are refused", field="file"
                 )
             target = dest.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, target.open("xb") as out:
                     first = True
                     for chunk in iter(lambda: src.read(CHUNK), b""):
@@ -79,8 +80,18 @@ def extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_bytes:
                         out.write(chunk)
             except FileExistsError as exc:
                 raise Invalid(f"zip entry {i} repeats an earlier path", field="file") from exc
+            except (NotADirectoryError, IsADirectoryError) as exc:
+                raise Invalid(
+                    f"zip entry {i} puts a file and a folder at the same path", field="file"
+                ) from exc
             except (zipfile.BadZipFile, zlib_error(), EOFError, NotImplementedError) as exc:
                 raise Invalid(f"zip entry {i} is corrupt", field="file") from exc
+            except OSError as exc:
+                if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+                    raise Invalid(
+                        f"zip entry {i} has a name this server cannot store", field="file"
+                    ) from exc
+                raise  # a full or failing disk is the server's problem, not the zip's
             written += 1
     return written
 

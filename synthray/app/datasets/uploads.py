@@ -28,6 +28,8 @@ from synthray.config import Settings
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")
+FIELD_BYTES = 65536  # a text field (the JSON spec), as the OpenAPI document says
+RATIO_FLOOR_BYTES = 64 * 1024**2
 SINGLE_SUFFIXES = {
     ".dcm": ".dcm",
     ".dicom": ".dcm",
@@ -75,7 +77,9 @@ async def receive(
                 raise PayloadTooLarge(f"the upload is larger than {limit} bytes")
         return message
 
-    form = await Request(request.scope, counting_receive).form(max_files=1, max_fields=8)
+    form = await Request(request.scope, counting_receive).form(
+        max_files=1, max_fields=8, max_part_size=FIELD_BYTES
+    )
     try:
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         upload = form.get("file")
@@ -86,7 +90,9 @@ async def receive(
         data = folder / "data"
         data.mkdir(parents=True)
         try:
-            _store(upload, folder, data, settings)
+            # Copying and unpacking take seconds to minutes: off the event loop, so that
+            # every other request (the probes included) is served meanwhile.
+            await run_in_threadpool(_store, upload, folder, data, settings)
         except BaseException:
             remove_tree(folder)
             raise
@@ -103,12 +109,14 @@ def _store(upload: UploadFile, folder: Path, data: Path, settings: Settings) -> 
         archive = folder / ".upload.zip"
         with archive.open("wb") as out:
             shutil.copyfileobj(upload.file, out, 1 << 20)
+        # A zip bomb stops at a multiple of its own size, not at the absolute limit.
+        ratio_cap = max(archive.stat().st_size * settings.max_zip_ratio, RATIO_FLOOR_BYTES)
         try:
             n = extract_zip(
                 archive,
                 data,
                 max_entries=settings.max_zip_entries,
-                max_total_bytes=settings.max_unpacked_bytes,
+                max_total_bytes=min(settings.max_unpacked_bytes, ratio_cap),
             )
         finally:
             archive.unlink(missing_ok=True)

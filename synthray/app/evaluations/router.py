@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -12,6 +12,7 @@ from synthray.app.evaluations.schemas import (
     EvaluationCreate,
     EvaluationRead,
 )
+from synthray.app.fields import NAME, RowId, VersionQuery
 from synthray.app.registry import service as registry
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
@@ -31,8 +32,8 @@ def create_evaluation(
 def list_evaluations(
     session: SessionDep,
     _: StaffDep,
-    model: str = Query(max_length=100),
-    version: int = Query(ge=1, le=2**31 - 1),
+    model: Annotated[str, Query(min_length=1, max_length=100, pattern=NAME)],
+    version: VersionQuery,
 ) -> list[EvaluationRead]:
     """The evaluations of one generator version, newest first."""
     mv = registry.get_version(session, model, version)
@@ -40,13 +41,13 @@ def list_evaluations(
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationRead)
-def get_evaluation(evaluation_id: int, session: SessionDep, _: StaffDep) -> EvaluationRead:
+def get_evaluation(evaluation_id: RowId, session: SessionDep, _: StaffDep) -> EvaluationRead:
     return EvaluationRead.model_validate(service.get(session, evaluation_id))
 
 
 @router.get("/{evaluation_id}/result")
 def get_evaluation_result(
-    evaluation_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep
+    evaluation_id: RowId, session: SessionDep, blobs: BlobsDep, _: StaffDep
 ) -> dict[str, Any]:
     """Every arm and seed, the intervals, the differences to DS1 and the lineage."""
     data: dict[str, Any] = json.loads(service.artefact(session, blobs, evaluation_id, "result"))
@@ -55,7 +56,7 @@ def get_evaluation_result(
 
 @router.get("/{evaluation_id}/result.csv")
 def get_evaluation_csv(
-    evaluation_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep
+    evaluation_id: RowId, session: SessionDep, blobs: BlobsDep, _: StaffDep
 ) -> Response:
     body = service.artefact(session, blobs, evaluation_id, "csv")
     return Response(
@@ -67,7 +68,7 @@ def get_evaluation_csv(
 
 @router.get("/{evaluation_id}/chart.png")
 def get_evaluation_chart(
-    evaluation_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep
+    evaluation_id: RowId, session: SessionDep, blobs: BlobsDep, _: StaffDep
 ) -> Response:
     chart = service.artefact(session, blobs, evaluation_id, "chart")
     return Response(chart, media_type="image/png")

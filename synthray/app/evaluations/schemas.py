@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from synthray.app.datasets.schemas import NAME
+from synthray.app.fields import NAME, RequestModel
 
 Arm = Literal["DS1", "DS2", "DS3", "TSTR", "AUG", "DS2+AUG", "DS2-even", "PRE"]
 ALL_ARMS: list[Arm] = ["DS1", "DS2", "DS3", "TSTR", "AUG", "DS2+AUG", "DS2-even", "PRE"]
@@ -22,15 +22,16 @@ class EvaluationState(StrEnum):
     cancelled = "cancelled"
 
 
-class EvaluationCreate(BaseModel):
+class EvaluationCreate(RequestModel):
     """Does the generator's output help a classifier? Every arm trains the same small
     classifier for the same number of steps and is scored on the same real test images
     of patients that neither the generator nor any classifier saw."""
 
-    model: str = Field(pattern=NAME)
+    model: str = Field(max_length=100, pattern=NAME)
     version: int | None = Field(None, ge=1, le=2**31 - 1, description="Latest if omitted.")
     test_dataset: str | None = Field(
         None,
+        max_length=100,
         pattern=NAME,
         description="Score on this dataset (another site or period: all its images) instead "
         "of the held-out patients of the generator's own dataset version. It must hold "
@@ -40,6 +41,7 @@ class EvaluationCreate(BaseModel):
     arms: list[Arm] = Field(
         default_factory=lambda: list(ALL_ARMS),
         min_length=1,
+        max_length=len(ALL_ARMS),
         description="DS1 (real as it is) is always run: the others are compared with it.",
     )
     seeds: int = Field(3, ge=1, le=10, description="Independent repeats of every arm.")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import FileResponse
 
 from synthray.app.auth.schemas import Principal
@@ -14,10 +14,12 @@ from synthray.app.deps import (
     ReviewerDep,
     SessionDep,
     SettingsDep,
+    writes_on_read,
 )
 from synthray.app.errors import Unauthorized
 from synthray.app.exports import service
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
+from synthray.app.fields import RowId
 
 router = APIRouter(prefix="/exports", tags=["exports"])
 
@@ -41,20 +43,20 @@ def list_exports(
 
 
 @router.get("/{export_id}", response_model=ExportRead)
-def get_export(export_id: int, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
+def get_export(export_id: RowId, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
     return ExportRead.model_validate(service.get(session, export_id, who))
 
 
 @router.post("/{export_id}/approve", response_model=ExportRead)
-def approve_export(export_id: int, session: SessionDep, who: ReviewerDep) -> ExportRead:
+def approve_export(export_id: RowId, session: SessionDep, who: ReviewerDep) -> ExportRead:
     return ExportRead.model_validate(service.approve(session, export_id, who))
 
 
-def _downloader(export_id: str, session: SessionDep, who: CallerDep) -> Principal:
+def _downloader(request: Request, session: SessionDep, who: CallerDep) -> Principal:
     """The caller; a download attempt without a valid key is audited before its 401 (and
     before the id is validated, so that every /v1 route answers 401 first)."""
     if isinstance(who, Unauthorized):
-        service.refuse_unauthenticated(session, export_id, who)
+        service.refuse_unauthenticated(session, str(request.path_params["export_id"]), who)
     return who
 
 
@@ -63,8 +65,9 @@ def _downloader(export_id: str, session: SessionDep, who: CallerDep) -> Principa
     response_class=FileResponse,
     responses={200: {"content": {"application/zip": {}}}},
 )
+@writes_on_read
 def download_export(
-    export_id: int,
+    export_id: RowId,
     session: SessionDep,
     blobs: BlobsDep,
     who: Annotated[Principal, Depends(_downloader)],

@@ -5,7 +5,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synthray.app.datasets.schemas import NAME
+from synthray.app.fields import NAME, Id32, RequestModel
 
 
 class ExportState(StrEnum):
@@ -19,9 +19,9 @@ class ExportState(StrEnum):
     cancelled = "cancelled"
 
 
-class ExportCreate(BaseModel):
-    batch_id: int
-    partner: str = Field(pattern=NAME, description="Name of the partner's API key.")
+class ExportCreate(RequestModel):
+    batch_id: Id32
+    partner: str = Field(max_length=100, pattern=NAME, description="Name of the partner's API key.")
 
 
 class ExportAccepted(BaseModel):

@@ -159,15 +159,22 @@ def build_ended(session: Session, export_id: int, state: str) -> None:
 
 def get(session: Session, export_id: int, who: Principal) -> Export:
     e = repository.get(session, export_id)
-    # A partner cannot tell another partner's export from a missing one.
-    if e is None or (who.role == Role.partner and e.partner != who.name):
+    # A partner cannot tell another partner's export, or one not yet approved, from a
+    # missing one.
+    if e is None or (
+        who.role == Role.partner and (e.partner != who.name or e.state != ExportState.approved)
+    ):
         raise NotFound(f"export {export_id} not found")
     return e
 
 
 def list_exports(session: Session, who: Principal, limit: int = 100) -> list[ExportRead]:
-    partner = who.name if who.role == Role.partner else None
-    return [ExportRead.model_validate(e) for e in repository.list_for(session, partner, limit)]
+    """Staff see every export; a partner only its own approved ones."""
+    if who.role == Role.partner:
+        rows = repository.list_for(session, who.name, limit, state=ExportState.approved)
+    else:
+        rows = repository.list_for(session, None, limit)
+    return [ExportRead.model_validate(e) for e in rows]
 
 
 def approve(session: Session, export_id: int, who: Principal) -> Export:
@@ -187,7 +194,12 @@ def approve(session: Session, export_id: int, who: Principal) -> Export:
 def refuse_unauthenticated(session: Session, export_id: str, error: Unauthorized) -> NoReturn:
     """Audit a download attempt without a valid key (no actor), then raise its 401."""
     audit.record_refusal(
-        session, None, "download_export", "export", export_id[:64], "no valid API key"
+        session,
+        None,
+        "download_export",
+        "export",
+        "".join(c for c in export_id[:64] if c.isprintable()),
+        "no valid API key",
     )
     raise error
 

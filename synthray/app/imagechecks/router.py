@@ -15,7 +15,9 @@ from synthray.app.deps import (
     SettingsDep,
     StaffDep,
     multipart_body,
+    writes_on_read,
 )
+from synthray.app.fields import RowId
 from synthray.app.imagechecks import service
 from synthray.app.imagechecks.schemas import (
     ImageCheckAccepted,
@@ -48,21 +50,22 @@ async def create_image_check(
 
 
 @router.get("/{check_id}", response_model=ImageCheckRead)
-def get_image_check(check_id: int, session: SessionDep, _: StaffDep) -> ImageCheckRead:
+def get_image_check(check_id: RowId, session: SessionDep, _: StaffDep) -> ImageCheckRead:
     return ImageCheckRead.model_validate(service.get(session, check_id))
 
 
 @router.get("/{check_id}/report")
 def get_image_check_report(
-    check_id: int, session: SessionDep, blobs: BlobsDep, _: StaffDep
+    check_id: RowId, session: SessionDep, blobs: BlobsDep, _: StaffDep
 ) -> dict[str, Any]:
     data: dict[str, Any] = service.report(session, blobs, check_id, html=False)
     return data
 
 
 @router.get("/{check_id}/report.html", response_class=HTMLResponse)
+@writes_on_read
 def get_image_check_report_html(
-    check_id: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+    check_id: RowId, session: SessionDep, blobs: BlobsDep, who: StaffDep
 ) -> HTMLResponse:
     page = service.report(session, blobs, check_id, html=True)
     audit.record(session, who, "view_evidence", "image_check", check_id, "ok")

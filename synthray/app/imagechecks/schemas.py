@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from synthray.app.fields import Id32, Name, RequestModel
+
 
 class ImageCheckState(StrEnum):
     """queued -> checking -> done; a check job that fails or is cancelled leaves its end
@@ -18,9 +20,9 @@ class ImageCheckState(StrEnum):
     cancelled = "cancelled"
 
 
-class ImageCheckCreate(BaseModel):
-    dataset: str
-    version: int | None = Field(None, description="Latest ready version if omitted.")
+class ImageCheckCreate(RequestModel):
+    dataset: Name
+    version: Id32 | None = Field(None, description="Latest ready version if omitted.")
     resolution: Literal[64, 128, 256] | None = Field(
         None, description="Resolution to compare at (the version's smallest if omitted)."
     )

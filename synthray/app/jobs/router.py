@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, Response
 
 from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, StaffDep
 from synthray.app.errors import NotFound
+from synthray.app.fields import JobIdParam
 from synthray.app.jobs import service
 from synthray.app.jobs.schemas import JobKind, JobRead, JobState
 
@@ -26,12 +27,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep, _: StaffDep) -> JobRead:
+def get_job(job_id: JobIdParam, session: SessionDep, _: StaffDep) -> JobRead:
     return JobRead.model_validate(service.get(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: str, session: SessionDep, _: OperatorDep) -> JobRead:
+def cancel_job(job_id: JobIdParam, session: SessionDep, _: OperatorDep) -> JobRead:
     return JobRead.model_validate(service.cancel(session, job_id))
 
 
@@ -40,7 +41,7 @@ def cancel_job(job_id: str, session: SessionDep, _: OperatorDep) -> JobRead:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-def get_preview(job_id: str, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> Response:
+def get_preview(job_id: JobIdParam, session: SessionDep, blobs: BlobsDep, _: StaffDep) -> Response:
     """The latest preview grid of a training job (one row per class)."""
     job = service.get(session, job_id)
     sha = job.progress_detail.get("preview_sha256") if job.progress_detail else None

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class JobState(StrEnum):
@@ -47,6 +47,11 @@ class Progress(BaseModel):
     detail: dict[str, Any]
 
 
+# Job parameters that name places on the server's disk: the worker needs them, a client
+# has no use for them (the dataset's ``source``, relative to the import root, stays).
+SERVER_PATHS = frozenset({"folder", "upload_dir"})
+
+
 class JobRead(BaseModel):
     # Validated from a row; its four progress columns come nested through Job.progress.
     model_config = ConfigDict(from_attributes=True)
@@ -65,3 +70,8 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+
+    @field_validator("params")
+    @classmethod
+    def _no_server_paths(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return {k: val for k, val in v.items() if k not in SERVER_PATHS}

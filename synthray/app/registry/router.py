@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, status
 from fastapi.responses import FileResponse, Response
 
 from synthray.app.deps import (
@@ -13,10 +11,11 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    writes_on_read,
 )
+from synthray.app.fields import AliasParam, NameParam, VersionNo, VersionQuery
 from synthray.app.registry import service
 from synthray.app.registry.schemas import (
-    ALIAS,
     AliasMove,
     AliasSet,
     ModelRead,
@@ -43,21 +42,21 @@ def list_models(session: SessionDep, _: StaffDep) -> list[ModelRead]:
 
 
 @router.get("/models/{name}", response_model=ModelRead)
-def get_model(name: str, session: SessionDep, _: StaffDep) -> ModelRead:
+def get_model(name: NameParam, session: SessionDep, _: StaffDep) -> ModelRead:
     return service.get_model(session, name)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelVersionRead)
 def get_model_version(
-    name: str, version: int, session: SessionDep, _: StaffDep
+    name: NameParam, version: VersionNo, session: SessionDep, _: StaffDep
 ) -> ModelVersionRead:
     return service.get_version(session, name, version)
 
 
 @router.put("/models/{name}/aliases/{alias}", response_model=ModelRead)
 def set_alias(
-    name: str,
-    alias: Annotated[str, Path(pattern=ALIAS)],
+    name: NameParam,
+    alias: AliasParam,
     body: AliasSet,
     session: SessionDep,
     who: ReviewerDep,
@@ -67,20 +66,20 @@ def set_alias(
 
 
 @router.get("/models/{name}/aliases/history", response_model=list[AliasMove])
-def alias_history(name: str, session: SessionDep, _: StaffDep) -> list[AliasMove]:
+def alias_history(name: NameParam, session: SessionDep, _: StaffDep) -> list[AliasMove]:
     return service.alias_history(session, name)
 
 
 @router.post("/models/{name}/versions/{version}/archive", response_model=ModelVersionRead)
 def archive_version(
-    name: str, version: int, session: SessionDep, who: OperatorDep
+    name: NameParam, version: VersionNo, session: SessionDep, who: OperatorDep
 ) -> ModelVersionRead:
     return service.archive(session, name, version, who)
 
 
 @router.get("/models/{name}/compare", response_model=VersionComparison)
 def compare_versions(
-    name: str, a: int, b: int, session: SessionDep, _: StaffDep
+    name: NameParam, a: VersionQuery, b: VersionQuery, session: SessionDep, _: StaffDep
 ) -> VersionComparison:
     """Two versions' metrics side by side (with deltas) and the config keys that differ."""
     return service.compare(session, name, a, b)
@@ -91,8 +90,9 @@ def compare_versions(
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
+@writes_on_read
 def get_gallery(
-    name: str, version: int, session: SessionDep, blobs: BlobsDep, who: StaffDep
+    name: NameParam, version: VersionNo, session: SessionDep, blobs: BlobsDep, who: StaffDep
 ) -> Response:
     """Per class, generated images beside real images of held-out patients. It shows real
     radiographs, so it is staff-only and every view is audited."""
@@ -107,8 +107,9 @@ def get_gallery(
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
+@writes_on_read
 def download_weights(
-    name: str, version: int, session: SessionDep, blobs: BlobsDep, who: AdminDep
+    name: NameParam, version: VersionNo, session: SessionDep, blobs: BlobsDep, who: AdminDep
 ) -> FileResponse:
     """The generator file (safetensors with its config). Admin only; hash verified."""
     v = service.weights(session, name, version, who)

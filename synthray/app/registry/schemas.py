@@ -5,10 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from synthray.app.datasets.schemas import NAME
-
-ALIAS = r"^[a-z][a-z0-9_\-]{0,39}$"
-
+from synthray.app.fields import MAX_CLASSES, NAME, Id32, Label, Name, RequestModel
 
 # What the torch-free API must know of each generator architecture: its family and the
 # resolutions it supports (tests hold this against synthray.models.generators.registry).
@@ -21,10 +18,10 @@ GAN_ONLY = ("lr_g", "lr_d")
 LATENT_FLOW_ONLY = ("guidance", "sample_steps")
 
 
-class TrainRequest(BaseModel):
-    dataset: str
-    dataset_version: int | None = Field(None, description="Latest ready version if omitted.")
-    model_name: str = Field(pattern=NAME)
+class TrainRequest(RequestModel):
+    dataset: Name
+    dataset_version: Id32 | None = Field(None, description="Latest ready version if omitted.")
+    model_name: str = Field(max_length=100, pattern=NAME)
     architecture: Literal["latentflow", "projgan", "dcgan"] = Field(
         "latentflow",
         description="latentflow: a site autoencoder, then class-conditional flow matching "
@@ -59,10 +56,12 @@ class TrainRequest(BaseModel):
         "units (AVX512-BF16 or AMX), else fp32.",
     )
     evaluate: bool = Field(True, description="Compute offline quality metrics at the end.")
-    classes: list[str] | None = Field(
-        None, description="Train on these classes of the dataset only (all if omitted)."
+    classes: list[Label] | None = Field(
+        None,
+        max_length=MAX_CLASSES,
+        description="Train on these classes of the dataset only (all if omitted).",
     )
-    imbalance: dict[str, Annotated[float, Field(gt=0, le=1)]] | None = Field(
+    imbalance: dict[Label, Annotated[float, Field(gt=0, le=1)]] | None = Field(
         None,
         max_length=64,
         description="Induce imbalance: keep only this fraction of each named class's "
@@ -134,8 +133,8 @@ class AliasMove(BaseModel):
     moved_at: datetime
 
 
-class AliasSet(BaseModel):
-    version: int | None = Field(description="Version to point at; null removes the alias.")
+class AliasSet(RequestModel):
+    version: Id32 | None = Field(description="Version to point at; null removes the alias.")
 
 
 class ModelRead(BaseModel):

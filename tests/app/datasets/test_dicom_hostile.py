@@ -167,6 +167,10 @@ def test_zip_attacks_are_refused(client: TestClient, keys: Keys, settings: Setti
         "symbolic link": _zip([("a.dcm", b"x")], symlink="link.dcm"),
         "nested": _zip([("inner.zip", _zip([("a.dcm", b"x")]))]),
         "nested by content": _zip([("inner.bin", _zip([("a.dcm", b"x")]))]),
+        "a file, then a folder of the same name": _zip([("a", b"x"), ("a/b.png", b"y")]),
+        "a folder, then a file of the same name": _zip([("a/b.png", b"y"), ("a", b"x")]),
+        "a name longer than the filesystem takes": _zip([("x" * 300 + ".png", b"y")]),
+        "a path component longer than that": _zip([("d" * 300 + "/b.png", b"y")]),
     }
     for reason, data in cases.items():
         r = _post(client, op, data)
@@ -185,6 +189,19 @@ def test_zip_bomb_stops_at_the_limit(client: TestClient, keys: Keys, settings: S
     assert len(bomb) < 100_000
     r = _post(client, keys.operator, bomb)
     assert r.status_code == 413 and "unpacks to more than" in r.json()["detail"]
+
+
+def test_zip_bomb_stops_at_a_multiple_of_its_size(
+    client: TestClient, keys: Keys, settings: Settings
+) -> None:
+    """Far below the absolute unpacked limit (8 GiB by default), a highly compressed zip
+    stops at max_zip_ratio times its size, or 64 MiB, whichever is more."""
+    bomb = _zip([("a.dcm", b"\x00" * 70_000_000)])
+    assert len(bomb) * settings.max_zip_ratio < 64 * 1024**2 < settings.max_unpacked_bytes
+    r = _post(client, keys.operator, bomb)
+    assert r.status_code == 413, r.text
+    assert f"unpacks to more than {64 * 1024**2} bytes" in r.json()["detail"]
+    assert not any((settings.work_dir / "uploads").iterdir())
 
 
 def test_upload_size_limit_and_form(client: TestClient, keys: Keys, settings: Settings) -> None:
