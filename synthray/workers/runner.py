@@ -13,8 +13,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from synthray.app.db import session_scope, utcnow
-from synthray.app.errors import DomainError
+from synthray.app.errors import DomainError, describe_unexpected
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobCancelled, JobFailed
 from synthray.app.jobs.schemas import JobState
@@ -73,7 +75,10 @@ def run(job_id: str, settings: Settings | None = None) -> str:
             # which can carry file names or header values; the job says only the type.
             tb = "".join(traceback.format_tb(exc.__traceback__))
             log.error("job %s failed with %s\n%s", job_id, type(exc).__name__, tb)
-            state, values = JobState.failed, {"error": f"internal error ({type(exc).__name__})"}
+            status, reason, _ = describe_unexpected(exc)
+            if status == 500:
+                reason = f"internal error ({type(exc).__name__})"
+            state, values = JobState.failed, {"error": reason}
         with contextlib.suppress(Exception):
             ctx.beat()  # flush the last progress report
         if state != JobState.succeeded and handler.on_failure is not None:
@@ -81,12 +86,37 @@ def run(job_id: str, settings: Settings | None = None) -> str:
                 handler.on_failure(ctx, state)
             except Exception as exc:
                 log.error("job %s: failure bookkeeping failed: %s", job_id, type(exc).__name__)
-    with session_scope(settings.sqlalchemy_url) as s:
-        jobs.finish(s, job_id, owner, utcnow(), state, **values)
+    _record_end(settings, job_id, owner, state, values)
     log.info("job %s (%s): %s", job_id, kind, state)
     if state == JobState.succeeded:
         _cleanup(ctx.work_dir)
     return str(state)
+
+
+FINISH_RETRIES_S = (1, 2, 4, 8, 15)
+
+
+def _record_end(
+    settings: Settings, job_id: str, owner: str, state: JobState, values: dict[str, Any]
+) -> None:
+    """Write the job's end, retrying for half a minute while the database (or the disk
+    under SQLite) refuses. If it still cannot, the lease runs out and the sweeper hands
+    the job to the next delivery, which resumes from the last checkpoint."""
+    for wait in (*FINISH_RETRIES_S, None):
+        try:
+            with session_scope(settings.sqlalchemy_url) as s:
+                jobs.finish(s, job_id, owner, utcnow(), state, **values)
+            return
+        except (SQLAlchemyError, OSError) as exc:
+            if wait is None:
+                raise
+            log.warning(
+                "job %s: recording its end failed (%s); retrying in %d s",
+                job_id,
+                type(exc).__name__,
+                wait,
+            )
+            time.sleep(wait)
 
 
 def _cleanup(work_dir: Path) -> None:

@@ -17,6 +17,7 @@ import time
 from sqlalchemy.exc import SQLAlchemyError
 
 from synthray.app.db import session_scope
+from synthray.app.jobs import broker
 from synthray.app.jobs import service as jobs
 from synthray.config import Settings
 
@@ -24,9 +25,33 @@ log = logging.getLogger(__name__)
 _started = threading.Event()
 
 
-def sweep_once(settings: Settings) -> int:
+class BrokerWatch:
+    """Tells when the broker may have lost its queued messages since the last look: it
+    was unreachable then and answers now, or it answers with a new run id (Redis
+    restarted). Either way every queued job is published again at once, so a job lost
+    with the broker's memory runs within one sweep of its return."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.was_down = False
+
+    def lost_messages(self, settings: Settings) -> bool:
+        try:
+            now = broker.epoch(settings)
+        except Exception as exc:
+            if not self.was_down:
+                log.warning("broker unreachable (%s); jobs wait for it", type(exc).__name__)
+            self.was_down = True
+            return False
+        lost = self.was_down or (self.last is not None and now != self.last)
+        self.last, self.was_down = now, False
+        return lost
+
+
+def sweep_once(settings: Settings, *, broker_lost_messages: bool = False) -> int:
     with session_scope(settings.sqlalchemy_url) as session:
-        return len(jobs.requeue_stale(session, settings))
+        found = jobs.requeue_stale(session, settings, broker_lost_messages=broker_lost_messages)
+        return len(found)
 
 
 def prune_once(settings: Settings) -> int:
@@ -45,10 +70,14 @@ def start(settings: Settings) -> None:
 
     def loop() -> None:
         last_prune = 0.0
+        watch = BrokerWatch()
         while True:
             time.sleep(interval)
             try:
-                n = sweep_once(settings)
+                lost = watch.lost_messages(settings)
+                if lost:
+                    log.warning("the broker is back and may have lost messages: re-publishing")
+                n = sweep_once(settings, broker_lost_messages=lost)
                 if n:
                     log.warning("re-published %d job(s) whose worker or message was lost", n)
                 if time.monotonic() - last_prune >= PRUNE_EVERY_S:

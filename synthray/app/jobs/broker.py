@@ -67,6 +67,22 @@ def publish(settings: Settings, job_id: str, queue: str) -> None:
     client(settings).send_task(TASK_NAME, args=[job_id], queue=queue)
 
 
+def epoch(settings: Settings) -> str | None:
+    """An id of the broker's current run, which changes when Redis restarts (and may have
+    lost every queued message, without persistence); None for brokers whose queues
+    survive a restart (the embedded one on disk, AMQP's durable queues). Raises if the
+    broker cannot be reached."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis  # kombu's Redis transport needs it, so it is there whenever Redis is used
+
+    r = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return str(r.info("server")["run_id"])
+    finally:
+        r.close()
+
+
 def ping(settings: Settings) -> None:
     """Open (and close) a broker connection; raises if the broker is unreachable."""
     with client(settings).connection_for_write() as conn:

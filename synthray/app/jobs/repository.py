@@ -102,8 +102,18 @@ def expired_running(session: Session, now: datetime) -> list[Job]:
 
 
 def stale_queued(session: Session, before: datetime) -> list[Job]:
-    stmt = select(Job).where(Job.state == JobState.queued, Job.enqueued_at < before)
+    """Queued jobs published before ``before``, or never published (``enqueued_at`` NULL)."""
+    stmt = select(Job).where(
+        Job.state == JobState.queued, or_(Job.enqueued_at < before, Job.enqueued_at.is_(None))
+    )
     return list(session.scalars(stmt.with_for_update(skip_locked=True)))
+
+
+def mark_unpublished(session: Session, job_id: str) -> None:
+    """The broker did not take this job's message: the sweeper publishes it again."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.queued).values(enqueued_at=None)
+    )
 
 
 def end_times(session: Session, ids: list[str]) -> dict[str, datetime | None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from synthray.app.db import on_commit, utcnow
+from synthray.app.db import on_commit, session_scope, utcnow
 from synthray.app.errors import Conflict, NotFound
 from synthray.app.jobs import broker, repository
 from synthray.app.jobs.schemas import QUEUE_OF, TERMINAL, JobKind, JobRead, JobState
@@ -44,9 +44,24 @@ def create(
             progress_message="queued",
         ),
     )
-    job_id, queue = job.id, job.queue
-    on_commit(session, lambda: broker.publish(settings, job_id, queue))
+    _publish_after_commit(session, settings, job.id, job.queue)
     return job
+
+
+def _publish_after_commit(session: Session, settings: Settings, job_id: str, queue: str) -> None:
+    """Publish the id once the row is committed. If the broker cannot take it, the row's
+    ``enqueued_at`` is cleared: the sweeper re-publishes such a job at its next pass
+    instead of after ``requeue_after_seconds``."""
+
+    def publish() -> None:
+        try:
+            broker.publish(settings, job_id, queue)
+        except Exception:
+            with session_scope(settings.sqlalchemy_url) as s:
+                repository.mark_unpublished(s, job_id)
+            raise
+
+    on_commit(session, publish)
 
 
 def get(session: Session, job_id: str) -> Job:
@@ -61,9 +76,7 @@ def creator(session: Session, job_id: str) -> int | None:
     return get(session, job_id).created_by
 
 
-def claim(
-    session: Session, job_id: str, owner: str, now: datetime, lease: timedelta
-) -> Job | None:
+def claim(session: Session, job_id: str, owner: str, now: datetime, lease: timedelta) -> Job | None:
     """The job, now running under ``owner``'s lease, if this delivery may run it; None when
     it is finished, cancelled, or held by another worker (so a redelivery does nothing)."""
     if not repository.claim(session, job_id, owner, now, lease):
@@ -116,8 +129,13 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]:
-    """Find jobs whose worker died or whose message may be lost, and queue them again.
+def requeue_stale(
+    session: Session, settings: Settings, *, broker_lost_messages: bool = False
+) -> list[tuple[str, str]]:
+    """Find jobs whose worker died or whose message may be lost, and queue them again:
+    running jobs whose lease expired, queued jobs never published (the broker was down)
+    or waiting longer than ``requeue_after_seconds``, and every queued job when
+    ``broker_lost_messages`` (the broker restarted and may have lost its queues).
 
     Returns (job id, queue) pairs to publish after the commit. A duplicate message is
     harmless: the claim lets only one delivery run the job.
@@ -137,17 +155,15 @@ def requeue_stale(session: Session, settings: Settings) -> list[tuple[str, str]]
         job.enqueued_at = now
         job.progress_message = "requeued: the worker holding it stopped responding"
         out.append((job.id, job.queue))
-    before = now - timedelta(seconds=settings.requeue_after_seconds)
+    before = (
+        now if broker_lost_messages else now - timedelta(seconds=settings.requeue_after_seconds)
+    )
     for job in repository.stale_queued(session, before):
         job.enqueued_at = now
         out.append((job.id, job.queue))
     session.flush()
     for job_id, queue in out:
-
-        def publish(j: str = job_id, q: str = queue) -> None:
-            broker.publish(settings, j, q)
-
-        on_commit(session, publish)
+        _publish_after_commit(session, settings, job_id, queue)
     return out
 
 
