@@ -148,6 +148,11 @@ class Settings(BaseSettings):
         description="Where request counts live: memory:// for one API process, a redis:// URL "
         "when several API processes share the limit.",
     )
+    api_docs: bool | None = Field(
+        None,
+        description="Serve /docs, /redoc and /openapi.json (default: only in dev mode, so "
+        "a production deployment does not publish its API map unless asked to).",
+    )
     forwarded_allow_ips: str = Field(
         "",
         description="Addresses of reverse proxies whose X-Forwarded-For is believed "

@@ -58,10 +58,14 @@ def _errors_as_json(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    docs = settings.api_docs if settings.api_docs is not None else settings.dev_mode
     app = FastAPI(
         title="SynthRay",
         version=__version__,
         description="Synthetic chest radiographs, gated for memorization before export.",
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.settings = settings
     install_handlers(app)

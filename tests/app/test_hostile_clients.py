@@ -357,3 +357,17 @@ def test_job_answers_name_no_server_path(
     job = client.get(f"/v1/jobs/{r.json()['job_id']}", headers=auth(keys.operator))
     assert job.json()["params"]["source"] == "nih"
     assert str(settings.import_root) not in job.text and str(settings.data_dir) not in job.text
+
+
+def test_production_mode_publishes_no_api_map(tmp_path: Path, database_url: str) -> None:
+    """Outside dev mode /docs and the OpenAPI document are off unless asked for; no CORS
+    header is ever sent (the API serves no browser origin but its own)."""
+    prod = make_settings(tmp_path, database_url, dev_mode=False, secret_key="k" * 40)
+    with TestClient(create_app(prod), raise_server_exceptions=False) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path).status_code == 404, path
+        r = c.get("/healthz", headers={"Origin": "https://elsewhere.example"})
+        assert "access-control-allow-origin" not in r.headers
+    opened = prod.model_copy(update={"api_docs": True})
+    with TestClient(create_app(opened), raise_server_exceptions=False) as c:
+        assert c.get("/openapi.json").status_code == 200

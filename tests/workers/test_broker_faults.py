@@ -15,11 +15,12 @@ import pytest
 import redis
 from conftest import make_settings
 from fastapi.testclient import TestClient
-from support import NIH_INGEST, auth, copy_subset, make_keys
+from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
 
 from synthray.app.db import session_scope
 from synthray.app.jobs.tables import Job
 from synthray.app.main import create_app
+from synthray.config import Settings
 from synthray.workers.sweeper import BrokerWatch, sweep_once
 
 
@@ -89,12 +90,20 @@ def _ingest(client: TestClient, key: str) -> str:
     return str(r.json()["job_id"])
 
 
-def test_jobs_lost_with_a_restarted_broker_are_published_again(
+@pytest.fixture
+def on_private_redis(
     tmp_path: Path, database_url: str, private_redis: PrivateRedis
-) -> None:
+) -> tuple[Settings, Keys]:
+    """Settings whose broker is the private redis-server, with keys and an import folder."""
     s = make_settings(tmp_path, database_url, broker_url=private_redis.url)
     copy_subset(s.import_root, per_class=3)
-    keys = make_keys(s)
+    return s, make_keys(s)
+
+
+def test_jobs_lost_with_a_restarted_broker_are_published_again(
+    on_private_redis: tuple[Settings, Keys], private_redis: PrivateRedis
+) -> None:
+    s, keys = on_private_redis
     watch = BrokerWatch()
     assert watch.lost_messages(s) is False  # the first look only learns the run id
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
@@ -113,11 +122,9 @@ def test_jobs_lost_with_a_restarted_broker_are_published_again(
 
 
 def test_a_job_accepted_while_the_broker_is_down_is_published_when_it_returns(
-    tmp_path: Path, database_url: str, private_redis: PrivateRedis
+    on_private_redis: tuple[Settings, Keys], private_redis: PrivateRedis
 ) -> None:
-    s = make_settings(tmp_path, database_url, broker_url=private_redis.url)
-    copy_subset(s.import_root, per_class=3)
-    keys = make_keys(s)
+    s, keys = on_private_redis
     watch = BrokerWatch()
     watch.lost_messages(s)
     private_redis.stop()
