@@ -143,6 +143,11 @@ class Settings(BaseSettings):
         description="Requests each client address may make, "
         "in the limits notation ('1200/minute', '50/second;1200/minute'); empty: no limit.",
     )
+    rate_limit_per_key: str = Field(
+        "1200/minute",
+        description="Requests each presented API key may make, whatever the address "
+        "(the same notation); empty: no per-key limit.",
+    )
     rate_limit_storage: str = Field(
         "memory://",
         description="Where request counts live: memory:// for one API process, a redis:// URL "

@@ -139,3 +139,19 @@ def test_rate_limit_store_down_serves_and_logs(
         for _ in range(2):
             assert c.get("/v1/me", headers=auth(keys.operator)).status_code == 200
     assert "rate limit store unavailable" in caplog.text
+
+
+def test_rate_limit_counts_each_key_across_addresses(settings: Settings, keys: Keys) -> None:
+    """One key used from many addresses is limited by its own count; another key, and a
+    request without one, are not."""
+    app = create_app(
+        settings.model_copy(update={"rate_limit": "", "rate_limit_per_key": "2/minute"})
+    )
+    for i in range(2):
+        with TestClient(app, raise_server_exceptions=False, client=(f"10.1.0.{i}", 1)) as c:
+            assert c.get("/v1/me", headers=auth(keys.operator)).status_code == 200
+    with TestClient(app, raise_server_exceptions=False, client=("10.1.0.9", 1)) as c:
+        r = c.get("/v1/me", headers={"X-API-Key": keys.operator})  # the same key, other header
+        assert r.status_code == 429 and "2 per 1 minute" in r.json()["detail"]
+        assert c.get("/v1/me", headers=auth(keys.reviewer)).status_code == 200
+        assert c.get("/v1/datasets").status_code == 401
