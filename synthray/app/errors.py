@@ -86,7 +86,7 @@ class PayloadTooLarge(DomainError):
 
 
 DB_RETRY_AFTER_S = 5
-STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def describe_unexpected(exc: BaseException) -> tuple[int, str, dict[str, str]]:
