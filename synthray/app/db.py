@@ -67,9 +67,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
     pysqlite defers BEGIN until the first write, so a read-then-write transaction can
     fail with "database is locked" when it upgrades; taking the write lock at BEGIN
     makes concurrent writers (API, worker heartbeats) queue on busy_timeout instead.
-    A transaction that only reads (a connection with the ``read_only`` execution option,
-    see :func:`read_session_scope`) begins deferred: under WAL it reads a snapshot and
-    waits for nobody.
+    A transaction that only reads (``session_scope(url, read_only=True)``, which sets the
+    ``READ_ONLY`` execution option on its connection) begins deferred: under WAL it reads
+    a snapshot and waits for nobody.
     """
 
     @event.listens_for(engine, "connect")

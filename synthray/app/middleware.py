@@ -5,7 +5,10 @@ over the limit is refused with 413 before one byte is read, and a body without o
 (chunked) is counted as it arrives and cut off at the limit. Uploads have their own,
 larger limit and stream to disk (``datasets.uploads``); every other body is JSON that
 FastAPI buffers and parses before any dependency runs, so this cap is what keeps an
-unauthenticated client from costing more than ``max_json_bytes`` of memory.
+unauthenticated client from costing more than ``max_json_bytes`` of memory. (FastAPI
+0.165's ``max_body_size`` counts the same way but only once the body is read, answers a
+fixed "Content Too Large", and takes per-route limits at import time, while ours come
+from the settings and exempt the uploads; the project also still allows FastAPI 0.115.)
 
 ``Failures`` answers every exception no handler took. Starlette's own last-resort
 middleware re-raises after answering, so uvicorn prints the traceback with the

@@ -5,12 +5,9 @@ which makes the kernel fail the write with EFBIG, as a full disk fails it with E
 
 from __future__ import annotations
 
-import errno
 import subprocess
 import sys
 from pathlib import Path
-
-from synthray.app.errors import describe_unexpected
 
 WRITER = """
 import errno, resource, signal, sys
@@ -38,9 +35,3 @@ def test_a_refused_write_leaves_nothing_behind(tmp_path: Path) -> None:
     assert out[0] == "EFBIG", out
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert files == [f"{out[1][:2]}/{out[1][2:]}"]  # only the blob that fitted
-
-
-def test_a_refused_write_is_answered_as_full_storage() -> None:
-    for code in ("ENOSPC", "EDQUOT", "EFBIG"):
-        status, detail, _ = describe_unexpected(OSError(getattr(errno, code), "/some/path"))
-        assert status == 507 and "/some/path" not in detail

@@ -6,9 +6,11 @@ requests never collide on version numbers, and refusals are audited."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import make_settings
 from fastapi.testclient import TestClient
-from support import NIH_INGEST, Keys, auth, copy_subset
+from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
 
 from synthray.app.errors import describe_unexpected
 from synthray.app.fields import INT32_MAX
@@ -253,10 +255,11 @@ def test_readyz_reports_storage_that_cannot_take_writes(
 
 
 def test_infrastructure_errors_have_fixed_answers() -> None:
-    assert describe_unexpected(OSError(errno.ENOSPC, "No space left on /secret/path"))[:2] == (
-        507,
-        "the server's storage is full; ask the operator to free space",
-    )
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # full disk, quota, size limit
+        assert describe_unexpected(OSError(code, "No space left on /secret/path"))[:2] == (
+            507,
+            "the server's storage is full; ask the operator to free space",
+        )
     assert describe_unexpected(KeyError("x"))[:2] == (500, "internal error")
 
 
@@ -265,9 +268,6 @@ def test_relative_data_dir_is_resolved(
 ) -> None:
     """SYNTHRAY_DATA_DIR=var (the default) works like an absolute folder: a zip upload with
     a labels CSV, whose path is compared with the upload folder's, is accepted."""
-    import io
-    import zipfile
-
     monkeypatch.chdir(tmp_path)
     s = make_settings(Path("rel"), database_url)
     assert s.data_dir.is_absolute() and s.data_dir == tmp_path / "rel" / "data"
@@ -277,8 +277,6 @@ def test_relative_data_dir_is_resolved(
         for f in folder.rglob("*"):
             if f.is_file():
                 zf.write(f, f.relative_to(folder).as_posix())
-    from support import make_keys
-
     keys = make_keys(s)
     spec = json.dumps({"name": "up"} | NIH_INGEST)
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
