@@ -120,6 +120,7 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
     assert set(q["class_consistency"]) == {"generated", "floor", "per_class"}
     # As many held-out images as generated ones (10 per class), as far as they go.
     assert q["compared_images"] == min(30, v["metrics"]["holdout_images"])
+    assert q["samples_per_class"] == {"Normal": 10, "Effusion": 10, "Cardiomegaly": 10}
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
     assert len(q["ssl_encoder_sha256"]) == 64 and q["ssl_encoder_sha256"] != q["encoder_sha256"]
     # The training job's preview grid: one row per class, 8 samples each.

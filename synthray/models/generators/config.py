@@ -48,7 +48,7 @@ class TrainConfig:
     architecture: str = "dcgan"
     resolution: int = 64
     class_names: list[str] = field(default_factory=list)
-    batch_size: int | None = None  # GANs 64, latentflow 128
+    batch_size: int | None = None  # GANs 64, latentflow 32
     max_steps: int | None = None
     max_seconds: float | None = None
     seed: int = 0

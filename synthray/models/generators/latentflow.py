@@ -55,7 +55,7 @@ class LatentFlowConfig:
     latent_size: int = 16
     latent_channels: int = 4
     ae_width: int = 16
-    flow_width: int = 48
+    flow_width: int = 32
     emb_dim: int = 128
     sample_steps: int = 8
     guidance: float = 2.0

@@ -53,6 +53,20 @@ def _encoder(
 
 
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
+# Fewest generated images per class, whatever the held-out set holds: class consistency
+# is a rate over them.
+MIN_SAMPLES_PER_CLASS = 50
+
+
+def samples_per_class(holdout_labels: np.ndarray, keep: list[int], most: int) -> dict[int, int]:
+    """Generated images per class of the generator (0 .. len(keep) - 1) for the quality
+    metrics: as many as the held-out images of the class (each metric compares generated
+    and held-out sets of one size, so more would only be cut away), at least
+    MIN_SAMPLES_PER_CLASS, at most ``most``."""
+    return {
+        g: min(most, max(MIN_SAMPLES_PER_CLASS, int((holdout_labels == c).sum())))
+        for g, c in enumerate(keep)
+    }
 
 
 def measure(
@@ -74,11 +88,15 @@ def measure(
     supervised, sup_sha = _encoder(ctx, split, dataset_version_id, SUPERVISED)
     ssl, ssl_sha = _encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     generator = load_generator(gen_path, expected_sha256=None)
-    n = ctx.settings.quality_samples_per_class
-    total = n * len(classes)
+    m_train = np.isin(split.train_labels, keep)
+    m_hold = np.isin(split.holdout_labels, keep)
+    counts = samples_per_class(
+        split.holdout_labels[m_hold], keep, ctx.settings.quality_samples_per_class
+    )
+    total = sum(counts.values())
     fake_x, fake_y = sample_images(
         generator,
-        {c: n for c in range(len(classes))},
+        counts,
         seed=12345,
         device=ctx.settings.device,
         on_progress=lambda done, of: ctx.progress(
@@ -88,8 +106,6 @@ def measure(
     ctx.progress(total, total, "measuring quality (FID, KID, precision, recall, classes)")
     # Labels everywhere index the dataset's classes (the encoders'); generated labels are
     # mapped back from the generator's own class list.
-    m_train = np.isin(split.train_labels, keep)
-    m_hold = np.isin(split.holdout_labels, keep)
     out = quality.evaluate(
         {"supervised": supervised, "self_supervised": ssl},
         supervised,
@@ -106,7 +122,7 @@ def measure(
     out["encoder_holdout_accuracy"] = quality.accuracy(
         supervised, split.holdout_images[m_hold], split.holdout_labels[m_hold]
     )
-    out["samples_per_class"] = n
+    out["samples_per_class"] = {c: counts[g] for g, c in enumerate(classes)}
     # Staff look at this: per class, generated images beside real ones of unseen patients.
     own_class = {dataset_class: g for g, dataset_class in enumerate(keep)}
     hold_y = np.array([own_class[int(v)] for v in split.holdout_labels[m_hold]], dtype=np.int64)

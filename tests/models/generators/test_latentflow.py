@@ -198,7 +198,7 @@ def test_settings_of_other_families_are_refused() -> None:
     with pytest.raises(ValueError, match="ae_fraction"):
         _cfg(ae_fraction=1.0)
     cfg = TrainConfig(architecture="latentflow", class_names=["a", "b"], max_steps=1)
-    assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (128, 2.0, None)
+    assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (32, 2.0, None)
     assert cfg.generator_config().guidance == 2.0
 
 
