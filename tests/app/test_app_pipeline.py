@@ -156,6 +156,32 @@ def test_train_on_a_class_subset(
     assert r.status_code == 422 and r.json()["field"] == "classes"
 
 
+def test_quality_figures_leave_out_classes_that_synthesis_refuses(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
+    h = auth(keys.operator)
+    v1 = client.get("/v1/models/m/versions/1", headers=h).json()
+    counts = v1["config"]["data"]["train_patients_per_class"]
+    patients = dict(zip(v1["classes"], counts, strict=True))
+    thin = min(patients, key=patients.__getitem__)
+    assert sorted(patients.values())[0] < sorted(patients.values())[1], patients
+    # The thinnest class falls under the minimum; the others stay above it.
+    settings.min_class_patients = patients[thin] + 1
+    body = {"dataset": "nih", "model_name": "thin", "max_steps": 2, "batch_size": 4}
+    r = client.post("/v1/train", json=body, headers=h)
+    assert r.status_code == 202, r.text
+    assert run_queued(settings) == ["succeeded"]
+    q = client.get("/v1/models/thin/versions/1", headers=h).json()["metrics"]["quality"]
+    assert thin not in q["samples_per_class"] and len(q["samples_per_class"]) == 2
+    per_class = q["class_consistency"]["per_class"][thin]
+    assert per_class == {"generated": None, "floor": None}
+    for space in q["spaces"].values():
+        assert thin not in space["per_class"]
+    # Its gallery row is still drawn, with the refusal noted.
+    r = client.get("/v1/models/thin/versions/1/gallery.png", headers=auth(keys.reviewer))
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).height > 0
+
+
 def test_duplicate_delivery_does_no_second_work(
     client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:

@@ -56,6 +56,7 @@ SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
 # Fewest generated images per class, whatever the held-out set holds: class consistency
 # is a rate over them.
 MIN_SAMPLES_PER_CLASS = 50
+GALLERY_PER_CLASS = 8
 
 
 def samples_per_class(holdout_labels: np.ndarray, keep: list[int], most: int) -> dict[int, int]:
@@ -85,14 +86,19 @@ def measure(
     from synthray.models.generators.sampling import sample_images
 
     keep = [split.classes.index(c) for c in classes]
+    # Classes that synthesis refuses (``notes``) get only their gallery row: their images
+    # never leave the building, so they stay out of every figure (a class of one patient
+    # would otherwise lift class consistency with near-copies of that patient).
+    measured = [c for c in keep if split.classes[c] not in (notes or {})] or keep
     supervised, sup_sha = _encoder(ctx, split, dataset_version_id, SUPERVISED)
     ssl, ssl_sha = _encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     generator = load_generator(gen_path, expected_sha256=None)
-    m_train = np.isin(split.train_labels, keep)
-    m_hold = np.isin(split.holdout_labels, keep)
+    m_train = np.isin(split.train_labels, measured)
+    m_hold = np.isin(split.holdout_labels, measured)
     counts = samples_per_class(
         split.holdout_labels[m_hold], keep, ctx.settings.quality_samples_per_class
     )
+    counts |= {g: GALLERY_PER_CLASS for g, c in enumerate(keep) if c not in measured}
     total = sum(counts.values())
     fake_x, fake_y = sample_images(
         generator,
@@ -106,6 +112,8 @@ def measure(
     ctx.progress(total, total, "measuring quality (FID, KID, precision, recall, classes)")
     # Labels everywhere index the dataset's classes (the encoders'); generated labels are
     # mapped back from the generator's own class list.
+    fake_dataset_y = np.asarray(keep, dtype=np.int64)[fake_y.astype(np.int64)]
+    m_fake = np.isin(fake_dataset_y, measured)
     out = quality.evaluate(
         {"supervised": supervised, "self_supervised": ssl},
         supervised,
@@ -113,8 +121,8 @@ def measure(
         split.train_labels[m_train],
         split.holdout_images[m_hold],
         split.holdout_labels[m_hold],
-        fake_x,
-        np.asarray(keep, dtype=np.int64)[fake_y.astype(np.int64)],
+        fake_x[m_fake],
+        fake_dataset_y[m_fake],
         list(split.classes),
     )
     out["encoder_sha256"] = sup_sha
@@ -122,12 +130,19 @@ def measure(
     out["encoder_holdout_accuracy"] = quality.accuracy(
         supervised, split.holdout_images[m_hold], split.holdout_labels[m_hold]
     )
-    out["samples_per_class"] = {c: counts[g] for g, c in enumerate(classes)}
+    out["samples_per_class"] = {c: counts[g] for g, c in enumerate(classes) if keep[g] in measured}
     # Staff look at this: per class, generated images beside real ones of unseen patients.
     own_class = {dataset_class: g for g, dataset_class in enumerate(keep)}
-    hold_y = np.array([own_class[int(v)] for v in split.holdout_labels[m_hold]], dtype=np.int64)
+    g_hold = np.isin(split.holdout_labels, keep)
+    hold_y = np.array([own_class[int(v)] for v in split.holdout_labels[g_hold]], dtype=np.int64)
     picture = gallery_png(
-        fake_x, fake_y, split.holdout_images[m_hold], hold_y, classes, notes=notes
+        fake_x,
+        fake_y,
+        split.holdout_images[g_hold],
+        hold_y,
+        classes,
+        per_class=GALLERY_PER_CLASS,
+        notes=notes,
     )
     out["gallery_sha256"], _ = ctx.blobs.put_bytes(picture)
     return out, sup_sha
