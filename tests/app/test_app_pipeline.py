@@ -177,9 +177,14 @@ def test_quality_figures_leave_out_classes_that_synthesis_refuses(
     assert per_class == {"generated": None, "floor": None}
     for space in q["spaces"].values():
         assert thin not in space["per_class"]
-    # Its gallery row is still drawn, with the refusal noted.
-    r = client.get("/v1/models/thin/versions/1/gallery.png", headers=auth(keys.reviewer))
-    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).height > 0
+    # Its gallery row is still drawn: the picture is as tall as the one of model m, whose
+    # three classes are all measured.
+    heights = []
+    for model in ("thin", "m"):
+        r = client.get(f"/v1/models/{model}/versions/1/gallery.png", headers=auth(keys.reviewer))
+        assert r.status_code == 200
+        heights.append(Image.open(io.BytesIO(r.content)).height)
+    assert heights[0] == heights[1]
 
 
 def test_duplicate_delivery_does_no_second_work(

@@ -116,10 +116,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             generator=latentflow.Generator,
             defaults=MappingProxyType(
                 {
-                    # Small batches of a narrow velocity field: on a 2-core fp32 CPU (AMD
-                    # Zen 3) batch 128 at width 48 made about 100 flow steps in the demo's
-                    # budget and gave noise; batch 32 at width 32 made 500 to 900 and gave
-                    # radiographs (README, "Measured: the demo").
+                    # Small batches of a narrow velocity field, so that a 2-core fp32 CPU
+                    # makes enough flow steps in the demo's budget to draw radiographs
+                    # (the measurements are in the README, "Measured: the demo").
                     "batch_size": 32,
                     "ema_decay": 0.995,
                     "class_power": 0.5,

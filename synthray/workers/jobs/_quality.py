@@ -95,9 +95,7 @@ def measure(
     generator = load_generator(gen_path, expected_sha256=None)
     m_train = np.isin(split.train_labels, measured)
     m_hold = np.isin(split.holdout_labels, measured)
-    counts = samples_per_class(
-        split.holdout_labels[m_hold], keep, ctx.settings.quality_samples_per_class
-    )
+    counts = samples_per_class(split.holdout_labels, keep, ctx.settings.quality_samples_per_class)
     counts |= {g: GALLERY_PER_CLASS for g, c in enumerate(keep) if c not in measured}
     total = sum(counts.values())
     fake_x, fake_y = sample_images(
