@@ -54,9 +54,7 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def copy_subset(
-    dest: Path, per_class: int = 30, name: str = "nih", *, skip_first: int = 0
-) -> Path:
+def copy_subset(dest: Path, per_class: int = 30, name: str = "nih", *, skip_first: int = 0) -> Path:
     """Copy a small, labelled slice of the NIH reference set into an import folder.
 
     ``skip_first`` leaves out the patients of the slice ``copy_subset(per_class=skip_first)``

@@ -228,7 +228,6 @@ def robust_correlation(
     )
 
 
-
 def _aligned_pair(
     q: np.ndarray, t: np.ndarray, dy: int, dx: int, hy: int, hx: int
 ) -> tuple[np.ndarray, np.ndarray]:

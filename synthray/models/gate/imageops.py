@@ -52,7 +52,6 @@ def standardise(images: np.ndarray, smooth: float = 0.0) -> torch.Tensor:
     return torch.where(sd > 1e-6, x / sd.clamp_min(1e-6), torch.zeros_like(x))
 
 
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(t**2) / (2 * sigma**2))
@@ -91,7 +90,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.T
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     return (num / den).mean(dim=(1, 2)).float()  # (N,)
-
 
 
 def pixel_shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:

@@ -25,7 +25,6 @@ Alignment convention: with ``q`` the synthetic image, mirrored if ``flip``, and 
 ``shift = (dy, dx)``: the training image moved down by dy and right by dx.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
