@@ -9,7 +9,8 @@
 #   scripts/experiments/utility_study.sh nih           # the seed study's five NIH classes
 #
 # Settings (environment): DATA (default ../shared/data), ARCH (latentflow), TRAIN_SECONDS
-# (300), RESOLUTION (64), SEEDS (3; 0 skips the evaluation), STEPS (300). Output:
+# (300), RESOLUTION (64), SEEDS (3; 0 skips the evaluation), STEPS (300), ARMS (every arm;
+# a comma list such as DS1,TSTR). Output:
 # var/study-<set>-<resolution>-<time>/ with train.json (the version's metrics), gallery.png,
 # the evaluation's CSV and chart, the worker and API logs, and summary.txt (the printed
 # table).
@@ -22,6 +23,7 @@ RESOLUTION=${RESOLUTION:-64}
 SEEDS=${SEEDS:-3}
 ARCH=${ARCH:-latentflow}
 STEPS=${STEPS:-300}
+ARMS=${ARMS:-}
 OUT=var/study-$SET-$RESOLUTION-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -72,6 +74,7 @@ curl -fs -H "X-API-Key: $SYNTHRAY_API_KEY" \
     && log "gallery: $OUT/gallery.png"
 if [ "$SEEDS" -gt 0 ]; then
     log "evaluate: $SEEDS seeds, $STEPS classifier steps per arm"
-    $SR evaluate "$SET" --seeds "$SEEDS" --steps "$STEPS" --dest "$OUT" | tee -a "$OUT/summary.txt"
+    $SR evaluate "$SET" --seeds "$SEEDS" --steps "$STEPS" ${ARMS:+--arms "$ARMS"} --dest "$OUT" \
+        | tee -a "$OUT/summary.txt"
 fi
 log "done; $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
