@@ -1,0 +1,353 @@
+"""Membership-inference audit: can an attacker tell the generator's training patients from
+patients it never saw?
+
+Members are training images, non-members held-out images of unseen patients. Each attack
+gives every real image a score (higher: "more likely a member"); its strength is the AUROC of
+members against non-members and the true-positive rate at a 1% false-positive rate, the figure
+Carlini et al. argue for ("Membership Inference Attacks From First Principles", IEEE S&P
+2022): an attack that finds a few members with certainty matters more than a small average
+edge.
+
+Attacks:
+
+- ``nearest-synthetic`` in every similarity space: a real image close to some synthetic image
+  is likely a member (the distance-to-closest-synthetic attack of Hilprecht et al., "Monte
+  Carlo and Reconstruction Membership Inference Attacks against Generative Models", PoPETs
+  2019; Chen et al., "GAN-Leaks", CCS 2020, full black-box). Needs the synthetic images only:
+  it is what a partner holding the bundle could run.
+- ``reconstruction``: the generator itself is asked to reproduce the image, by optimising its
+  input (GAN-Leaks' white-box attack): members are reproduced better. For the latent flow the
+  optimised input is the decoder's latent grid; for a GAN its noise vector.
+- ``flow-loss``: for the latent flow, the flow-matching loss of the reconstructed latent under
+  its class, at fixed times and noises: members' latents were regressed on and have lower
+  loss (the loss attack on diffusion models of Matsumoto et al., "Membership Inference
+  Attacks against Diffusion Models", IEEE SPW 2023).
+
+Every attack also runs as a control: two disjoint sets of non-members, one posing as
+members. Nothing tells them apart, so the control's AUROC must sit near 0.5; if it does not,
+the attack is measuring something other than membership (class mix, image size, chance).
+Members are drawn to the class mix of the non-members, for the same reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from synthray.models.gate.pixelmatch import PixelMatcher
+from synthray.models.gate.search import ExactIndex
+
+GOAL_AUROC = 0.55
+GOAL_TPR = 0.02
+FPR = 0.01
+BOOTSTRAP = 200
+
+
+@dataclass(frozen=True)
+class Space:
+    """A feature space for the nearest-synthetic attack: ``embed`` maps uint8 (N, R, R) to
+    float32 (N, d); ``metric`` ``"ip"`` for unit vectors (cosine), ``"l2"`` otherwise."""
+
+    name: str
+    embed: Callable[[np.ndarray], np.ndarray]
+    metric: str = "ip"
+
+
+# ------------------------------------------------------------------------ statistics
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a member > score of a non-member), ties counting one half (Mann-Whitney)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("both groups need at least one score")
+    both = np.concatenate([pos, neg])
+    order = np.argsort(both, kind="mergesort")
+    ranks = np.empty(len(both), dtype=np.float64)
+    ranks[order] = np.arange(1, len(both) + 1)
+    # Tied scores share their mean rank.
+    sorted_scores = both[order]
+    start = 0
+    for end in range(1, len(both) + 1):
+        if end == len(both) or sorted_scores[end] != sorted_scores[start]:
+            ranks[order[start:end]] = (start + 1 + end) / 2.0
+            start = end
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = FPR) -> float:
+    """Share of members scoring above a threshold that at most ``fpr`` of non-members pass
+    (floor(fpr * N) of them; with fewer than 1 / fpr non-members, none)."""
+    neg_sorted = np.sort(np.asarray(neg, np.float64))[::-1]
+    allowed = math.floor(fpr * len(neg_sorted) + 1e-9)
+    threshold = neg_sorted[allowed] if allowed < len(neg_sorted) else -np.inf
+    return float(np.mean(np.asarray(pos, np.float64) > threshold))
+
+
+def auroc_interval(
+    pos: np.ndarray, neg: np.ndarray, seed: int = 0, n: int = BOOTSTRAP
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the AUROC (both groups resampled)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    values = [
+        auroc(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))])
+        for _ in range(n)
+    ]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def figures(pos: np.ndarray, neg: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    lo, hi = auroc_interval(pos, neg, seed)
+    return {
+        "auroc": round(auroc(pos, neg), 4),
+        "auroc_interval": [round(lo, 4), round(hi, 4)],
+        "tpr_at_1pct_fpr": round(tpr_at_fpr(pos, neg), 4),
+    }
+
+
+# ------------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class Groups:
+    """Indices of the three equal-size groups: members (into the training images),
+    non-members and control non-members (into the held-out images, disjoint)."""
+
+    members: np.ndarray
+    nonmembers: np.ndarray
+    control: np.ndarray
+
+
+def draw_groups(
+    train_labels: np.ndarray, holdout_labels: np.ndarray, per_group: int, seed: int = 0
+) -> Groups:
+    """Halve the held-out images (stratified by class) into non-members and control, and
+    draw members from the training images with the non-members' class counts; every group
+    has the same size, at most ``per_group``."""
+    rng = np.random.default_rng(seed)
+    nonmembers, control, members = [], [], []
+    classes = np.unique(holdout_labels)
+    # Per class: half the held-out images each way, and as many members, capped by what
+    # the training set holds.
+    quota = {}
+    for c in classes:
+        n_hold = int((holdout_labels == c).sum()) // 2
+        quota[int(c)] = min(n_hold, int((train_labels == c).sum()))
+    total = sum(quota.values())
+    if total < 2:
+        raise ValueError("too few held-out or training images for a membership audit")
+    scale = min(1.0, per_group / total)
+    for c, q in quota.items():
+        take = math.floor(q * scale)
+        if take == 0:
+            continue
+        hold = rng.permutation(np.flatnonzero(holdout_labels == c))
+        nonmembers.append(hold[:take])
+        control.append(hold[take : 2 * take])
+        members.append(rng.choice(np.flatnonzero(train_labels == c), take, replace=False))
+    if not members:
+        raise ValueError("too few held-out or training images for a membership audit")
+    return Groups(
+        members=np.sort(np.concatenate(members)),
+        nonmembers=np.sort(np.concatenate(nonmembers)),
+        control=np.sort(np.concatenate(control)),
+    )
+
+
+# ------------------------------------------------------------------------ attacks
+def nearest_synthetic_pixel(synthetic: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """(N,) the best shift/flip/crop-robust pixel correlation of each real image with any
+    synthetic image (the gate's pixel space)."""
+    matcher = PixelMatcher(synthetic, anisotropic=False)
+    return matcher.match(real, 1, with_ssim=False).scores[:, 0].astype(np.float64)
+
+
+def nearest_synthetic(space: Space, synthetic: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """(N,) similarity of each real image to its nearest synthetic image in ``space``:
+    cosine for ``ip``, minus the Euclidean distance for ``l2``."""
+    index = ExactIndex(np.ascontiguousarray(space.embed(synthetic), np.float32), space.metric)
+    scores, _ = index.search(np.ascontiguousarray(space.embed(real), np.float32), 1)
+    s = scores[:, 0].astype(np.float64)
+    return s if space.metric == "ip" else -np.sqrt(np.maximum(s, 0.0))
+
+
+def _to_tensor(images: np.ndarray) -> Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]  # (N, 1, R, R)
+
+
+def _is_latent_flow(generator: nn.Module) -> bool:
+    return all(hasattr(generator, a) for a in ("decoder", "velocity", "latent_mean"))
+
+
+def _invert(
+    forward: Callable[[Tensor], Tensor], start: Tensor, target: Tensor, steps: int, lr: float
+) -> tuple[Tensor, Tensor]:
+    """Adam on the input of ``forward`` so that it reproduces ``target``; returns the input and
+    the per-image mean absolute error."""
+    x = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        err = (forward(x) - target).abs().flatten(1).mean(1)  # (B,)
+        opt.zero_grad(set_to_none=True)
+        err.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        err = (forward(x).clamp(-1.0, 1.0) - target).abs().flatten(1).mean(1)
+    return x.detach(), err
+
+
+def generator_scores(
+    generator: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int = 40,
+    lr: float = 0.1,
+    batch: int = 128,
+    seed: int = 0,
+    flow_times: int = 8,
+    flow_noises: int = 4,
+) -> dict[str, np.ndarray]:
+    """Attack scores that use the generator's weights: ``reconstruction`` (minus the error
+    of the best reproduction of each image) and, for the latent flow, ``flow-loss`` (minus
+    the flow-matching loss of that reproduction's latent under the image's class). ``labels``
+    index the generator's classes."""
+    net: Any = copy.deepcopy(generator).float().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    cfg: Any = net.cfg
+    flow = _is_latent_flow(net)
+    g = torch.Generator().manual_seed(seed)
+    recon, losses = [], []
+    if flow:
+        c, s = cfg.latent_channels, cfg.latent_size
+        mean, std = net.latent_mean.float(), net.latent_std.float()
+        noises = torch.randn(flow_noises, c, s, s, generator=g)  # the same for every image
+        times = torch.linspace(0.05, 0.95, flow_times).tolist()
+    for start in range(0, len(images), batch):
+        x = _to_tensor(images[start : start + batch])  # (b, 1, R, R)
+        y = torch.from_numpy(labels[start : start + batch].astype(np.int64))
+        b = x.shape[0]
+        if flow:
+            z0, err = _invert(
+                lambda lat: net.decoder(lat * std + mean), torch.zeros(b, c, s, s), x, steps, lr
+            )
+            with torch.no_grad():
+                loss = torch.zeros(b)
+                for t in times:
+                    tt = torch.full((b,), t)
+                    for e in noises:
+                        zt = (1.0 - t) * z0 + t * e
+                        v = net.velocity(zt, tt, y).float()
+                        loss += (v - (e - z0)).pow(2).flatten(1).mean(1)
+            losses.append(-(loss / (len(times) * len(noises))).numpy())
+        else:
+            z = torch.randn(b, cfg.z_dim, generator=g)
+            _, err = _invert(partial(net, y=y), z, x, steps, lr * 0.5)
+        recon.append(-err.numpy())
+    out = {"reconstruction": np.concatenate(recon).astype(np.float64)}
+    if flow:
+        out["flow-loss"] = np.concatenate(losses).astype(np.float64)
+    return out
+
+
+# ------------------------------------------------------------------------ the audit
+def audit(
+    synthetic: np.ndarray,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_labels: np.ndarray,
+    *,
+    spaces: list[Space],
+    generator: nn.Module | None = None,
+    generator_classes: dict[int, int] | None = None,
+    per_group: int = 250,
+    seed: int = 0,
+    inversion_steps: int = 40,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every attack against members vs non-members, and as a control against two disjoint
+    non-member sets. Labels index the dataset's classes; ``generator_classes`` maps those to
+    the generator's own class ids (members and non-members of other classes are left out of
+    the generator attacks). Returns a JSON-ready dict with a verdict against the goals."""
+    groups = draw_groups(train_labels, holdout_labels, per_group, seed)
+    real = {
+        "members": (train_images[groups.members], train_labels[groups.members]),
+        "nonmembers": (holdout_images[groups.nonmembers], holdout_labels[groups.nonmembers]),
+        "control": (holdout_images[groups.control], holdout_labels[groups.control]),
+    }
+    stacked = np.concatenate([real[k][0] for k in ("members", "nonmembers", "control")])
+    stacked_y = np.concatenate([real[k][1] for k in ("members", "nonmembers", "control")])
+    n = len(groups.members)
+    sizes = [n, len(groups.nonmembers), len(groups.control)]
+    cuts = np.cumsum([0, *sizes])
+
+    def split(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(scores[cuts[i] : cuts[i + 1]] for i in range(3))  # type: ignore[return-value]
+
+    def say(msg: str) -> None:
+        if on_progress is not None:
+            on_progress(msg)
+
+    attacks: list[dict[str, Any]] = []
+
+    def add(name: str, space: str, scores: np.ndarray, keep: np.ndarray | None = None) -> None:
+        m, h, c = split(scores)
+        if keep is not None:
+            km, kh, kc = split(keep)
+            m, h, c = m[km], h[kh], c[kc]
+        attacks.append(
+            {
+                "attack": name,
+                "space": space,
+                **figures(m, h, seed),
+                "control": figures(c, h, seed + 1),
+                "members": len(m),
+                "nonmembers": len(h),
+            }
+        )
+
+    say("membership audit: nearest synthetic image, pixel space")
+    add("nearest-synthetic", "pixel", nearest_synthetic_pixel(synthetic, stacked))
+    for space in spaces:
+        say(f"membership audit: nearest synthetic image, {space.name} space")
+        add("nearest-synthetic", space.name, nearest_synthetic(space, synthetic, stacked))
+    if generator is not None:
+        say("membership audit: inverting the generator on members and non-members")
+        mapping = generator_classes or {int(c): int(c) for c in np.unique(stacked_y)}
+        keep = np.isin(stacked_y, list(mapping))
+        gen_y = np.array([mapping.get(int(v), 0) for v in stacked_y], dtype=np.int64)
+        scores = generator_scores(
+            generator, stacked[keep], gen_y[keep], steps=inversion_steps, seed=seed
+        )
+        for name, s in scores.items():
+            full = np.full(len(stacked), np.nan)
+            full[keep] = s
+            add(name, "generator", full, keep)
+
+    worst_auroc = max(a["auroc"] for a in attacks)
+    worst_tpr = max(a["tpr_at_1pct_fpr"] for a in attacks)
+    control_worst = max(abs(a["control"]["auroc"] - 0.5) for a in attacks)
+    return {
+        "members": n,
+        "nonmembers": len(groups.nonmembers),
+        "control_nonmembers": len(groups.control),
+        "synthetic": len(synthetic),
+        "attacks": attacks,
+        "worst_auroc": worst_auroc,
+        "worst_tpr_at_1pct_fpr": worst_tpr,
+        "control_worst_distance_from_half": round(control_worst, 4),
+        "goal": {"auroc": GOAL_AUROC, "tpr_at_1pct_fpr": GOAL_TPR},
+        "passed": bool(worst_auroc <= GOAL_AUROC and worst_tpr <= GOAL_TPR),
+        # With N non-members the 1% FPR threshold rests on floor(N / 100) of them.
+        "tpr_resolution": round(1.0 / max(n, 1), 4),
+        "seed": seed,
+    }

@@ -1,0 +1,160 @@
+"""Membership-inference audit: the statistics, the groups, and the attacks against real
+films, a generator that copies and one that memorized its few training films."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from support import nih_dir
+
+from synthray.app.exports.privacy import false_flag_interval
+from synthray.models.gate import membership as mia
+from synthray.models.generators.config import TrainConfig
+from synthray.models.generators.files import load_generator, save_generator
+from synthray.models.generators.sampling import sample_images
+from synthray.models.generators.training import train_generator
+
+
+def _films(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` NIH films of distinct patients, and their patients."""
+    folder = nih_dir()
+    images, seen = [], set()
+    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            if row["Patient ID"] in seen:
+                continue
+            seen.add(row["Patient ID"])
+            with Image.open(folder / row["file"]) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            if len(images) == n:
+                break
+    return np.stack(images), np.array(sorted(seen))
+
+
+def test_auroc_counts_pairs_and_halves_ties() -> None:
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, 6, 40).astype(float)
+    neg = rng.integers(0, 6, 50).astype(float)
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert mia.auroc(pos, neg) == pytest.approx(pairs)
+    assert mia.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert mia.auroc(np.ones(5), np.ones(7)) == 0.5
+
+
+def test_tpr_at_fpr_allows_one_percent_of_non_members() -> None:
+    neg = np.arange(200, dtype=float)  # 2 of 200 may pass: threshold 197, passing 198, 199
+    pos = np.array([196.0, 197.0, 197.5, 250.0])
+    assert mia.tpr_at_fpr(pos, neg) == pytest.approx(0.5)
+    assert mia.tpr_at_fpr(np.array([1e9]), np.arange(50.0)) == 1.0  # 0 may pass: above max
+    assert mia.tpr_at_fpr(np.array([49.0]), np.arange(50.0)) == 0.0
+
+
+def test_groups_are_disjoint_equal_and_class_matched() -> None:
+    rng = np.random.default_rng(1)
+    train_y = rng.integers(0, 3, 500)
+    hold_y = np.r_[np.zeros(60), np.ones(20), np.full(7, 2)].astype(int)
+    g = mia.draw_groups(train_y, hold_y, per_group=1000, seed=0)
+    assert len(g.members) == len(g.nonmembers) == len(g.control) == 30 + 10 + 3
+    assert not set(g.nonmembers) & set(g.control)
+    for c in range(3):
+        assert (train_y[g.members] == c).sum() == (hold_y[g.nonmembers] == c).sum()
+        assert (hold_y[g.control] == c).sum() == (hold_y[g.nonmembers] == c).sum()
+    small = mia.draw_groups(train_y, hold_y, per_group=20, seed=0)
+    assert len(small.members) <= 20 and len(small.nonmembers) == len(small.members)
+
+
+def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
+    films, _ = _films(240)
+    train, hold, fresh = films[:80], films[80:160], films[160:]
+    zeros = np.zeros(80, dtype=np.int64)
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 6, size=(40, 64, 64))
+    copies = np.clip(train[:40].astype(float) + noise, 0, 255).astype(np.uint8)
+    leaky = mia.audit(copies, train, zeros, hold, zeros, spaces=[], per_group=40)
+    (pixel,) = leaky["attacks"]
+    assert pixel["attack"] == "nearest-synthetic" and pixel["space"] == "pixel"
+    # Half the members were copied: they are found at 1% false positives.
+    assert pixel["auroc"] > 0.7 and pixel["tpr_at_1pct_fpr"] >= 0.25
+    assert abs(pixel["control"]["auroc"] - 0.5) < 0.2
+    assert not leaky["passed"]
+    # Films of other patients as "synthetic" images: nothing to tell members by.
+    clean = mia.audit(fresh, train, zeros, hold, zeros, spaces=[], per_group=40)
+    assert 0.3 < clean["attacks"][0]["auroc"] < 0.7
+    assert clean["attacks"][0]["tpr_at_1pct_fpr"] < 0.2
+
+
+def test_generator_attacks_find_what_a_generator_memorized(tmp_path: Path) -> None:
+    films, _ = _films(112)
+    train, hold = films[:16], films[16:]
+    labels = np.arange(len(films)) % 2
+    cfg = TrainConfig(
+        architecture="latentflow",
+        class_names=["a", "b"],
+        max_steps=500,
+        device="cpu",
+        checkpoint_every_s=0.0,
+        sample_steps=4,
+        latent_size=8,
+        latent_channels=2,
+        ae_width=8,
+        flow_width=16,
+        batch_size=16,
+        ae_batch_size=16,
+        seed=0,
+    )
+    result = train_generator(train, labels[:16], cfg)
+    path = tmp_path / "g.safetensors"
+    save_generator(path, result.generator_state, dict(result.generator_config))
+    gen = load_generator(path, expected_sha256=None)
+    synthetic, _ = sample_images(gen, {0: 48, 1: 48}, seed=1, device="cpu")
+    out = mia.audit(
+        synthetic, train, labels[:16], hold, labels[16:], spaces=[], generator=gen, per_group=16
+    )
+    by_name = {(a["attack"], a["space"]): a for a in out["attacks"]}
+    assert set(by_name) == {
+        ("nearest-synthetic", "pixel"),
+        ("reconstruction", "generator"),
+        ("flow-loss", "generator"),
+    }
+    # 500 steps on 16 films: the flow regressed on exactly these latents.
+    assert by_name[("flow-loss", "generator")]["auroc"] > 0.8
+    assert by_name[("nearest-synthetic", "pixel")]["auroc"] > 0.8
+    assert all(np.isfinite(a["control"]["auroc"]) for a in out["attacks"])
+    assert not out["passed"] and out["worst_auroc"] > mia.GOAL_AUROC
+
+
+def test_gan_generators_are_attacked_through_their_noise(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        architecture="dcgan",
+        class_names=["a", "b"],
+        max_steps=1,
+        device="cpu",
+        checkpoint_every_s=0.0,
+        batch_size=8,
+    )
+    films, _ = _films(8)
+    result = train_generator(films, np.arange(8) % 2, cfg)
+    path = tmp_path / "g.safetensors"
+    save_generator(path, result.generator_state, dict(result.generator_config))
+    gen = load_generator(path, expected_sha256=None)
+    scores = mia.generator_scores(gen, films, np.arange(8) % 2, steps=3)
+    assert set(scores) == {"reconstruction"}
+    assert scores["reconstruction"].shape == (8,) and np.all(scores["reconstruction"] <= 0)
+
+
+def test_false_flag_interval_matches_simulated_calibrations() -> None:
+    """Conformal calibration on H films at quantile q: the share of new films above the
+    threshold, over many calibration draws, has the stated mean and 90% interval."""
+    h, q = 120, 0.95
+    stated = false_flag_interval(h, q)
+    rng = np.random.default_rng(3)
+    k = int(np.ceil((h + 1) * q))
+    # Scores uniform on [0, 1]: the rate above the k-th smallest is 1 minus it.
+    rates = 1.0 - np.sort(rng.random((20000, h)), axis=1)[:, k - 1]
+    assert stated["expected"] == pytest.approx(rates.mean(), abs=0.002)
+    lo, hi = np.quantile(rates, [0.05, 0.95])
+    assert stated["interval_90"] == pytest.approx([lo, hi], abs=0.004)
