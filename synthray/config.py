@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     quality_samples_per_class: int = Field(
         200, ge=10, description="Generated images per class for the quality metrics."
     )
+    audit_per_group: int = Field(
+        250,
+        ge=10,
+        description="Most images per group (members, non-members, control) in the "
+        "membership-inference audit of every new generator version.",
+    )
+    export_requires_passed_audit: bool = Field(
+        False,
+        description="Refuse exports from a generator version whose membership-inference "
+        "audit is missing or missed its goals.",
+    )
     copydetect_seconds: float = Field(
         60.0,
         ge=0.5,

@@ -23,6 +23,7 @@ from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets import service as datasets
 from synthray.app.datasets.tables import DatasetImage
 from synthray.app.db import session_scope
+from synthray.app.registry.tables import ModelVersion
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
 
@@ -245,8 +246,27 @@ def test_synthesize_check_export_download(
         names = zf.namelist()
         manifest = json.loads(zf.read("manifest.json"))
         dcm = pydicom.dcmread(io.BytesIO(zf.read(next(n for n in names if n.endswith(".dcm")))))
+        card = json.loads(zf.read("privacy.json"))
+        scorecard = zf.read("PRIVACY.md").decode()
     assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
     assert "memorization_report.json" in names
+    # The privacy scorecard: the batch's gate figures and the generator's audit, in words
+    # and as JSON, both listed with their hashes.
+    assert {"PRIVACY.md", "privacy.json"} <= {f["path"] for f in manifest["files"]}
+    assert card["gate"]["checked"] == 18 and card["gate"]["exported"] == 18
+    assert card["gate"]["removed"] == 0 and card["patient_split"]["holdout_patients"] >= 1
+    assert card["deidentification"]["patient_identity_removed"] == "YES"
+    attacks = {(a["attack"], a["space"]) for a in card["membership_inference"]["attacks"]}
+    assert attacks == {
+        ("nearest-synthetic", "pixel"),
+        ("nearest-synthetic", "copy-detection"),
+        ("nearest-synthetic", "supervised encoder"),
+        ("nearest-synthetic", "self-supervised encoder"),
+        ("reconstruction", "generator"),
+        ("flow-loss", "generator"),
+    }
+    assert "## Membership inference" in scorecard and "| flow-loss | generator |" in scorecard
+    assert "## Re-identification" in scorecard  # measured, or said to be unmeasured
     assert sum(n.endswith(".png") for n in names) == 18
     assert dcm.ConversionType == "SYN" and "SYNTHETIC" in dcm.ImageType
     assert dcm.preamble == b"\x00" * 128
@@ -337,3 +357,40 @@ def test_synthesis_refuses_classes_with_too_few_training_patients(
             "/v1/synthesize", json={"model": "m", "per_class": 2}, headers=auth(keys.operator)
         )
         assert r.status_code == 202
+
+
+def test_a_site_can_require_a_passed_membership_audit_before_export(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
+    op = auth(keys.operator)
+    r = client.get("/v1/models/m/versions/1", headers=op).json()
+    audit = r["metrics"]["privacy_audit"]
+    assert audit["members"] >= 1 and len(audit["attacks"]) == 6
+    for a in audit["attacks"]:
+        assert 0.0 <= a["auroc"] <= 1.0 and 0.0 <= a["control"]["auroc"] <= 1.0
+    r = client.post("/v1/synthesize", json={"model": "m", "per_class": 2, "seed": 5}, headers=op)
+    batch_id = r.json()["batch_id"]
+    assert run_queued(settings) == ["succeeded", "succeeded"]
+    settings.export_requires_passed_audit = True
+
+    def set_audit(value: dict | None) -> None:
+        with session_scope(settings.sqlalchemy_url) as s:
+            mv = s.scalars(select(ModelVersion)).one()
+            mv.metrics = mv.metrics | {"privacy_audit": value}
+
+    body = {"batch_id": batch_id, "partner": "partner-a"}
+    set_audit(None)
+    r = client.post("/v1/exports", json=body, headers=op)
+    assert r.status_code == 409 and "no membership-inference audit" in r.json()["detail"]
+    set_audit(audit | {"passed": False, "worst_auroc": 0.91})
+    r = client.post("/v1/exports", json=body, headers=op)
+    assert r.status_code == 409 and "worst AUROC 0.91" in r.json()["detail"]
+    set_audit(audit | {"passed": True})
+    r = client.post("/v1/exports", json=body, headers=op)
+    assert r.status_code == 202, r.text
+    # The build job checks again: an audit that fails meanwhile stops the bundle.
+    set_audit(audit | {"passed": False})
+    assert run_queued(settings) == ["failed"]
+    settings.export_requires_passed_audit = False
+    assert client.post("/v1/exports", json=body, headers=op).status_code == 202
+    assert run_queued(settings) == ["succeeded"]

@@ -132,6 +132,11 @@ def _ready(session: Session, version_id: int) -> DatasetVersion:
     return v
 
 
+def ready_version(session: Session, version_id: int) -> DatasetVersion:
+    """A ready dataset version by id (its split, counts and provenance)."""
+    return _ready(session, version_id)
+
+
 def content_sha256(session: Session, version_id: int) -> str:
     """The sha256 that names a ready version's content (recorded in its models' lineage)."""
     v = _ready(session, version_id)

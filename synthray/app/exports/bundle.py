@@ -78,11 +78,15 @@ def write_bundle(
     classes: list[str],
     report: dict[str, Any],
     provenance: dict[str, Any],
+    privacy_card: dict[str, Any],
     utility: Utility | None = None,
 ) -> dict[str, Any]:
-    """Write the zip to ``out``; returns the manifest. Only ``keep`` images go in. With
-    ``utility`` (the generator's latest utility evaluation), its table goes into the
-    README and its result, CSV and chart under ``utility/``."""
+    """Write the zip to ``out``; returns the manifest. Only ``keep`` images go in.
+    ``privacy_card`` (:func:`synthray.app.exports.privacy.scorecard`) becomes PRIVACY.md and
+    privacy.json. With ``utility`` (the generator's latest utility evaluation), its table
+    goes into the README and its result, CSV and chart under ``utility/``."""
+    from synthray.app.exports import privacy
+
     files: list[dict[str, Any]] = []
     exported = {c: 0 for c in classes}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
@@ -117,6 +121,12 @@ def write_bundle(
             "utility_evaluation_id": utility.evaluation_id if utility else None,
             "files": files,
         }
+        for name, data in (
+            ("PRIVACY.md", privacy.markdown(privacy_card).encode()),
+            ("privacy.json", json.dumps(privacy_card, indent=1).encode()),
+        ):
+            zf.writestr(name, data)
+            files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest()})
         if utility is not None:
             for name, data in (
                 ("utility/evaluation.json", json.dumps(utility.result, indent=1).encode()),
@@ -187,4 +197,7 @@ png/<class>/   8-bit grey PNG images
 dcm/<class>/   the same images as DICOM Secondary Capture, ConversionType SYN
 manifest.json  provenance, counts, and a sha256 for every file
 memorization_report.json  the check's policy, calibration and per-image figures
+PRIVACY.md     the privacy scorecard: threat model, patient split, de-identification,
+               the gate's figures, membership inference, and what they do not prove
+privacy.json   the same figures for a machine
 """

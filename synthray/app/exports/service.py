@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -28,7 +28,7 @@ from synthray.app.datasets import service as datasets
 from synthray.app.db import utcnow
 from synthray.app.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from synthray.app.evaluations import service as evaluations
-from synthray.app.exports import bundle, repository
+from synthray.app.exports import bundle, privacy, repository
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead, ExportState
 from synthray.app.exports.tables import Export
 from synthray.app.jobs import service as jobs
@@ -53,11 +53,33 @@ def gate(batch: SyntheticBatch) -> None:
         raise Conflict(f"batch {batch.id} changed after its check; it cannot be exported")
 
 
+def audit_gate(metrics: dict[str, Any]) -> None:
+    """Where the site requires it: refuse a generator version whose membership-inference
+    audit is missing or missed its goals."""
+    result = metrics.get("privacy_audit")
+    if not result:
+        raise Conflict(
+            "the generator version has no membership-inference audit, and this site "
+            "requires a passed one before export"
+        )
+    if not result.get("passed"):
+        why = result.get("skipped") or (
+            f"worst AUROC {result.get('worst_auroc')}, TPR at 1% FPR "
+            f"{result.get('worst_tpr_at_1pct_fpr')}; goals {result.get('goal')}"
+        )
+        raise Conflict(
+            f"the generator version failed its membership-inference audit ({why}); this "
+            "site requires a passed one before export"
+        )
+
+
 def request_export(
     session: Session, settings: Settings, req: ExportCreate, who: Principal
 ) -> ExportAccepted:
     batch = batches.get(session, req.batch_id)
     gate(batch)
+    if settings.export_requires_passed_audit:
+        audit_gate(registry.get_version_by_id(session, batch.model_version_id).metrics)
     if not keys.active_partner_exists(session, req.partner):
         raise Invalid(f"no active partner key named {req.partner!r}", field="partner")
     export = repository.add(
@@ -93,6 +115,11 @@ def build(ctx: JobContext) -> dict[str, object]:
         report = batches.report(session, ctx.blobs, batch.id)
         keep = ~np.array([img["flagged"] for img in report["images"]], dtype=bool)
         mv = registry.get_version_by_id(session, batch.model_version_id)
+        if ctx.settings.export_requires_passed_audit:
+            try:
+                audit_gate(mv.metrics)
+            except Conflict as exc:
+                raise JobFailed(str(exc)) from exc
         images_blob = batch.images_blob
         classes = list(mv.classes)
         provenance = {
@@ -107,6 +134,14 @@ def build(ctx: JobContext) -> dict[str, object]:
             "dataset_version_sha256": datasets.content_sha256(session, mv.dataset_version_id),
         }
         utility = _utility(session, ctx.blobs, mv.id)
+        dv = datasets.ready_version(session, mv.dataset_version_id)
+        dataset = {
+            "holdout_fraction": dv.holdout_fraction,
+            "split_seed": dv.split_seed,
+            "counts": dv.counts,
+            "provenance": dv.provenance,
+        }
+        audit_result = mv.metrics.get("privacy_audit")
     try:
         arrays = ctx.blobs.get_arrays(images_blob)
     except (BlobCorrupt, BlobNotFound) as exc:
@@ -127,6 +162,13 @@ def build(ctx: JobContext) -> dict[str, object]:
             classes=classes,
             report=report,
             provenance=provenance,
+            privacy_card=privacy.scorecard(
+                dataset=dataset,
+                report=report,
+                audit=audit_result,
+                exported=int(keep.sum()),
+                removed=int((~keep).sum()),
+            ),
             utility=utility,
         )
         sha, size = ctx.blobs.put_file(Path(tmp))

@@ -44,11 +44,16 @@ from torch import Tensor, nn
 
 from synthray.models.gate.pixelmatch import PixelMatcher
 from synthray.models.gate.search import ExactIndex
+from synthray.models.runtime import cpu_autocast, to_channels_last
 
 GOAL_AUROC = 0.55
 GOAL_TPR = 0.02
 FPR = 0.01
 BOOTSTRAP = 200
+
+
+class TooFewImages(ValueError):
+    """The held-out or training set is too small to draw the audit's groups."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ def draw_groups(
         quota[int(c)] = min(n_hold, int((train_labels == c).sum()))
     total = sum(quota.values())
     if total < 2:
-        raise ValueError("too few held-out or training images for a membership audit")
+        raise TooFewImages("too few held-out or training images for a membership audit")
     scale = min(1.0, per_group / total)
     for c, q in quota.items():
         take = math.floor(q * scale)
@@ -153,7 +158,7 @@ def draw_groups(
         control.append(hold[take : 2 * take])
         members.append(rng.choice(np.flatnonzero(train_labels == c), take, replace=False))
     if not members:
-        raise ValueError("too few held-out or training images for a membership audit")
+        raise TooFewImages("too few held-out or training images for a membership audit")
     return Groups(
         members=np.sort(np.concatenate(members)),
         nonmembers=np.sort(np.concatenate(nonmembers)),
@@ -194,12 +199,14 @@ def _invert(
     x = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     for _ in range(steps):
-        err = (forward(x) - target).abs().flatten(1).mean(1)  # (B,)
+        with cpu_autocast():  # bf16 where the CPU has bf16 units, else fp32
+            out = forward(x)
+        err = (out.float() - target).abs().flatten(1).mean(1)  # (B,)
         opt.zero_grad(set_to_none=True)
         err.sum().backward()
         opt.step()
     with torch.no_grad():
-        err = (forward(x).clamp(-1.0, 1.0) - target).abs().flatten(1).mean(1)
+        err = (forward(x).float().clamp(-1.0, 1.0) - target).abs().flatten(1).mean(1)
     return x.detach(), err
 
 
@@ -208,7 +215,7 @@ def generator_scores(
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    steps: int = 40,
+    steps: int = 20,
     lr: float = 0.1,
     batch: int = 128,
     seed: int = 0,
@@ -219,7 +226,7 @@ def generator_scores(
     of the best reproduction of each image) and, for the latent flow, ``flow-loss`` (minus
     the flow-matching loss of that reproduction's latent under the image's class). ``labels``
     index the generator's classes."""
-    net: Any = copy.deepcopy(generator).float().eval()
+    net: Any = to_channels_last(copy.deepcopy(generator).float().eval())
     for p in net.parameters():
         p.requires_grad_(False)
     cfg: Any = net.cfg
@@ -271,7 +278,7 @@ def audit(
     generator_classes: dict[int, int] | None = None,
     per_group: int = 250,
     seed: int = 0,
-    inversion_steps: int = 40,
+    inversion_steps: int = 20,
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every attack against members vs non-members, and as a control against two disjoint
@@ -350,4 +357,83 @@ def audit(
         # With N non-members the 1% FPR threshold rests on floor(N / 100) of them.
         "tpr_resolution": round(1.0 / max(n, 1), 4),
         "seed": seed,
+    }
+
+
+# ------------------------------------------------------------------------ re-identification
+REID_PRECISION = 0.95
+MIN_REID_PAIRS = 10
+
+
+def reidentification(
+    embed: Callable[[np.ndarray], np.ndarray],
+    synthetic: np.ndarray,
+    train_images: np.ndarray,
+    train_keys: np.ndarray,
+    holdout_images: np.ndarray,
+    holdout_keys: np.ndarray,
+    *,
+    precision: float = REID_PRECISION,
+) -> dict[str, Any]:
+    """Would a patient re-identification network confidently name a training patient for a
+    synthetic image?
+
+    ``embed`` is a re-identification embedding (uint8 (N, R, R) -> unit rows; the
+    copy-detection embedding is trained with two films of one patient as positives, after
+    Packhaeuser et al., Scientific Reports 2022). Its confidence is calibrated on held-out
+    patients, whom it never saw: each held-out film is searched among every training film
+    and every other held-out film; where its nearest film is of the same patient, it was
+    re-identified. The threshold is the lowest similarity above which at least
+    ``precision`` of nearest films are the same patient. Reported: that threshold, how many
+    held-out films of multi-film patients it re-identifies (the network's strength), the
+    share of synthetic images whose nearest training film scores above it (re-identified
+    as that patient), and, as a control, the share of held-out films of single-film
+    patients above it (no true match exists for them)."""
+    train_keys, holdout_keys = np.asarray(train_keys), np.asarray(holdout_keys)
+    ref = np.ascontiguousarray(
+        np.concatenate([embed(train_images), embed(holdout_images)]), np.float32
+    )
+    ref_keys = np.concatenate([train_keys, holdout_keys])
+    n_train = len(train_images)
+    index = ExactIndex(ref, "ip")
+    sims, idx = index.search(ref[n_train:], 2)  # the film itself first (or an exact twin)
+    own = n_train + np.arange(len(holdout_images))
+    first_is_self = idx[:, 0] == own
+    nn_sim = np.where(first_is_self, sims[:, 1], sims[:, 0])
+    nn_idx = np.where(first_is_self, idx[:, 1], idx[:, 0])
+    same = ref_keys[nn_idx] == holdout_keys
+    _, counts = np.unique(holdout_keys, return_counts=True)
+    multi = np.isin(holdout_keys, np.unique(holdout_keys)[counts > 1])
+    if int(same.sum()) < MIN_REID_PAIRS:
+        return {
+            "skipped": f"only {int(same.sum())} held-out films were matched to another film "
+            f"of their patient (at least {MIN_REID_PAIRS} needed to calibrate confidence)",
+            "holdout_multi_film": int(multi.sum()),
+        }
+    order = np.argsort(-nn_sim, kind="stable")
+    running = np.cumsum(same[order]) / np.arange(1, len(order) + 1)  # precision above each
+    # The lowest threshold at which the films above it still hold the target precision.
+    ok = np.flatnonzero(running >= precision)
+    top = int(ok[-1]) + 1 if len(ok) else 0
+    threshold = float(nn_sim[order[top - 1]]) if top > 0 else math.inf
+    confident = nn_sim >= threshold
+    syn_index = ExactIndex(ref[:n_train], "ip")
+    syn_sim, _ = syn_index.search(np.ascontiguousarray(embed(synthetic), np.float32), 1)
+    hold_to_train, _ = syn_index.search(ref[n_train:], 1)
+    single = ~multi
+    return {
+        "threshold": round(threshold, 4) if math.isfinite(threshold) else None,
+        "precision_target": precision,
+        "calibration_films": len(holdout_images),
+        "holdout_multi_film": int(multi.sum()),
+        "top1_same_patient": round(float(same[multi].mean()), 4) if multi.any() else None,
+        "reidentified_with_confidence": round(float((confident & same)[multi].mean()), 4)
+        if multi.any()
+        else None,
+        "synthetic_reidentified": round(float((syn_sim[:, 0] >= threshold).mean()), 4),
+        "synthetic": len(synthetic),
+        "control_single_film_above": round(float((hold_to_train[single, 0] >= threshold).mean()), 4)
+        if single.any()
+        else None,
+        "control_single_film": int(single.sum()),
     }

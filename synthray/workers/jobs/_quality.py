@@ -77,9 +77,10 @@ def measure(
     gen_path: Path,
     dataset_version_id: int,
     notes: dict[str, str] | None = None,
-) -> tuple[dict[str, Any], str]:
-    """The quality figures of the generator at ``gen_path`` and the supervised encoder's
-    sha256 (the one recorded with the model version)."""
+) -> tuple[dict[str, Any], str, tuple[np.ndarray, np.ndarray]]:
+    """The quality figures of the generator at ``gen_path``, the supervised encoder's
+    sha256 (the one recorded with the model version), and the generated images of the
+    measured classes with their labels (the generator's class ids), for the privacy audit."""
     from synthray.models.evaluation import quality
     from synthray.models.evaluation.gallery import gallery_png
     from synthray.models.generators.files import load_generator
@@ -143,4 +144,4 @@ def measure(
         notes=notes,
     )
     out["gallery_sha256"], _ = ctx.blobs.put_bytes(picture)
-    return out, sup_sha
+    return out, sup_sha, (fake_x[m_fake], fake_y[m_fake].astype(np.int64))

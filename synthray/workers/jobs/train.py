@@ -12,7 +12,7 @@ import numpy as np
 from synthray.app.datasets import service as datasets
 from synthray.app.jobs.context import JobCancelled, JobContext
 from synthray.app.registry import service as registry
-from synthray.workers.jobs import _quality
+from synthray.workers.jobs import _privacy, _quality
 
 # Train request fields that set TrainConfig fields of the same name when given.
 TUNABLE = ("batch_size", "lr_g", "lr_d", "guidance", "sample_steps")
@@ -154,11 +154,23 @@ def run(ctx: JobContext) -> dict[str, Any]:
         for c, n in zip(classes, patients_per_class, strict=True)
         if n < minimum
     }
-    quality, encoder_sha = (
-        _quality.measure(ctx, split, classes, gen_path, dataset_version_id, thin)
-        if p.get("evaluate", True)
-        else ({}, None)
-    )
+    quality: dict[str, Any] = {}
+    privacy: dict[str, Any] | None = None
+    encoder_sha = None
+    if p.get("evaluate", True):
+        quality, encoder_sha, synthetic = _quality.measure(
+            ctx, split, classes, gen_path, dataset_version_id, thin
+        )
+        privacy = _privacy.audit(
+            ctx,
+            split,
+            classes,
+            gen_path,
+            dataset_version_id,
+            (train_images, train_labels, keys),
+            synthetic[0],
+            set(thin),
+        )
     metrics = {
         "steps": result.steps,
         "images_seen": result.images_seen,
@@ -170,6 +182,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "train_images": len(train_images),
         "holdout_images": len(split.holdout_images),
         "quality": quality,
+        # Membership inference against this version (None: not evaluated).
+        "privacy_audit": privacy,
     }
     with ctx.session() as s:
         mv = registry.register_version(

@@ -13,6 +13,7 @@ from support import nih_dir
 
 from synthray.app.exports.privacy import false_flag_interval
 from synthray.models.gate import membership as mia
+from synthray.models.gate.memorization import pixel_features
 from synthray.models.generators.config import TrainConfig
 from synthray.models.generators.files import load_generator, save_generator
 from synthray.models.generators.sampling import sample_images
@@ -65,6 +66,9 @@ def test_groups_are_disjoint_equal_and_class_matched() -> None:
         assert (hold_y[g.control] == c).sum() == (hold_y[g.nonmembers] == c).sum()
     small = mia.draw_groups(train_y, hold_y, per_group=20, seed=0)
     assert len(small.members) <= 20 and len(small.nonmembers) == len(small.members)
+    # One held-out film per class cannot be both a non-member and a control.
+    with pytest.raises(mia.TooFewImages):
+        mia.draw_groups(train_y, np.array([0, 1, 2]), per_group=20)
 
 
 def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
@@ -158,3 +162,38 @@ def test_false_flag_interval_matches_simulated_calibrations() -> None:
     assert stated["expected"] == pytest.approx(rates.mean(), abs=0.002)
     lo, hi = np.quantile(rates, [0.05, 0.95])
     assert stated["interval_90"] == pytest.approx([lo, hi], abs=0.004)
+
+
+def _nih_with_patients() -> tuple[np.ndarray, np.ndarray]:
+    folder = nih_dir()
+    images, keys = [], []
+    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            with Image.open(folder / row["file"]) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            keys.append(row["Patient ID"])
+    return np.stack(images), np.array(keys)
+
+
+def test_reidentification_names_training_patients_only_for_their_own_films() -> None:
+    films, keys = _nih_with_patients()
+    patients = np.unique(keys)
+    held = set(np.random.default_rng(0).permutation(patients)[: len(patients) // 3])
+    h = np.array([k in held for k in keys])
+    # A crude re-identification embedding (coarse pixels): follow-up films of one patient
+    # look alike, and that is enough to calibrate on.
+    embed = lambda x: pixel_features(np.ascontiguousarray(x[:, ::4, ::4]))  # noqa: E731
+    train, train_keys, hold, hold_keys = films[~h], keys[~h], films[h], keys[h]
+    copies = mia.reidentification(embed, train[:100], train, train_keys, hold, hold_keys)
+    assert copies["holdout_multi_film"] > 50 and 0.1 < copies["top1_same_patient"] < 1.0
+    assert copies["threshold"] is not None and copies["synthetic_reidentified"] == 1.0
+    assert copies["control_single_film_above"] <= 0.05
+    # Films of other patients are not re-identified as training patients.
+    others = mia.reidentification(embed, hold[:100], train, train_keys, hold, hold_keys)
+    assert others["synthetic_reidentified"] <= 0.05
+    # One film per held-out patient: nothing to calibrate confidence on.
+    _, first = np.unique(hold_keys, return_index=True)
+    single = mia.reidentification(
+        embed, train[:10], train, train_keys, hold[first], hold_keys[first]
+    )
+    assert "skipped" in single and single["holdout_multi_film"] == 0

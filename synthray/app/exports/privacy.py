@@ -1,0 +1,243 @@
+"""The privacy scorecard of an export bundle: ``PRIVACY.md`` for the privacy officer and
+``privacy.json`` with the same figures for a machine.
+
+Everything in it is read from what the service recorded: the dataset version (patient
+split, de-identification profile), the batch's memorization report (policy, calibration,
+flagged and removed counts) and the generator version's membership-inference audit. Where a
+figure was not measured, the scorecard says so instead of leaving it out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+FORMAT = "synthray-privacy/1"
+
+THREAT_MODEL = (
+    "The bundle leaves the hospital. Whoever holds it (the research partner, or anyone the "
+    "bundle reaches later) may try to learn something about the patients whose films "
+    "trained the generator: whether a given patient's film was among them (membership), "
+    "or a film itself, copied or nearly copied by the generator. The images are synthetic; "
+    "the risk is that a generator reproduces what it saw. The partner is assumed to hold "
+    "the synthetic images and may hold other films of the same patients; the partner does "
+    "not hold the generator's weights or the training films."
+)
+
+DOES_NOT_PROVE = [
+    "No figure here is a formal privacy guarantee (such as differential privacy): the "
+    "generator was not trained with one.",
+    "The membership-inference figures are for the attacks listed, with the group sizes "
+    "listed; a stronger attack or more data may do better. The AUROC interval is a "
+    "bootstrap over those images, not over attacks.",
+    "The copy check compares every exported image with every training film, but only in "
+    "its similarity spaces: a copy altered beyond what those spaces tolerate (strong "
+    "warps, heavy edits) can pass.",
+    "The false-flag rate is estimated from films of held-out patients of the same site; "
+    "films from another site or device may behave differently.",
+    "De-identification covers what the service stored; it does not check pixels for "
+    "burned-in text beyond what the ingest refused.",
+]
+
+
+def false_flag_interval(holdout: int, quantile: float) -> dict[str, Any]:
+    """The rate at which the gate flags new real films of unseen patients, from the
+    split-conformal calibration on ``holdout`` films: expected value and the 90% interval
+    of the rate given a calibration draw, Beta(H + 1 - k, k) with k = ceil((H + 1) q)
+    (Angelopoulos and Bates 2021, section 3.2; ties ignored)."""
+    if holdout < 1:
+        return {"calibration_images": holdout, "expected": None, "interval_90": None}
+    from scipy.stats import beta
+
+    k = min(holdout, math.ceil((holdout + 1) * quantile))
+    a, b = holdout + 1 - k, k
+    lo, hi = beta.ppf([0.05, 0.95], a, b)
+    return {
+        "calibration_images": holdout,
+        "expected": round(a / (a + b), 4),
+        "interval_90": [round(float(lo), 4), round(float(hi), 4)],
+    }
+
+
+def scorecard(
+    *,
+    dataset: dict[str, Any],
+    report: dict[str, Any],
+    audit: dict[str, Any] | None,
+    exported: int,
+    removed: int,
+) -> dict[str, Any]:
+    """The JSON twin. ``dataset``: the dataset version's holdout_fraction, split_seed,
+    counts and provenance; ``report``: the batch's memorization report; ``audit``: the
+    generator version's membership-inference audit (None where it never ran)."""
+    counts = dataset.get("counts") or {}
+    per_class = counts.get("per_class") or {}
+    summary = report["summary"]
+    policy = report["policy"]
+    calibration = report["calibration"]
+    reid = (audit or {}).get("reidentification")
+    return {
+        "format": FORMAT,
+        "threat_model": THREAT_MODEL,
+        "patient_split": {
+            "unit": "patient (pseudonymous key); no patient has films on both sides",
+            "holdout_fraction": dataset.get("holdout_fraction"),
+            "split_seed": dataset.get("split_seed"),
+            "patients": counts.get("patients"),
+            "holdout_patients": counts.get("holdout_patients"),
+            "train_images": sum(int(v.get("train", 0)) for v in per_class.values()),
+            "holdout_images": sum(int(v.get("holdout", 0)) for v in per_class.values()),
+        },
+        "deidentification": (dataset.get("provenance") or {}).get("deidentification"),
+        "gate": {
+            "rule": policy.get("rule"),
+            "spaces": summary.get("spaces"),
+            "thresholds": summary.get("thresholds"),
+            "threshold_quantile": policy.get("threshold_quantile"),
+            "max_flagged_fraction": policy.get("max_flagged_fraction"),
+            "max_dcr_train_share": policy.get("max_dcr_train_share"),
+            "false_flags_on_unseen_patients": false_flag_interval(
+                int(calibration.get("holdout_images", 0)),
+                float(policy.get("threshold_quantile", 0.95)),
+            ),
+            "checked": summary.get("images"),
+            "flagged": summary.get("flagged"),
+            "removed": removed,
+            "exported": exported,
+            "dcr_train_share": summary.get("dcr_train_share"),
+            "authenticity": summary.get("authenticity"),
+            "passed": summary.get("passed"),
+        },
+        "planted_copy_detection": None,
+        "membership_inference": audit,
+        "reidentification": reid,
+        "not_measured": [
+            "copy-detection rates on planted copies of this dataset's training films "
+            "(measured in the project's tests on public films, not per dataset)",
+        ]
+        + ([] if audit else ["membership inference against this generator version"])
+        + ([] if reid else ["re-identification of training patients from synthetic images"]),
+        "does_not_prove": DOES_NOT_PROVE,
+    }
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
+def markdown(card: dict[str, Any]) -> str:
+    """PRIVACY.md: the scorecard in plain words."""
+    split, gate, mia = card["patient_split"], card["gate"], card["membership_inference"]
+    ff = gate["false_flags_on_unseen_patients"]
+    deid = card["deidentification"] or {}
+    lines = [
+        "# Privacy scorecard",
+        "",
+        "Every image in this bundle is synthetic. This page says what was done to keep the "
+        "patients behind the generator's training films out of it, what was measured, and "
+        "what the measurements do not prove. The same figures are in privacy.json.",
+        "",
+        "## Threat model",
+        "",
+        card["threat_model"],
+        "",
+        "## How patients were split",
+        "",
+        f"Films were split by patient before training: {split['holdout_patients']} of "
+        f"{split['patients']} patients (fraction {split['holdout_fraction']}, seed "
+        f"{split['split_seed']}) were held out; the generator never saw their "
+        f"{split['holdout_images']} films. It trained on films of the other patients "
+        f"({split['train_images']} films in the training split).",
+        "",
+        "## De-identification at ingest",
+        "",
+    ]
+    if deid:
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in deid.items()]
+    else:
+        lines.append("Not recorded for this dataset version.")
+    lines += [
+        "",
+        "## Memorization gate (every exported image against every training film)",
+        "",
+        f"Rule: {gate['rule']}.",
+        "",
+        f"- Similarity spaces: {', '.join(gate['spaces'] or [])}; thresholds "
+        + ", ".join(f"{k} {v:.4f}" for k, v in (gate["thresholds"] or {}).items())
+        + f", set at the {gate['threshold_quantile']} quantile of held-out patients' films.",
+        f"- False flags on films of unseen patients: expected {_pct(ff['expected'])}, 90% "
+        f"interval {', '.join(_pct(v) for v in ff['interval_90'] or [])} "
+        f"(calibrated on {ff['calibration_images']} held-out films).",
+        f"- This batch: {gate['checked']} checked, {gate['flagged']} flagged, "
+        f"{gate['removed']} removed, {gate['exported']} exported; distance-to-closest-"
+        f"record train share {gate['dcr_train_share']} (0.5 is ideal, the gate fails "
+        f"above {gate['max_dcr_train_share']}); authenticity {gate['authenticity']}.",
+        "",
+        "## Membership inference (can an attacker tell training patients from others?)",
+        "",
+    ]
+    if not mia:
+        lines.append("Not measured: this generator version has no membership-inference audit.")
+    elif mia.get("skipped"):
+        lines.append(f"Not measured: {mia['skipped']}.")
+    else:
+        goal = mia["goal"]
+        lines += [
+            f"{mia['members']} training films (members) against {mia['nonmembers']} films of "
+            f"held-out patients (non-members), matched by class; {mia['synthetic']} synthetic "
+            "images that the audit drew from the generator when it was registered (not this "
+            "bundle's images). Control: the same attack on two disjoint sets of non-members "
+            f"({mia['control_nonmembers']} posing as members), which nothing can tell apart "
+            "and should score an AUROC near 0.5. Goal: AUROC at most "
+            f"{goal['auroc']} and true-positive rate at most {_pct(goal['tpr_at_1pct_fpr'])} at "
+            "1% false positives, for every attack.",
+            "",
+            "| attack | space | AUROC [95% bootstrap] | TPR at 1% FPR | control AUROC | "
+            "control TPR |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in mia["attacks"]:
+            lo, hi = a["auroc_interval"]
+            c = a["control"]
+            lines.append(
+                f"| {a['attack']} | {a['space']} | {a['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                f"{_pct(a['tpr_at_1pct_fpr'])} | {c['auroc']:.3f} | "
+                f"{_pct(c['tpr_at_1pct_fpr'])} |"
+            )
+        verdict = "met" if mia["passed"] else "NOT met"
+        lines += [
+            "",
+            f"Worst AUROC {mia['worst_auroc']:.3f}, worst TPR at 1% FPR "
+            f"{_pct(mia['worst_tpr_at_1pct_fpr'])}: the goal is {verdict}. With "
+            f"{mia['nonmembers']} non-members, at most {int(mia['nonmembers'] * 0.01)} of "
+            "them may score above the 1% FPR threshold, and the TPR moves in steps of "
+            f"{_pct(mia['tpr_resolution'])}: small groups make these figures coarse.",
+        ]
+    lines += ["", "## Re-identification", ""]
+    reid = card["reidentification"]
+    if not reid:
+        lines.append("Not measured for this generator version.")
+    elif reid.get("skipped"):
+        lines.append(f"Not measured: {reid['skipped']}.")
+    else:
+        lines += [
+            "Chest films identify their patient. A re-identification embedding (the "
+            "copy-detection network, trained with two films of one patient as a match) "
+            "was calibrated on held-out patients it never saw: above similarity "
+            f"{reid['threshold']}, at least {_pct(reid['precision_target'])} of nearest "
+            "films belong to the same patient.",
+            "",
+            f"- Its strength: it names the right patient for {_pct(reid['top1_same_patient'])} "
+            f"of the {reid['holdout_multi_film']} held-out films whose patient has another "
+            f"film, {_pct(reid['reidentified_with_confidence'])} with that confidence.",
+            f"- Synthetic images it would confidently match to a training patient: "
+            f"{_pct(reid['synthetic_reidentified'])} of {reid['synthetic']}.",
+            f"- Control: films of {reid['control_single_film']} held-out patients with one "
+            f"film (no true match among the training films) above the threshold: "
+            f"{_pct(reid['control_single_film_above'])}.",
+        ]
+    lines += ["", "## Not measured for this bundle", ""]
+    lines += [f"- {x}" for x in card["not_measured"]]
+    lines += ["", "## What these figures do not prove", ""]
+    lines += [f"- {x}" for x in card["does_not_prove"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""The membership-inference audit of a newly trained generator, as the train job runs it
+(``synthray.models.gate.membership``): members are the images it trained on, non-members
+the held-out patients' images of the same classes; the attack spaces are the gate's (robust
+pixel correlation and the copy-detection embedding), the two quality encoders', and the
+generator's own weights."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthray.app.datasets import service as datasets
+from synthray.app.datasets.service import SplitArrays, select_classes
+from synthray.app.jobs.context import JobContext
+from synthray.workers.jobs import _gate, _quality
+
+
+def audit(
+    ctx: JobContext,
+    split: SplitArrays,
+    classes: list[str],
+    gen_path: Path,
+    dataset_version_id: int,
+    members: tuple[np.ndarray, np.ndarray, np.ndarray],
+    synthetic: np.ndarray,
+    refused: set[str],
+) -> dict[str, Any]:
+    """``members``: the training images, their labels (the generator's class ids) and
+    patient keys;
+    ``synthetic``: generated images of the classes synthesis serves. Classes synthesis
+    refuses (``refused``) stay out: their images never leave the building."""
+    from synthray.models.evaluation import quality
+    from synthray.models.gate import copydetect
+    from synthray.models.gate.membership import Space, TooFewImages, reidentification
+    from synthray.models.gate.membership import audit as run_audit
+    from synthray.models.generators.files import load_generator
+
+    started = time.monotonic()
+    served = [i for i, c in enumerate(classes) if c not in refused]
+    train_images, train_labels, train_keys = members
+    keep_train = np.isin(train_labels, served)
+    hold_mask, hold_labels = select_classes(split.holdout_labels, list(split.classes), classes)
+    hold_images = split.holdout_images[hold_mask]
+    keep_hold = np.isin(hold_labels, served)
+    embedder, embedder_sha = _gate._copydetect(ctx, split, dataset_version_id)
+    supervised, _ = _quality._encoder(ctx, split, dataset_version_id, _quality.SUPERVISED)
+    ssl, _ = _quality._encoder(ctx, split, dataset_version_id, _quality.SELF_SUPERVISED)
+
+    def features(enc: Any) -> Any:
+        return lambda x: quality.features(enc, x).astype(np.float32)
+
+    spaces = [
+        Space("copy-detection", lambda x: copydetect.embed(embedder, x), "ip"),
+        Space("supervised encoder", features(supervised), "l2"),
+        Space("self-supervised encoder", features(ssl), "l2"),
+    ]
+    try:
+        result = run_audit(
+            synthetic,
+            train_images[keep_train],
+            train_labels[keep_train],
+            hold_images[keep_hold],
+            hold_labels[keep_hold],
+            spaces=spaces,
+            generator=load_generator(gen_path, expected_sha256=None),
+            per_group=ctx.settings.audit_per_group,
+            seed=0,
+            on_progress=lambda msg: ctx.progress(0, None, msg),
+        )
+    except TooFewImages:
+        # Each group needs a film per class: two held-out films and a training film.
+        return {
+            "passed": False,
+            "skipped": "too few held-out films of the classes synthesis serves to form "
+            "members, non-members and a control",
+        }
+    ctx.progress(0, None, "re-identification check: calibrating on held-out patients")
+    with ctx.session() as s:
+        hold_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)[hold_mask]
+    result["reidentification"] = reidentification(
+        spaces[0].embed,
+        synthetic,
+        train_images[keep_train],
+        train_keys[keep_train],
+        hold_images[keep_hold],
+        hold_keys[keep_hold],
+    )
+    result["copydetect_sha256"] = embedder_sha
+    result["classes"] = [classes[i] for i in served]
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
