@@ -94,6 +94,22 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def audit_line(a: dict[str, Any] | None) -> str | None:
+    """The membership-inference audit in one line: worst attack, control, verdict."""
+    if not a:
+        return None
+    if a.get("skipped"):
+        return f"not measured ({a['skipped']})"
+    verdict = "goal met" if a["passed"] else "goal NOT met"
+    return (
+        f"worst AUROC {a['worst_auroc']:.3f}, worst TPR at 1% FPR "
+        f"{100 * a['worst_tpr_at_1pct_fpr']:.1f}% over {len(a['attacks'])} attacks "
+        f"({a['members']} members vs {a['nonmembers']} non-members; control AUROCs within "
+        f"{a['control_worst_distance_from_half']:.3f} of 0.5; goal <= {a['goal']['auroc']} "
+        f"and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,6 +133,7 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
 def run_demo(
     data: Path | None,
     train_seconds: float,
+    train_steps: int | None,
     per_class: int,
     workdir: Path | None,
     out: Console,
@@ -191,6 +208,7 @@ def run_demo(
             keys,
             folder,
             train_seconds,
+            train_steps,
             per_class,
             settings.min_class_patients,
             work,
@@ -225,6 +243,7 @@ def _pipeline(
     keys: dict[str, str],
     folder: Path,
     train_seconds: float,
+    train_steps: int | None,
     per_class: int,
     min_patients: int,
     work: Path,
@@ -253,6 +272,7 @@ def _pipeline(
             "dataset": body["name"],
             "model_name": "demo-generator",
             "max_seconds": train_seconds,
+            "max_steps": train_steps,
             "checkpoint_every_s": 30,
         },
     )
@@ -266,6 +286,9 @@ def _pipeline(
     quality = quality_lines(m.get("quality") or {})
     for line in quality:
         err.print(f"  {line}")
+    membership = audit_line(m.get("privacy_audit"))
+    if membership:
+        err.print(f"  membership inference: {membership}")
     gallery = work / "gallery.png"
     rev.download(f"/models/demo-generator/versions/{version}/gallery.png", gallery)
     err.print(f"  gallery (synthetic beside real held-out images, per class): {gallery}")
@@ -318,6 +341,8 @@ def _pipeline(
     for line in quality:
         name, _, value = line.partition(": ")
         t.add_row(name, value)
+    if membership:
+        t.add_row("membership inference (PRIVACY.md)", membership)
     t.add_row("flagged by memorization check", f"{chk['flagged']} of {chk['images']}")
     t.add_row("distance-to-closest-record train share", f"{chk['dcr_train_share']:.3f}")
     for who, r in refusals.items():

@@ -255,13 +255,20 @@ def demo(
     ] = None,
     # 210 s leaves the whole run under 10 minutes on a loaded 2-core fp32 CPU (README).
     train_seconds: Annotated[float, typer.Option(help="Training budget in seconds.")] = 210.0,
+    # ... or this many steps, whichever comes first: on a fast CPU or a GPU the seconds buy
+    # many more epochs of the demo's few hundred films, and the thin classes get memorized
+    # (README, "Measured: the demo"); a step cap also makes the demo's generator the same
+    # on every machine that reaches it.
+    train_steps: Annotated[
+        int | None, typer.Option(help="Training budget in steps (whichever comes first).")
+    ] = 800,
     per_class: Annotated[int, typer.Option(help="Synthetic images per class.")] = 100,
     workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its state.")] = None,
 ) -> None:
     """Run the whole pipeline on the embedded default and download the partner bundle."""
     from synthray.cli.demo import run_demo
 
-    raise typer.Exit(run_demo(data, train_seconds, per_class, workdir, out, err))
+    raise typer.Exit(run_demo(data, train_seconds, train_steps, per_class, workdir, out, err))
 
 
 # ---------------------------------------------------------------- client verbs
