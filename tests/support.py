@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from synthray.app.auth.schemas import Role
 from synthray.app.auth.service import create_key
@@ -24,6 +27,23 @@ def nih_dir() -> Path:
     if not (path / "labels.csv").is_file():
         pytest.fail(f"reference data missing at {path} (set SYNTHRAY_TEST_DATA)")
     return path
+
+
+@functools.cache
+def load_nih() -> tuple[np.ndarray, np.ndarray]:
+    """Every film of the NIH subset (uint8 (N, 64, 64), in labels.csv order) and its patient
+    ID; read once per test process and returned read-only."""
+    folder = nih_dir()
+    images, patients = [], []
+    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            with Image.open(folder / row["file"]) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            patients.append(row["Patient ID"].strip())
+    out = np.stack(images), np.array(patients)
+    for a in out:
+        a.setflags(write=False)  # shared by every caller in the process
+    return out
 
 
 @dataclass

@@ -125,21 +125,17 @@ def resolve_version(session: Session, name: str, version: int | None) -> Dataset
     return v
 
 
-def _ready(session: Session, version_id: int) -> DatasetVersion:
+def ready_version(session: Session, version_id: int) -> DatasetVersion:
+    """A ready dataset version by id (its split, counts and provenance)."""
     v = repository.get_version(session, version_id)
     if v is None or v.state != DatasetVersionState.ready or v.images_blob is None:
         raise NotFound(f"dataset version {version_id} is not ready")
     return v
 
 
-def ready_version(session: Session, version_id: int) -> DatasetVersion:
-    """A ready dataset version by id (its split, counts and provenance)."""
-    return _ready(session, version_id)
-
-
 def content_sha256(session: Session, version_id: int) -> str:
     """The sha256 that names a ready version's content (recorded in its models' lineage)."""
-    v = _ready(session, version_id)
+    v = ready_version(session, version_id)
     assert v.content_sha256 is not None  # set together with the ready state
     return v.content_sha256
 
@@ -169,7 +165,7 @@ class SplitArrays:
 def load_split(
     session: Session, blobs: BlobStore, version_id: int, resolution: int | None = None
 ) -> SplitArrays:
-    v = _ready(session, version_id)
+    v = ready_version(session, version_id)
     assert v.images_blob is not None
     size = resolution or min(v.resolutions)
     if size not in v.resolutions:

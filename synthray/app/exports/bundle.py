@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from synthray import code_version
 from synthray.app.evaluations.schemas import format_interval
+from synthray.app.exports import privacy
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -85,8 +86,6 @@ def write_bundle(
     ``privacy_card`` (:func:`synthray.app.exports.privacy.scorecard`) becomes PRIVACY.md and
     privacy.json. With ``utility`` (the generator's latest utility evaluation), its table
     goes into the README and its result, CSV and chart under ``utility/``."""
-    from synthray.app.exports import privacy
-
     files: list[dict[str, Any]] = []
     exported = {c: 0 for c in classes}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from synthray.models.gate.pixelmatch import PixelMatcher
@@ -72,17 +73,7 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("both groups need at least one score")
-    both = np.concatenate([pos, neg])
-    order = np.argsort(both, kind="mergesort")
-    ranks = np.empty(len(both), dtype=np.float64)
-    ranks[order] = np.arange(1, len(both) + 1)
-    # Tied scores share their mean rank.
-    sorted_scores = both[order]
-    start = 0
-    for end in range(1, len(both) + 1):
-        if end == len(both) or sorted_scores[end] != sorted_scores[start]:
-            ranks[order[start:end]] = (start + 1 + end) / 2.0
-            start = end
+    ranks = rankdata(np.concatenate([pos, neg]))  # tied scores share their mean rank
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
     return float(u / (len(pos) * len(neg)))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from support import SHARED_DATA, nih_dir
+from support import SHARED_DATA, load_nih
 
 from synthray.models.gate.copydetect import CopyDetectConfig, train
 from synthray.models.gate.memorization import check_memorization, pixel_features
@@ -37,17 +37,6 @@ def _patient_split(patients: np.ndarray, share: float, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(len(unique))
     held = set(unique[order[: round(share * len(unique))]].tolist())
     return np.array([p in held for p in patients])
-
-
-def _load_nih() -> tuple[np.ndarray, np.ndarray]:
-    folder = nih_dir()
-    images, patients = [], []
-    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            with Image.open(folder / row["file"]) as im:
-                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
-            patients.append(row["Patient ID"].strip())
-    return np.stack(images), np.array(patients)
 
 
 def _perturb(kind: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -84,7 +73,7 @@ def kermany() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_planted_copies_in_nih_are_caught() -> None:
-    images, patients = _load_nih()
+    images, patients = load_nih()
     _planted(images, patients, "NIH", time.perf_counter())
 
 

@@ -3,13 +3,11 @@ films, a generator that copies and one that memorized its few training films."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from support import nih_dir
+from support import load_nih
 
 from synthray.app.exports.privacy import false_flag_interval
 from synthray.models.gate import membership as mia
@@ -20,20 +18,11 @@ from synthray.models.generators.sampling import sample_images
 from synthray.models.generators.training import train_generator
 
 
-def _films(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` NIH films of distinct patients, and their patients."""
-    folder = nih_dir()
-    images, seen = [], set()
-    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            if row["Patient ID"] in seen:
-                continue
-            seen.add(row["Patient ID"])
-            with Image.open(folder / row["file"]) as im:
-                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
-            if len(images) == n:
-                break
-    return np.stack(images), np.array(sorted(seen))
+def _films(n: int) -> np.ndarray:
+    """The first ``n`` NIH films of distinct patients."""
+    images, patients = load_nih()
+    _, first = np.unique(patients, return_index=True)
+    return images[np.sort(first)[:n]]
 
 
 def test_auroc_counts_pairs_and_halves_ties() -> None:
@@ -72,7 +61,7 @@ def test_groups_are_disjoint_equal_and_class_matched() -> None:
 
 
 def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
-    films, _ = _films(240)
+    films = _films(240)
     train, hold, fresh = films[:80], films[80:160], films[160:]
     zeros = np.zeros(80, dtype=np.int64)
     rng = np.random.default_rng(2)
@@ -92,7 +81,7 @@ def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
 
 
 def test_generator_attacks_find_what_a_generator_memorized(tmp_path: Path) -> None:
-    films, _ = _films(112)
+    films = _films(112)
     train, hold = films[:16], films[16:]
     labels = np.arange(len(films)) % 2
     cfg = TrainConfig(
@@ -140,7 +129,7 @@ def test_gan_generators_are_attacked_through_their_noise(tmp_path: Path) -> None
         checkpoint_every_s=0.0,
         batch_size=8,
     )
-    films, _ = _films(8)
+    films = _films(8)
     result = train_generator(films, np.arange(8) % 2, cfg)
     path = tmp_path / "g.safetensors"
     save_generator(path, result.generator_state, dict(result.generator_config))
@@ -164,19 +153,8 @@ def test_false_flag_interval_matches_simulated_calibrations() -> None:
     assert stated["interval_90"] == pytest.approx([lo, hi], abs=0.004)
 
 
-def _nih_with_patients() -> tuple[np.ndarray, np.ndarray]:
-    folder = nih_dir()
-    images, keys = [], []
-    with (folder / "labels.csv").open(newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            with Image.open(folder / row["file"]) as im:
-                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
-            keys.append(row["Patient ID"])
-    return np.stack(images), np.array(keys)
-
-
 def test_reidentification_names_training_patients_only_for_their_own_films() -> None:
-    films, keys = _nih_with_patients()
+    films, keys = load_nih()
     patients = np.unique(keys)
     held = set(np.random.default_rng(0).permutation(patients)[: len(patients) // 3])
     h = np.array([k in held for k in keys])
