@@ -175,6 +175,32 @@ class Settings(BaseSettings):
         "(comma-separated, as uvicorn's --forwarded-allow-ips); empty: none.",
     )
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description="Server and worker logs: one JSON object per line (for a log "
+        "collector) or plain text; both carry the request and job ids.",
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="Bearer token Prometheus presents at /metrics; unset, /metrics is "
+        "served only in dev mode.",
+    )
+
+    oidc_issuer: str | None = Field(
+        None,
+        description="Staff sign-in with the hospital's OpenID Connect provider: the issuer "
+        "('iss') its access tokens carry; unset, only API keys are accepted.",
+    )
+    oidc_audience: str | None = Field(None, description="The 'aud' tokens must name.")
+    oidc_jwks: str | None = Field(
+        None, description="The provider's signing keys: its jwks_uri, or a JWKS file path."
+    )
+    oidc_groups_claim: str = Field("groups", description="The claim that lists groups.")
+    oidc_roles: str = Field(
+        "",
+        description="Groups mapped to roles, 'group=role' pairs separated by commas "
+        "(admin, operator, reviewer; partners use API keys).",
+    )
 
     @field_validator("data_dir", "import_root")
     @classmethod
@@ -199,6 +225,15 @@ class Settings(BaseSettings):
             )
         if not self.dev_mode and len(self.secret_key) < 32:
             raise InsecureSettingsError("SYNTHRAY_SECRET_KEY must be at least 32 characters.")
+        if self.oidc_issuer and not (self.oidc_audience and self.oidc_jwks and self.oidc_roles):
+            raise ValueError(
+                "SYNTHRAY_OIDC_ISSUER needs SYNTHRAY_OIDC_AUDIENCE, SYNTHRAY_OIDC_JWKS and "
+                "SYNTHRAY_OIDC_ROLES as well"
+            )
+        if self.oidc_roles:
+            from synthray.app.auth.oidc import role_map
+
+            role_map(self.oidc_roles)  # raises on a malformed pair
         return self
 
     @property

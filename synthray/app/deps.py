@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from synthray.app.audit import service as audit
+from synthray.app.auth import oidc
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
 from synthray.app.db import session_scope
@@ -68,18 +69,25 @@ def caller(
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header: Annotated[str | None, Security(_header)],
-) -> Principal | Unauthorized:
-    """The key's principal, or the 401 to answer (for endpoints that audit failed attempts)."""
+) -> Principal | Unauthorized | Forbidden:
+    """The caller's principal (an API key, or an identity-provider token when OIDC is
+    configured), or the 401/403 to answer (for endpoints that audit failed attempts)."""
     key = bearer.credentials if bearer else header
     if not key:
         return Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
+    if settings.oidc_issuer and bearer and oidc.looks_like_jwt(key):
+        try:
+            return oidc.authenticate(session, settings, key)
+        except oidc.TokenRefused as refused:
+            kind = Forbidden if refused.forbidden else Unauthorized
+            return kind(f"identity token refused: {refused.reason}")
     principal = auth_service.authenticate(session, settings.secret_key, key)
     if principal is None:
         return Unauthorized("invalid or revoked API key")
     return principal
 
 
-CallerDep = Annotated[Principal | Unauthorized, Depends(caller)]
+CallerDep = Annotated[Principal | Unauthorized | Forbidden, Depends(caller)]
 
 
 def _refuse(request: Request, session: Session, who: Principal | None, reason: str) -> None:
@@ -90,8 +98,9 @@ def _refuse(request: Request, session: Session, who: Principal | None, reason: s
 
 
 async def current_principal(request: Request, session: SessionDep, who: CallerDep) -> Principal:
-    if isinstance(who, Unauthorized):
-        await run_in_threadpool(_refuse, request, session, None, "no valid API key")
+    if isinstance(who, Unauthorized | Forbidden):
+        reason = who.detail[:200] if who.detail.startswith("identity") else "no valid API key"
+        await run_in_threadpool(_refuse, request, session, None, reason)
         raise who
     return who
 

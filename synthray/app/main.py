@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 
 from synthray import __version__
@@ -18,13 +18,14 @@ from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
 from synthray.app.db import engine_for
-from synthray.app.errors import ERROR_RESPONSES, install_handlers
+from synthray.app.errors import ERROR_RESPONSES, ErrorBody, install_handlers
 from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
 from synthray.app.imagechecks.router import router as imagechecks_router
 from synthray.app.jobs import broker
 from synthray.app.jobs.router import router as jobs_router
-from synthray.app.middleware import BodyLimit, Failures
+from synthray.app.metrics import Metrics, token_accepted
+from synthray.app.middleware import BodyLimit, Failures, RequestContext
 from synthray.app.registry.router import router as registry_router
 from synthray.config import Settings, get_settings
 
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Failures answers whatever escapes everything inside it.
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes, exempt=UPLOAD_PATHS)
     app.add_middleware(Failures)
+    metrics = Metrics(settings.sqlalchemy_url)
+    app.state.metrics = metrics
+    app.add_middleware(RequestContext, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,5 +127,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checks["storage"] = storage.writable(settings.data_dir, settings.min_free_bytes)
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(status_code=200 if ok else 503, content=checks)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={
+            401: {"model": ErrorBody, "description": "A metrics token is set; this is not it."},
+            404: {"model": ErrorBody, "description": "No metrics token is configured."},
+        },
+    )
+    def prometheus(request: Request) -> Response:
+        """Prometheus text format; needs the configured bearer token (or dev mode)."""
+        if not settings.dev_mode and not token_accepted(
+            settings.metrics_token, request.headers.get("authorization")
+        ):
+            status = 401 if settings.metrics_token else 404
+            detail = "missing or wrong metrics token" if status == 401 else "Not Found"
+            return JSONResponse(status_code=status, content={"detail": detail})
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     return app

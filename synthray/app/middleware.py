@@ -1,4 +1,6 @@
-"""Two pure ASGI middlewares that hold for every request, whatever the route does.
+"""Pure ASGI middlewares that hold for every request, whatever the route does.
+
+``RequestContext`` (outermost) gives each request an id, logs it and counts it.
 
 ``BodyLimit`` bounds what a client can make the server read: a declared Content-Length
 over the limit is refused with 413 before one byte is read, and a body without one
@@ -22,14 +24,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from synthray import logs
 from synthray.app.errors import describe_unexpected
+from synthray.app.metrics import Metrics
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("synthray.access")
 
 
 async def _send_json(
@@ -120,3 +126,64 @@ class Failures:
             if started:  # too late for a status: the client sees a cut-off response
                 return
             await _send_json(send, status, {"detail": detail}, headers.items())
+
+
+def route_template(scope: Scope) -> str:
+    """``/v1/jobs/{job_id}`` for ``/v1/jobs/4f0b...``: each path parameter's segment put
+    back as its name (FastAPI's nested routers give a route only its own part of the path),
+    or ``unmatched`` when no route took the request."""
+    if scope.get("route") is None:
+        return "unmatched"
+    segments = str(scope["path"]).split("/")
+    taken: set[int] = set()
+    for name, value in scope.get("path_params", {}).items():
+        for i, seg in enumerate(segments):
+            if i not in taken and seg == str(value):
+                segments[i] = "{" + name + "}"
+                taken.add(i)
+                break
+    return "/".join(segments)
+
+
+class RequestContext:
+    """A request id for every request (``X-Request-ID`` in and out), bound to the logs for
+    the request's duration; then one access-log line and the request metrics, both by
+    route template (``/v1/jobs/{job_id}``), never the path a client typed."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        presented = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        rid = logs.accept_request_id(presented.decode("latin-1") or None)
+        status = 500  # what Failures answers if nothing else does
+        start = time.perf_counter()
+
+        async def tagged_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        with logs.bound(request=rid):
+            try:
+                await self.app(scope, receive, tagged_send)
+            finally:
+                seconds = time.perf_counter() - start
+                route = route_template(scope)
+                method = scope.get("method", "")
+                if self.metrics is not None:
+                    self.metrics.observe(route, method, status, seconds)
+                access.info(
+                    "%s %s %d %.1f ms",
+                    method,
+                    route,
+                    status,
+                    seconds * 1000,
+                    extra={"fields": {"route": route, "status": status}},
+                )

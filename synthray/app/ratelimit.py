@@ -35,7 +35,7 @@ from synthray.config import Settings
 
 log = logging.getLogger(__name__)
 
-EXEMPT = frozenset({"/healthz", "/readyz"})
+EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RateLimiter:

@@ -181,6 +181,7 @@ def serve(
 
     import uvicorn
 
+    from synthray import logs
     from synthray.app.main import create_app
     from synthray.config import EMBEDDED_BROKER
     from synthray.migrations import upgrade
@@ -196,10 +197,12 @@ def serve(
     try:
         # X-Forwarded-For is believed only from the proxies the operator names: the rate
         # limit counts per client address, and any client can write that header.
+        logs.configure(s.log_format, s.log_level)
         uvicorn.run(
             create_app(s),
             host=host,
             port=port,
+            log_config=None,  # logs.configure above: JSON lines with request ids
             log_level=s.log_level.lower(),
             proxy_headers=bool(s.forwarded_allow_ips),
             forwarded_allow_ips=s.forwarded_allow_ips or None,

@@ -29,6 +29,18 @@ def run_job(job_id: str) -> None:
     run(job_id)
 
 
+@signals.setup_logging.connect
+def _logs(loglevel: str | int | None = None, **_: object) -> None:
+    """Our format (JSON lines with the request and job ids) instead of Celery's own."""
+    from synthray import logs
+
+    if isinstance(loglevel, int):
+        level = logging.getLevelName(loglevel)
+    else:
+        level = loglevel or settings.log_level
+    logs.configure(settings.log_format, level)
+
+
 @signals.worker_ready.connect
 def _start_sweeper(**_: object) -> None:
     from synthray.workers.sweeper import start

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from synthray import logs
 from synthray.app.db import session_scope, utcnow
 from synthray.app.errors import DomainError, describe_unexpected
 from synthray.app.jobs import service as jobs
@@ -49,10 +50,19 @@ def run(job_id: str, settings: Settings | None = None) -> str:
             )
             return "gave-up"
         kind, params = (job.kind, dict(job.params)) if job else ("", {})
-    if job is None:
-        log.info("job %s: nothing to do (finished, cancelled or held by another worker)", job_id)
-        return "skipped"
+        request = job.request_id if job else None
+    with logs.bound(request=request, job=job_id):
+        return _run_claimed(settings, job_id, owner, kind, params) if kind else _skipped(job_id)
 
+
+def _skipped(job_id: str) -> str:
+    log.info("job %s: nothing to do (finished, cancelled or held by another worker)", job_id)
+    return "skipped"
+
+
+def _run_claimed(
+    settings: Settings, job_id: str, owner: str, kind: str, params: dict[str, Any]
+) -> str:
     log.info("job %s (%s): started", job_id, kind)
     handler = HANDLERS[kind]
     with WorkerJobContext(settings, job_id, owner, params) as ctx:

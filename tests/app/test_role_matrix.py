@@ -82,7 +82,15 @@ V1_ROUTERS = (
     "evaluations",
     "audit",
 )
-TOP_LEVEL = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+TOP_LEVEL = (
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+)
 
 
 def _operations(client: TestClient) -> set[tuple[str, str]]:
@@ -107,6 +115,7 @@ def test_the_table_names_every_operation_and_no_other(client: TestClient) -> Non
         for p in (
             "/healthz",
             "/readyz",
+            "/metrics",
             "/openapi.json",
             "/docs",
             "/docs/oauth2-redirect",

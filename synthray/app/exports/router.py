@@ -16,7 +16,7 @@ from synthray.app.deps import (
     SettingsDep,
     writes_on_read,
 )
-from synthray.app.errors import Unauthorized
+from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.exports import service
 from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
 from synthray.app.fields import RowId
@@ -55,7 +55,7 @@ def approve_export(export_id: RowId, session: SessionDep, who: ReviewerDep) -> E
 def _downloader(request: Request, session: SessionDep, who: CallerDep) -> Principal:
     """The caller; a download attempt without a valid key is audited before its 401 (and
     before the id is validated, so that every /v1 route answers 401 first)."""
-    if isinstance(who, Unauthorized):
+    if isinstance(who, Unauthorized | Forbidden):
         service.refuse_unauthenticated(session, str(request.path_params["export_id"]), who)
     return who
 

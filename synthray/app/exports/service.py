@@ -233,7 +233,9 @@ def approve(session: Session, export_id: int, who: Principal) -> Export:
     return e
 
 
-def refuse_unauthenticated(session: Session, export_id: str, error: Unauthorized) -> NoReturn:
+def refuse_unauthenticated(
+    session: Session, export_id: str, error: Unauthorized | Forbidden
+) -> NoReturn:
     """Audit a download attempt without a valid key (no actor), then raise its 401."""
     audit.record_refusal(
         session,

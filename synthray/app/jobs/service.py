@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from synthray import logs
 from synthray.app.db import on_commit, session_scope, utcnow
 from synthray.app.errors import Conflict, NotFound
 from synthray.app.jobs import broker, repository
@@ -40,6 +41,7 @@ def create(
             params=params,
             max_attempts=settings.job_max_attempts,
             created_by=created_by,
+            request_id=logs.request_id.get(),
             enqueued_at=utcnow(),
             progress_message="queued",
         ),

@@ -38,6 +38,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
+    # The id of the API request that created the job; the worker logs under it too.
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

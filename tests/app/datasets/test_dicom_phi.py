@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from support import Keys, auth, nih_dir, run_queued
 
+from synthray import logs
 from synthray.app.db import Base, session_scope
 from synthray.config import Settings
 
@@ -85,8 +86,16 @@ def test_no_planted_phi_anywhere(
     settings: Settings,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    # And the JSON lines a deployment's log collector receives (request and job ids).
+    json_log = io.StringIO()
+    json_handler = logging.StreamHandler(json_log)
+    json_handler.setFormatter(logs.JsonFormatter())
+    json_handler.addFilter(logs.ContextIds())
+    logging.getLogger().addHandler(json_handler)
+    request.addfinalizer(lambda: logging.getLogger().removeHandler(json_handler))
     # 18 images from 6 patients calibrate nothing reliably; this test is about PHI, so the
     # batch policy is relaxed to let the export path run (flagged images still stay out).
     settings.max_flagged_fraction = 1.0
@@ -179,6 +188,8 @@ def test_no_planted_phi_anywhere(
                 )
             )
     haystacks.append(("logs", caplog.text.encode()))
+    haystacks.append(("json logs", json_log.getvalue().encode()))
+    assert json_log.getvalue().count("\n") > 10
     for i, body in enumerate(responses):
         haystacks += _expand(f"response {i}", body)
     assert len(haystacks) > 50
