@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 
 from synthray import __version__
-from synthray.app import ratelimit, storage
+from synthray.app import ratelimit, storage, storecheck
 from synthray.app.audit.router import router as audit_router
 from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        """The database and the broker answer, and the data folder takes writes."""
+        """The database and the broker answer, the data folder takes writes, and its blob
+        folder is the store the database uses."""
         checks: dict[str, str] = {}
         try:
             with engine_for(settings.sqlalchemy_url).connect() as conn:
@@ -125,6 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             checks["broker"] = f"unavailable ({type(exc).__name__})"
         checks["storage"] = storage.writable(settings.data_dir, settings.min_free_bytes)
+        if checks["database"] == "ok" and checks["storage"] == "ok":
+            checks["blob_store"] = storecheck.status(settings.sqlalchemy_url, settings.blob_dir)
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(status_code=200 if ok else 503, content=checks)
 

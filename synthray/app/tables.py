@@ -10,6 +10,7 @@ from synthray.app.exports.tables import Export
 from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs.tables import Job
 from synthray.app.registry.tables import ModelVersion, RegisteredModel
+from synthray.app.storecheck import StoreIdentity
 
 __all__ = [
     "ApiKey",
@@ -24,5 +25,6 @@ __all__ = [
     "Job",
     "ModelVersion",
     "RegisteredModel",
+    "StoreIdentity",
     "SyntheticBatch",
 ]

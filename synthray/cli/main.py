@@ -24,7 +24,9 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Background jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+store_app = typer.Typer(help="The blob store.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(store_app, name="store")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
@@ -139,6 +141,22 @@ def db_upgrade() -> None:
     err.print("database schema is up to date")
 
 
+@store_app.command("verify")
+def store_verify() -> None:
+    """Check that this is the database's blob store, then re-read every blob the database
+    names and check its sha256 (after a restore, or on a schedule). Exit 1 on a problem."""
+    from synthray.app.storecheck import verify
+
+    s = _settings()
+    _same_blob_store(s)
+    checked, problems = verify(s.sqlalchemy_url, s.blob_dir)
+    for line in problems:
+        err.print(f"[red]{line}[/red]", soft_wrap=True)
+    err.print(f"{checked} blobs checked, {len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
 @keys_app.command("create")
 def keys_create(
     role: Annotated[str, typer.Option(help="admin, operator, reviewer or partner")],
@@ -167,6 +185,26 @@ def keys_create(
     print(created.key)
 
 
+def _same_blob_store(s: Any) -> None:
+    """Refuse to start on a blob folder that is not the database's store (a worker on
+    another machine without the shared filesystem mounted, for example)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from synthray.app.storecheck import StoreMismatch, ensure
+
+    try:
+        ensure(s.sqlalchemy_url, s.blob_dir)
+    except StoreMismatch as exc:
+        err.print(f"[red]refusing to start:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except SQLAlchemyError as exc:
+        err.print(
+            f"[red]refusing to start:[/red] the database cannot be read ({type(exc).__name__}); "
+            "is it up, and migrated (`synthray db upgrade`)?"
+        )
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(
     host: str = "127.0.0.1",
@@ -190,6 +228,7 @@ def serve(
     s.data_dir.mkdir(parents=True, exist_ok=True)
     if s.sqlalchemy_url.startswith("sqlite"):
         upgrade(s.sqlalchemy_url)
+    _same_blob_store(s)
     start_worker = with_worker if with_worker is not None else s.broker_url == EMBEDDED_BROKER
     worker = None
     if start_worker:
@@ -226,7 +265,7 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker: one job at a time per process, late acks, prefetch 1."""
-    _settings()
+    _same_blob_store(_settings())
     from synthray.workers.celery_app import app as celery_app
 
     celery_app.worker_main(
