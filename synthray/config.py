@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         description="Training steps of each quality-metric encoder (supervised and "
         "self-supervised; once per dataset version and resolution).",
     )
+    quality_encoder_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Most training time of each quality-metric encoder; on a slow CPU it "
+        "ends before quality_encoder_steps.",
+    )
     quality_samples_per_class: int = Field(
         200, ge=10, description="Generated images per class for the quality metrics."
     )

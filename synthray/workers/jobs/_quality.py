@@ -29,17 +29,25 @@ def _encoder(
         sha = row.blob_sha256 if row else None
     if sha is None:
         steps = ctx.settings.quality_encoder_steps
+        budget = ctx.settings.quality_encoder_seconds
         if kind == SUPERVISED:
             ctx.progress(0, None, "training the supervised quality encoder (training split)")
             cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
             enc = quality.train_encoder(
-                split.train_images, split.train_labels, cfg, max_steps=steps, seed=0
+                split.train_images,
+                split.train_labels,
+                cfg,
+                max_steps=steps,
+                max_seconds=budget,
+                seed=0,
             )
             acc: float | None = quality.accuracy(enc, split.holdout_images, split.holdout_labels)
         else:
             ctx.progress(0, None, "training the self-supervised quality encoder (training split)")
             cfg = quality.EncoderConfig(resolution=resolution, num_classes=quality.SSL_PROJECTION)
-            enc = quality.train_ssl_encoder(split.train_images, cfg, max_steps=steps, seed=0)
+            enc = quality.train_ssl_encoder(
+                split.train_images, cfg, max_steps=steps, max_seconds=budget, seed=0
+            )
             acc = None
         path = ctx.work_dir / f"{kind}.safetensors"
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
