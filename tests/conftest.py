@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from support import NIH_INGEST, Keys, auth, copy_subset, make_keys, plant_bad_rows, run_queued
 
+from synthray.app.audit import chain
 from synthray.app.db import Base, engine_for
 from synthray.app.main import create_app
 from synthray.config import Settings
@@ -62,12 +63,19 @@ def postgres_url() -> Iterator[str]:
 
 def _empty(url: str) -> None:
     tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    # The audit tables refuse DELETE and TRUNCATE (triggers): a test database is emptied
+    # with them switched off (PostgreSQL) or dropped and created again (SQLite).
     with engine_for(url).begin() as conn:
         if url.startswith("postgresql"):
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
             conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
         else:
+            for statement in chain.drop_triggers("sqlite"):
+                conn.execute(text(statement))
             for t in tables:
                 conn.execute(text(f"DELETE FROM {t}"))
+            for statement in chain.triggers("sqlite"):
+                conn.execute(text(statement))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

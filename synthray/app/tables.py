@@ -1,6 +1,6 @@
 """Imports every table so that Alembic and tests see the whole schema."""
 
-from synthray.app.audit.tables import AuditEvent
+from synthray.app.audit.tables import AuditEvent, AuditHead
 from synthray.app.auth.tables import ApiKey
 from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
@@ -15,6 +15,7 @@ from synthray.app.storecheck import StoreIdentity
 __all__ = [
     "ApiKey",
     "AuditEvent",
+    "AuditHead",
     "Base",
     "Dataset",
     "DatasetImage",

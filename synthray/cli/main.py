@@ -25,6 +25,8 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Background jobs.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 store_app = typer.Typer(help="The blob store.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(keys_app, name="keys")
@@ -139,6 +141,43 @@ def db_upgrade() -> None:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(s.sqlalchemy_url)
     err.print("database schema is up to date")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit trail's hash chain; name the first record altered, removed or
+    inserted. Exit 1 on a break. Prints the head's hash, worth keeping outside the database."""
+    from synthray.app.audit.service import verify_trail
+
+    verdict = verify_trail(_settings().sqlalchemy_url)
+    if verdict.problem:
+        err.print(f"[red]audit trail broken:[/red] {verdict.problem}", soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(
+        f"audit trail intact: {verdict.records} records, head {verdict.head_seq} "
+        f"{verdict.head_hash}",
+        soft_wrap=True,
+    )
+
+
+@audit_app.command("export")
+def audit_export(
+    after: Annotated[int, typer.Option(help="Only records after this seq.")] = 0,
+) -> None:
+    """Write the trail as JSON lines on stdout, in order, with each record's hashes (for a
+    log archive or a second copy)."""
+    import json
+
+    from synthray.app.audit.repository import in_order
+    from synthray.app.audit.schemas import AuditRead
+    from synthray.app.db import session_scope
+
+    with session_scope(_settings().sqlalchemy_url, read_only=True) as s:
+        for row in in_order(s):
+            if row.seq > after:
+                line = AuditRead.model_validate(row).model_dump(mode="json")
+                line["prev_hash"] = row.prev_hash
+                sys.stdout.write(json.dumps(line, sort_keys=True) + "\n")
 
 
 @store_app.command("verify")

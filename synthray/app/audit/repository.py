@@ -1,9 +1,50 @@
 from __future__ import annotations
 
-from sqlalchemy import select
+from collections.abc import Iterator
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from synthray.app.audit.tables import AuditEvent
+from synthray.app.audit.chain import GENESIS
+from synthray.app.audit.tables import AuditEvent, AuditHead
+
+
+def advance_head(session: Session) -> tuple[int, str]:
+    """Take the next ``seq`` and the previous record's hash, locking the head row until the
+    transaction ends (the UPDATE comes first, so SQLite takes its write lock here too)."""
+    stmt = (
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=AuditHead.seq + 1)
+        .returning(AuditHead.seq, AuditHead.hash)
+    )
+    row = session.execute(stmt).one_or_none()
+    if row is None:  # a database emptied by hand, or not migrated with its head row
+        dialect = session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        session.execute(
+            insert(AuditHead).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing()
+        )
+        row = session.execute(stmt).one()
+    return int(row[0]), str(row[1])
+
+
+def set_head_hash(session: Session, seq: int, digest: str) -> None:
+    session.execute(
+        update(AuditHead).where(AuditHead.id == 1, AuditHead.seq == seq).values(hash=digest)
+    )
+
+
+def head(session: Session) -> tuple[int, str] | None:
+    row = session.get(AuditHead, 1)
+    return (row.seq, row.hash) if row else None
+
+
+def in_order(session: Session) -> Iterator[AuditEvent]:
+    stmt = select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=1000)
+    yield from session.scalars(stmt)
 
 
 def add(session: Session, event: AuditEvent) -> None:
@@ -12,7 +53,7 @@ def add(session: Session, event: AuditEvent) -> None:
 
 
 def list_recent(session: Session, limit: int, object_type: str | None) -> list[AuditEvent]:
-    stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    stmt = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
     if object_type:
         stmt = stmt.where(AuditEvent.object_type == object_type)
     return list(session.scalars(stmt))

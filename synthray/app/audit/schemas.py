@@ -10,6 +10,7 @@ class AuditRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    seq: int
     at: datetime
     actor_key_id: int | None
     actor_name: str | None
@@ -18,3 +19,4 @@ class AuditRead(BaseModel):
     object_id: str | None
     outcome: str
     detail: dict[str, Any]
+    hash: str

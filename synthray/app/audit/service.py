@@ -1,4 +1,5 @@
-"""Append-only audit trail of sensitive acts (keys, export requests, approvals, downloads)."""
+"""Append-only, hash-chained audit trail of sensitive acts (keys, export requests,
+approvals, downloads, refused requests)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from synthray.app.audit import repository
+from synthray.app.audit import chain, repository
 from synthray.app.audit.schemas import AuditRead
 from synthray.app.audit.tables import AuditEvent
 from synthray.app.auth.schemas import Principal
-from synthray.app.db import commit
+from synthray.app.db import commit, session_scope, utcnow
 
 
 def record(
@@ -22,18 +23,22 @@ def record(
     outcome: str,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    repository.add(
-        session,
-        AuditEvent(
-            actor_key_id=who.key_id if who else None,
-            actor_name=who.name if who else None,
-            action=action,
-            object_type=object_type,
-            object_id=str(object_id) if object_id is not None else None,
-            outcome=outcome,
-            detail=detail or {},
-        ),
+    seq, prev_hash = repository.advance_head(session)
+    event = AuditEvent(
+        seq=seq,
+        at=utcnow(),
+        actor_key_id=who.key_id if who else None,
+        actor_name=who.name if who else None,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id) if object_id is not None else None,
+        outcome=outcome,
+        detail=detail or {},
+        prev_hash=prev_hash,
     )
+    event.hash = chain.link(prev_hash, chain.row_content(event))
+    repository.add(session, event)
+    repository.set_head_hash(session, seq, event.hash)
 
 
 def record_refusal(
@@ -57,3 +62,9 @@ def record_refusal(
 def list_events(session: Session, limit: int, object_type: str | None) -> list[AuditRead]:
     events = repository.list_recent(session, limit, object_type)
     return [AuditRead.model_validate(e) for e in events]
+
+
+def verify_trail(database_url: str) -> chain.Verdict:
+    """Walk the whole trail in one read-only transaction (``synthray audit verify``)."""
+    with session_scope(database_url, read_only=True) as s:
+        return chain.verify(repository.in_order(s), repository.head(s))
