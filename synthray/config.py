@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="Most images per group (members, non-members, control) in the "
         "membership-inference audit of every new generator version.",
     )
+    export_approvals: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="Distinct reviewers' approvals an export needs; the key that requested it "
+        "never counts (two-person rule).",
+    )
     export_requires_passed_audit: bool = Field(
         False,
         description="Refuse exports from a generator version whose membership-inference "

@@ -6,7 +6,7 @@ from synthray.app.batches.tables import SyntheticBatch
 from synthray.app.datasets.tables import Dataset, DatasetImage, DatasetVersion
 from synthray.app.db import Base
 from synthray.app.evaluations.tables import Evaluation
-from synthray.app.exports.tables import Export
+from synthray.app.exports.tables import Export, ExportReview
 from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs.tables import Job
 from synthray.app.registry.tables import ModelVersion, RegisteredModel
@@ -22,6 +22,7 @@ __all__ = [
     "DatasetVersion",
     "Evaluation",
     "Export",
+    "ExportReview",
     "ImageCheck",
     "Job",
     "ModelVersion",

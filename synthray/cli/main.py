@@ -570,9 +570,23 @@ def export(
 
 
 @api_command(app)
-def approve(c: Client, export_id: int) -> None:
-    """Approve a built export bundle (reviewer)."""
-    _print(c.post(f"/exports/{export_id}/approve"))
+def approve(
+    c: Client,
+    export_id: int,
+    comment: Annotated[str, typer.Option(help="Why (kept with the review).")] = "",
+) -> None:
+    """Approve a built export bundle (a reviewer other than its requester)."""
+    _print(c.post(f"/exports/{export_id}/approve", {"comment": comment}))
+
+
+@api_command(app)
+def reject(
+    c: Client,
+    export_id: int,
+    comment: Annotated[str, typer.Option(help="Why it is refused (required).")],
+) -> None:
+    """Refuse a built export bundle for good (reviewer); the reason is shown to staff."""
+    _print(c.post(f"/exports/{export_id}/reject", {"comment": comment}))
 
 
 @api_command(app)

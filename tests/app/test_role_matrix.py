@@ -50,6 +50,7 @@ ROLES: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/exports"): ANY,
     ("GET", "/v1/exports/{export_id}"): ANY,
     ("POST", "/v1/exports/{export_id}/approve"): {"reviewer"},
+    ("POST", "/v1/exports/{export_id}/reject"): {"reviewer"},
     # Every role may ask; for a missing export each gets the same 404 (the role check
     # comes after the lookup, so it tells nobody which exports exist).
     ("GET", "/v1/exports/{export_id}/download"): ANY,

@@ -18,7 +18,13 @@ from synthray.app.deps import (
 )
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.exports import service
-from synthray.app.exports.schemas import ExportAccepted, ExportCreate, ExportRead
+from synthray.app.exports.schemas import (
+    ExportAccepted,
+    ExportCreate,
+    ExportRead,
+    RejectBody,
+    ReviewBody,
+)
 from synthray.app.fields import RowId
 
 router = APIRouter(prefix="/exports", tags=["exports"])
@@ -44,12 +50,30 @@ def list_exports(
 
 @router.get("/{export_id}", response_model=ExportRead)
 def get_export(export_id: RowId, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
-    return ExportRead.model_validate(service.get(session, export_id, who))
+    return service.read(service.get(session, export_id, who), who)
 
 
 @router.post("/{export_id}/approve", response_model=ExportRead)
-def approve_export(export_id: RowId, session: SessionDep, who: ReviewerDep) -> ExportRead:
-    return ExportRead.model_validate(service.approve(session, export_id, who))
+def approve_export(
+    export_id: RowId,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: ReviewerDep,
+    body: ReviewBody | None = None,
+) -> ExportRead:
+    """One approval. The export is approved once SYNTHRAY_EXPORT_APPROVALS distinct keys
+    other than the requester's have approved it (two-person rule, admins included)."""
+    comment = body.comment if body else ""
+    e = service.approve(session, settings, export_id, who, comment)
+    return service.read(e, who)
+
+
+@router.post("/{export_id}/reject", response_model=ExportRead)
+def reject_export(
+    export_id: RowId, body: RejectBody, session: SessionDep, who: ReviewerDep
+) -> ExportRead:
+    """Refuse the export for good, with the reason (shown to staff, never to the partner)."""
+    return service.read(service.reject(session, export_id, who, body.comment), who)
 
 
 def _downloader(request: Request, session: SessionDep, who: CallerDep) -> Principal:

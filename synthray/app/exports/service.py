@@ -210,26 +210,80 @@ def get(session: Session, export_id: int, who: Principal) -> Export:
     return e
 
 
+def read(e: Export, who: Principal) -> ExportRead:
+    """The export as ``who`` may see it: a partner never sees who requested or reviewed it."""
+    out = ExportRead.model_validate(e)
+    if who.role == Role.partner:
+        out.requested_by, out.reviews = None, []
+    return out
+
+
 def list_exports(session: Session, who: Principal, limit: int = 100) -> list[ExportRead]:
     """Staff see every export; a partner only its own approved ones."""
     if who.role == Role.partner:
         rows = repository.list_for(session, who.name, limit, state=ExportState.approved)
     else:
         rows = repository.list_for(session, None, limit)
-    return [ExportRead.model_validate(e) for e in rows]
+    return [read(e, who) for e in rows]
 
 
-def approve(session: Session, export_id: int, who: Principal) -> Export:
-    e = get(session, export_id, who)
+def _reviewable(session: Session, export_id: int, who: Principal, verb: str) -> Export:
+    """The export, locked until the transaction ends (so two reviews are counted in
+    turn), if it awaits a decision and ``who`` has not given one yet."""
+    e = repository.get_for_update(session, export_id)
+    if e is None:
+        raise NotFound(f"export {export_id} not found")
     if e.state != ExportState.awaiting_approval:
-        raise Conflict(f"export {export_id} is {e.state}; only a built bundle can be approved")
+        raise Conflict(f"export {export_id} is {e.state}; only a built bundle can be {verb}")
+    if any(r.reviewer_key_id == who.key_id for r in repository.reviews(session, e.id)):
+        raise Conflict(f"this key has already reviewed export {export_id}")
+    return e
+
+
+def approve(
+    session: Session, settings: Settings, export_id: int, who: Principal, comment: str = ""
+) -> Export:
+    """Count one approval; the export is approved when ``export_approvals`` distinct keys,
+    none of them the requester's, have approved it."""
+    e = _reviewable(session, export_id, who, "approved")
+    if e.requested_by is not None and e.requested_by == who.key_id:
+        reason = "two-person rule: the requester may not approve"
+        audit.record_refusal(session, who, "approve_export", "export", e.id, reason)
+        raise Forbidden(
+            "the key that requested this export cannot approve it: a second person must"
+        )
     batch = batches.get(session, e.batch_id)
     gate(batch)
-    e.state = ExportState.approved
-    e.approved_by = who.key_id
-    e.approved_at = utcnow()
-    audit.record(session, who, "approve_export", "export", e.id, "ok")
+    repository.add_review(session, e.id, who.key_id, who.name, "approve", comment)
+    approvals = sum(r.decision == "approve" for r in repository.reviews(session, e.id))
+    required = settings.export_approvals
+    done = approvals >= required
+    if done:
+        e.state = ExportState.approved
+        e.approved_by = who.key_id
+        e.approved_at = utcnow()
+    audit.record(
+        session,
+        who,
+        "approve_export",
+        "export",
+        e.id,
+        "ok",
+        {"approvals": approvals, "required": required, "approved": done, "comment": comment},
+    )
     session.flush()
+    session.refresh(e)
+    return e
+
+
+def reject(session: Session, export_id: int, who: Principal, comment: str) -> Export:
+    """End the export: it can no longer be approved or downloaded."""
+    e = _reviewable(session, export_id, who, "rejected")
+    repository.add_review(session, e.id, who.key_id, who.name, "reject", comment)
+    e.state = ExportState.rejected
+    audit.record(session, who, "reject_export", "export", e.id, "ok", {"comment": comment})
+    session.flush()
+    session.refresh(e)
     return e
 
 
