@@ -17,7 +17,7 @@ def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json() == {"database": "ok", "broker": "ok", "storage": "ok"}
+    assert r.json() == {"database": "ok", "broker": "ok", "storage": "ok", "blob_store": "ok"}
 
 
 def test_openapi_lists_v1(client: TestClient) -> None:
