@@ -146,6 +146,30 @@ class Settings(BaseSettings):
         description="Distinct reviewers' approvals an export needs; the key that requested it "
         "never counts (two-person rule).",
     )
+    audit_syslog: str | None = Field(
+        None,
+        pattern=r"^(tcp|udp)://[^\s/]+:[0-9]+$",
+        description="Forward every audit record to this syslog collector (RFC 5424), "
+        "tcp://host:port or udp://host:port, from the workers; unset: not forwarded.",
+    )
+    dicom_uid_root: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)*\.$",
+        max_length=40,
+        description="The hospital's DICOM organization root (ending in a dot) under which "
+        "the synthetic images' UIDs are made; unset: pydicom's root.",
+    )
+    export_download_days: float = Field(
+        30.0,
+        ge=0,
+        description="Days after approval the addressed partner may download an export; 0: no end.",
+    )
+    export_max_downloads: int = Field(
+        0,
+        ge=0,
+        description="Downloads (from the first byte; resumed parts do not count) the "
+        "addressed partner may make of one export; 0: no limit.",
+    )
     export_requires_passed_audit: bool = Field(
         False,
         description="Refuse exports from a generator version whose membership-inference "

@@ -1,5 +1,6 @@
 """Imports every table so that Alembic and tests see the whole schema."""
 
+from synthray.app.audit.forward import AuditForward
 from synthray.app.audit.tables import AuditEvent, AuditHead
 from synthray.app.auth.tables import ApiKey
 from synthray.app.batches.tables import SyntheticBatch
@@ -15,6 +16,7 @@ from synthray.app.storecheck import StoreIdentity
 __all__ = [
     "ApiKey",
     "AuditEvent",
+    "AuditForward",
     "AuditHead",
     "Base",
     "Dataset",

@@ -43,9 +43,11 @@ def _logs(loglevel: str | int | None = None, **_: object) -> None:
 
 @signals.worker_ready.connect
 def _start_sweeper(**_: object) -> None:
+    from synthray.workers import audit_forwarder
     from synthray.workers.sweeper import start
 
     start(settings)
+    audit_forwarder.start(settings)
 
 
 @signals.worker_process_init.connect
