@@ -92,16 +92,21 @@ def _downloader(request: Request, session: SessionDep, who: CallerDep) -> Princi
 @writes_on_read
 def download_export(
     export_id: RowId,
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     blobs: BlobsDep,
     who: Annotated[Principal, Depends(_downloader)],
 ) -> FileResponse:
     """The approved bundle, to its partner or an admin. Every attempt is audited, those
-    without a valid key included."""
-    path, e = service.open_download(session, blobs, export_id, who)
+    without a valid key included. A broken download resumes with ``Range: bytes=N-`` (and
+    ``If-Range`` with the ETag, the bundle's sha256), which is not a new download."""
+    start = service.range_start(request.headers.get("range"))
+    path, e = service.open_download(session, settings, blobs, export_id, who, start)
+    sha = e.bundle_sha256 or ""
     return FileResponse(
         path,
         media_type="application/zip",
         filename=f"synthray-export-{e.id}.zip",
-        headers={"X-Content-SHA256": e.bundle_sha256 or ""},
+        headers={"X-Content-SHA256": sha, "ETag": f'"{sha}"'},
     )

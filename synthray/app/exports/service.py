@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -170,6 +171,7 @@ def build(ctx: JobContext) -> dict[str, object]:
                 removed=int((~keep).sum()),
             ),
             utility=utility,
+            uid_root=ctx.settings.dicom_uid_root,
         )
         sha, size = ctx.blobs.put_file(Path(tmp))
     finally:
@@ -302,10 +304,50 @@ def refuse_unauthenticated(
     raise error
 
 
+def range_start(header: str | None) -> int:
+    """Where a ``Range: bytes=N-...`` request starts (0 without one, or when it is not a
+    single plain range: the response then starts at 0 too, or is refused by Starlette)."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return 0
+    first = header[6:].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() and len(first) < 19 else 0
+
+
+RESUME_WINDOW = timedelta(hours=24)
+MAX_RESUMES = 50
+
+
+def _over_limit(past: list[tuple[datetime, int]], start: int, most: int) -> str | None:
+    """Why this request would break a limit of ``most`` downloads, or None. A request from
+    the first byte is a new download; one that starts later resumes the last download, at
+    most MAX_RESUMES times and within RESUME_WINDOW of it, so that partial requests cannot
+    stand in for downloads without bound."""
+    fresh = [at for at, first in past if first == 0]
+    if start == 0:
+        if len(fresh) >= most:
+            return f"it may be downloaded {most} time(s) and all are used"
+        return None
+    if not fresh or utcnow() - fresh[-1] > RESUME_WINDOW:
+        return "no download to resume in the last 24 hours; download it from the start"
+    resumes = sum(1 for at, first in past if first > 0 and at >= fresh[-1])
+    if resumes >= MAX_RESUMES:
+        return f"the last download was resumed {MAX_RESUMES} times; download it from the start"
+    return None
+
+
 def open_download(
-    session: Session, blobs: BlobStore, export_id: int, who: Principal
+    session: Session,
+    settings: Settings,
+    blobs: BlobStore,
+    export_id: int,
+    who: Principal,
+    start: int = 0,
 ) -> tuple[Path, Export]:
-    """Check every rule for a download; a refusal is audited and committed at once."""
+    """Check every rule for a download; a refusal is audited and committed at once.
+
+    The addressed partner's grant may expire (``export_download_days`` after approval) and
+    may be limited to ``export_max_downloads`` downloads; a request that resumes a
+    download part-way (``start`` > 0) is not a new download. Admins are not limited."""
 
     def refuse(exc: Exception, reason: str) -> Exception:
         audit.record_refusal(session, who, "download_export", "export", export_id, reason)
@@ -320,6 +362,18 @@ def open_download(
         raise refuse(Forbidden("only the addressed partner or an admin can download"), "role")
     if e.state != ExportState.approved or e.bundle_sha256 is None:
         raise refuse(Conflict(f"export {export_id} is {e.state}, not approved"), "not approved")
+    if who.role == Role.partner:
+        days = settings.export_download_days
+        if days > 0 and e.approved_at is not None:
+            ends = e.approved_at + timedelta(days=days)
+            if utcnow() > ends:
+                message = f"the download grant of export {export_id} ended on {ends:%Y-%m-%d}"
+                raise refuse(Forbidden(message), "grant expired")
+        most = settings.export_max_downloads
+        if most > 0:
+            why = _over_limit(repository.partner_downloads(session, e.id, e.partner), start, most)
+            if why is not None:
+                raise refuse(Forbidden(f"export {export_id}: {why}"), "download limit reached")
     try:
         path = blobs.open_verified(e.bundle_sha256)
     except (BlobCorrupt, BlobNotFound) as exc:
@@ -331,7 +385,7 @@ def open_download(
         "export",
         e.id,
         "ok",
-        {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes},
+        {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes, "range_start": start},
     )
     return path, e
 
