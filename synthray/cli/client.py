@@ -10,6 +10,8 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from synthray.fileio import sha256_file
+
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -85,20 +87,44 @@ class Client:
             return self._json(self._http.post(f"/v1{path}", data=form or {}, files=files))
 
     def download(self, path: str, dest: Path) -> int:
-        """Stream ``path`` into ``dest`` (through a ``.part`` file); returns the size."""
+        """Stream ``path`` into ``dest`` through ``dest.part``; returns the size.
+
+        A ``.part`` left by a broken download is resumed (``Range`` from its size, with
+        ``If-Range`` on the ETag recorded beside it in ``.part.etag``: if the file on the
+        server changed, the whole file comes again). When the server states the file's
+        sha256 (``X-Content-SHA256``), the finished file must match it, or both partial
+        files are removed and the download fails."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
-        with self._http.stream("GET", f"/v1{path}") as r:
+        tag_file = tmp.with_suffix(tmp.suffix + ".etag")
+        headers = {}
+        if tmp.is_file() and tag_file.is_file() and tmp.stat().st_size > 0:
+            headers = {"Range": f"bytes={tmp.stat().st_size}-", "If-Range": tag_file.read_text()}
+        with self._http.stream("GET", f"/v1{path}", headers=headers) as r:
+            if r.status_code == 416:  # the part is already whole (or longer): start again
+                r.read()
+                tmp.unlink(missing_ok=True)
+                tag_file.unlink(missing_ok=True)
+                return self.download(path, dest)
             if r.status_code >= 400:
                 r.read()
                 self._raise_for_error(r)
-            size = 0
-            with tmp.open("wb") as f:
+            resumed = r.status_code == 206
+            if r.headers.get("etag"):
+                tag_file.write_text(r.headers["etag"])
+            with tmp.open("ab" if resumed else "wb") as f:
                 for chunk in r.iter_bytes(1 << 20):
                     f.write(chunk)
-                    size += len(chunk)
+            expected = r.headers.get("x-content-sha256")
+        if expected and sha256_file(tmp) != expected:
+            tmp.unlink(missing_ok=True)
+            tag_file.unlink(missing_ok=True)
+            raise ApiError(
+                0, "the downloaded file does not match its sha256; run the command again"
+            )
+        tag_file.unlink(missing_ok=True)
         tmp.replace(dest)
-        return size
+        return dest.stat().st_size
 
     def wait(
         self, job_id: str, console: Console | None = None, label: str = "", poll: float = 0.5

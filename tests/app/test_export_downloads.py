@@ -13,10 +13,13 @@ import zipfile
 from datetime import timedelta
 from pathlib import Path
 
+import highdicom
+import numpy as np
 import pydicom
 import pytest
 from conftest import World
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import update
 from support import Keys, auth, run_queued
 
@@ -110,6 +113,11 @@ def test_a_broken_download_resumes_and_the_bundle_checks_itself(
         out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         said = (out.stdout + out.stderr).splitlines()
         assert [x for x in said if x.startswith(("Error", "Warning"))] == [], (path.name, said)
+    # highdicom reads every one back, pixels equal to the PNG of the same image.
+    for path in dicoms:
+        png = folder / "png" / path.parent.name / (path.stem + ".png")
+        pixels = np.asarray(Image.open(png))
+        assert np.array_equal(highdicom.imread(str(path)).get_frame(1).astype(np.uint8), pixels)
     headers = [pydicom.dcmread(p) for p in dicoms]
     assert len({h.StudyInstanceUID for h in headers}) == 1
     assert len({h.SeriesInstanceUID for h in headers}) == len({p.parent.name for p in dicoms})

@@ -230,9 +230,29 @@ def test_pipeline_through_a_real_worker(
     assert manifest["exported_per_class"] == {"Normal": 4, "Effusion": 4, "Cardiomegaly": 4}
     r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / f"synthray-export-{export_id}.zip").read_bytes() == api.get(
-        url, headers=auth(keys.partner)
-    ).content
+    whole = api.get(url, headers=auth(keys.partner))
+    target = tmp_path / f"synthray-export-{export_id}.zip"
+    assert target.read_bytes() == whole.content
+    # A download that broke after 1,000 bytes resumes from there and is verified ...
+    part = target.with_suffix(".zip.part")
+    etag = target.with_suffix(".zip.part.etag")
+    target.unlink()
+    part.write_bytes(whole.content[:1000])
+    etag.write_text(whole.headers["etag"])
+    r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == whole.content and not part.exists() and not etag.exists()
+    trail = api.get("/v1/audit", headers=auth(keys.admin)).json()
+    assert trail[0]["action"] == "download_export" and trail[0]["detail"]["range_start"] == 1000
+    # ... and a damaged partial file is caught by the sha256, removed, and fetched anew.
+    target.unlink()
+    part.write_bytes(b"\0" * 1000)
+    etag.write_text(whole.headers["etag"])
+    r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
+    assert r.returncode == 1 and "does not match its sha256" in r.stderr, r.stderr
+    assert not part.exists() and not target.exists()
+    r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
+    assert r.returncode == 0 and target.read_bytes() == whole.content
 
 
 def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: Path) -> None:
