@@ -12,7 +12,9 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,44 +38,42 @@ def png_bytes(img: np.ndarray) -> bytes:
 @dataclass(frozen=True)
 class DicomSeries:
     """What the DICOM files of one bundle share: one synthetic study, one series per class,
-    UIDs under the site's organization root, and the generator that made the images."""
+    UIDs under the site's organization root, the generator that made the images, and the
+    attributes every file of a class carries (built once, copied per image)."""
 
-    study_uid: str
-    series_uids: dict[str, str]
     uid_root: str | None
-    generator: str  # "<model> v<version> (<architecture>)"
-    created: dt.datetime
+    templates: dict[str, Dataset]
 
     @classmethod
-    def new(cls, classes: list[str], uid_root: str | None, generator: str) -> DicomSeries:
-        return cls(
-            study_uid=generate_uid(prefix=uid_root),
-            series_uids={c: generate_uid(prefix=uid_root) for c in classes},
-            uid_root=uid_root,
-            generator=generator,
-            created=dt.datetime.now(dt.UTC),
-        )
+    def new(
+        cls, classes: list[str], uid_root: str | None, generator: str, batch_id: int
+    ) -> DicomSeries:
+        created = dt.datetime.now(dt.UTC)
+        study = generate_uid(prefix=uid_root)
+        templates = {
+            label: _template(label, n + 1, generate_uid(prefix=uid_root), study, created,
+                             generator, batch_id)
+            for n, label in enumerate(classes)
+        }  # fmt: skip
+        return cls(uid_root=uid_root, templates=templates)
 
 
-def synthetic_dicom(
-    img: np.ndarray, *, label: str, batch_id: int, index: int, series: DicomSeries
-) -> bytes:
-    """A Secondary Capture image built from nothing (never from a training header) that
-    says, wherever a viewer looks, that it is synthetic: ConversionType SYN, ImageType
-    DERIVED/SECONDARY/SYNTHETIC, the series description, the derivation description and
-    the capture device (the generator and its version). The Type 2 attributes the standard
-    requires are present and empty where they would describe a patient or a visit; the
-    study date is the bundle's. ``dciodvfy`` (dicom3tools) finds no error in it."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid(prefix=series.uid_root)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+def _template(
+    label: str,
+    series_number: int,
+    series_uid: str,
+    study_uid: str,
+    created: dt.datetime,
+    generator: str,
+    batch_id: int,
+) -> Dataset:
+    """Everything but the instance: a Secondary Capture built from nothing (never from a
+    training header) that says, wherever a viewer looks, that it is synthetic. The Type 2
+    attributes the standard requires are present and empty where they would describe a
+    patient or a visit; the study date is the bundle's."""
     ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     # Patient: no patient. The Type 2 attributes are empty; the identity fields say so.
     ds.PatientName = "SYNTHETIC^IMAGES"
     ds.PatientID = f"SYNTHETIC-BATCH-{batch_id}"
@@ -82,15 +82,15 @@ def synthetic_dicom(
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "Synthetic image: generated, derived from no patient"
     # Study and series: one study per bundle, one series per class.
-    date, time = series.created.strftime("%Y%m%d"), series.created.strftime("%H%M%S")
-    ds.StudyInstanceUID = series.study_uid
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    ds.StudyInstanceUID = study_uid
     ds.StudyDate, ds.StudyTime = date, time
     ds.ReferringPhysicianName = ""
     ds.StudyID = f"SYN{batch_id}"[:16]
     ds.AccessionNumber = ""
     ds.StudyDescription = "SynthRay synthetic chest radiographs"
-    ds.SeriesInstanceUID = series.series_uids[label]
-    ds.SeriesNumber = list(series.series_uids).index(label) + 1
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
     ds.SeriesDescription = f"SYNTHETIC {label}"[:64]
     ds.Modality = "OT"
     ds.BodyPartExamined = "CHEST"  # unpaired: no Laterality
@@ -98,30 +98,63 @@ def synthetic_dicom(
     ds.ConversionType = "SYN"
     ds.Manufacturer = "SynthRay"
     ds.SecondaryCaptureDeviceManufacturer = "SynthRay"
-    ds.SecondaryCaptureDeviceManufacturerModelName = series.generator[:64]
+    ds.SecondaryCaptureDeviceManufacturerModelName = generator[:64]
     ds.SecondaryCaptureDeviceSoftwareVersions = code_version()[:64]
     # Image.
-    ds.InstanceNumber = index + 1
     ds.ContentDate, ds.ContentTime = date, time
     ds.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC"]
     ds.DerivationDescription = (
-        f"Synthetic image sampled from generative model {series.generator}; "
-        "not an image of a patient"
+        f"Synthetic image sampled from generative model {generator}; not an image of a patient"
     )[:1024]
     ds.ImageComments = f"Synthetic image generated by SynthRay; label {label}; not a patient."
     ds.BurnedInAnnotation = "NO"
     ds.PatientOrientation = ["L", "F"]  # drawn as frontal chest films are displayed
-    ds.Rows, ds.Columns = img.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 8
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
+    return ds
+
+
+def synthetic_dicom(img: np.ndarray, *, label: str, index: int, series: DicomSeries) -> bytes:
+    """One image of ``label``'s series: the series template, a fresh SOP instance UID, its
+    number and pixels. ``dciodvfy`` (dicom3tools) finds no error or warning in it."""
+    ds = Dataset()
+    ds.update(series.templates[label])  # a new element dict; the template stays as it is
+    uid = generate_uid(prefix=series.uid_root)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.preamble = b"\x00" * 128
+    ds.SOPInstanceUID = uid
+    ds.InstanceNumber = index + 1
+    ds.Rows, ds.Columns = img.shape
     ds.PixelData = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _encoded(
+    img: np.ndarray, label: str, index: int, series: DicomSeries
+) -> list[tuple[str, bytes, str]]:
+    """(path in the zip, bytes, sha256) of an image's PNG and DICOM. Runs in a thread:
+    zlib (PNG) and sha256 release the GIL, so two cores share the work."""
+    stem = f"{label}/{label}_{index:06d}"
+    out = []
+    for kind, data in (
+        ("png", png_bytes(img)),
+        ("dcm", synthetic_dicom(img, label=label, index=index, series=series)),
+    ):
+        out.append((f"{kind}/{stem}.{kind}", data, hashlib.sha256(data).hexdigest()))
+    return out
+
+
+ENCODE_CHUNK = 64  # images encoded ahead of the writer at most (bounds memory)
 
 
 def write_bundle(
@@ -147,30 +180,24 @@ def write_bundle(
         f"{provenance.get('model', '?')} v{provenance.get('model_version', '?')} "
         f"({provenance.get('architecture', '?')})"
     )
-    series = DicomSeries.new(classes, uid_root, generator)
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        for i in np.flatnonzero(keep):
-            label = classes[int(labels[i])]
-            exported[label] += 1
-            stem = f"{label}/{label}_{int(i):06d}"
-            for kind, data in (
-                ("png", png_bytes(images[i])),
-                (
-                    "dcm",
-                    synthetic_dicom(
-                        images[i],
-                        label=label,
-                        batch_id=report["batch_id"],
-                        index=int(i),
-                        series=series,
-                    ),
-                ),
-            ):
-                name = f"{kind}/{stem}.{kind}"
-                zf.writestr(name, data)
-                files.append(
-                    {"path": name, "label": label, "sha256": hashlib.sha256(data).hexdigest()}
-                )
+    series = DicomSeries.new(classes, uid_root, generator, int(report["batch_id"]))
+    chosen = [int(i) for i in np.flatnonzero(keep)]
+    with (
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf,
+        ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool,
+    ):
+        for start in range(0, len(chosen), ENCODE_CHUNK):
+            part = chosen[start : start + ENCODE_CHUNK]
+            labels_of = [classes[int(labels[i])] for i in part]
+            encoded = pool.map(_encoded, [images[i] for i in part], labels_of, part,
+                               [series] * len(part))  # fmt: skip
+            for label, entries in zip(labels_of, encoded, strict=True):
+                exported[label] += 1
+                for name, data, sha in entries:
+                    # PNG is deflated already: stored as it is, the zip costs nothing.
+                    kind = zipfile.ZIP_STORED if name.endswith(".png") else zipfile.ZIP_DEFLATED
+                    zf.writestr(name, data, compress_type=kind, compresslevel=1)
+                    files.append({"path": name, "label": label, "sha256": sha})
         manifest = {
             "format": "synthray-export/1",
             "synthetic": True,
