@@ -253,6 +253,9 @@ def test_pipeline_through_a_real_worker(
     assert not part.exists() and not target.exists()
     r = cli(http_url, keys.partner, "download", str(export_id), cwd=tmp_path)
     assert r.returncode == 0 and target.read_bytes() == whole.content
+    # The worker's own threads (the sweeper) ran without a database error all along: a
+    # pool process that inherited its parent's PostgreSQL connection broke them once.
+    assert "sweep failed" not in worker.log.read_text()
 
 
 def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: Path) -> None:
