@@ -91,9 +91,6 @@ class JsonFormatter(logging.Formatter):
             entry["exc_frames"] = "".join(traceback.format_tb(record.exc_info[2]))
         return json.dumps(entry, default=str)
 
-    def formatException(self, ei: ExcInfo) -> str:  # noqa: N802 (logging's name)
-        return _frames_only(ei)
-
 
 def _frames_only(ei: ExcInfo) -> str:
     """A traceback without its last line ("Type: message"): the type and the frames."""

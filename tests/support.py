@@ -6,6 +6,8 @@ import csv
 import functools
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +160,31 @@ def run_queued(settings: Settings, limit: int = 20) -> list[str]:
             break
         states.append(run(job_id, settings))
     return states
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server a test starts itself)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def synthray_cli(
+    settings: Settings, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run a server-side `synthray` verb (db, store, audit, worker ...) as an operator
+    would, in a subprocess, on the test's database and data folder."""
+    env = os.environ | {
+        "SYNTHRAY_DEV_MODE": "true",
+        "SYNTHRAY_DATA_DIR": str(settings.data_dir),
+        "SYNTHRAY_DATABASE_URL": settings.sqlalchemy_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "synthray.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -19,8 +19,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
@@ -152,8 +151,3 @@ def token_accepted(expected: str | None, authorization: str | None) -> bool:
         return False
     presented = (authorization or "")[7:] if (authorization or "")[:7].lower() == "bearer " else ""
     return hmac.compare_digest(presented.strip().encode(), expected.encode())
-
-
-def families(metrics: Iterable[Metric]) -> dict[str, Any]:
-    """Metric name -> family (for tests and the CLI)."""
-    return {m.name: m for m in metrics}

@@ -7,9 +7,6 @@ broken record. The migration chains records written before it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,27 +15,12 @@ from conftest import make_settings
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
-from support import Keys, auth
+from support import Keys, auth, synthray_cli
 
 from synthray.app.audit import chain
 from synthray.app.audit.service import verify_trail
 from synthray.app.db import engine_for
 from synthray.config import Settings
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "SYNTHRAY_DEV_MODE": "true",
-        "SYNTHRAY_DATA_DIR": str(settings.data_dir),
-        "SYNTHRAY_DATABASE_URL": settings.sqlalchemy_url,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "synthray.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture
@@ -138,15 +120,15 @@ def test_verify_names_the_first_broken_record(trail: Settings, case: str) -> Non
     _without_triggers(trail, *statements)
     verdict = verify_trail(trail.sqlalchemy_url)
     assert not verdict.intact and expected in str(verdict.problem), verdict
-    done = _cli(trail, "audit", "verify")
+    done = synthray_cli(trail, "audit", "verify")
     assert done.returncode == 1 and expected in done.stderr, done.stderr
 
 
 def test_cli_verify_and_export_an_intact_trail(trail: Settings) -> None:
-    done = _cli(trail, "audit", "verify")
+    done = synthray_cli(trail, "audit", "verify")
     assert done.returncode == 0, done.stderr
     assert "audit trail intact: 8 records, head 8" in done.stderr
-    exported = _cli(trail, "audit", "export", "--after", "5").stdout
+    exported = synthray_cli(trail, "audit", "export", "--after", "5").stdout
     lines = [json.loads(x) for x in exported.splitlines()]
     assert [x["seq"] for x in lines] == [6, 7, 8]
     assert lines[0]["prev_hash"] and lines[1]["prev_hash"] == lines[0]["hash"]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from support import Keys, auth
+from support import Keys, auth, free_port
 
 from synthray.app.audit.forward import Collector, forward_once
 from synthray.app.audit.tables import AuditEvent
@@ -32,12 +32,6 @@ RFC5424 = re.compile(
     rb"synthray - audit \[synthray@32473 (?P<sd>[^\]]*)\] \xef\xbb\xbf(?P<msg>\{.*\})$",
     re.S,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TcpCollector:
@@ -86,7 +80,7 @@ def _hashes(settings: Settings) -> dict[int, str]:
 
 @pytest.fixture
 def port() -> Iterator[int]:
-    yield _free_port()
+    yield free_port()
 
 
 def test_records_wait_for_a_collector_that_is_down_and_go_once_in_order(

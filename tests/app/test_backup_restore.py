@@ -6,10 +6,8 @@ restored copy. Then a damaged copy is caught by `synthray store verify`."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from conftest import PG_ADMIN_URL, World, make_settings
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from support import Keys, auth, run_queued
+from support import Keys, auth, run_queued, synthray_cli
 
 from synthray.app.db import engine_for
 from synthray.app.main import create_app
@@ -37,21 +35,6 @@ def _approved_export(client: TestClient, keys: Keys, settings: Settings) -> int:
     export_id = int(r.json()["export_id"])
     assert client.post(f"/v1/exports/{export_id}/approve", headers=rev).status_code == 200
     return export_id
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "SYNTHRAY_DEV_MODE": "true",
-        "SYNTHRAY_DATA_DIR": str(settings.data_dir),
-        "SYNTHRAY_DATABASE_URL": settings.sqlalchemy_url,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "synthray.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _drop(url: str, name: str) -> None:
@@ -128,9 +111,9 @@ def test_a_restored_backup_serves_the_same_bundle(
     shutil.copytree(backup / "blobs", data / "data" / "blobs")
     restored = make_settings(data, new_url)
 
-    upgraded = _cli(restored, "db", "upgrade")
+    upgraded = synthray_cli(restored, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    verified = _cli(restored, "store", "verify")
+    verified = synthray_cli(restored, "store", "verify")
     assert verified.returncode == 0, verified.stderr
     assert "0 problem(s)" in verified.stderr
 
@@ -147,7 +130,7 @@ def test_a_restored_backup_serves_the_same_bundle(
     victim = data / "data" / "blobs" / sha[:2] / sha[2:]
     assert victim.is_file()
     victim.write_bytes(b"not the bundle")
-    damaged = _cli(restored, "store", "verify")
+    damaged = synthray_cli(restored, "store", "verify")
     assert damaged.returncode == 1
     assert (
         f"exports.bundle_sha256 (id {export_id}): blob {sha[:12]} does not match" in damaged.stderr

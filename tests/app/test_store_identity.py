@@ -4,15 +4,13 @@ and /readyz reports it; real folders, both databases, the real CLI."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import make_settings
 from fastapi.testclient import TestClient
+from support import synthray_cli
 
 from synthray.app import storecheck
 from synthray.app.db import session_scope
@@ -77,17 +75,7 @@ def test_readyz_reports_a_foreign_blob_folder(settings: Settings, tmp_path: Path
 
 def test_a_worker_on_the_wrong_folder_refuses_to_start(settings: Settings, tmp_path: Path) -> None:
     ensure(settings.sqlalchemy_url, settings.blob_dir)
-    env = os.environ | {
-        "SYNTHRAY_DEV_MODE": "true",
-        "SYNTHRAY_DATA_DIR": str(tmp_path / "local-only"),
-        "SYNTHRAY_DATABASE_URL": settings.sqlalchemy_url,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "synthray.cli.main", "worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    stray = make_settings(tmp_path / "local-only", settings.sqlalchemy_url)
+    done = synthray_cli(stray, "worker", timeout=120)
     assert done.returncode == 2, done.stderr
     assert "refusing to start" in done.stderr and "SYNTHRAY_DATA_DIR/blobs" in done.stderr

@@ -5,7 +5,6 @@ requeue period. The shared Redis is never touched."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 import redis
 from conftest import make_settings
 from fastapi.testclient import TestClient
-from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
+from support import NIH_INGEST, Keys, auth, copy_subset, free_port, make_keys
 
 from synthray.app.db import session_scope
 from synthray.app.jobs.tables import Job
@@ -24,17 +23,11 @@ from synthray.config import Settings
 from synthray.workers.sweeper import BrokerWatch, sweep_once
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateRedis:
     """A redis-server of the test's own, started and stopped at will, keeping nothing."""
 
     def __init__(self, folder: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.folder = folder
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None

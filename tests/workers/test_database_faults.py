@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 from fastapi.testclient import TestClient
-from support import NIH_INGEST, auth, copy_subset, make_keys
+from support import NIH_INGEST, auth, copy_subset, free_port, make_keys
 
 from synthray.app.db import engine_for
 from synthray.app.main import create_app
 from synthray.migrations import upgrade
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateCluster:
@@ -41,7 +34,7 @@ class PrivateCluster:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         assert found, "PostgreSQL server binaries not found under /usr/lib/postgresql"
         self.bin = Path(found[-1]).parent
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="synthray-pg-", dir="/tmp"))
         self.data = self.root / "data"
         self.as_user: list[str] = []

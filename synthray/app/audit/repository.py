@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -57,3 +58,21 @@ def list_recent(session: Session, limit: int, object_type: str | None) -> list[A
     if object_type:
         stmt = stmt.where(AuditEvent.object_type == object_type)
     return list(session.scalars(stmt))
+
+
+def download_starts(
+    session: Session, export_id: int, actor_name: str
+) -> list[tuple[datetime, int]]:
+    """(time, first byte) of each download of an export by one actor, oldest first."""
+    stmt = (
+        select(AuditEvent.at, AuditEvent.detail)
+        .where(
+            AuditEvent.action == "download_export",
+            AuditEvent.object_type == "export",
+            AuditEvent.object_id == str(export_id),
+            AuditEvent.outcome == "ok",
+            AuditEvent.actor_name == actor_name,
+        )
+        .order_by(AuditEvent.seq)
+    )
+    return [(at, int((d or {}).get("range_start", 0))) for at, d in session.execute(stmt)]

@@ -64,6 +64,11 @@ def list_events(session: Session, limit: int, object_type: str | None) -> list[A
     return [AuditRead.model_validate(e) for e in events]
 
 
+def download_starts(session: Session, export_id: int, actor_name: str) -> list[tuple[Any, int]]:
+    """When, and from which byte, ``actor_name`` downloaded the export (for grant limits)."""
+    return repository.download_starts(session, export_id, actor_name)
+
+
 def verify_trail(database_url: str) -> chain.Verdict:
     """Walk the whole trail in one read-only transaction (``synthray audit verify``)."""
     with session_scope(database_url, read_only=True) as s:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,22 +51,3 @@ def add_review(
     session.add(review)
     session.flush()
     return review
-
-
-def partner_downloads(session: Session, export_id: int, partner: str) -> list[tuple[datetime, int]]:
-    """(time, first byte) of every download of the export by its partner, oldest first,
-    from the audit trail."""
-    from synthray.app.audit.tables import AuditEvent
-
-    stmt = (
-        select(AuditEvent.at, AuditEvent.detail)
-        .where(
-            AuditEvent.action == "download_export",
-            AuditEvent.object_type == "export",
-            AuditEvent.object_id == str(export_id),
-            AuditEvent.outcome == "ok",
-            AuditEvent.actor_name == partner,
-        )
-        .order_by(AuditEvent.seq)
-    )
-    return [(at, int((d or {}).get("range_start", 0))) for at, d in session.execute(stmt)]

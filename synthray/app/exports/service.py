@@ -371,7 +371,7 @@ def open_download(
                 raise refuse(Forbidden(message), "grant expired")
         most = settings.export_max_downloads
         if most > 0:
-            why = _over_limit(repository.partner_downloads(session, e.id, e.partner), start, most)
+            why = _over_limit(audit.download_starts(session, e.id, e.partner), start, most)
             if why is not None:
                 raise refuse(Forbidden(f"export {export_id}: {why}"), "download limit reached")
     try:
