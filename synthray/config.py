@@ -175,6 +175,19 @@ class Settings(BaseSettings):
         description="Refuse exports from a generator version whose membership-inference "
         "audit is missing or missed its goals.",
     )
+    web_session_hours: float = Field(
+        8.0,
+        gt=0,
+        le=24 * 30,
+        description="Hours a browser stays signed in with one API key (sign-out ends it "
+        "sooner, and so does revoking the key).",
+    )
+    web_cookie_secure: bool = Field(
+        False,
+        description="Mark the session cookie Secure even when the request reached the API "
+        "as plain HTTP (a TLS proxy in front that does not forward its scheme); over "
+        "HTTPS it is always Secure.",
+    )
     copydetect_seconds: float = Field(
         60.0,
         ge=0.5,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from synthray.app.auth.schemas import Role
@@ -188,3 +189,20 @@ def synthray_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def built_export(
+    client: TestClient, requester: str, settings: Settings, seed: int, partner: str = "partner-a"
+) -> int:
+    """Synthesize a small batch of model "m" (4 images per class), let it pass the gate,
+    and build an export of it for ``partner``, requested by ``requester``; its id."""
+    r = client.post(
+        "/v1/synthesize", json={"model": "m", "per_class": 4, "seed": seed}, headers=auth(requester)
+    )
+    assert r.status_code == 202, r.text
+    assert run_queued(settings) == ["succeeded", "succeeded"]
+    body = {"batch_id": r.json()["batch_id"], "partner": partner}
+    r = client.post("/v1/exports", json=body, headers=auth(requester))
+    assert r.status_code == 202, r.text
+    assert run_queued(settings) == ["succeeded"]
+    return int(r.json()["export_id"])

@@ -17,6 +17,7 @@ from synthray.app.auth.schemas import Principal, Role
 from synthray.app.db import session_scope
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
+from synthray.app.web import service as web
 from synthray.config import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,15 +66,24 @@ _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key"
 
 
 def caller(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header: Annotated[str | None, Security(_header)],
 ) -> Principal | Unauthorized | Forbidden:
     """The caller's principal (an API key, or an identity-provider token when OIDC is
-    configured), or the 401/403 to answer (for endpoints that audit failed attempts)."""
+    configured), or the 401/403 to answer (for endpoints that audit failed attempts).
+
+    A signed-in browser's session cookie stands in for the key on GET and HEAD only (the
+    pages' images, the partner's download, live job progress): a request that changes
+    something comes with a key, or through a page form that carries the CSRF token."""
     key = bearer.credentials if bearer else header
     if not key:
+        if request.method in ("GET", "HEAD") and web.COOKIE in request.cookies:
+            signed_in = web.browser(session, settings, request.cookies[web.COOKIE])
+            if signed_in is not None:
+                return signed_in.principal
         return Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
     if settings.oidc_issuer and bearer and oidc.looks_like_jwt(key):
         try:

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 
@@ -105,9 +105,22 @@ def describe_unexpected(exc: BaseException) -> tuple[int, str, dict[str, str]]:
     return 500, "internal error", {}
 
 
+def page_answer(req: Request, status_code: int, detail: str) -> Response | None:
+    """The HTML page answering an error on a browser page (under /ui), else None."""
+    render = getattr(req.app.state, "error_page", None)
+    path = req.url.path
+    if render is None or not (path == "/ui" or path.startswith("/ui/")):
+        return None
+    answer: Response = render(req, status_code, detail)
+    return answer
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
-    async def _domain(_req: Request, exc: DomainError) -> JSONResponse:
+    async def _domain(req: Request, exc: DomainError) -> Response:
+        shown = page_answer(req, exc.status_code, exc.detail)
+        if shown is not None:
+            return shown
         body: dict[str, object] = {"detail": exc.detail}
         if exc.field:
             body["field"] = exc.field

@@ -6,10 +6,12 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from synthray import __version__
 from synthray.app import ratelimit, storage, storecheck
@@ -18,7 +20,7 @@ from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
 from synthray.app.db import engine_for
-from synthray.app.errors import ERROR_RESPONSES, ErrorBody, install_handlers
+from synthray.app.errors import ERROR_RESPONSES, ErrorBody, install_handlers, page_answer
 from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
 from synthray.app.imagechecks.router import router as imagechecks_router
@@ -27,6 +29,7 @@ from synthray.app.jobs.router import router as jobs_router
 from synthray.app.metrics import Metrics, token_accepted
 from synthray.app.middleware import BodyLimit, Failures, RequestContext
 from synthray.app.registry.router import router as registry_router
+from synthray.app.web import router as web
 from synthray.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -80,13 +83,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(req: Request, exc: RequestValidationError) -> Response:
         # Name the field and the reason; never echo the submitted value back.
         errors = [
             {"field": ".".join(str(p) for p in e["loc"][1:]) or e["loc"][0], "msg": e["msg"]}
             for e in exc.errors()
         ]
-        return JSONResponse(status_code=422, content={"detail": errors})
+        text = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
+        return page_answer(req, 422, text) or JSONResponse(
+            status_code=422, content={"detail": errors}
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(req: Request, exc: StarletteHTTPException) -> Response:
+        shown = page_answer(req, exc.status_code, str(exc.detail))
+        if shown is not None:
+            return shown
+        return await http_exception_handler(req, exc)
 
     v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
     for r in (
@@ -102,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         v1.include_router(r)
     app.include_router(v1)
+    web.install(app)
     _errors_as_json(app)
 
     @app.get("/healthz", tags=["health"])

@@ -12,6 +12,7 @@ from synthray.app.imagechecks.tables import ImageCheck
 from synthray.app.jobs.tables import Job
 from synthray.app.registry.tables import ModelVersion, RegisteredModel
 from synthray.app.storecheck import StoreIdentity
+from synthray.app.web.tables import WebSession
 
 __all__ = [
     "ApiKey",
@@ -31,4 +32,5 @@ __all__ = [
     "RegisteredModel",
     "StoreIdentity",
     "SyntheticBatch",
+    "WebSession",
 ]

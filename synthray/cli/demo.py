@@ -23,6 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from synthray.app.registry.summary import audit_line, quality_lines
 from synthray.cli.client import ApiError, Client
 
 NIH_CLASSES = ["Normal", "Cardiomegaly", "Effusion", "Edema", "Pneumothorax"]
@@ -69,45 +70,6 @@ def synthesis_counts(
     }
     thin = [(c, n) for c, n in zip(version["classes"], patients, strict=True) if n < minimum]
     return counts, thin
-
-
-def quality_lines(q: dict[str, Any]) -> list[str]:
-    """Class consistency and precision / recall beside their real-vs-real floors."""
-    if not q:
-        return []
-    lines = []
-    cc = q.get("class_consistency") or {}
-    if cc.get("generated") is not None:
-        lines.append(
-            "class consistency: "
-            f"{cc['generated']:.2f} (a real-trained classifier's balanced accuracy on the "
-            f"synthetic images by their class; {cc['floor']:.2f} on real unseen patients)"
-        )
-    for name, space in (q.get("spaces") or {}).items():
-        g, f = space["overall"]["generated"], space["overall"]["floor"]
-        lines.append(
-            f"{name.replace('_', '-')} space: "
-            f"precision {g['precision']:.2f} (floor {f['precision']:.2f}), "
-            f"recall {g['recall']:.2f} (floor {f['recall']:.2f}), "
-            f"FID {g['fid']:.2f} (floor {f['fid']:.2f})"
-        )
-    return lines
-
-
-def audit_line(a: dict[str, Any] | None) -> str | None:
-    """The membership-inference audit in one line: worst attack, control, verdict."""
-    if not a:
-        return None
-    if a.get("skipped"):
-        return f"not measured ({a['skipped']})"
-    verdict = "goal met" if a["passed"] else "goal NOT met"
-    return (
-        f"worst AUROC {a['worst_auroc']:.3f}, worst TPR at 1% FPR "
-        f"{100 * a['worst_tpr_at_1pct_fpr']:.1f}% over {len(a['attacks'])} attacks "
-        f"({a['members']} members vs {a['nonmembers']} non-members; control AUROCs within "
-        f"{a['control_worst_distance_from_half']:.3f} of 0.5; goal <= {a['goal']['auroc']} "
-        f"and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
-    )
 
 
 def _free_port() -> int:

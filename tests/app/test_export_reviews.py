@@ -7,22 +7,9 @@ from __future__ import annotations
 
 from conftest import World
 from fastapi.testclient import TestClient
-from support import Keys, auth, run_queued
+from support import Keys, auth, built_export
 
 from synthray.config import Settings
-
-
-def _built_export(client: TestClient, requester: str, settings: Settings, seed: int) -> int:
-    r = client.post(
-        "/v1/synthesize", json={"model": "m", "per_class": 4, "seed": seed}, headers=auth(requester)
-    )
-    assert r.status_code == 202, r.text
-    assert run_queued(settings) == ["succeeded", "succeeded"]
-    body = {"batch_id": r.json()["batch_id"], "partner": "partner-a"}
-    r = client.post("/v1/exports", json=body, headers=auth(requester))
-    assert r.status_code == 202, r.text
-    assert run_queued(settings) == ["succeeded"]
-    return int(r.json()["export_id"])
 
 
 def _key(client: TestClient, admin: str, name: str, role: str) -> str:
@@ -34,7 +21,7 @@ def _key(client: TestClient, admin: str, name: str, role: str) -> str:
 def test_the_requester_cannot_approve_even_as_admin(
     client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
-    export_id = _built_export(client, keys.admin, settings, seed=1)
+    export_id = built_export(client, keys.admin, settings, seed=1)
     r = client.post(f"/v1/exports/{export_id}/approve", headers=auth(keys.admin))
     assert r.status_code == 403 and "second person" in r.json()["detail"]
     refused = [
@@ -61,7 +48,7 @@ def test_a_site_can_require_two_distinct_approvals(
 ) -> None:
     settings.export_approvals = 2
     second = _key(client, keys.admin, "second-reviewer", "reviewer")
-    export_id = _built_export(client, keys.operator, settings, seed=2)
+    export_id = built_export(client, keys.operator, settings, seed=2)
     url = f"/v1/exports/{export_id}/approve"
     first = client.post(url, headers=auth(keys.reviewer))
     assert first.status_code == 200 and first.json()["state"] == "awaiting_approval"
@@ -82,7 +69,7 @@ def test_a_site_can_require_two_distinct_approvals(
 def test_a_rejection_ends_the_export_with_its_reason(
     client: TestClient, keys: Keys, settings: Settings, trained: World
 ) -> None:
-    export_id = _built_export(client, keys.operator, settings, seed=3)
+    export_id = built_export(client, keys.operator, settings, seed=3)
     url = f"/v1/exports/{export_id}/reject"
     for bad in ({}, {"comment": ""}, {"comment": "x" * 2001}):
         r = client.post(url, json=bad, headers=auth(keys.reviewer))

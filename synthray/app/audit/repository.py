@@ -9,6 +9,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from synthray.app.audit.chain import GENESIS
+from synthray.app.audit.schemas import AuditFilter
 from synthray.app.audit.tables import AuditEvent, AuditHead
 
 
@@ -53,10 +54,17 @@ def add(session: Session, event: AuditEvent) -> None:
     session.flush()
 
 
-def list_recent(session: Session, limit: int, object_type: str | None) -> list[AuditEvent]:
+def list_recent(session: Session, limit: int, where: AuditFilter) -> list[AuditEvent]:
     stmt = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
-    if object_type:
-        stmt = stmt.where(AuditEvent.object_type == object_type)
+    for column, value in (
+        (AuditEvent.object_type, where.object_type),
+        (AuditEvent.action, where.action),
+        (AuditEvent.actor_name, where.actor),
+        (AuditEvent.outcome, where.outcome),
+        (AuditEvent.object_id, where.object_id),
+    ):
+        if value:
+            stmt = stmt.where(column == value)
     return list(session.scalars(stmt))
 
 

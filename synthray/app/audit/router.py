@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from synthray.app.audit import service
-from synthray.app.audit.schemas import AuditRead
+from synthray.app.audit.schemas import AuditFilter, AuditRead
 from synthray.app.deps import ReviewerDep, SessionDep
 
 router = APIRouter(prefix="/audit", tags=["audit"])
@@ -18,4 +18,4 @@ def list_audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     object_type: Annotated[str | None, Query(max_length=40, pattern=r"^[a-z_]+$")] = None,
 ) -> list[AuditRead]:
-    return service.list_events(session, limit, object_type)
+    return service.list_events(session, limit, AuditFilter(object_type=object_type))

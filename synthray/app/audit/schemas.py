@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,3 +21,14 @@ class AuditRead(BaseModel):
     outcome: str
     detail: dict[str, Any]
     hash: str
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which records to list (every field optional; all given must match)."""
+
+    object_type: str | None = None
+    action: str | None = None
+    actor: str | None = None
+    outcome: str | None = None
+    object_id: str | None = None

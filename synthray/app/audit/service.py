@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from synthray.app.audit import chain, repository
-from synthray.app.audit.schemas import AuditRead
+from synthray.app.audit.schemas import AuditFilter, AuditRead
 from synthray.app.audit.tables import AuditEvent
 from synthray.app.auth.schemas import Principal
 from synthray.app.db import commit, session_scope, utcnow
@@ -59,8 +59,9 @@ def record_refusal(
     commit(session)
 
 
-def list_events(session: Session, limit: int, object_type: str | None) -> list[AuditRead]:
-    events = repository.list_recent(session, limit, object_type)
+def list_events(session: Session, limit: int, where: AuditFilter | None = None) -> list[AuditRead]:
+    """The newest records first."""
+    events = repository.list_recent(session, limit, where or AuditFilter())
     return [AuditRead.model_validate(e) for e in events]
 
 

@@ -44,6 +44,14 @@ def authenticate(session: Session, secret_key: str, key: str) -> Principal | Non
     return Principal(key_id=row.id, name=row.name, role=Role(row.role))
 
 
+def principal_for(session: Session, key_id: int) -> Principal | None:
+    """The principal of a key that is still valid (None once it is revoked)."""
+    row = repository.get(session, key_id)
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(key_id=row.id, name=row.name, role=Role(row.role))
+
+
 def active_partner_exists(session: Session, name: str) -> bool:
     """Whether an unrevoked partner key carries ``name`` (exports are addressed by it)."""
     return repository.active_partner_exists(session, name)

@@ -30,7 +30,7 @@ img{width:128px;height:128px;image-rendering:pixelated;display:block}
 """
 
 
-def _png_data_uri(img: np.ndarray) -> str:
+def png_data_uri(img: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), "L").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -38,7 +38,7 @@ def _png_data_uri(img: np.ndarray) -> str:
 
 def _figure(img: np.ndarray, caption: str) -> str:
     return (
-        f'<figure><img alt="" src="{_png_data_uri(img)}">'
+        f'<figure><img alt="" src="{png_data_uri(img)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 

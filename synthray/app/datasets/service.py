@@ -187,6 +187,19 @@ def load_split(
     )
 
 
+def images_at(
+    session: Session, blobs: BlobStore, version_id: int, resolution: int, positions: list[int]
+) -> dict[int, np.ndarray]:
+    """The de-identified images at ``positions`` of a dataset version, at ``resolution``
+    (for staff pages that show a synthetic image's nearest training images)."""
+    v = ready_version(session, version_id)
+    assert v.images_blob is not None
+    if resolution not in v.resolutions or not positions:
+        return {}
+    images = blobs.get_arrays(v.images_blob)[f"images_{resolution}"]
+    return {p: images[p] for p in positions if 0 <= p < len(images)}
+
+
 def patient_keys(session: Session, version_id: int, positions: np.ndarray) -> np.ndarray:
     """Pseudonymous patient keys of the images at ``positions`` of a dataset version."""
     rows = repository.image_rows(session, version_id)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -388,6 +390,33 @@ def open_download(
         {"bundle_sha256": e.bundle_sha256, "size_bytes": e.size_bytes, "range_start": start},
     )
     return path, e
+
+
+@dataclass(frozen=True)
+class BundleTexts:
+    """What a partner reads about a bundle before downloading it."""
+
+    readme: str
+    privacy: str
+    manifest: dict[str, Any]  # without its per-file list
+    files: int
+
+
+def bundle_texts(blobs: BlobStore, e: Export) -> BundleTexts:
+    """The README, the privacy scorecard and the manifest of a built bundle (its bytes
+    checked against their hash first)."""
+    if e.bundle_sha256 is None:
+        raise Conflict(f"export {e.id} has no bundle yet")
+    try:
+        path = blobs.open_verified(e.bundle_sha256)
+    except (BlobCorrupt, BlobNotFound) as exc:
+        raise Conflict("the bundle failed its integrity check") from exc
+    with zipfile.ZipFile(path) as zf:
+        readme = zf.read("README.txt").decode()
+        privacy = zf.read("PRIVACY.md").decode() if "PRIVACY.md" in zf.namelist() else ""
+        manifest = json.loads(zf.read("manifest.json"))
+    files = manifest.pop("files", [])
+    return BundleTexts(readme, privacy, manifest, len(files))
 
 
 def _utility(session: Session, blobs: BlobStore, model_version_id: int) -> bundle.Utility | None:

@@ -1,0 +1,470 @@
+"""The pages under /ui: sign-in, the reviewer's queue and export page, the operator's
+datasets, models, jobs and batches, the partner's own exports, the admin's keys and audit
+trail.
+
+Pages call the same services as the API with the same roles. A page answers a signed-out
+browser with a redirect to sign-in, a role that may not see it with 403, and something
+missing, or another partner's, with the same 404 page. Every form carries the session's
+CSRF token; a form without it changes nothing (403).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from synthray.app.audit import service as audit
+from synthray.app.audit.schemas import AuditFilter
+from synthray.app.auth import service as auth
+from synthray.app.auth.schemas import KeyCreate, Role
+from synthray.app.batches import service as batches
+from synthray.app.batches.schemas import SynthesizeRequest
+from synthray.app.datasets import service as datasets
+from synthray.app.deps import BlobsDep, SessionDep, SettingsDep, writes_on_read
+from synthray.app.errors import Forbidden, Invalid
+from synthray.app.exports import service as exports
+from synthray.app.exports.schemas import ExportCreate, ExportState
+from synthray.app.fields import RowId
+from synthray.app.jobs import service as jobs
+from synthray.app.registry import service as registry
+from synthray.app.registry.summary import audit_line, quality_lines
+from synthray.app.web import evidence
+from synthray.app.web import service as web
+from synthray.app.web.service import Browser
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+
+
+def _size(n: int | None) -> str:
+    """Bytes for people: '812 kB', '145.2 MB'."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+templates.env.filters["size"] = _size
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+STAFF = (Role.operator, Role.reviewer, Role.admin)
+LANDING = {
+    Role.admin: "/ui/exports",
+    Role.reviewer: "/ui/exports",
+    Role.operator: "/ui/jobs",
+    Role.partner: "/ui/exports",
+}
+# Pages show real training images to staff: nothing may be kept, framed or sent onwards.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+}
+
+
+class SignInFirst(Exception):
+    """A page was asked for without a valid session: answered by a redirect to sign-in."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def page(
+    request: Request,
+    name: str,
+    who: Browser | None,
+    status_code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    response = templates.TemplateResponse(
+        request,
+        name,
+        {"who": who.principal if who else None, "csrf": who.csrf if who else "", **context},
+        status_code=status_code,
+        headers=HEADERS,
+    )
+    return response
+
+
+def error_page(request: Request, status_code: int, detail: str) -> HTMLResponse:
+    """The HTML answer to a refused or failed page request (the API answers JSON)."""
+    return page(request, "error.html", None, status_code, status=status_code, detail=detail)
+
+
+def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
+    allowed = set(roles) | {Role.admin}
+
+    async def check(request: Request, session: SessionDep, settings: SettingsDep) -> Browser:
+        token = request.cookies.get(web.COOKIE)
+        who = await run_in_threadpool(web.browser, session, settings, token)
+        if who is None:
+            raise SignInFirst(request.url.path)
+        if who.principal.role not in allowed:
+            reason = f"role {who.principal.role} lacks the right"
+            await run_in_threadpool(
+                audit.record_refusal,
+                session,
+                who.principal,
+                "request",
+                "route",
+                f"{request.method} {request.url.path}"[:64],
+                reason,
+            )
+            raise Forbidden("your role may not open this page")
+        return who
+
+    return check
+
+
+async def _form_token(request: Request) -> str | None:
+    form = await request.form()
+    token = form.get("csrf")
+    return token if isinstance(token, str) else None
+
+
+def posted(*roles: Role) -> Callable[..., Awaitable[Browser]]:
+    """A signed-in browser of one of ``roles`` whose form carries its CSRF token."""
+    check_role = signed_in(*roles)
+
+    async def check(request: Request, session: SessionDep, settings: SettingsDep) -> Browser:
+        who = await check_role(request, session, settings)
+        if not web.same_token(who.csrf, await _form_token(request)):
+            raise Forbidden("this form has expired or did not come from this site; reload it")
+        return who
+
+    return check
+
+
+AnyPage = Annotated[Browser, Depends(signed_in(*Role))]
+StaffPage = Annotated[Browser, Depends(signed_in(*STAFF))]
+OperatorPage = Annotated[Browser, Depends(signed_in(Role.operator))]
+ReviewerPage = Annotated[Browser, Depends(signed_in(Role.reviewer))]
+AuditPage = Annotated[Browser, Depends(signed_in(Role.reviewer))]
+AdminPage = Annotated[Browser, Depends(signed_in(Role.admin))]
+AnyForm = Annotated[Browser, Depends(posted(*Role))]
+OperatorForm = Annotated[Browser, Depends(posted(Role.operator))]
+ReviewerForm = Annotated[Browser, Depends(posted(Role.reviewer))]
+AdminForm = Annotated[Browser, Depends(posted(Role.admin))]
+
+
+def _see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
+
+
+def _cookie_secure(request: Request, settings: Any) -> bool:
+    return bool(settings.web_cookie_secure) or request.url.scheme == "https"
+
+
+def _first_error(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "form"
+    return f"{where}: {e['msg']}"
+
+
+# ----------------------------------------------------------------------------- sign-in
+
+
+@router.get("", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    who = web.browser(session, settings, request.cookies.get(web.COOKIE))
+    if who is None:
+        return _see_other("/ui/signin")
+    return _see_other(LANDING[who.principal.role])
+
+
+@router.get("/signin", response_class=HTMLResponse)
+def signin_form(request: Request, settings: SettingsDep, next: str = "") -> HTMLResponse:
+    return _signin_page(request, settings, 200, None, next[:200])
+
+
+def _safe_next(target: str) -> str | None:
+    """Where to go after signing in: a page of this site only (never another host)."""
+    ok = target.startswith("/ui/") and not target.startswith("//") and "\\" not in target
+    return target if ok and target.isprintable() and len(target) < 200 else None
+
+
+def _signin_page(
+    request: Request, settings: Any, status_code: int, error: str | None, next_page: str
+) -> HTMLResponse:
+    token = web.new_form_token()
+    response = page(
+        request,
+        "signin.html",
+        None,
+        status_code,
+        signin_token=token,
+        error=error,
+        next_page=_safe_next(next_page) or "",
+    )
+    response.set_cookie(
+        web.SIGNIN_COOKIE,
+        token,
+        max_age=600,
+        path="/ui/signin",
+        httponly=True,
+        samesite="strict",
+        secure=_cookie_secure(request, settings),
+    )
+    return response
+
+
+@router.post("/signin", response_class=HTMLResponse)
+def signin(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str, Form(max_length=200)] = "",
+    csrf: Annotated[str, Form(max_length=100)] = "",
+    next: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    if not web.same_token(request.cookies.get(web.SIGNIN_COOKIE), csrf):
+        error = "The sign-in form had expired; it has been renewed, please try again."
+        return _signin_page(request, settings, 403, error, next)
+    signed = web.sign_in(session, settings, key)
+    if signed is None:
+        return _signin_page(request, settings, 401, "That key is not valid.", next)
+    token, who = signed
+    response = _see_other(_safe_next(next) or LANDING[who.principal.role])
+    response.set_cookie(
+        web.COOKIE,
+        token,
+        max_age=int(settings.web_session_hours * 3600),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=_cookie_secure(request, settings),
+    )
+    response.delete_cookie(web.SIGNIN_COOKIE, path="/ui/signin")
+    return response
+
+
+@router.post("/signout")
+def signout(request: Request, session: SessionDep, settings: SettingsDep, _: AnyForm) -> Response:
+    web.sign_out(session, settings, request.cookies.get(web.COOKIE))
+    response = _see_other("/ui/signin")
+    response.delete_cookie(web.COOKIE, path="/")
+    return response
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+@router.get("/exports", response_class=HTMLResponse)
+def export_list(request: Request, session: SessionDep, who: AnyPage) -> HTMLResponse:
+    rows = exports.list_exports(session, who.principal, limit=200)
+    waiting = [e for e in rows if e.state == ExportState.awaiting_approval]
+    others = [e for e in rows if e.state != ExportState.awaiting_approval]
+    return page(request, "exports.html", who, waiting=waiting, others=others)
+
+
+@router.get("/exports/{export_id}", response_class=HTMLResponse)
+@writes_on_read
+def export_page(
+    export_id: RowId, request: Request, session: SessionDep, blobs: BlobsDep, who: AnyPage
+) -> HTMLResponse:
+    e = exports.get(session, export_id, who.principal)
+    shown = exports.read(e, who.principal)
+    if who.principal.role == Role.partner:
+        texts = exports.bundle_texts(blobs, e)
+        return page(request, "export_partner.html", who, e=shown, texts=texts)
+    proof = None
+    if e.state in (ExportState.awaiting_approval, ExportState.approved, ExportState.rejected):
+        proof = evidence.for_export(session, blobs, e)
+        audit.record(session, who.principal, "view_evidence", "export", e.id, "ok")
+    can_review = (
+        who.principal.role in (Role.reviewer, Role.admin)
+        and e.state == ExportState.awaiting_approval
+        and all(r.reviewer_key_id != who.principal.key_id for r in shown.reviews)
+    )
+    own = e.requested_by == who.principal.key_id
+    return page(
+        request, "export_staff.html", who, e=shown, proof=proof, can_review=can_review, own=own
+    )
+
+
+@router.post("/exports/{export_id}/approve")
+def approve(
+    export_id: RowId,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: ReviewerForm,
+    comment: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    if not comment.strip():
+        raise Invalid("an approval needs a comment: what you looked at", field="comment")
+    exports.approve(session, settings, export_id, who.principal, comment.strip())
+    return _see_other(f"/ui/exports/{export_id}")
+
+
+@router.post("/exports/{export_id}/reject")
+def reject(
+    export_id: RowId,
+    session: SessionDep,
+    who: ReviewerForm,
+    comment: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    if not comment.strip():
+        raise Invalid("a rejection needs a comment: why the export is refused", field="comment")
+    exports.reject(session, export_id, who.principal, comment.strip())
+    return _see_other(f"/ui/exports/{export_id}")
+
+
+@router.post("/exports")
+def request_export(
+    session: SessionDep,
+    settings: SettingsDep,
+    who: OperatorForm,
+    batch_id: Annotated[str, Form(max_length=20)] = "",
+    partner: Annotated[str, Form(max_length=100)] = "",
+) -> Response:
+    try:
+        body = ExportCreate.model_validate({"batch_id": batch_id, "partner": partner})
+    except ValidationError as exc:
+        raise Invalid(_first_error(exc)) from None
+    accepted = exports.request_export(session, settings, body, who.principal)
+    return _see_other(f"/ui/exports/{accepted.export_id}")
+
+
+# ------------------------------------------------------------------- operator pages
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def dataset_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+    return page(request, "datasets.html", who, datasets=datasets.list_datasets(session))
+
+
+@router.get("/models", response_class=HTMLResponse)
+def model_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+    return page(request, "models.html", who, models=registry.list_models(session))
+
+
+@router.get("/models/{name}", response_class=HTMLResponse)
+def model_page(name: str, request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+    m = registry.get_model(session, name[:100])
+    versions = [
+        {
+            "v": v,
+            "quality": quality_lines(v.metrics.get("quality") or {}),
+            "privacy": audit_line(v.metrics.get("privacy_audit")),
+            "gallery": bool((v.metrics.get("quality") or {}).get("gallery_sha256")),
+        }
+        for v in sorted(m.versions, key=lambda v: -v.version)
+    ]
+    history = registry.alias_history(session, m.name)
+    return page(request, "model.html", who, m=m, versions=versions, history=history)
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def job_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+    return page(request, "jobs.html", who, jobs=jobs.list_jobs(session, 50))
+
+
+@router.get("/batches", response_class=HTMLResponse)
+def batch_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+    models = registry.list_models(session)
+    return page(
+        request, "batches.html", who, batches=batches.list_batches(session, 50), models=models
+    )
+
+
+@router.post("/synthesize")
+def synthesize(
+    session: SessionDep,
+    settings: SettingsDep,
+    who: OperatorForm,
+    model: Annotated[str, Form(max_length=100)] = "",
+    per_class: Annotated[str, Form(max_length=10)] = "",
+    seed: Annotated[str, Form(max_length=20)] = "0",
+) -> Response:
+    try:
+        body = SynthesizeRequest.model_validate(
+            {"model": model, "per_class": per_class or None, "seed": seed or 0}
+        )
+    except ValidationError as exc:
+        raise Invalid(_first_error(exc)) from None
+    batches.request_synthesis(session, settings, body, who.principal.key_id)
+    return _see_other("/ui/jobs")
+
+
+# ---------------------------------------------------------------------- admin pages
+
+
+@router.get("/keys", response_class=HTMLResponse)
+def key_list(request: Request, session: SessionDep, who: AdminPage) -> HTMLResponse:
+    return page(request, "keys.html", who, keys=auth.list_keys(session), created=None)
+
+
+@router.post("/keys", response_class=HTMLResponse)
+def create_key(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: AdminForm,
+    name: Annotated[str, Form(max_length=100)] = "",
+    role: Annotated[str, Form(max_length=20)] = "",
+) -> HTMLResponse:
+    try:
+        body = KeyCreate.model_validate({"name": name, "role": role})
+    except ValidationError as exc:
+        raise Invalid(_first_error(exc)) from None
+    created = auth.create_key(session, settings.secret_key, body.name, body.role)
+    audit.record(session, who.principal, "create_key", "api_key", created.id, "ok")
+    # Shown once, on this answer only (no-store), never in a URL.
+    return page(request, "keys.html", who, keys=auth.list_keys(session), created=created)
+
+
+@router.post("/keys/{key_id}/revoke")
+def revoke_key(key_id: RowId, session: SessionDep, who: AdminForm) -> Response:
+    auth.revoke_key(session, key_id)
+    audit.record(session, who.principal, "revoke_key", "api_key", key_id, "ok")
+    return _see_other("/ui/keys")
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_trail(
+    request: Request,
+    session: SessionDep,
+    who: AuditPage,
+    action: str = "",
+    actor: str = "",
+    object_type: str = "",
+    object_id: str = "",
+    outcome: str = "",
+) -> HTMLResponse:
+    where = AuditFilter(
+        object_type=object_type[:40] or None,
+        action=action[:40] or None,
+        actor=actor[:100] or None,
+        outcome=outcome[:20] or None,
+        object_id=object_id[:64] or None,
+    )
+    events = audit.list_events(session, 200, where)
+    return page(request, "audit.html", who, events=events, where=where)
+
+
+def install(app: Any) -> None:
+    """Mount the pages, their static files, and HTML answers for errors under /ui."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.include_router(router)
+    app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+    app.state.error_page = error_page
+
+    @app.exception_handler(SignInFirst)
+    async def _sign_in_first(_req: Request, exc: SignInFirst) -> Response:
+        return _see_other("/ui/signin?next=" + quote(exc.path, safe="/"))
