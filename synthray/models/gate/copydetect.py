@@ -135,8 +135,11 @@ def augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
     Random crop of 72-100 % of the height and, independently within 8 % of that, of the width
     (crops are rarely square), scaled back up, shift up to 4 px, horizontal flip (p
-    0.5), Gaussian blur (p 0.3, sigma 0.3-1.5 px), brightness and contrast (p 0.8), Gaussian
-    noise (p 0.5, sigma up to 15 grey levels), clipped to [0, 1].
+    0.5), rotation up to 8 degrees and shear up to 0.08 (p 0.7), a smooth elastic
+    displacement of up to 2.5 px (p 0.3), Gaussian blur (p 0.3, sigma 0.3-1.5 px), brightness
+    and contrast (p 0.8), Gaussian noise (p 0.5, sigma up to 15 grey levels), clipped to
+    [0, 1]. A copy a generator or a partner could plausibly make is rotated, sheared or
+    warped a little, so the embedding learns to ignore that too.
     """
     b, _, r, _ = x.shape
 
@@ -153,12 +156,26 @@ def augment(x: Tensor, gen: torch.Generator) -> Tensor:
         torch.rand(b, generator=gen) * 2 - 1
     ) * jitter
     flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    turn = torch.rand(b, generator=gen) < 0.7
+    angle = torch.where(turn, u(-8.0, 8.0), torch.zeros(b)) * (math.pi / 180)
+    shear = torch.where(turn, u(-0.08, 0.08), torch.zeros(b))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # (crop scale and flip) @ rotation @ shear: output -> input coordinates.
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = scale_x * flip
-    theta[:, 1, 1] = scale_y
+    theta[:, 0, 0] = scale_x * flip * cos
+    theta[:, 0, 1] = scale_x * flip * (cos * shear - sin)
+    theta[:, 1, 0] = scale_y * sin
+    theta[:, 1, 1] = scale_y * (sin * shear + cos)
     theta[:, 0, 2] = tx
     theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)
+    grid = F.affine_grid(theta, [b, 1, r, r], align_corners=False)  # (B, R, R, 2)
+    warp = torch.rand(b, generator=gen) < 0.3
+    if bool(warp.any()):
+        coarse = torch.randn(b, 2, 4, 4, generator=gen)
+        field = F.interpolate(coarse, size=(r, r), mode="bicubic", align_corners=False)
+        peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        amp = torch.where(warp, u(0.5, 2.5), torch.zeros(b))[:, None, None, None]
+        grid = grid + (field / peak * amp * (2.0 / r)).permute(0, 2, 3, 1)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     sigma = torch.where(torch.rand(b, generator=gen) < 0.3, u(0.3, 1.5), torch.zeros(b))

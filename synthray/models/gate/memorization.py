@@ -2,10 +2,13 @@
 
 Every synthetic image is compared with every training image (exact search: approximate indexes
 missed the true neighbour for a fifth or more of the queries here, which is unfit for a privacy
-check), in two spaces: a shift-, flip- and crop-robust Pearson correlation of pixels
+check), in up to three spaces: a shift-, flip- and crop-robust Pearson correlation of pixels
 (:mod:`synthray.models.gate.pixelmatch`), so a re-exposed, moved or cropped copy still scores
-about 1; and, optionally, a learned copy-detection embedding
-(:mod:`synthray.models.gate.copydetect`). The thresholds are calibrated together on a holdout
+about 1; optionally, a learned copy-detection embedding
+(:mod:`synthray.models.gate.copydetect`); and the correlation after a bounded affine
+registration onto the nearest candidates of the other spaces
+(:mod:`synthray.models.gate.register`), so a rotated, sheared or warped copy scores about 1
+too. The thresholds are calibrated together on a holdout
 set of real images the generator never saw: a synthetic image closer to a training image than
 almost all genuinely new images are is flagged. This is the distance-to-closest-record idea of
 Park et al., "Data Synthesis based on Generative Adversarial Networks", VLDB 2018, applied to
@@ -25,9 +28,13 @@ import numpy as np
 from torch import nn
 
 from synthray.models.gate.pixelmatch import PixelMatcher
+from synthray.models.gate.register import registered_scores, rotation_candidates
 from synthray.models.gate.search import ExactIndex
 
 _FEATURE_CHUNK = 4096
+# Nearest training images per space that each image is registered onto: the embedding,
+# trained to ignore rotations, finds a rotated copy's source more often than the others.
+REGISTER_FROM_PIXEL, REGISTER_FROM_EMBEDDING, REGISTER_FROM_PROBES = 2, 6, 2
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -70,7 +77,7 @@ class MemorizationReport:
     """
 
     quantile: float  # asked for: about 1 - quantile of new real images are flagged
-    spaces: list[str]  # "pixel", and "embedding" with an embedder
+    spaces: list[str]  # "pixel", "embedding" with an embedder, "registered" when registering
     thresholds: dict[str, float]
     space_quantile: float  # per-space holdout quantile behind the thresholds
     holdout_scores: dict[str, np.ndarray]  # (H,) each holdout image's nearest-train score
@@ -86,6 +93,7 @@ class MemorizationReport:
     ssim: np.ndarray  # (Q,) float32 SSIM at the best alignment (evidence, not a decision)
     embedding_neighbours: np.ndarray | None  # (Q, k) int64 train indices by embedding
     embedding_similarities: np.ndarray | None  # (Q, k) float32 cosine
+    registered_neighbours: np.ndarray | None  # (Q,) int64 train index of the best registration
     dcr_train_share: float  # robust pixel space, train sample as large as the holdout set
     authentic: np.ndarray  # (Q,) bool, Alaa et al. 2022 (robust pixel space)
     authenticity: float  # fraction of authentic synthetic images
@@ -139,6 +147,17 @@ def _embedding_nn(
     return out_s, out_i
 
 
+def _distinct(candidates: np.ndarray) -> np.ndarray:
+    """(N, C) candidate indices with repeats within a row replaced by -1 (scored once)."""
+    out = candidates.copy()
+    for r in range(len(out)):
+        _, first = np.unique(out[r], return_index=True)
+        repeat = np.ones(out.shape[1], dtype=bool)
+        repeat[first] = False
+        out[r, repeat] = -1
+    return out
+
+
 def _dcr_share(
     synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray, max_shift: int, seed: int
 ) -> float:
@@ -182,6 +201,7 @@ def check_memorization(
     with_ssim: bool = True,
     batch_figures: bool = True,
     seed: int = 0,
+    register: bool = True,
 ) -> MemorizationReport:
     """Flag synthetic images that copy a training image, in every similarity space at once.
 
@@ -189,7 +209,11 @@ def check_memorization(
     :class:`synthray.models.gate.pixelmatch.PixelMatcher`; and, given an ``embedder`` (a
     :class:`synthray.models.gate.copydetect.CopyDetectNet` or a function from uint8 images to unit
     vectors), "embedding", the larger cosine similarity of the image or its mirror image with
-    the nearest training embedding. Each space's threshold is calibrated on the holdout
+    the nearest training embedding; and, with ``register``, "registered", the best
+    correlation after a bounded affine registration onto any of its nearest training
+    images in each other space and in a search with rotated probes
+    (:mod:`synthray.models.gate.register`; rotated, sheared and warped copies). Each space's
+    threshold is calibrated on the holdout
     images' nearest-train scores, computed the same way, so that about ``1 - quantile`` of new
     real images are flagged by at least one space (:func:`_union_thresholds`); an image is
     flagged when any space exceeds its threshold.
@@ -226,18 +250,38 @@ def check_memorization(
         model = embedder
         embedder = lambda x: embed(model, x)  # noqa: E731
 
+    m = train.shape[0]
+    c = min(REGISTER_FROM_PIXEL, m) if register else 1
+    ce = min(REGISTER_FROM_EMBEDDING, m) if register else 1
     matcher = PixelMatcher(train, max_shift=max_shift)
-    syn = matcher.match(synthetic, k, with_ssim=with_ssim)
-    hold = matcher.match(holdout, 1, with_ssim=False)
+    syn = matcher.match(synthetic, max(k, c), with_ssim=with_ssim)
+    hold = matcher.match(holdout, c, with_ssim=False)
     holdout_scores = {"pixel": hold.scores[:, 0]}
     scores = {"pixel": syn.scores[:, 0]}
+    # The same number of candidates per image for synthetic and holdout images, so that the
+    # registered space's calibration compares like with like.
+    syn_cand, hold_cand = [syn.neighbours[:, :c]], [hold.neighbours[:, :c]]
     emb_s = emb_i = None
     if embedder is not None:
         train_e = ExactIndex(embedder(train), "ip")
-        emb_s, emb_i = _embedding_nn(embedder, train_e, synthetic, k)
-        hold_e, _ = _embedding_nn(embedder, train_e, holdout, 1)
+        emb_s, emb_i = _embedding_nn(embedder, train_e, synthetic, max(k, ce))
+        hold_e, hold_ei = _embedding_nn(embedder, train_e, holdout, ce)
         holdout_scores["embedding"] = hold_e[:, 0]
         scores["embedding"] = emb_s[:, 0]
+        syn_cand.append(emb_i[:, :ce])
+        hold_cand.append(hold_ei[:, :ce])
+        emb_s, emb_i = emb_s[:, :k], emb_i[:, :k]
+    reg_i = None
+    if register:
+        cp = min(REGISTER_FROM_PROBES, m)
+        syn_cand.append(rotation_candidates(synthetic, train, cp))
+        hold_cand.append(rotation_candidates(holdout, train, cp))
+        scores["registered"], reg_i = registered_scores(
+            synthetic, train, _distinct(np.concatenate(syn_cand, axis=1))
+        )
+        holdout_scores["registered"], _ = registered_scores(
+            holdout, train, _distinct(np.concatenate(hold_cand, axis=1))
+        )
     thresholds, space_q = _union_thresholds(holdout_scores, quantile)
     flagged_by = {name: scores[name] > thresholds[name] for name in scores}
     flagged = np.any(np.stack(list(flagged_by.values())), axis=0)
@@ -260,14 +304,15 @@ def check_memorization(
         scores=scores,
         flagged_by=flagged_by,
         flagged=flagged,
-        neighbours=syn.neighbours,
-        neighbour_similarities=syn.scores,
+        neighbours=syn.neighbours[:, :k],
+        neighbour_similarities=syn.scores[:, :k],
         best_shift=syn.shift,
         best_flip=syn.flip,
         best_scale=syn.scale,
         ssim=syn.ssim if syn.ssim is not None else np.full(len(synthetic), np.nan, np.float32),
         embedding_neighbours=emb_i,
         embedding_similarities=emb_s,
+        registered_neighbours=reg_i,
         dcr_train_share=dcr_share,
         authentic=authentic,
         authenticity=float(authentic.mean()) if batch_figures else math.nan,

@@ -1,5 +1,5 @@
 """The memorization gate as the check jobs run it: the dataset version's copy-detection
-embedding (trained once, registered by sha256), the two-space check of
+embedding (trained once, registered by sha256), the three-space check of
 ``synthray.models.gate.memorization``, and its :class:`GateReport` with the evidence page."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _figures(
     *,
     evidence: bool,
 ) -> tuple[Any, str]:
-    """The two-space check of ``images`` against every training image of ``split``, with
+    """The three-space check of ``images`` against every training image of ``split``, with
     the site's policy; ``evidence`` adds three neighbours, SSIM and the batch figures.
     Returns the check's figures and the copy-detection embedding's sha256."""
     from synthray.models.gate.memorization import check_memorization

@@ -204,7 +204,7 @@ def _planted_batch(rng: np.random.Generator):
 def test_flags_copies_and_reports_evidence() -> None:
     rng = np.random.default_rng(5)
     train, holdout, synthetic = _planted_batch(rng)
-    rep = check_memorization(synthetic, train, holdout, quantile=0.95, k=3)
+    rep = check_memorization(synthetic, train, holdout, quantile=0.95, k=3, register=False)
     assert rep.flagged[:5].all() and rep.neighbours[:, 0][:5].tolist() == [3, 10, 20, 30, 40]
     assert rep.flagged[5:].mean() <= 0.15
     assert rep.spaces == ["pixel"] and list(rep.thresholds) == ["pixel"]
@@ -229,7 +229,7 @@ def test_with_an_embedder_calibrates_the_union() -> None:
             torch.nn.functional.avg_pool2d(x, 8)[:, 0].round().to(torch.uint8).numpy()
         )
 
-    rep = check_memorization(synthetic, train, holdout, embedder=embedder, k=2)
+    rep = check_memorization(synthetic, train, holdout, embedder=embedder, k=2, register=False)
     assert rep.spaces == ["pixel", "embedding"]
     assert set(rep.thresholds) == {"pixel", "embedding"} and rep.space_quantile > 0.95
     assert rep.holdout_flagged_fraction <= 0.05
