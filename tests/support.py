@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +208,30 @@ def built_export(
     assert r.status_code == 202, r.text
     assert run_queued(settings) == ["succeeded"]
     return int(r.json()["export_id"])
+
+
+@contextlib.contextmanager
+def served(settings: Settings) -> Iterator[str]:
+    """The API for ``settings`` over real HTTP (uvicorn in a thread, a free port); its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from synthray.app.main import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

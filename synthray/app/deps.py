@@ -100,7 +100,7 @@ def caller(
 CallerDep = Annotated[Principal | Unauthorized | Forbidden, Depends(caller)]
 
 
-def _refuse(request: Request, session: Session, who: Principal | None, reason: str) -> None:
+def refuse_route(request: Request, session: Session, who: Principal | None, reason: str) -> None:
     """Audit a refused request (committed at once; the request itself ends in an error):
     its method and path (printable characters, at most 64), never its body or query."""
     path = "".join(c for c in request.url.path if c.isprintable())
@@ -110,7 +110,7 @@ def _refuse(request: Request, session: Session, who: Principal | None, reason: s
 async def current_principal(request: Request, session: SessionDep, who: CallerDep) -> Principal:
     if isinstance(who, Unauthorized | Forbidden):
         reason = who.detail[:200] if who.detail.startswith("identity") else "no valid API key"
-        await run_in_threadpool(_refuse, request, session, None, reason)
+        await run_in_threadpool(refuse_route, request, session, None, reason)
         raise who
     return who
 
@@ -127,7 +127,7 @@ def require(*roles: Role) -> Callable[..., Awaitable[Principal]]:
         if principal.role not in allowed:
             names = ", ".join(sorted(r.value for r in allowed))
             reason = f"role {principal.role} lacks the right"
-            await run_in_threadpool(_refuse, request, session, principal, reason)
+            await run_in_threadpool(refuse_route, request, session, principal, reason)
             raise Forbidden(f"this action needs role: {names}")
         return principal
 

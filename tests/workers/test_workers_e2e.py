@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -19,9 +18,8 @@ from typing import Any
 
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
-from support import NIH_INGEST, Keys, auth, copy_subset, make_keys
+from support import NIH_INGEST, Keys, auth, copy_subset, make_keys, served
 
 from synthray.app.main import create_app
 from synthray.config import Settings
@@ -126,19 +124,8 @@ def worker(stack: Settings, tmp_path: Path) -> Iterator[Worker]:
 @pytest.fixture
 def http_url(stack: Settings) -> Iterator[str]:
     """The same API served over real HTTP (uvicorn in a thread, a free port), for the CLI."""
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(stack), host="127.0.0.1", port=0, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (server.started and server.servers):
-        assert time.monotonic() < deadline, "the API server did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(stack) as url:
+        yield url
 
 
 def cli(url: str, key: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from synthray.app.audit import service as audit
@@ -28,7 +28,7 @@ from synthray.app.auth.schemas import KeyCreate, Role
 from synthray.app.batches import service as batches
 from synthray.app.batches.schemas import SynthesizeRequest
 from synthray.app.datasets import service as datasets
-from synthray.app.deps import BlobsDep, SessionDep, SettingsDep, writes_on_read
+from synthray.app.deps import BlobsDep, SessionDep, SettingsDep, refuse_route, writes_on_read
 from synthray.app.errors import Forbidden, Invalid
 from synthray.app.exports import service as exports
 from synthray.app.exports.schemas import ExportCreate, ExportState
@@ -39,7 +39,9 @@ from synthray.app.registry.summary import audit_line, quality_lines
 from synthray.app.web import evidence
 from synthray.app.web import service as web
 from synthray.app.web.service import Browser
+from synthray.config import Settings
 
+M = TypeVar("M", bound=BaseModel)
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -115,15 +117,7 @@ def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
             raise SignInFirst(request.url.path)
         if who.principal.role not in allowed:
             reason = f"role {who.principal.role} lacks the right"
-            await run_in_threadpool(
-                audit.record_refusal,
-                session,
-                who.principal,
-                "request",
-                "route",
-                f"{request.method} {request.url.path}"[:64],
-                reason,
-            )
+            await run_in_threadpool(refuse_route, request, session, who.principal, reason)
             raise Forbidden("your role may not open this page")
         return who
 
@@ -153,7 +147,6 @@ AnyPage = Annotated[Browser, Depends(signed_in(*Role))]
 StaffPage = Annotated[Browser, Depends(signed_in(*STAFF))]
 OperatorPage = Annotated[Browser, Depends(signed_in(Role.operator))]
 ReviewerPage = Annotated[Browser, Depends(signed_in(Role.reviewer))]
-AuditPage = Annotated[Browser, Depends(signed_in(Role.reviewer))]
 AdminPage = Annotated[Browser, Depends(signed_in(Role.admin))]
 AnyForm = Annotated[Browser, Depends(posted(*Role))]
 OperatorForm = Annotated[Browser, Depends(posted(Role.operator))]
@@ -165,14 +158,19 @@ def _see_other(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303, headers={"Cache-Control": "no-store"})
 
 
-def _cookie_secure(request: Request, settings: Any) -> bool:
+def _cookie_secure(request: Request, settings: Settings) -> bool:
     return bool(settings.web_cookie_secure) or request.url.scheme == "https"
 
 
-def _first_error(exc: ValidationError) -> str:
-    e = exc.errors()[0]
-    where = ".".join(str(p) for p in e["loc"]) or "form"
-    return f"{where}: {e['msg']}"
+def _form(model: type[M], fields: dict[str, Any]) -> M:
+    """Form fields validated by the API's own request schema; a 422 page naming the first
+    bad field otherwise."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "form"
+        raise Invalid(f"{where}: {e['msg']}") from None
 
 
 # ----------------------------------------------------------------------------- sign-in
@@ -199,7 +197,7 @@ def _safe_next(target: str) -> str | None:
 
 
 def _signin_page(
-    request: Request, settings: Any, status_code: int, error: str | None, next_page: str
+    request: Request, settings: Settings, status_code: int, error: str | None, next_page: str
 ) -> HTMLResponse:
     token = web.new_form_token()
     response = page(
@@ -332,10 +330,7 @@ def request_export(
     batch_id: Annotated[str, Form(max_length=20)] = "",
     partner: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
-    try:
-        body = ExportCreate.model_validate({"batch_id": batch_id, "partner": partner})
-    except ValidationError as exc:
-        raise Invalid(_first_error(exc)) from None
+    body = _form(ExportCreate, {"batch_id": batch_id, "partner": partner})
     accepted = exports.request_export(session, settings, body, who.principal)
     return _see_other(f"/ui/exports/{accepted.export_id}")
 
@@ -391,12 +386,9 @@ def synthesize(
     per_class: Annotated[str, Form(max_length=10)] = "",
     seed: Annotated[str, Form(max_length=20)] = "0",
 ) -> Response:
-    try:
-        body = SynthesizeRequest.model_validate(
-            {"model": model, "per_class": per_class or None, "seed": seed or 0}
-        )
-    except ValidationError as exc:
-        raise Invalid(_first_error(exc)) from None
+    body = _form(
+        SynthesizeRequest, {"model": model, "per_class": per_class or None, "seed": seed or 0}
+    )
     batches.request_synthesis(session, settings, body, who.principal.key_id)
     return _see_other("/ui/jobs")
 
@@ -418,10 +410,7 @@ def create_key(
     name: Annotated[str, Form(max_length=100)] = "",
     role: Annotated[str, Form(max_length=20)] = "",
 ) -> HTMLResponse:
-    try:
-        body = KeyCreate.model_validate({"name": name, "role": role})
-    except ValidationError as exc:
-        raise Invalid(_first_error(exc)) from None
+    body = _form(KeyCreate, {"name": name, "role": role})
     created = auth.create_key(session, settings.secret_key, body.name, body.role)
     audit.record(session, who.principal, "create_key", "api_key", created.id, "ok")
     # Shown once, on this answer only (no-store), never in a URL.
@@ -439,7 +428,7 @@ def revoke_key(key_id: RowId, session: SessionDep, who: AdminForm) -> Response:
 def audit_trail(
     request: Request,
     session: SessionDep,
-    who: AuditPage,
+    who: ReviewerPage,
     action: str = "",
     actor: str = "",
     object_type: str = "",

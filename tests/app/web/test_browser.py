@@ -10,18 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from conftest import World
 from fastapi.testclient import TestClient
-from support import ROOT, Keys, auth, built_export, free_port
+from support import ROOT, Keys, auth, built_export, served
 
-from synthray.app.main import create_app
 from synthray.config import Settings
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -39,20 +35,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def server(settings: Settings, trained: World) -> Iterator[str]:
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(settings) as url:
+        yield url
 
 
 def _sign_in(page: playwright.Page, base: str, key: str) -> None:
