@@ -148,9 +148,23 @@ class Settings(BaseSettings):
     )
     audit_syslog: str | None = Field(
         None,
-        pattern=r"^(tcp|udp)://[^\s/]+:[0-9]+$",
+        pattern=r"^(tls|tcp|udp)://[^\s/]+:[0-9]+$",
         description="Forward every audit record to this syslog collector (RFC 5424), "
-        "tcp://host:port or udp://host:port, from the workers; unset: not forwarded.",
+        "tls://host:port (RFC 5425), tcp://host:port or udp://host:port, from the workers; "
+        "unset: not forwarded.",
+    )
+    audit_syslog_ca: Path | None = Field(
+        None,
+        description="PEM file of the CA(s) that sign the tls:// collector's certificate; "
+        "unset: the system's trust store.",
+    )
+    audit_syslog_cert: Path | None = Field(
+        None,
+        description="PEM client certificate (with its key, or see audit_syslog_key) for a "
+        "tls:// collector that requires one.",
+    )
+    audit_syslog_key: Path | None = Field(
+        None, description="PEM private key of audit_syslog_cert, if not in the same file."
     )
     dicom_uid_root: str | None = Field(
         None,

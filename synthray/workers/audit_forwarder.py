@@ -9,7 +9,7 @@ import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from synthray.app.audit.forward import Collector, forward_once
+from synthray.app.audit.forward import Collector, forward_once, tls_context
 from synthray.config import Settings
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,17 @@ MAX_BACKOFF_S = 30.0
 def start(settings: Settings) -> None:
     if not settings.audit_syslog or _started.is_set():
         return
+    context = None
+    if settings.audit_syslog.startswith("tls://"):
+        # A missing or unreadable CA or client certificate stops the worker here, with the
+        # file's error, rather than leaving the trail unforwarded unseen.
+        context = tls_context(
+            str(settings.audit_syslog_ca) if settings.audit_syslog_ca else None,
+            str(settings.audit_syslog_cert) if settings.audit_syslog_cert else None,
+            str(settings.audit_syslog_key) if settings.audit_syslog_key else None,
+        )
+    collector = Collector(settings.audit_syslog, context=context)
     _started.set()
-    collector = Collector(settings.audit_syslog)
 
     def loop() -> None:
         wait, down = POLL_S, False
