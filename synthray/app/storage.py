@@ -13,7 +13,9 @@ import errno
 import hashlib
 import io
 import os
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -134,6 +136,55 @@ class BlobStore:
         buf = io.BytesIO()
         np.savez(buf, **arrays)  # type: ignore[arg-type]
         return self.put_bytes(buf.getvalue())
+
+    def array_rows(self, sha256: str, name: str, rows: list[int]) -> dict[int, np.ndarray]:
+        """``{r: get_arrays(sha256)[name][r]}`` for the ``rows`` that exist (along the first
+        axis), without reading the rest: the array is mapped in place inside the
+        uncompressed .npz and only those rows are copied out. For pages that show a few
+        images of a large dataset; nothing is verified against the blob's hash here (the
+        jobs that train or gate on the images read them with :meth:`get_arrays`, which
+        is)."""
+        p = self.path(sha256)
+        if not p.is_file():
+            raise BlobNotFound(f"blob {sha256[:12]} is missing")
+        try:
+            with zipfile.ZipFile(p) as zf:
+                info = zf.getinfo(f"{name}.npy")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with zf.open(info) as f:
+                        whole = np.load(f, allow_pickle=False)
+                    return {r: whole[r] for r in rows if 0 <= r < len(whole)}
+                with zf.open(info) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, fortran, dtype = read(f)
+                    header = f.tell()
+            with p.open("rb") as raw:  # the member's local header: 30 bytes, name, extra
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise BlobCorrupt(f"blob {sha256[:12]} is not a readable array file")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len + header
+        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise BlobCorrupt(f"blob {sha256[:12]} is not a readable array file") from exc
+        if fortran or dtype.hasobject or not shape:
+            raise BlobCorrupt(f"blob {sha256[:12]}: {name} cannot be read in place")
+        if start + int(np.prod(shape)) * dtype.itemsize > p.stat().st_size:
+            raise BlobCorrupt(f"blob {sha256[:12]} is shorter than its array")
+        keep = sorted({r for r in rows if 0 <= r < shape[0]})
+        if not keep:
+            return {}
+        mapped = np.memmap(p, dtype=dtype, mode="r", offset=start, shape=shape)
+        try:
+            picked = np.array(mapped[np.asarray(keep, dtype=np.int64)])
+        finally:
+            del mapped
+        return dict(zip(keep, picked, strict=True))
 
     def get_arrays(self, sha256: str) -> dict[str, np.ndarray]:
         data = self.read_bytes(sha256)

@@ -196,8 +196,7 @@ def images_at(
     assert v.images_blob is not None
     if resolution not in v.resolutions or not positions:
         return {}
-    images = blobs.get_arrays(v.images_blob)[f"images_{resolution}"]
-    return {p: images[p] for p in positions if 0 <= p < len(images)}
+    return blobs.array_rows(v.images_blob, f"images_{resolution}", positions)
 
 
 def patient_keys(session: Session, version_id: int, positions: np.ndarray) -> np.ndarray:

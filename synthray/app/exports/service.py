@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -403,18 +404,32 @@ class BundleTexts:
 
 
 def bundle_texts(blobs: BlobStore, e: Export) -> BundleTexts:
-    """The README, the privacy scorecard and the manifest of a built bundle (its bytes
-    checked against their hash first)."""
+    """The README, the privacy scorecard and the manifest of a built bundle, for the
+    partner's page. Only those three members are read (zipfile checks each one's CRC-32)
+    and the file's size is compared with the recorded one; the whole bundle's sha256 is
+    checked by every download (:func:`open_download`), not by every view of the page, which
+    would hash hundreds of megabytes each time."""
     if e.bundle_sha256 is None:
         raise Conflict(f"export {e.id} has no bundle yet")
+    path = blobs.path(e.bundle_sha256)
     try:
-        path = blobs.open_verified(e.bundle_sha256)
-    except (BlobCorrupt, BlobNotFound) as exc:
+        if e.size_bytes is not None and path.stat().st_size != e.size_bytes:
+            raise BlobCorrupt("size differs from the recorded one")
+        with zipfile.ZipFile(path) as zf:
+            readme = zf.read("README.txt").decode()
+            privacy = zf.read("PRIVACY.md").decode() if "PRIVACY.md" in zf.namelist() else ""
+            manifest = json.loads(zf.read("manifest.json"))
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        BlobCorrupt,
+        zipfile.BadZipFile,
+        KeyError,
+        ValueError,
+    ) as exc:
+        # A damaged deflate stream raises zlib.error, a damaged stored member BadZipFile.
         raise Conflict("the bundle failed its integrity check") from exc
-    with zipfile.ZipFile(path) as zf:
-        readme = zf.read("README.txt").decode()
-        privacy = zf.read("PRIVACY.md").decode() if "PRIVACY.md" in zf.namelist() else ""
-        manifest = json.loads(zf.read("manifest.json"))
     files = manifest.pop("files", [])
     return BundleTexts(readme, privacy, manifest, len(files))
 

@@ -111,6 +111,31 @@ def test_partner_sees_only_its_approved_exports_and_guessing_looks_missing(
     r = client.get(f"/v1/exports/{approved}/download")
     assert r.status_code == 200 and r.headers["etag"].strip('"') == r.headers["x-content-sha256"]
     assert client.get(f"/v1/exports/{other}/download").status_code == 404
+    # A bundle damaged on disk: the page (which reads only its texts) and the download
+    # (which hashes it all) both refuse it.
+    _damage_member(settings, r.headers["x-content-sha256"], "README.txt")
+    page = client.get(f"/ui/exports/{approved}")
+    assert page.status_code == 409 and "integrity check" in page.text
+    assert client.get(f"/v1/exports/{approved}/download").status_code == 409
+
+
+def _damage_member(settings: Settings, sha256: str, member: str) -> None:
+    """Flip one byte of a zip member's data in the stored blob."""
+    import struct
+    import zipfile
+
+    from synthray.app.storage import BlobStore
+
+    path = BlobStore(settings.blob_dir).path(sha256)
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    data[info.header_offset + 30 + name_len + extra_len + 5] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
 
 
 def test_forms_need_the_session_csrf_token_and_the_role(
