@@ -1,0 +1,110 @@
+"""How a latent flow's sampler settings move TSTR, on one registered generator version.
+
+Outside the product's jobs, on the same data they use: the version's real training images
+(as the evaluation job selects them) and its held-out patients. For each setting (guidance
+weight, Heun steps) it draws a class-balanced synthetic set as large as the real one, trains
+the evaluation's classifier on it alone (TSTR) and scores it on the held-out films; the real
+set (DS1) is trained once with the same classifier seeds. The images are NOT gated here (the
+evaluation job leaves flagged ones out), so the figures are for choosing settings, not for
+the README's utility tables.
+
+    SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \
+        scripts/experiments/sampler_sweep.py --model kermany --guidance 1.5,2,3 --steps 8
+
+Prints one line per setting and a JSON list at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--version", type=int, default=1)
+    ap.add_argument("--guidance", default="2", help="comma list of weights")
+    ap.add_argument("--steps", default="8", help="comma list of Heun steps")
+    ap.add_argument("--seeds", type=int, default=2, help="classifier seeds per setting")
+    ap.add_argument("--classifier-steps", type=int, default=300)
+    ap.add_argument("--synthesis-seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from synthray.app.datasets import service as datasets
+    from synthray.app.db import session_factory
+    from synthray.app.registry import service as registry
+    from synthray.app.storage import BlobStore
+    from synthray.config import get_settings
+    from synthray.models.evaluation import utility
+    from synthray.models.generators.files import load_generator
+    from synthray.models.generators.sampling import sample_images
+
+    settings = get_settings()
+    blobs = BlobStore(settings.blob_dir)
+    with session_factory(settings.sqlalchemy_url)() as s:
+        mv = registry.get_version(s, args.model, args.version)
+        row = registry.get_version_by_id(s, mv.id)
+        classes, blob = list(row.classes), row.blob_sha256
+        resolution = int(row.config["generator"]["resolution"])
+        split = datasets.load_split(s, blobs, row.dataset_version_id, resolution)
+        real = datasets.training_set(s, split, row.dataset_version_id, classes)
+        mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
+        test_x = split.holdout_images[mask]
+    generator = load_generator(blobs.path(blob), expected_sha256=blob)
+    n_cls = len(classes)
+    per_class = int(np.ceil(len(real.labels) / n_cls))
+    cfg = utility.ClassifierConfig(steps=args.classifier_steps)
+
+    def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
+        """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
+        bal, recall = [], []
+        for seed in range(args.seeds):
+            arm = utility.ArmSet(images, labels, np.zeros(len(labels), bool), False, None)
+            model = utility.train_classifier(arm, n_cls, cfg, seed)
+            proba = utility.predict_proba(model, test_x)
+            _, b, _, r = utility.classification_scores(test_y, proba, n_cls)
+            bal.append(b)
+            recall.append(r)
+        return bal, [round(float(v), 3) for v in np.mean(recall, axis=0)]
+
+    rows = []
+    t0 = time.perf_counter()
+    ds1, ds1_recall = score(real.images, real.labels)
+    print(
+        f"DS1 balanced accuracy {np.mean(ds1):.3f} {ds1}, recall {ds1_recall} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    for w in [float(v) for v in args.guidance.split(",")]:
+        for steps in [int(v) for v in args.steps.split(",")]:
+            g = copy.deepcopy(generator)
+            g.cfg.guidance, g.cfg.class_guidance, g.cfg.sample_steps = w, None, steps
+            t0 = time.perf_counter()
+            x, y = sample_images(
+                g, dict.fromkeys(range(n_cls), per_class), seed=args.synthesis_seed
+            )
+            t_sample = time.perf_counter() - t0
+            tstr, recall = score(x, y)
+            row = {
+                "guidance": w,
+                "sample_steps": steps,
+                "tstr": [round(v, 4) for v in tstr],
+                "tstr_mean": round(float(np.mean(tstr)), 4),
+                "ds1_mean": round(float(np.mean(ds1)), 4),
+                "ratio": round(float(np.mean(tstr) / np.mean(ds1)), 3),
+                "recall": recall,
+                "images_per_s": round(len(x) / t_sample, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
