@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +25,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
-from support import NIH_INGEST, Keys, auth, copy_subset, make_keys, nih_dir, run_queued
+from support import NIH_INGEST, Keys, auth, copy_subset, make_keys, nih_dir, run_queued, served
 
 from synthray.app.datasets import service as datasets
 from synthray.app.db import session_scope
-from synthray.app.main import create_app
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
 from synthray.migrations import upgrade
@@ -78,17 +75,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     keys = make_keys(settings)
     copy_subset(import_root, per_class=6)
 
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not (server.started and server.servers):
-        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with served(settings) as url:
         r = httpx.post(
             f"{url}/v1/datasets",
             json={"name": "nih", "source": "nih", **NIH_INGEST},
@@ -98,9 +85,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         assert r.status_code == 202, r.text
         assert run_queued(settings) == ["succeeded"]
         yield Api(url, settings, keys, r.json()["job_id"])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

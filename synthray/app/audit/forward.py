@@ -123,14 +123,14 @@ class Collector:
             (parts.hostname, parts.port),
             timeout,
         )
-        self.context = context if context is not None or parts.scheme != "tls" else tls_context()
+        self.context = (context or tls_context()) if parts.scheme == "tls" else None
         self.sock: socket.socket | None = None
 
     def send(self, messages: Iterable[bytes]) -> None:
         if self.sock is None:
             if self.scheme in ("tcp", "tls"):
                 sock = socket.create_connection(self.address, timeout=self.timeout)
-                if self.context is not None and self.scheme == "tls":
+                if self.context is not None:  # tls://
                     sock = self._tls(sock, self.context)
                 self.sock = sock
             else:

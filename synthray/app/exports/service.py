@@ -412,24 +412,17 @@ def bundle_texts(blobs: BlobStore, e: Export) -> BundleTexts:
     if e.bundle_sha256 is None:
         raise Conflict(f"export {e.id} has no bundle yet")
     path = blobs.path(e.bundle_sha256)
+    damaged = Conflict("the bundle failed its integrity check")
     try:
         if e.size_bytes is not None and path.stat().st_size != e.size_bytes:
-            raise BlobCorrupt("size differs from the recorded one")
+            raise damaged
         with zipfile.ZipFile(path) as zf:
             readme = zf.read("README.txt").decode()
             privacy = zf.read("PRIVACY.md").decode() if "PRIVACY.md" in zf.namelist() else ""
             manifest = json.loads(zf.read("manifest.json"))
-    except (
-        OSError,
-        EOFError,
-        zlib.error,
-        BlobCorrupt,
-        zipfile.BadZipFile,
-        KeyError,
-        ValueError,
-    ) as exc:
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError, ValueError) as exc:
         # A damaged deflate stream raises zlib.error, a damaged stored member BadZipFile.
-        raise Conflict("the bundle failed its integrity check") from exc
+        raise damaged from exc
     files = manifest.pop("files", [])
     return BundleTexts(readme, privacy, manifest, len(files))
 
