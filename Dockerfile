@@ -18,14 +18,20 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/synthray synthray \
     && chown synthray /var/lib/synthray
 
 WORKDIR /opt/synthray
+# Every Python package from the hashed runtime lock (scripts/lock.sh): exactly the locked files or
+# the build fails. The CPU build of torch has its own locked file; a GPU image installs
+# TORCH_SPEC from PyPI instead (its CUDA libraries are then not hash-checked).
+COPY requirements ./requirements
 RUN if [ "$TORCH_SPEC" = "torch==2.13.0" ]; then \
-        pip install --extra-index-url "$TORCH_INDEX" "$TORCH_SPEC"; \
+        pip install --require-hashes --no-deps --extra-index-url "$TORCH_INDEX" \
+            -r requirements/torch-cpu.txt -r requirements/runtime.txt; \
     else \
-        pip install "$TORCH_SPEC"; \
+        pip install --require-hashes --no-deps -r requirements/runtime.txt \
+        && pip install "$TORCH_SPEC"; \
     fi
 COPY pyproject.toml README.md ./
 COPY synthray ./synthray
-RUN pip install .
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 USER synthray
 EXPOSE 8000

@@ -2,17 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch is installed first so pip does not pull a multi-GB CUDA build;
-# production GPU images install a CUDA build instead (see Dockerfile).
-TORCH_CPU ?= torch==2.13.0
+# Installs come from the hashed lock files (scripts/lock.sh regenerates them from
+# pyproject.toml): exactly the locked files, or the install fails. The CPU build of torch
+# has its own lock; production GPU images install a CUDA build instead (see Dockerfile).
 
 .PHONY: venv demo test test-fast lint typecheck serve worker gpu-check clean
 
-$(BIN)/synthray: pyproject.toml
+$(BIN)/synthray: pyproject.toml requirements/dev.txt requirements/torch-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_CPU)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps \
+		-r requirements/torch-cpu.txt -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	@touch $@
 
 venv: $(BIN)/synthray
