@@ -20,11 +20,12 @@ import hmac
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 
 from synthray.app.audit.tables import AuditEvent
 from synthray.app.batches.tables import SyntheticBatch
@@ -33,6 +34,14 @@ from synthray.app.jobs.tables import Job
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SCRAPE_CACHE_S = 5.0
+
+
+def _seconds_between(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
+    """SQL for the seconds from ``start`` to ``end`` (two timestamp columns)."""
+    if dialect == "postgresql":
+        return func.extract("epoch", end - start)
+    # SQLite keeps timestamps as ISO text; julianday reads it in days (to the millisecond).
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
 
 
 class WorkCollector:
@@ -83,17 +92,16 @@ class WorkCollector:
                 select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
             ):
                 jobs.add_metric([str(kind), str(state)], n)
-            finished = select(Job.kind, Job.state, Job.started_at, Job.finished_at).where(
-                Job.started_at.is_not(None), Job.finished_at.is_not(None)
-            )
-            sums: dict[tuple[str, str], tuple[int, float]] = {}
-            for kind, state, start, end in s.execute(finished):
-                if start is None or end is None:
-                    continue
-                count, total = sums.get((str(kind), str(state)), (0, 0.0))
-                sums[(str(kind), str(state))] = (count + 1, total + (end - start).total_seconds())
-            for labels, (count, total) in sorted(sums.items()):
-                durations.add_metric(list(labels), count, max(0.0, total))
+            # Counted and summed by the database, so a scrape costs one row per kind and
+            # state however many jobs the table holds.
+            seconds = _seconds_between(s.get_bind().dialect.name, Job.started_at, Job.finished_at)
+            for kind, state, count, total in s.execute(
+                select(Job.kind, Job.state, func.count(), func.sum(seconds))
+                .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
+                .group_by(Job.kind, Job.state)
+                .order_by(Job.kind, Job.state)
+            ):
+                durations.add_metric([str(kind), str(state)], count, max(0.0, float(total or 0)))
             for queue, n in s.execute(
                 select(Job.queue, func.count()).where(Job.state == "queued").group_by(Job.queue)
             ):
@@ -102,12 +110,12 @@ class WorkCollector:
                 select(SyntheticBatch.state, func.count()).group_by(SyntheticBatch.state)
             ):
                 gate.add_metric([str(batch_state)], n)
-            total_flagged = 0
-            for (check,) in s.execute(
-                select(SyntheticBatch.check).where(SyntheticBatch.state.in_(("passed", "failed")))
-            ):
-                total_flagged += int((check or {}).get("flagged", 0) or 0)
-            flagged.add_metric([], total_flagged)
+            total_flagged = s.scalar(
+                select(func.sum(SyntheticBatch.check["flagged"].as_integer())).where(
+                    SyntheticBatch.state.in_(("passed", "failed"))
+                )
+            )
+            flagged.add_metric([], int(total_flagged or 0))
             for outcome, n in s.execute(
                 select(AuditEvent.outcome, func.count())
                 .where(AuditEvent.action == "download_export")

@@ -13,9 +13,12 @@ import pytest
 from conftest import make_settings
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 from support import NIH_INGEST, Keys, auth, copy_subset, make_keys, run_queued
 
 from synthray import logs
+from synthray.app.db import session_scope
+from synthray.app.jobs.tables import Job
 from synthray.app.main import create_app
 from synthray.config import Settings
 
@@ -129,7 +132,13 @@ def test_metrics_count_requests_and_read_work_from_the_database(
     assert m[("synthray_jobs", (("kind", "ingest"), ("state", "succeeded")))] == 1
     ingest_ok = (("kind", "ingest"), ("state", "succeeded"))
     assert m[("synthray_job_duration_seconds_count", ingest_ok)] == 1
-    assert m[("synthray_job_duration_seconds_sum", ingest_ok)] > 0
+    # The database's own sum agrees with the job's recorded start and end.
+    with session_scope(settings.sqlalchemy_url) as s:
+        job = s.scalars(select(Job).where(Job.kind == "ingest")).one()
+        assert job.started_at is not None and job.finished_at is not None
+        took = (job.finished_at - job.started_at).total_seconds()
+    assert took > 0
+    assert m[("synthray_job_duration_seconds_sum", ingest_ok)] == pytest.approx(took, abs=2e-3)
     assert ("synthray_queue_depth", (("queue", "cpu"),)) not in m
     assert m[("synthray_export_downloads", (("outcome", "refused"),))] == 1
     assert m[("synthray_gate_flagged_images", ())] == 0
