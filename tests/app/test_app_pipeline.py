@@ -301,6 +301,18 @@ def test_gate_blocks_memorized_and_changed_batches(
     batch = client.get(f"/v1/batches/{batch_id}", headers=op).json()
     assert batch["state"] == "failed"
     assert batch["check"]["flagged"] == 10
+    # /metrics sums the flagged images of every checked batch in the database.
+    with session_scope(settings.sqlalchemy_url) as s:
+        checked = s.scalars(
+            select(SyntheticBatch).where(SyntheticBatch.state.in_(("passed", "failed")))
+        ).all()
+        expected = sum(int(b.check.get("flagged", 0)) for b in checked)
+    scraped = [
+        line
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("synthray_gate_flagged_images ")
+    ]
+    assert expected >= 10 and scraped == [f"synthray_gate_flagged_images {float(expected)}"]
     report = client.get(f"/v1/batches/{batch_id}/report", headers=op).json()
     for i, img in enumerate(report["images"]):
         assert img["neighbours"][0]["dataset_position"] == int(split.train_index[i])
