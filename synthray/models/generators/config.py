@@ -41,8 +41,11 @@ class TrainConfig:
 
     Latent flow (:mod:`synthray.models.generators.latentflow`): the run first trains the
     autoencoder for ``ae_fraction`` of the budget (of the steps, or of the seconds), then
-    the flow on its latents; ``guidance`` and ``sample_steps`` are how the generator
-    samples, stored in its config.
+    the flow on its latents; ``ae_crop`` (pixels, a multiple of the autoencoder's stride;
+    0 or not below the resolution: whole images) trains the fully convolutional autoencoder
+    on random crops for the first part of its phase, which costs a fraction of a whole image
+    per step; ``guidance`` and ``sample_steps`` are how the generator samples, stored in its
+    config.
     """
 
     architecture: str = "dcgan"
@@ -70,6 +73,7 @@ class TrainConfig:
     # Latent flow
     ae_fraction: float | None = None  # share of the budget spent on the autoencoder
     ae_batch_size: int | None = None
+    ae_crop: int | None = None  # autoencoder trained on crops of this side (0: whole)
     lr_ae: float | None = None
     lr_flow: float | None = None
     latent_size: int | None = None  # the latent grid's side
@@ -138,6 +142,16 @@ class TrainConfig:
             raise ValueError(f"class_power must be in [0, 1], got {self.class_power!r}")
         if "ae_fraction" in arch.defaults and not 0 < _number(self.ae_fraction) < 1:
             raise ValueError(f"ae_fraction must be in (0, 1), got {self.ae_fraction!r}")
+        if "ae_crop" in arch.defaults:
+            ratio = self.resolution // int(self.latent_size or 1)
+            crop = self.ae_crop
+            if not (isinstance(crop, int) and not isinstance(crop, bool) and crop >= 0) or (
+                crop and crop % ratio
+            ):
+                raise ValueError(
+                    f"ae_crop must be 0 or a multiple of {ratio} (the autoencoder's stride), "
+                    f"got {crop!r}"
+                )
         if "label_dropout" in arch.defaults and not 0 <= _number(self.label_dropout) < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
         if self.resolution not in arch.resolutions:
@@ -183,6 +197,7 @@ FAMILY_FIELDS = (
     "augment",
     "ae_fraction",
     "ae_batch_size",
+    "ae_crop",
     "lr_ae",
     "lr_flow",
     "latent_size",

@@ -5,7 +5,10 @@ first the site autoencoder, then the velocity field on its latents, in one budge
 Phase 1, ``autoencoder``, for ``ae_fraction`` of the budget (of ``max_steps``, or of
 ``max_seconds``): minimise ||D(E(x) + s n) - x||_1 + 1e-4 ||E(x)||^2 with n ~ N(0, I) and
 s = ``LATENT_NOISE`` over batches of real images drawn uniformly; AdamW (beta 0.9, 0.99),
-a 50-step warm-up, then cosine decay to zero over the phase.
+a 50-step warm-up, then cosine decay to zero over the phase. With ``ae_crop``, each image of
+a batch is a random crop of that side (offsets on the latent grid) until the last quarter of
+the phase, which is on whole images: the networks are fully convolutional, and a crop costs
+(crop / R)^2 of a whole image.
 
 At the switch, every training image is encoded once (no noise); the latents are
 standardised per channel (mean and standard deviation kept in the generator) and stay fixed.
@@ -48,6 +51,7 @@ AUTOENCODER, FLOW = "autoencoder", "flow"
 LATENT_NOISE = 0.1
 LATENT_PENALTY = 1e-4
 AE_WARMUP, FLOW_WARMUP = 50, 100
+FULL_IMAGE_TAIL = 0.25  # share of the autoencoder phase on whole images when cropping
 ENCODE_BATCH = 256
 
 
@@ -125,9 +129,35 @@ class FlowTrainer(BudgetedRun):
 
     # -------------------------------------------------------------------------- steps
     def _images(self, idx: np.ndarray) -> Tensor:
-        t = torch.from_numpy(self.images[idx]).to(self.device, non_blocking=True)  # (B, R, R)
-        t = t.unsqueeze(1).float().div_(127.5).sub_(1.0)  # (B, 1, R, R) in [-1, 1]
+        return self._as_input(self.images[idx])
+
+    def _as_input(self, images: np.ndarray) -> Tensor:
+        """uint8 (B, H, W) -> (B, 1, H, W) in [-1, 1] on the device, channels-last."""
+        t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        t = t.unsqueeze(1).float().div_(127.5).sub_(1.0)
         return t.contiguous(memory_format=torch.channels_last)
+
+    def _ae_crop_now(self, elapsed: float) -> int:
+        """The crop side for this autoencoder step, or 0 for whole images: crops until the
+        last ``FULL_IMAGE_TAIL`` of the phase, so that the group norms of the lower levels
+        end up trained on whole images' statistics, as they are used."""
+        crop = int(self.cfg.ae_crop or 0)
+        if not 0 < crop < self.cfg.resolution:
+            return 0
+        return crop if self._ae_progress(elapsed) < 1.0 - FULL_IMAGE_TAIL else 0
+
+    def _crops(self, idx: np.ndarray, crop: int) -> Tensor:
+        """One random crop of side ``crop`` per image, at offsets on the latent grid."""
+        stride = self.gcfg.resolution // self.gcfg.latent_size
+        positions = (self.gcfg.resolution - crop) // stride + 1
+        oy, ox = self.np_rng.integers(0, positions, size=(2, len(idx))) * stride
+        batch = np.stack(
+            [
+                self.images[i, y : y + crop, x : x + crop]
+                for i, y, x in zip(idx, oy, ox, strict=True)
+            ]
+        )  # (B, crop, crop)
+        return self._as_input(batch)
 
     def _randn(self, *shape: int) -> Tensor:
         return torch.randn(shape, generator=self.torch_rng).to(self.device)
@@ -149,10 +179,10 @@ class FlowTrainer(BudgetedRun):
         for group in self.opt_ae.param_groups:
             group["lr"] = lr
         idx = self.np_rng.integers(0, len(self.images), size=b)  # (B,) uniform over images
-        x = self._images(idx)  # (B, 1, R, R)
-        noise = self._randn(
-            b, self.gcfg.latent_channels, self.gcfg.latent_size, self.gcfg.latent_size
-        )
+        crop = self._ae_crop_now(elapsed)
+        x = self._crops(idx, crop) if crop else self._images(idx)  # (B, 1, H, H)
+        side = x.shape[-1] * self.gcfg.latent_size // self.gcfg.resolution
+        noise = self._randn(b, self.gcfg.latent_channels, side, side)
         # Minimise ||D(E(x) + s n) - x||_1 + 1e-4 ||E(x)||^2.
         with self.autocast():
             z = self.ae.encoder(x)  # (B, C, S, S)

@@ -124,6 +124,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "class_power": 0.5,
                     "ae_fraction": 0.25,
                     "ae_batch_size": 32,
+                    "ae_crop": 0,
                     "lr_ae": 2e-3,
                     "lr_flow": 1e-3,
                     "latent_size": 16,

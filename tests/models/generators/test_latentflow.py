@@ -153,6 +153,36 @@ def test_training_runs_the_autoencoder_then_the_flow(tmp_path: Path) -> None:
     assert set(trainer.losses()) == {"flow"}
 
 
+def test_autoencoder_trains_on_aligned_crops_then_on_whole_images() -> None:
+    """With ae_crop, the first three quarters of the autoencoder's steps see random crops of
+    that side, each a piece of a training image at an offset on the latent grid (stride 8
+    here), and the last quarter whole images."""
+    images, labels = _data()
+    cfg = _cfg(max_steps=16, ae_fraction=0.5, ae_crop=32)
+    trainer = FlowTrainer(images, labels, cfg, torch.device("cpu"), "fp32")
+    seen: list[np.ndarray] = []
+    trainer.ae.encoder.register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].detach().numpy().copy())
+    )
+    trainer.set_train_mode()
+    for _ in range(8):
+        trainer.train_step(0.0)
+    assert [x.shape[-1] for x in seen] == [32] * 6 + [64] * 2
+    assert np.isfinite(trainer.loss)
+    as_uint8 = [np.rint((x[:, 0] + 1.0) * 127.5).astype(np.uint8) for x in seen[:6]]
+    for crop in np.concatenate(as_uint8):
+        hits = [
+            (i, y, x)
+            for i in range(len(images))
+            for y in range(0, 33, 8)
+            for x in range(0, 33, 8)
+            if np.array_equal(images[i, y : y + 32, x : x + 32], crop)
+        ]
+        assert len(hits) == 1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _cfg(ae_crop=12)
+
+
 def test_time_budget_is_split_between_the_phases() -> None:
     images, labels = _data()
     seen: list[tuple[str, float]] = []
