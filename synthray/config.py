@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="Most images per group (members, non-members, control) in the "
         "membership-inference audit of every new generator version.",
     )
+    audit_planted_per_family: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="Altered copies of training films per family that the audit of every "
+        "new generator version plants and checks with the gate (0: none).",
+    )
     export_approvals: int = Field(
         1,
         ge=1,

@@ -99,6 +99,7 @@ def make_settings(folder: Path, database_url: str, **overrides: Any) -> Settings
         "quality_samples_per_class": 10,
         "copydetect_seconds": 2,
         "copydetect_steps": 4,
+        "audit_planted_per_family": 2,
         # Test datasets hold a few dozen images: a record share over a dozen synthetic
         # images is too noisy to bound (the flagged-fraction rule is still tested).
         "max_dcr_train_share": 1.0,

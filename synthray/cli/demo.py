@@ -23,7 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from synthray.app.registry.summary import audit_line, quality_lines
+from synthray.app.registry.summary import audit_line, planted_line, quality_lines
 from synthray.cli.client import ApiError, Client
 
 NIH_CLASSES = ["Normal", "Cardiomegaly", "Effusion", "Edema", "Pneumothorax"]
@@ -251,6 +251,9 @@ def _pipeline(
     membership = audit_line(m.get("privacy_audit"))
     if membership:
         err.print(f"  membership inference: {membership}")
+    planted = planted_line(m.get("privacy_audit"))
+    if planted:
+        err.print(f"  memorization gate: {planted}")
     gallery = work / "gallery.png"
     rev.download(f"/models/demo-generator/versions/{version}/gallery.png", gallery)
     err.print(f"  gallery (synthetic beside real held-out images, per class): {gallery}")

@@ -26,6 +26,7 @@ from synthray.app.db import session_scope
 from synthray.app.registry.tables import ModelVersion
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
+from synthray.models.gate.planted import FAMILIES
 
 
 def _wait_ok(client: TestClient, key: str, job_id: str) -> dict:
@@ -267,6 +268,17 @@ def test_synthesize_check_export_download(
     }
     assert "## Membership inference" in scorecard and "| flow-loss | generator |" in scorecard
     assert "## Re-identification" in scorecard  # measured, or said to be unmeasured
+    # The gate's detection of planted copies of this dataset's own training films: every
+    # family, two copies each (the test settings); an exact copy is always caught.
+    planted = card["planted_copy_detection"]
+    assert list(planted["per_family"]) == list(FAMILIES) and planted["planted"] == 24
+    assert planted["per_family"]["exact"] == {"planted": 2, "caught": 2, "rate": 1.0}
+    assert sum(f["caught"] for f in planted["per_family"].values()) == planted["caught"]
+    lo, hi = planted["interval_95"]
+    assert lo <= planted["rate"] <= hi
+    assert "## Does the gate catch altered copies?" in scorecard
+    assert f"It caught {planted['caught']} of 24" in scorecard and "| combined |" in scorecard
+    assert not any("planted" in x for x in card["not_measured"])
     assert sum(n.endswith(".png") for n in names) == 18
     assert dcm.ConversionType == "SYN" and "SYNTHETIC" in dcm.ImageType
     assert dcm.preamble == b"\x00" * 128

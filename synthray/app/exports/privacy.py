@@ -76,6 +76,7 @@ def scorecard(
     policy = report["policy"]
     calibration = report["calibration"]
     reid = (audit or {}).get("reidentification")
+    planted = (audit or {}).get("planted_copies")
     return {
         "format": FORMAT,
         "threat_model": THREAT_MODEL,
@@ -108,13 +109,17 @@ def scorecard(
             "authenticity": summary.get("authenticity"),
             "passed": summary.get("passed"),
         },
-        "planted_copy_detection": None,
+        "planted_copy_detection": planted,
         "membership_inference": audit,
         "reidentification": reid,
-        "not_measured": [
-            "copy-detection rates on planted copies of this dataset's training films "
-            "(measured in the project's tests on public films, not per dataset)",
-        ]
+        "not_measured": (
+            []
+            if planted
+            else [
+                "the gate's detection rate on planted copies of this dataset's training "
+                "films (measured in the project's tests on public films only)"
+            ]
+        )
         + ([] if audit else ["membership inference against this generator version"])
         + ([] if reid else ["re-identification of training patients from synthetic images"]),
         "does_not_prove": DOES_NOT_PROVE,
@@ -123,6 +128,29 @@ def scorecard(
 
 def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
+def _planted_lines(planted: dict[str, Any] | None) -> list[str]:
+    """The gate's detection of planted copies of this site's training films, per family."""
+    lines = ["", "## Does the gate catch altered copies? (planted copies of training films)", ""]
+    if not planted:
+        return [*lines, "Not measured for this generator version."]
+    lo, hi = planted["interval_95"]
+    verdict = "met" if planted["met"] else "NOT met"
+    lines += [
+        f"Altered copies of {planted['planted']} training films of this dataset, "
+        f"{planted['per_family'][next(iter(planted['per_family']))]['planted']} per family, "
+        "every alteration's parameters drawn at random, were checked by the gate exactly as "
+        f"this bundle was. It caught {planted['caught']} of {planted['planted']} "
+        f"({_pct(planted['rate'])}; 95% interval {_pct(lo)} to {_pct(hi)}); the goal of "
+        f"{_pct(planted['goal'])} is {verdict}.",
+        "",
+        "| alteration | caught |",
+        "|---|---|",
+    ]
+    for family, f in planted["per_family"].items():
+        lines.append(f"| {family} | {f['caught']} of {f['planted']} |")
+    return lines
 
 
 def markdown(card: dict[str, Any]) -> str:
@@ -172,6 +200,10 @@ def markdown(card: dict[str, Any]) -> str:
         f"{gate['removed']} removed, {gate['exported']} exported; distance-to-closest-"
         f"record train share {gate['dcr_train_share']} (0.5 is ideal, the gate fails "
         f"above {gate['max_dcr_train_share']}); authenticity {gate['authenticity']}.",
+        "",
+    ]
+    lines += _planted_lines(card["planted_copy_detection"])
+    lines += [
         "",
         "## Membership inference (can an attacker tell training patients from others?)",
         "",

@@ -42,3 +42,25 @@ def audit_line(a: dict[str, Any] | None) -> str | None:
         f"{a['control_worst_distance_from_half']:.3f} of 0.5; goal <= {a['goal']['auroc']} "
         f"and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
     )
+
+
+def planted_line(a: dict[str, Any] | None) -> str | None:
+    """The gate's detection of planted copies of the training films, in one line, with
+    the families it missed most."""
+    p = (a or {}).get("planted_copies")
+    if not p:
+        return None
+    lo, hi = p["interval_95"]
+    missed = sorted(
+        ((f["planted"] - f["caught"], name) for name, f in p["per_family"].items()),
+        reverse=True,
+    )
+    worst = ", ".join(
+        f"{name} {n} of {p['per_family'][name]['planted']}" for n, name in missed[:3] if n
+    )
+    verdict = "goal met" if p["met"] else "goal NOT met"
+    return (
+        f"caught {p['caught']} of {p['planted']} altered copies of training films "
+        f"({100 * p['rate']:.1f}%, 95% interval {100 * lo:.1f}-{100 * hi:.1f}%; goal "
+        f"{100 * p['goal']:.0f}%: {verdict})" + (f"; missed {worst}" if worst else "")
+    )

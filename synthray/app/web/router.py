@@ -29,13 +29,13 @@ from synthray.app.batches import service as batches
 from synthray.app.batches.schemas import SynthesizeRequest
 from synthray.app.datasets import service as datasets
 from synthray.app.deps import BlobsDep, SessionDep, SettingsDep, refuse_route, writes_on_read
-from synthray.app.errors import Forbidden, Invalid
+from synthray.app.errors import Forbidden, Invalid, NotFound
 from synthray.app.exports import service as exports
 from synthray.app.exports.schemas import ExportCreate, ExportState
 from synthray.app.fields import RowId
 from synthray.app.jobs import service as jobs
 from synthray.app.registry import service as registry
-from synthray.app.registry.summary import audit_line, quality_lines
+from synthray.app.registry.summary import audit_line, planted_line, quality_lines
 from synthray.app.web import evidence
 from synthray.app.web import service as web
 from synthray.app.web.service import Browser
@@ -103,8 +103,10 @@ def page(
 
 
 def error_page(request: Request, status_code: int, detail: str) -> HTMLResponse:
-    """The HTML answer to a refused or failed page request (the API answers JSON)."""
-    return page(request, "error.html", None, status_code, status=status_code, detail=detail)
+    """The HTML answer to a refused or failed page request (the API answers JSON), with the
+    navigation when the request came from a signed-in browser."""
+    who = getattr(request.state, "browser", None)
+    return page(request, "error.html", who, status_code, status=status_code, detail=detail)
 
 
 def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
@@ -115,6 +117,7 @@ def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
         who = await run_in_threadpool(web.browser, session, settings, token)
         if who is None:
             raise SignInFirst(request.url.path)
+        request.state.browser = who  # for an error page answering this request
         if who.principal.role not in allowed:
             reason = f"role {who.principal.role} lacks the right"
             await run_in_threadpool(refuse_route, request, session, who.principal, reason)
@@ -356,6 +359,7 @@ def model_page(name: str, request: Request, session: SessionDep, who: StaffPage)
             "v": v,
             "quality": quality_lines(v.metrics.get("quality") or {}),
             "privacy": audit_line(v.metrics.get("privacy_audit")),
+            "planted": planted_line(v.metrics.get("privacy_audit")),
             "gallery": bool((v.metrics.get("quality") or {}).get("gallery_sha256")),
         }
         for v in sorted(m.versions, key=lambda v: -v.version)
@@ -453,6 +457,15 @@ def install(app: Any) -> None:
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
     app.state.error_page = error_page
+
+    async def no_such_page(_who: Annotated[Browser, Depends(signed_in(*Role))]) -> None:
+        raise NotFound("there is no such page")
+
+    # Last, after the pages and their static files: an unknown page is a 404 page with the
+    # navigation for a signed-in browser, and a sign-in first for anyone else.
+    app.add_api_route(
+        "/ui/{rest:path}", no_such_page, methods=["GET", "HEAD"], include_in_schema=False
+    )
 
     @app.exception_handler(SignInFirst)
     async def _sign_in_first(_req: Request, exc: SignInFirst) -> Response:

@@ -18,6 +18,26 @@ from synthray.app.jobs.context import JobContext
 from synthray.workers.jobs import _gate, _quality
 
 
+def planted_copies(
+    ctx: JobContext, split: SplitArrays, dataset_version_id: int
+) -> dict[str, Any] | None:
+    """The gate's detection rate on altered copies of this dataset version's own training
+    films (``synthray.models.gate.planted``), per family: the copies are checked exactly as
+    a synthetic batch is (same spaces, thresholds and policy). None when switched off."""
+    from synthray.models.gate import planted
+
+    per_family = ctx.settings.audit_planted_per_family
+    if per_family == 0 or len(split.train_images) == 0:
+        return None
+    started = time.monotonic()
+    copies = planted.plant(split.train_images, per_family, seed=0)
+    ctx.progress(0, None, f"planted copies: checking {len(copies.copies)} altered training films")
+    flagged, _ = _gate.flagged(ctx, copies.copies, split, dataset_version_id)
+    out = planted.detection(flagged, copies.families)
+    out["seconds"] = round(time.monotonic() - started, 1)
+    return out
+
+
 def audit(
     ctx: JobContext,
     split: SplitArrays,
@@ -45,6 +65,7 @@ def audit(
     hold_mask, hold_labels = select_classes(split.holdout_labels, list(split.classes), classes)
     hold_images = split.holdout_images[hold_mask]
     keep_hold = np.isin(hold_labels, served)
+    planted = planted_copies(ctx, split, dataset_version_id)
     embedder, embedder_sha = _gate._copydetect(ctx, split, dataset_version_id)
     supervised, _ = _quality._encoder(ctx, split, dataset_version_id, _quality.SUPERVISED)
     ssl, _ = _quality._encoder(ctx, split, dataset_version_id, _quality.SELF_SUPERVISED)
@@ -76,6 +97,7 @@ def audit(
             "passed": False,
             "skipped": "too few held-out films of the classes synthesis serves to form "
             "members, non-members and a control",
+            "planted_copies": planted,
         }
     ctx.progress(0, None, "re-identification check: calibrating on held-out patients")
     with ctx.session() as s:
@@ -88,6 +110,7 @@ def audit(
         hold_images[keep_hold],
         hold_keys[keep_hold],
     )
+    result["planted_copies"] = planted
     result["copydetect_sha256"] = embedder_sha
     result["classes"] = [classes[i] for i in served]
     result["seconds"] = round(time.monotonic() - started, 1)

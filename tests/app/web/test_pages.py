@@ -101,7 +101,8 @@ def test_partner_sees_only_its_approved_exports_and_guessing_looks_missing(
 
     def missing_page(export_id: int) -> tuple[int, str]:
         r = client.get(f"/ui/exports/{export_id}")
-        return r.status_code, r.text.replace(str(export_id), "N")
+        main = r.text[r.text.index("<main>") : r.text.index("</main>")]
+        return r.status_code, main.replace(str(export_id), "N")
 
     absent = missing_page(999_999)
     assert absent[0] == 404
@@ -250,11 +251,24 @@ def test_admin_creates_and_revokes_keys_in_the_page(
 
 def test_error_pages_are_pages(client: TestClient, keys: Keys) -> None:
     sign_in(client, keys.reviewer)
-    for path, status in (("/ui/nowhere", 404), ("/ui/exports/abc", 422), ("/ui/exports/0", 422)):
+    cases = (
+        ("/ui/nowhere", 404),
+        ("/ui/models/x/y/z", 404),
+        ("/ui/exports/abc", 422),
+        ("/ui/exports/0", 422),
+        ("/ui/keys", 403),  # an admin's page
+    )
+    for path, status in cases:
         r = client.get(path)
         assert r.status_code == status, (path, r.text)
         assert r.headers["content-type"].startswith("text/html") and "<h1>" in r.text
         assert "Traceback" not in r.text
+        # The reviewer keeps the navigation (and the sign-out) on an error page.
+        assert 'href="/ui/jobs"' in r.text and 'action="/ui/signout"' in r.text, path
+        assert 'href="/ui/keys"' not in r.text
+    client.cookies.clear()
+    r = client.get("/ui/nowhere", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/ui/signin")
 
 
 def test_operator_synthesizes_and_requests_an_export_from_the_pages(

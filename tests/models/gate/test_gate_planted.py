@@ -13,37 +13,24 @@ member in train and the others checked. Run with ``-s`` to see the rates.
 from __future__ import annotations
 
 import csv
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 from support import SHARED_DATA, load_nih
 
 from synthray.models.gate.copydetect import CopyDetectConfig, train
 from synthray.models.gate.memorization import check_memorization, pixel_features
 from synthray.models.gate.pixelmatch import PixelMatcher
+from synthray.models.gate.planted import FAMILIES, plant
 from synthray.models.gate.search import ExactIndex
 
 # Acceptance tests on whole reference sets: minutes, not seconds (left out of `make test-fast`).
 pytestmark = pytest.mark.slow
 
-EDITS = (
-    "noise",
-    "shift",
-    "brightness/contrast",
-    "crop+rescale",
-    "flip",
-    "affine",
-    "elastic",
-    "resample",
-    "jpeg",
-    "blur",
-)
-KINDS = ("exact", *EDITS, "combined")
+KINDS = FAMILIES
 PER_KIND = 30
 # About what the gate job's default 60 s buys on a 2-core fp32 CPU.
 COPYDETECT_STEPS = 160
@@ -55,75 +42,6 @@ def _patient_split(patients: np.ndarray, share: float, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(len(unique))
     held = set(unique[order[: round(share * len(unique))]].tolist())
     return np.array([p in held for p in patients])
-
-
-def _affine(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rotation up to 6 degrees, scale 0.94-1.06, shear up to 0.06, shift up to 3 px, about
-    the centre (bilinear, edges repeated)."""
-    r = img.shape[0]
-    a = np.deg2rad(rng.uniform(-6, 6))
-    s, k = rng.uniform(0.94, 1.06), rng.uniform(-0.06, 0.06)
-    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1, k], [0, 1]])
-    m = m / s  # output -> input coordinates
-    c = (r - 1) / 2
-    t = np.array([c, c]) - m @ np.array([c, c]) + rng.uniform(-3, 3, 2)
-    ys, xs = np.mgrid[0:r, 0:r].astype(np.float32)
-    src_x = m[0, 0] * xs + m[0, 1] * ys + t[0]
-    src_y = m[1, 0] * xs + m[1, 1] * ys + t[1]
-    return ndimage.map_coordinates(img.astype(np.float32), [src_y, src_x], order=1, mode="nearest")
-
-
-def _elastic(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random displacement of 1-2.5 px peak (a 4 x 4 grid of offsets, upsampled)."""
-    r = img.shape[0]
-    amp = rng.uniform(1.0, 2.5)
-    coarse = rng.normal(0, 1, (2, 4, 4))
-    field = np.stack([ndimage.zoom(c, r / 4, order=3) for c in coarse])[:, :r, :r]
-    field *= amp / max(np.abs(field).max(), 1e-6)
-    ys, xs = np.mgrid[0:r, 0:r].astype(np.float32)
-    return ndimage.map_coordinates(
-        img.astype(np.float32), [ys + field[0], xs + field[1]], order=1, mode="nearest"
-    )
-
-
-def _perturb(kind: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    r = img.shape[0]
-    x = img.astype(np.float32)
-    if kind == "combined":
-        for edit in rng.choice(EDITS, size=int(rng.integers(2, 5)), replace=False):
-            img = _perturb(str(edit), img, rng)
-        return img
-    if kind == "affine":
-        x = _affine(img, rng)
-    elif kind == "elastic":
-        x = _elastic(img, rng)
-    elif kind == "resample":
-        small = max(8, round(r * rng.uniform(0.4, 0.8)))
-        filt = [Image.NEAREST, Image.BILINEAR, Image.BICUBIC, Image.LANCZOS][rng.integers(4)]
-        down = Image.fromarray(img).resize((small, small), filt)
-        x = np.asarray(down.resize((r, r), Image.BICUBIC), dtype=np.float32)
-    elif kind == "jpeg":
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(25, 91)))
-        x = np.asarray(Image.open(buf), dtype=np.float32)
-    elif kind == "blur":
-        x = ndimage.gaussian_filter(x, rng.uniform(0.5, 1.5))
-    elif kind == "noise":
-        x = x + rng.normal(0, rng.uniform(5, 15), x.shape)
-    elif kind == "shift":
-        dy, dx = 0, 0
-        while max(abs(dy), abs(dx)) == 0:
-            dy, dx = (int(v) for v in rng.integers(-4, 5, 2))
-        x = np.pad(x, 4, mode="edge")[4 - dy : 4 - dy + r, 4 - dx : 4 - dx + r]
-    elif kind == "brightness/contrast":
-        x = x * rng.uniform(0.7, 1.3) + rng.uniform(-30, 30)
-    elif kind == "crop+rescale":
-        top, bottom, left, right = (int(v) for v in rng.integers(1, 5, 4))
-        part = Image.fromarray(img[top : r - bottom, left : r - right])
-        x = np.asarray(part.resize((r, r), Image.BILINEAR), dtype=np.float32)
-    elif kind == "flip":
-        x = x[:, ::-1]
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def _blurred_noisy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -160,11 +78,9 @@ def _planted(
     cal_mask = _patient_split(patients[held], 0.5, seed=1)
     cal_x, eval_x = images[held][cal_mask], images[held][~cal_mask]
 
-    rng = np.random.default_rng(2)
-    sources = rng.choice(len(train_x), len(KINDS) * PER_KIND, replace=False)
-    copies = np.stack(
-        [_perturb(KINDS[i // PER_KIND], train_x[s], rng) for i, s in enumerate(sources)]
-    )
+    planted = plant(train_x, PER_KIND, seed=2)
+    copies, sources = planted.copies, planted.sources
+    rng = np.random.default_rng(3)
     blurred = np.stack([_blurred_noisy(img, rng) for img in eval_x[:30]])
     mix = rng.choice(len(train_x), (30, 3))
     mixtures = np.round(train_x[mix].astype(np.float32).mean(axis=1)).astype(np.uint8)
