@@ -308,6 +308,8 @@ def _pipeline(
         t.add_row(name, value)
     if membership:
         t.add_row("membership inference (PRIVACY.md)", membership)
+    if planted:
+        t.add_row("gate on planted copies (PRIVACY.md)", planted)
     t.add_row("flagged by memorization check", f"{chk['flagged']} of {chk['images']}")
     t.add_row("distance-to-closest-record train share", f"{chk['dcr_train_share']:.3f}")
     for who, r in refusals.items():
