@@ -450,22 +450,21 @@ def audit_trail(
     return page(request, "audit.html", who, events=events, where=where)
 
 
+# Last of the pages: an unknown page is a 404 page with the navigation for a signed-in
+# browser, and a sign-in first for anyone else.
+@router.get("/{rest:path}", response_class=HTMLResponse)
+def no_such_page(rest: str, who: Annotated[Browser, Depends(signed_in(*Role))]) -> None:
+    raise NotFound("there is no such page")
+
+
 def install(app: Any) -> None:
     """Mount the pages, their static files, and HTML answers for errors under /ui."""
     from fastapi.staticfiles import StaticFiles
 
-    app.include_router(router)
+    # The static files first: the pages end with a catch-all for unknown pages.
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
+    app.include_router(router)
     app.state.error_page = error_page
-
-    async def no_such_page(_who: Annotated[Browser, Depends(signed_in(*Role))]) -> None:
-        raise NotFound("there is no such page")
-
-    # Last, after the pages and their static files: an unknown page is a 404 page with the
-    # navigation for a signed-in browser, and a sign-in first for anyone else.
-    app.add_api_route(
-        "/ui/{rest:path}", no_such_page, methods=["GET", "HEAD"], include_in_schema=False
-    )
 
     @app.exception_handler(SignInFirst)
     async def _sign_in_first(_req: Request, exc: SignInFirst) -> Response:
