@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         "membership-inference audit of every new generator version.",
     )
     audit_planted_per_family: int = Field(
-        10,
+        20,
         ge=0,
         le=1000,
         description="Altered copies of training films per family that the audit of every "

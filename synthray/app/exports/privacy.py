@@ -137,9 +137,10 @@ def _planted_lines(planted: dict[str, Any] | None) -> list[str]:
         return [*lines, "Not measured for this generator version."]
     lo, hi = planted["interval_95"]
     verdict = "met" if planted["met"] else "NOT met"
+    per_family = planted["planted"] // len(planted["per_family"])
     lines += [
         f"Altered copies of {planted['planted']} training films of this dataset, "
-        f"{planted['per_family'][next(iter(planted['per_family']))]['planted']} per family, "
+        f"{per_family} per family, "
         "every alteration's parameters drawn at random, were checked by the gate exactly as "
         f"this bundle was. It caught {planted['caught']} of {planted['planted']} "
         f"({_pct(planted['rate'])}; 95% interval {_pct(lo)} to {_pct(hi)}); the goal of "

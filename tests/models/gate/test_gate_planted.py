@@ -30,7 +30,6 @@ from synthray.models.gate.search import ExactIndex
 # Acceptance tests on whole reference sets: minutes, not seconds (left out of `make test-fast`).
 pytestmark = pytest.mark.slow
 
-KINDS = FAMILIES
 PER_KIND = 30
 # About what the gate job's default 60 s buys on a 2-core fp32 CPU.
 COPYDETECT_STEPS = 160
@@ -107,7 +106,7 @@ def _planted(
     print(
         f"\n{name}: train {len(train_x)}, calibration {len(cal_x)}, held-out checked {len(eval_x)}"
     )
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(FAMILIES):
         sl = slice(i * PER_KIND, (i + 1) * PER_KIND)
         print(
             f"  {kind:20} detected {caught[sl].mean():6.1%}  right train index "
