@@ -326,6 +326,11 @@ class Settings(BaseSettings):
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Results that can be computed again (the gate's calibrations); safe to delete."""
+        return self.data_dir / "cache"
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -189,6 +189,115 @@ def _authentic(
     return score <= own[np.where(best >= 0, best, 0)]
 
 
+@dataclass
+class Calibration:
+    """What the check learns from the held-out images, whatever the synthetic batch.
+
+    ``holdout_scores`` are each held-out image's nearest-training scores per space, from which
+    the thresholds follow for any quantile; ``train_embeddings`` are the copy-detection
+    embeddings of the training images (None without an embedder). ``params`` records how
+    they were computed (image counts, resolution, spaces, shift range), and
+    :func:`check_memorization` refuses a calibration whose ``params`` differ from its own.
+    It depends only on the training and held-out images, the embedder and the parameters,
+    so it can be computed once per dataset version and reused
+    (:mod:`synthray.models.gate.calibration`).
+    """
+
+    holdout_scores: dict[str, np.ndarray]  # (H,) float32 per space
+    train_embeddings: np.ndarray | None  # (M, d) float32 unit rows
+    params: dict
+
+
+def calibration_params(
+    train: np.ndarray, holdout: np.ndarray, embedder: object, max_shift: int, register: bool
+) -> dict:
+    spaces = ["pixel"] + (["embedding"] if embedder is not None else [])
+    return {
+        "train": int(train.shape[0]),
+        "holdout": int(holdout.shape[0]),
+        "resolution": int(train.shape[1]),
+        "spaces": spaces + (["registered"] if register else []),
+        "max_shift": int(max_shift),
+        "candidates": [REGISTER_FROM_PIXEL, REGISTER_FROM_EMBEDDING, REGISTER_FROM_PROBES],
+    }
+
+
+def _as_embedder(embedder: Embedder | nn.Module | None) -> Embedder | None:
+    if isinstance(embedder, nn.Module):
+        from synthray.models.gate.copydetect import CopyDetectNet, embed
+
+        if not isinstance(embedder, CopyDetectNet):
+            raise TypeError("embedder must be a CopyDetectNet or a function of uint8 images")
+        model = embedder
+        return lambda x: embed(model, x)
+    return embedder
+
+
+def _check_inputs(synthetic: np.ndarray | None, train: np.ndarray, holdout: np.ndarray) -> None:
+    named = [("train", train), ("holdout", holdout)]
+    if synthetic is not None:
+        named.insert(0, ("synthetic", synthetic))
+    for name, arr in named:
+        _check_images(name, arr)
+    shapes = {arr.shape[1:] for _, arr in named}
+    if len(shapes) != 1:
+        names = ", ".join(name for name, _ in named)
+        raise ValueError(f"{names} differ in resolution: {sorted(shapes)}")
+    if train.shape[1] != train.shape[2]:
+        raise ValueError("images must be square")
+
+
+def _holdout_side(
+    matcher: PixelMatcher,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    embedding: tuple[Embedder, ExactIndex] | None,
+    register: bool,
+) -> dict[str, np.ndarray]:
+    """Each held-out image's nearest-training score per space, computed exactly as the
+    synthetic images' scores are (same candidates per image), so the thresholds compare like
+    with like."""
+    m = train.shape[0]
+    c = min(REGISTER_FROM_PIXEL, m) if register else 1
+    ce = min(REGISTER_FROM_EMBEDDING, m) if register else 1
+    hold = matcher.match(holdout, c, with_ssim=False)
+    scores = {"pixel": hold.scores[:, 0]}
+    cand = [hold.neighbours[:, :c]]
+    if embedding is not None:
+        hold_e, hold_ei = _embedding_nn(*embedding, holdout, ce)
+        scores["embedding"] = hold_e[:, 0]
+        cand.append(hold_ei[:, :ce])
+    if register:
+        cand.append(rotation_candidates(holdout, train, min(REGISTER_FROM_PROBES, m)))
+        scores["registered"], _ = registered_scores(
+            holdout, train, _distinct(np.concatenate(cand, axis=1))
+        )
+    return {name: np.asarray(v, dtype=np.float32) for name, v in scores.items()}
+
+
+def calibrate(
+    train: np.ndarray,
+    holdout: np.ndarray,
+    *,
+    embedder: Embedder | nn.Module | None = None,
+    max_shift: int = 4,
+    register: bool = True,
+) -> Calibration:
+    """The held-out side of :func:`check_memorization` on its own (see :class:`Calibration`)."""
+    _check_inputs(None, train, holdout)
+    embedder = _as_embedder(embedder)
+    matcher = PixelMatcher(train, max_shift=max_shift)
+    train_emb, embedding = None, None
+    if embedder is not None:
+        train_emb = embedder(train)
+        embedding = (embedder, ExactIndex(train_emb, "ip"))
+    return Calibration(
+        holdout_scores=_holdout_side(matcher, train, holdout, embedding, register),
+        train_embeddings=train_emb,
+        params=calibration_params(train, holdout, embedder, max_shift, register),
+    )
+
+
 def check_memorization(
     synthetic: np.ndarray,
     train: np.ndarray,
@@ -202,6 +311,7 @@ def check_memorization(
     batch_figures: bool = True,
     seed: int = 0,
     register: bool = True,
+    calibration: Calibration | None = None,
 ) -> MemorizationReport:
     """Flag synthetic images that copy a training image, in every similarity space at once.
 
@@ -229,59 +339,50 @@ def check_memorization(
     training-side distance is indexed by i*, the training image, not by j. Both cost about as
     much as the check itself; ``batch_figures=False`` skips them (NaN, and ``authentic`` all
     True).
+
+    ``calibration``: the held-out side computed beforehand by :func:`calibrate` with the same
+    images, embedder and parameters; without it the check computes it (about as much work
+    again as checking as many synthetic images as there are held-out ones).
     """
-    for name, arr in (("synthetic", synthetic), ("train", train), ("holdout", holdout)):
-        _check_images(name, arr)
-    shapes = {synthetic.shape[1:], train.shape[1:], holdout.shape[1:]}
-    if len(shapes) != 1:
-        raise ValueError(f"synthetic, train and holdout differ in resolution: {sorted(shapes)}")
-    if synthetic.shape[1] != synthetic.shape[2]:
-        raise ValueError("images must be square")
+    _check_inputs(synthetic, train, holdout)
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, train.shape[0])
-    if isinstance(embedder, nn.Module):
-        from synthray.models.gate.copydetect import CopyDetectNet, embed
-
-        if not isinstance(embedder, CopyDetectNet):
-            raise TypeError("embedder must be a CopyDetectNet or a function of uint8 images")
-        model = embedder
-        embedder = lambda x: embed(model, x)  # noqa: E731
+    embedder = _as_embedder(embedder)
+    params = calibration_params(train, holdout, embedder, max_shift, register)
+    if calibration is not None and calibration.params != params:
+        raise ValueError(
+            f"the calibration was computed with {calibration.params}, this check needs {params}"
+        )
 
     m = train.shape[0]
     c = min(REGISTER_FROM_PIXEL, m) if register else 1
     ce = min(REGISTER_FROM_EMBEDDING, m) if register else 1
     matcher = PixelMatcher(train, max_shift=max_shift)
     syn = matcher.match(synthetic, max(k, c), with_ssim=with_ssim)
-    hold = matcher.match(holdout, c, with_ssim=False)
-    holdout_scores = {"pixel": hold.scores[:, 0]}
     scores = {"pixel": syn.scores[:, 0]}
-    # The same number of candidates per image for synthetic and holdout images, so that the
-    # registered space's calibration compares like with like.
-    syn_cand, hold_cand = [syn.neighbours[:, :c]], [hold.neighbours[:, :c]]
-    emb_s = emb_i = None
+    syn_cand = [syn.neighbours[:, :c]]
+    emb_s = emb_i = embedding = None
     if embedder is not None:
-        train_e = ExactIndex(embedder(train), "ip")
+        train_emb = calibration.train_embeddings if calibration is not None else None
+        train_e = ExactIndex(train_emb if train_emb is not None else embedder(train), "ip")
+        embedding = (embedder, train_e)
         emb_s, emb_i = _embedding_nn(embedder, train_e, synthetic, max(k, ce))
-        hold_e, hold_ei = _embedding_nn(embedder, train_e, holdout, ce)
-        holdout_scores["embedding"] = hold_e[:, 0]
         scores["embedding"] = emb_s[:, 0]
         syn_cand.append(emb_i[:, :ce])
-        hold_cand.append(hold_ei[:, :ce])
         emb_s, emb_i = emb_s[:, :k], emb_i[:, :k]
     reg_i = None
     if register:
-        cp = min(REGISTER_FROM_PROBES, m)
-        syn_cand.append(rotation_candidates(synthetic, train, cp))
-        hold_cand.append(rotation_candidates(holdout, train, cp))
+        syn_cand.append(rotation_candidates(synthetic, train, min(REGISTER_FROM_PROBES, m)))
         scores["registered"], reg_i = registered_scores(
             synthetic, train, _distinct(np.concatenate(syn_cand, axis=1))
         )
-        holdout_scores["registered"], _ = registered_scores(
-            holdout, train, _distinct(np.concatenate(hold_cand, axis=1))
-        )
+    if calibration is None:
+        holdout_scores = _holdout_side(matcher, train, holdout, embedding, register)
+    else:
+        holdout_scores = calibration.holdout_scores
     thresholds, space_q = _union_thresholds(holdout_scores, quantile)
     flagged_by = {name: scores[name] > thresholds[name] for name in scores}
     flagged = np.any(np.stack(list(flagged_by.values())), axis=0)

@@ -16,6 +16,9 @@ from synthray.app.datasets.service import SplitArrays
 from synthray.app.jobs.context import JobContext
 from synthray.app.registry import service as registry
 
+# How the jobs run the check (the calibration is computed and keyed with the same).
+MAX_SHIFT, REGISTER = 4, True
+
 
 def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) -> tuple[Any, str]:
     """The dataset version's copy-detection embedding: trained once on its training split
@@ -67,6 +70,7 @@ def _figures(
     from synthray.models.gate.memorization import check_memorization
 
     embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
+    calibration = _calibration(ctx, split, embedder, embedder_sha)
     ctx.progress(0, len(images), "searching nearest training images (exact)")
     figures = check_memorization(
         images,
@@ -77,8 +81,33 @@ def _figures(
         k=3 if evidence else 1,
         with_ssim=evidence,
         batch_figures=evidence,
+        calibration=calibration,
+        max_shift=MAX_SHIFT,
+        register=REGISTER,
     )
     return figures, embedder_sha
+
+
+def _calibration(ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sha: str) -> Any:
+    """The gate's calibration on the split's held-out films: computed by the first check
+    against this training set, embedding and gate code, reused by every later one."""
+    from synthray.models.gate import calibration as stored
+    from synthray.models.gate.memorization import calibrate, calibration_params
+
+    train, holdout = split.train_images, split.holdout_images
+    params = calibration_params(train, holdout, embedder, MAX_SHIFT, REGISTER)
+    key = stored.cache_key(train, holdout, embedder_sha, params)
+
+    def compute() -> Any:
+        ctx.progress(
+            0, None, f"calibrating the gate on {len(holdout)} held-out films (once per dataset)"
+        )
+        return calibrate(train, holdout, embedder=embedder, max_shift=MAX_SHIFT, register=REGISTER)
+
+    calibration, reused = stored.cached(ctx.settings.cache_dir / "gate", key, compute)
+    if reused:
+        ctx.progress(0, None, f"gate calibration on {len(holdout)} held-out films reused")
+    return calibration
 
 
 def flagged(

@@ -1,0 +1,93 @@
+"""The gate's calibration computed once and reused: same figures, keyed by what it depends on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_gate_memorization import _planted_batch
+
+from synthray.models.gate import calibration as stored
+from synthray.models.gate.copydetect import CopyDetectConfig, CopyDetectNet
+from synthray.models.gate.memorization import (
+    calibrate,
+    calibration_params,
+    check_memorization,
+)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _planted_batch(np.random.default_rng(11))
+
+
+@pytest.fixture(scope="module")
+def net() -> CopyDetectNet:
+    torch.manual_seed(0)
+    return CopyDetectNet(CopyDetectConfig(resolution=64)).eval()
+
+
+def test_a_stored_calibration_gives_the_same_check(batch, net, tmp_path) -> None:
+    train, holdout, synthetic = batch
+    whole = check_memorization(synthetic, train, holdout, embedder=net, k=1, batch_figures=False)
+    cal = calibrate(train, holdout, embedder=net)
+    assert cal.params["spaces"] == ["pixel", "embedding", "registered"]
+    stored.save(tmp_path / "c.npz", cal)
+    again = stored.load(tmp_path / "c.npz")
+    split = check_memorization(
+        synthetic, train, holdout, embedder=net, k=1, batch_figures=False, calibration=again
+    )
+    assert split.thresholds == whole.thresholds and split.space_quantile == whole.space_quantile
+    for name in whole.spaces:
+        assert np.array_equal(split.holdout_scores[name], whole.holdout_scores[name])
+        assert np.array_equal(split.scores[name], whole.scores[name])
+    assert np.array_equal(split.flagged, whole.flagged) and split.flagged[:5].all()
+    assert split.holdout_flagged_fraction == whole.holdout_flagged_fraction
+
+
+def test_a_calibration_for_other_settings_is_refused(batch, net) -> None:
+    train, holdout, synthetic = batch
+    cal = calibrate(train, holdout, embedder=net, register=False)
+    with pytest.raises(ValueError, match="calibration"):
+        check_memorization(synthetic, train, holdout, embedder=net, calibration=cal)
+    with pytest.raises(ValueError, match="calibration"):  # another training set
+        check_memorization(
+            synthetic, train[1:], holdout, embedder=net, register=False, calibration=cal
+        )
+    with pytest.raises(ValueError, match="calibration"):  # no embedder now
+        check_memorization(synthetic, train, holdout, register=False, calibration=cal)
+
+
+def test_the_key_changes_with_every_input(batch) -> None:
+    train, holdout, _ = batch
+    params = calibration_params(train, holdout, "net", 4, True)
+    key = stored.cache_key(train, holdout, "a" * 64, params)
+    assert key == stored.cache_key(train.copy(), holdout.copy(), "a" * 64, dict(params))
+    moved = holdout.copy()
+    moved[0, 0, 0] ^= 1  # one grey level of one held-out pixel
+    assert stored.cache_key(train, moved, "a" * 64, params) != key
+    assert stored.cache_key(holdout, train, "a" * 64, params) != key  # roles swapped
+    assert stored.cache_key(train, holdout, "b" * 64, params) != key  # another embedding
+    other = calibration_params(train, holdout, "net", 3, True)
+    assert stored.cache_key(train, holdout, "a" * 64, other) != key
+
+
+def test_cached_computes_once_and_survives_a_damaged_file(batch, tmp_path) -> None:
+    train, holdout, _ = batch
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return calibrate(train, holdout, register=False)
+
+    first, reused = stored.cached(tmp_path, "k1", compute)
+    assert not reused and len(calls) == 1
+    second, reused = stored.cached(tmp_path, "k1", compute)
+    assert reused and len(calls) == 1 and second.train_embeddings is None
+    assert np.array_equal(second.holdout_scores["pixel"], first.holdout_scores["pixel"])
+    assert [p.name for p in tmp_path.iterdir()] == ["k1.npz"]  # no temporary file left
+    (tmp_path / "k1.npz").write_bytes(b"PK\x03\x04 not a whole archive")
+    third, reused = stored.cached(tmp_path, "k1", compute)
+    assert not reused and len(calls) == 2
+    assert np.array_equal(third.holdout_scores["pixel"], first.holdout_scores["pixel"])
+    assert stored.load(tmp_path / "k1.npz").params == first.params
