@@ -200,6 +200,14 @@ def store_verify() -> None:
 def keys_create(
     role: Annotated[str, typer.Option(help="admin, operator, reviewer or partner")],
     name: Annotated[str, typer.Option(help="Who the key is for (a partner's name).")],
+    same_partner: Annotated[
+        bool,
+        typer.Option(
+            "--same-partner",
+            help="Another key for an existing partner of this name (it sees that partner's "
+            "exports); without it a partner name already in use is refused.",
+        ),
+    ] = False,
 ) -> None:
     """Create an API key. The key is printed once; only its HMAC is stored."""
     from pydantic import ValidationError
@@ -207,19 +215,26 @@ def keys_create(
     from synthray.app.auth.schemas import KeyCreate
     from synthray.app.auth.service import create_key
     from synthray.app.db import session_scope
+    from synthray.app.errors import DomainError
     from synthray.migrations import upgrade
 
     s = _settings()
     try:
-        body = KeyCreate(name=name, role=role)  # type: ignore[arg-type]
+        body = KeyCreate(name=name, role=role, same_partner=same_partner)  # type: ignore[arg-type]
     except ValidationError as exc:
         err.print(f"[red]invalid key:[/red] {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
         raise typer.Exit(2) from exc
     if s.sqlalchemy_url.startswith("sqlite"):
         s.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(s.sqlalchemy_url)
-    with session_scope(s.sqlalchemy_url) as session:
-        created = create_key(session, s.secret_key, body.name, body.role)
+    try:
+        with session_scope(s.sqlalchemy_url) as session:
+            created = create_key(
+                session, s.secret_key, body.name, body.role, same_partner=body.same_partner
+            )
+    except DomainError as exc:
+        err.print(f"[red]refused:[/red] {exc.detail}")
+        raise typer.Exit(2) from exc
     err.print(f"created {created.role} key {created.prefix} for {created.name}; store it now:")
     print(created.key)
 

@@ -90,3 +90,34 @@ def test_a_rejection_ends_the_export_with_its_reason(
     assert r.status_code == 409 and reason not in r.text
     trail = client.get("/v1/audit", headers=auth(keys.admin)).json()
     assert any(e["action"] == "reject_export" and e["detail"]["comment"] == reason for e in trail)
+
+
+def test_a_new_partner_never_inherits_an_old_partners_exports_by_name(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
+    export_id = built_export(client, keys.operator, settings, seed=4)
+    url = f"/v1/exports/{export_id}/approve"
+    assert client.post(url, headers=auth(keys.reviewer)).json()["state"] == "approved"
+    admin = auth(keys.admin)
+    old = next(k for k in client.get("/v1/keys", headers=admin).json() if k["name"] == "partner-a")
+    assert client.delete(f"/v1/keys/{old['id']}", headers=admin).status_code == 200
+    # Someone else given the old partner's name: refused, revoked key or not.
+    r = client.post("/v1/keys", json={"name": "partner-a", "role": "partner"}, headers=admin)
+    assert r.status_code == 409 and "of this name already has keys" in r.json()["detail"], r.text
+    for bad in (
+        {"name": "newcomer", "role": "partner", "same_partner": True},  # no such partner
+        {"name": "staff-x", "role": "reviewer", "same_partner": True},  # not a partner key
+    ):
+        r = client.post("/v1/keys", json=bad, headers=admin)
+        assert r.status_code == 422 and r.json()["field"] == "same_partner", r.text
+    # The same partner's next key, said so explicitly, sees its export.
+    body = {"name": "partner-a", "role": "partner", "same_partner": True}
+    r = client.post("/v1/keys", json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    rotated = auth(r.json()["key"])
+    assert [e["id"] for e in client.get("/v1/exports", headers=rotated).json()] == [export_id]
+    assert client.get(f"/v1/exports/{export_id}/download", headers=rotated).status_code == 200
+    created = [
+        e for e in client.get("/v1/audit", headers=admin).json() if e["action"] == "create_key"
+    ]
+    assert created[-1]["detail"] == {"role": "partner", "same_partner": True}

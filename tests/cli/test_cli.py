@@ -43,6 +43,13 @@ def test_keys_create_prints_the_key_once(tmp_path: Path) -> None:
     assert key.encode() not in db  # only the HMAC is stored
     r = _run(["keys", "create", "--role", "king", "--name", "x"], env, tmp_path)
     assert r.returncode == 2 and "role" in r.stderr
+    # A partner's name is its identity: reusing it takes --same-partner.
+    again = ["keys", "create", "--role", "partner", "--name", "site-b"]
+    r = _run(again, env, tmp_path)
+    assert r.returncode == 2 and "already has keys" in r.stderr and not r.stdout
+    assert "Traceback" not in r.stderr
+    r = _run([*again, "--same-partner"], env, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().startswith("sr_") and r.stdout.strip() != key
 
 
 def test_server_refuses_to_start_without_a_secret(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from synthray.app.auth.schemas import Role
@@ -22,6 +22,12 @@ def active_partner_exists(session: Session, name: str) -> bool:
         ApiKey.name == name, ApiKey.role == Role.partner, ApiKey.revoked_at.is_(None)
     )
     return session.scalars(stmt).first() is not None
+
+
+def partner_key_count(session: Session, name: str) -> int:
+    """Partner keys ever created under ``name``, revoked ones included."""
+    stmt = select(func.count()).where(ApiKey.name == name, ApiKey.role == Role.partner)
+    return int(session.scalar(stmt) or 0)
 
 
 def active_admin_ids(session: Session) -> list[int]:

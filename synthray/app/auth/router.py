@@ -20,8 +20,11 @@ def me(who: CurrentPrincipal) -> Principal:
 def create_key(
     body: KeyCreate, session: SessionDep, settings: SettingsDep, who: AdminDep
 ) -> KeyCreated:
-    created = service.create_key(session, settings.secret_key, body.name, body.role)
-    audit.record(session, who, "create_key", "api_key", created.id, "ok", {"role": body.role})
+    created = service.create_key(
+        session, settings.secret_key, body.name, body.role, same_partner=body.same_partner
+    )
+    detail = {"role": body.role, "same_partner": body.same_partner}
+    audit.record(session, who, "create_key", "api_key", created.id, "ok", detail)
     return created
 
 

@@ -18,6 +18,13 @@ class Role(StrEnum):
 class KeyCreate(RequestModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
     role: Role
+    same_partner: bool = Field(
+        False,
+        description="For a partner key whose name a partner key already carries (revoked or "
+        "not): true gives that partner another key, which sees its exports (rotation). "
+        "Without it such a name is refused (409), so a new partner never inherits an old "
+        "one's exports by its name.",
+    )
 
 
 class KeyRead(BaseModel):

@@ -18,14 +18,32 @@ from synthray.app.auth import repository
 from synthray.app.auth.schemas import KeyCreated, KeyRead, Principal, Role
 from synthray.app.auth.tables import ApiKey
 from synthray.app.db import utcnow
-from synthray.app.errors import Conflict, NotFound
+from synthray.app.errors import Conflict, Invalid, NotFound
 
 
 def hash_key(secret_key: str, key: str) -> str:
     return hmac.new(secret_key.encode(), key.encode(), hashlib.sha256).hexdigest()
 
 
-def create_key(session: Session, secret_key: str, name: str, role: Role) -> KeyCreated:
+def create_key(
+    session: Session, secret_key: str, name: str, role: Role, *, same_partner: bool = False
+) -> KeyCreated:
+    """A new key. A partner is known by its name (exports are addressed to it), so a partner
+    key under a name that a partner key already carries, revoked or not, is refused unless
+    ``same_partner`` says it is that partner's next key; ``same_partner`` for a name no
+    partner has is refused too."""
+    if role == Role.partner:
+        existing = repository.partner_key_count(session, name)
+        if existing and not same_partner:
+            raise Conflict(
+                "a partner of this name already has keys, and its exports are addressed to "
+                "that name; to give that partner another key, set same_partner; for another "
+                "partner, choose another name"
+            )
+        if same_partner and not existing:
+            raise Invalid("no partner key has this name", field="same_partner")
+    elif same_partner:
+        raise Invalid("same_partner applies to partner keys only", field="same_partner")
     prefix = secrets.token_hex(4)
     key = f"sr_{prefix}_{secrets.token_urlsafe(32)}"
     row = repository.add(

@@ -85,7 +85,7 @@ def request_export(
     if settings.export_requires_passed_audit:
         audit_gate(registry.get_version_by_id(session, batch.model_version_id).metrics)
     if not keys.active_partner_exists(session, req.partner):
-        raise Invalid(f"no active partner key named {req.partner!r}", field="partner")
+        raise Invalid("no active partner key has this name", field="partner")
     export = repository.add(
         session, Export(batch_id=batch.id, partner=req.partner, requested_by=who.key_id)
     )

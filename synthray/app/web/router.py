@@ -413,10 +413,14 @@ def create_key(
     who: AdminForm,
     name: Annotated[str, Form(max_length=100)] = "",
     role: Annotated[str, Form(max_length=20)] = "",
+    same_partner: Annotated[str, Form(max_length=5)] = "",
 ) -> HTMLResponse:
-    body = _form(KeyCreate, {"name": name, "role": role})
-    created = auth.create_key(session, settings.secret_key, body.name, body.role)
-    audit.record(session, who.principal, "create_key", "api_key", created.id, "ok")
+    body = _form(KeyCreate, {"name": name, "role": role, "same_partner": same_partner == "yes"})
+    created = auth.create_key(
+        session, settings.secret_key, body.name, body.role, same_partner=body.same_partner
+    )
+    detail = {"role": body.role, "same_partner": body.same_partner}
+    audit.record(session, who.principal, "create_key", "api_key", created.id, "ok", detail)
     # Shown once, on this answer only (no-store), never in a URL.
     return page(request, "keys.html", who, keys=auth.list_keys(session), created=created)
 

@@ -247,6 +247,12 @@ def test_admin_creates_and_revokes_keys_in_the_page(
     assert client.get("/v1/me", headers=auth(new_key.group(1))).status_code == 401
     trail = client.get("/ui/audit", params={"action": "revoke_key"}).text
     assert f"api_key {key_id}" in trail
+    # The revoked partner's name takes the box that says it is the same partner.
+    again = {"name": "new-partner", "role": "partner", "csrf": token}
+    r = client.post("/ui/keys", data=again)
+    assert r.status_code == 409 and "already has keys" in r.text
+    r = client.post("/ui/keys", data=again | {"same_partner": "yes"})
+    assert r.status_code == 200 and 'id="new-key"' in r.text
 
 
 def test_error_pages_are_pages(client: TestClient, keys: Keys) -> None:
