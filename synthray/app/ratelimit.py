@@ -23,13 +23,14 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from limits import RateLimitItem, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from synthray.config import Settings
 
@@ -54,12 +55,52 @@ class RateLimiter:
         return None
 
 
-def presented_key(request: Request) -> str | None:
+def presented_key(headers: Headers) -> str | None:
     """The API key the request carries (Bearer or X-API-Key), unchecked."""
-    auth = request.headers.get("authorization", "")
+    auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None
+
+
+class RateLimit:
+    """Pure ASGI middleware (no task or stream per request, as ``@app.middleware`` adds)
+    that counts each request per address and per presented key before anything else runs."""
+
+    def __init__(self, app: ASGIApp, per_address: RateLimiter, per_key: RateLimiter) -> None:
+        self.app = app
+        self.per_address = per_address
+        self.per_key = per_key
+
+    def _check(self, scope: Scope) -> tuple[RateLimitItem, int] | None:
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        broken = self.per_address.check(address) if self.per_address.items else None
+        key = presented_key(Headers(scope=scope))
+        if broken is None and key and self.per_key.items:
+            digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+            broken = self.per_key.check(f"key:{digest}")
+        return broken
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        try:
+            broken = self._check(scope)
+        except Exception as exc:  # the counter store (Redis) is down: serve, and say so
+            log.error("rate limit store unavailable (%s); request not counted", type(exc).__name__)
+            broken = None
+        if broken is None:
+            await self.app(scope, receive, send)
+            return
+        item, retry_after = broken
+        refusal = JSONResponse(
+            status_code=429,
+            content={"detail": f"rate limit exceeded ({item}); retry after {retry_after} s"},
+            headers={"Retry-After": str(retry_after)},
+        )
+        await refusal(scope, receive, send)
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -67,34 +108,5 @@ def install(app: FastAPI, settings: Settings) -> None:
     spec turns that limit off."""
     limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
     per_key = RateLimiter(settings.rate_limit_per_key, settings.rate_limit_storage)
-    if not limiter.items and not per_key.items:
-        return
-
-    def check(request: Request) -> tuple[RateLimitItem, int] | None:
-        client = request.client.host if request.client else "unknown"
-        broken = limiter.check(client) if limiter.items else None
-        key = presented_key(request)
-        if broken is None and key and per_key.items:
-            digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-            broken = per_key.check(f"key:{digest}")
-        return broken
-
-    @app.middleware("http")
-    async def _limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if request.url.path in EXEMPT:
-            return await call_next(request)
-        try:
-            broken = check(request)
-        except Exception as exc:  # the counter store (Redis) is down: serve, and say so
-            log.error("rate limit store unavailable (%s); request not counted", type(exc).__name__)
-            broken = None
-        if broken is None:
-            return await call_next(request)
-        item, retry_after = broken
-        return JSONResponse(
-            status_code=429,
-            content={"detail": f"rate limit exceeded ({item}); retry after {retry_after} s"},
-            headers={"Retry-After": str(retry_after)},
-        )
+    if limiter.items or per_key.items:
+        app.add_middleware(RateLimit, per_address=limiter, per_key=per_key)
