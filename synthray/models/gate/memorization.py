@@ -37,6 +37,14 @@ _FEATURE_CHUNK = 4096
 REGISTER_FROM_PIXEL, REGISTER_FROM_EMBEDDING, REGISTER_FROM_PROBES = 2, 6, 2
 
 
+def pixel_shift_range(resolution: int) -> int:
+    """The pixel space's shift search, 4 px at 64 px and scaled with the resolution (8 px at
+    128, 16 at 256), so that it covers the same share of the film at every size. At 128 px
+    a 4 px search missed 1 of 20 planted copies shifted by up to 8 px; an 8 px one caught
+    all 20, with as many held-out films flagged and no measurable extra cost."""
+    return max(4, round(4 * resolution / 64))
+
+
 def pixel_features(images: np.ndarray) -> np.ndarray:
     """uint8 (N, R, R) -> float32 (N, R*R), each row mean-centred and L2-normalised.
 

@@ -16,8 +16,9 @@ from synthray.app.datasets.service import SplitArrays
 from synthray.app.jobs.context import JobContext
 from synthray.app.registry import service as registry
 
-# How the jobs run the check (the calibration is computed and keyed with the same).
-MAX_SHIFT, REGISTER = 4, True
+# How the jobs run the check (the calibration is computed and keyed with the same): every
+# space, the pixel space's shift search scaled with the resolution.
+REGISTER = True
 
 
 def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) -> tuple[Any, str]:
@@ -67,7 +68,7 @@ def _figures(
     """The three-space check of ``images`` against every training image of ``split``, with
     the site's policy; ``evidence`` adds three neighbours, SSIM and the batch figures.
     Returns the check's figures and the copy-detection embedding's sha256."""
-    from synthray.models.gate.memorization import check_memorization
+    from synthray.models.gate.memorization import check_memorization, pixel_shift_range
 
     embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
     calibration = _calibration(ctx, split, embedder, embedder_sha)
@@ -82,7 +83,7 @@ def _figures(
         with_ssim=evidence,
         batch_figures=evidence,
         calibration=calibration,
-        max_shift=MAX_SHIFT,
+        max_shift=pixel_shift_range(split.resolution),
         register=REGISTER,
     )
     return figures, embedder_sha
@@ -92,17 +93,22 @@ def _calibration(ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sh
     """The gate's calibration on the split's held-out films: computed by the first check
     against this training set, embedding and gate code, reused by every later one."""
     from synthray.models.gate import calibration as stored
-    from synthray.models.gate.memorization import calibrate, calibration_params
+    from synthray.models.gate.memorization import (
+        calibrate,
+        calibration_params,
+        pixel_shift_range,
+    )
 
     train, holdout = split.train_images, split.holdout_images
-    params = calibration_params(train, holdout, embedder, MAX_SHIFT, REGISTER)
+    shift = pixel_shift_range(split.resolution)
+    params = calibration_params(train, holdout, embedder, shift, REGISTER)
     key = stored.cache_key(train, holdout, embedder_sha, params)
 
     def compute() -> Any:
         ctx.progress(
             0, None, f"calibrating the gate on {len(holdout)} held-out films (once per dataset)"
         )
-        return calibrate(train, holdout, embedder=embedder, max_shift=MAX_SHIFT, register=REGISTER)
+        return calibrate(train, holdout, embedder=embedder, max_shift=shift, register=REGISTER)
 
     calibration, reused = stored.cached(ctx.settings.cache_dir / "gate", key, compute)
     if reused:

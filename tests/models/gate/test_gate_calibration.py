@@ -13,6 +13,7 @@ from synthray.models.gate.memorization import (
     calibrate,
     calibration_params,
     check_memorization,
+    pixel_shift_range,
 )
 
 
@@ -91,3 +92,7 @@ def test_cached_computes_once_and_survives_a_damaged_file(batch, tmp_path) -> No
     assert not reused and len(calls) == 2
     assert np.array_equal(third.holdout_scores["pixel"], first.holdout_scores["pixel"])
     assert stored.load(tmp_path / "k1.npz").params == first.params
+
+
+def test_the_shift_search_scales_with_the_resolution() -> None:
+    assert [pixel_shift_range(r) for r in (32, 64, 128, 256)] == [4, 4, 8, 16]
