@@ -30,22 +30,19 @@ def main() -> None:
     ap.add_argument("--per-family", type=int, default=20)
     args = ap.parse_args()
 
-    from synthray.app.datasets import service as datasets
+    from _version import load_version
+
     from synthray.app.db import session_factory
     from synthray.app.registry import service as registry
-    from synthray.app.storage import BlobStore
     from synthray.config import get_settings
     from synthray.models.gate import copydetect, planted
     from synthray.models.gate.memorization import calibrate, check_memorization
 
     settings = get_settings()
-    blobs = BlobStore(settings.blob_dir)
+    v = load_version(args.model, args.version)
+    split, resolution, blobs = v.split, v.resolution, v.blobs
     with session_factory(settings.sqlalchemy_url)() as s:
-        mv = registry.get_version(s, args.model, args.version)
-        row = registry.get_version_by_id(s, mv.id)
-        resolution = int(row.config["generator"]["resolution"])
-        split = datasets.load_split(s, blobs, row.dataset_version_id, resolution)
-        enc = registry.quality_encoder(s, row.dataset_version_id, resolution, "copydetect")
+        enc = registry.quality_encoder(s, v.dataset_version_id, resolution, "copydetect")
         if enc is None:
             raise SystemExit("this dataset version has no copy-detection embedding yet")
         sha = enc.blob_sha256

@@ -36,27 +36,15 @@ def main() -> None:
     ap.add_argument("--synthesis-seed", type=int, default=0)
     args = ap.parse_args()
 
-    from synthray.app.datasets import service as datasets
-    from synthray.app.db import session_factory
-    from synthray.app.registry import service as registry
-    from synthray.app.storage import BlobStore
-    from synthray.config import get_settings
+    from _version import load_version
+
     from synthray.models.evaluation import utility
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import sample_images
 
-    settings = get_settings()
-    blobs = BlobStore(settings.blob_dir)
-    with session_factory(settings.sqlalchemy_url)() as s:
-        mv = registry.get_version(s, args.model, args.version)
-        row = registry.get_version_by_id(s, mv.id)
-        classes, blob = list(row.classes), row.blob_sha256
-        resolution = int(row.config["generator"]["resolution"])
-        split = datasets.load_split(s, blobs, row.dataset_version_id, resolution)
-        real = datasets.training_set(s, split, row.dataset_version_id, classes)
-        mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
-        test_x = split.holdout_images[mask]
-    generator = load_generator(blobs.path(blob), expected_sha256=blob)
+    v = load_version(args.model, args.version)
+    classes, real, test_x, test_y = v.classes, v.real, v.test_x, v.test_y
+    generator = load_generator(v.weights, expected_sha256=v.weights_sha256)
     n_cls = len(classes)
     per_class = int(np.ceil(len(real.labels) / n_cls))
     cfg = utility.ClassifierConfig(steps=args.classifier_steps)

@@ -43,24 +43,14 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=150)
     args = ap.parse_args()
 
-    from synthray.app.datasets import service as datasets
-    from synthray.app.db import session_factory
-    from synthray.app.registry import service as registry
-    from synthray.app.storage import BlobStore
-    from synthray.config import get_settings
+    from _version import load_version
+
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import sample_images
 
-    settings = get_settings()
-    blobs = BlobStore(settings.blob_dir)
-    with session_factory(settings.sqlalchemy_url)() as s:
-        mv = registry.get_version(s, args.model, args.version)
-        row = registry.get_version_by_id(s, mv.id)
-        classes, blob = list(row.classes), row.blob_sha256
-        resolution = int(row.config["generator"]["resolution"])
-        split = datasets.load_split(s, blobs, row.dataset_version_id, resolution)
-        real = datasets.training_set(s, split, row.dataset_version_id, classes)
-    generator = load_generator(blobs.path(blob), expected_sha256=blob)
+    v = load_version(args.model, args.version)
+    classes, real = v.classes, v.real
+    generator = load_generator(v.weights, expected_sha256=v.weights_sha256)
     for c, name in enumerate(classes):
         films = real.images[real.labels == c][: 2 * args.per_class]
         print(json.dumps({"class": name, "source": "real", **sharpness(films)}), flush=True)

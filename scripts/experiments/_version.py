@@ -1,0 +1,57 @@
+"""What the experiment scripts read about one registered generator version, as its jobs
+read it: its classes and resolution, its dataset version's split, the real training films
+the evaluation selects, the held-out films of its classes, and where its weights are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Version:
+    classes: list[str]
+    resolution: int
+    dataset_version_id: int
+    split: Any  # synthray.app.datasets.service.SplitArrays
+    real: Any  # the training set (images, labels) the evaluation selects
+    test_x: np.ndarray  # held-out films of the version's classes
+    test_y: np.ndarray  # their labels, indices into ``classes``
+    weights: Path
+    weights_sha256: str
+    blobs: Any  # synthray.app.storage.BlobStore
+
+
+def load_version(model: str, version: int) -> Version:
+    """The version ``model`` v``version`` of the registry under SYNTHRAY_DATA_DIR."""
+    from synthray.app.datasets import service as datasets
+    from synthray.app.db import session_factory
+    from synthray.app.registry import service as registry
+    from synthray.app.storage import BlobStore
+    from synthray.config import get_settings
+
+    settings = get_settings()
+    blobs = BlobStore(settings.blob_dir)
+    with session_factory(settings.sqlalchemy_url)() as s:
+        mv = registry.get_version(s, model, version)
+        row = registry.get_version_by_id(s, mv.id)
+        classes = list(row.classes)
+        resolution = int(row.config["generator"]["resolution"])
+        split = datasets.load_split(s, blobs, row.dataset_version_id, resolution)
+        real = datasets.training_set(s, split, row.dataset_version_id, classes)
+        mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
+        return Version(
+            classes=classes,
+            resolution=resolution,
+            dataset_version_id=row.dataset_version_id,
+            split=split,
+            real=real,
+            test_x=split.holdout_images[mask],
+            test_y=test_y,
+            weights=blobs.path(row.blob_sha256),
+            weights_sha256=row.blob_sha256,
+            blobs=blobs,
+        )
