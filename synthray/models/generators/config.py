@@ -76,6 +76,9 @@ class TrainConfig:
     ae_crop: int | None = None  # autoencoder trained on crops of this side (0: whole)
     lr_ae: float | None = None
     lr_flow: float | None = None
+    # Share of the flow's phase, at its end, over which its learning rate falls linearly to
+    # 0 (warmup-stable-decay; 0: constant to the end).
+    flow_cooldown: float | None = None
     latent_size: int | None = None  # the latent grid's side
     latent_channels: int | None = None
     ae_width: int | None = None  # autoencoder channels at full resolution
@@ -152,6 +155,8 @@ class TrainConfig:
                     f"ae_crop must be 0 or a multiple of {ratio} (the autoencoder's stride), "
                     f"got {crop!r}"
                 )
+        if "flow_cooldown" in arch.defaults and not 0 <= _number(self.flow_cooldown) <= 1:
+            raise ValueError(f"flow_cooldown must be in [0, 1], got {self.flow_cooldown!r}")
         if "label_dropout" in arch.defaults and not 0 <= _number(self.label_dropout) < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
         if self.resolution not in arch.resolutions:
@@ -200,6 +205,7 @@ FAMILY_FIELDS = (
     "ae_crop",
     "lr_ae",
     "lr_flow",
+    "flow_cooldown",
     "latent_size",
     "latent_channels",
     "ae_width",

@@ -127,6 +127,27 @@ class FlowTrainer(BudgetedRun):
             shares.append(elapsed / seconds)
         return min(1.0, max(shares))
 
+    def _flow_progress(self, elapsed: float) -> float:
+        """Share of the flow phase used, in [0, 1] (the budget left after the autoencoder)."""
+        shares = [0.0]
+        if self.cfg.max_steps is not None:
+            total = self.cfg.max_steps - (self._ae_step_budget() or 0)
+            if total > 0:
+                shares.append(self.flow_steps / total)
+        if self.cfg.max_seconds is not None:
+            total_s = self.cfg.max_seconds - self.ae_seconds
+            if total_s > 0:
+                shares.append((elapsed - self.ae_seconds) / total_s)
+        return min(1.0, max(shares))
+
+    def _flow_lr(self, elapsed: float) -> float:
+        """Warm-up, then constant, then (``flow_cooldown``) linear decay to 0 at the end."""
+        lr = float(self.cfg.lr_flow or 0.0) * min(1.0, (self.flow_steps + 1) / FLOW_WARMUP)
+        cooldown = float(self.cfg.flow_cooldown or 0.0)
+        if cooldown > 0:
+            lr *= min(1.0, (1.0 - self._flow_progress(elapsed)) / cooldown)
+        return lr
+
     # -------------------------------------------------------------------------- steps
     def _images(self, idx: np.ndarray) -> Tensor:
         return self._as_input(self.images[idx])
@@ -211,10 +232,10 @@ class FlowTrainer(BudgetedRun):
         self.ae_seconds = elapsed
         self.opt_ae.state.clear()  # not needed any more; keeps checkpoints small
 
-    def _flow_step(self) -> None:
+    def _flow_step(self, elapsed: float) -> None:
         assert self.latents is not None
         b = int(self.cfg.batch_size or 0)
-        lr = float(self.cfg.lr_flow or 0.0) * min(1.0, (self.flow_steps + 1) / FLOW_WARMUP)
+        lr = self._flow_lr(elapsed)
         for group in self.opt_flow.param_groups:
             group["lr"] = lr
         cls = self.sampler.classes(b, self.np_rng)  # (B,)
@@ -255,7 +276,7 @@ class FlowTrainer(BudgetedRun):
         if self.stage == AUTOENCODER:
             self._autoencoder_step(elapsed)
         else:
-            self._flow_step()
+            self._flow_step(elapsed)
         self.step += 1
 
     def phase(self) -> str:

@@ -130,6 +130,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "ae_crop": 64,
                     "lr_ae": 2e-3,
                     "lr_flow": 1e-3,
+                    "flow_cooldown": 0.0,
                     "latent_size": 16,
                     "latent_channels": 4,
                     "ae_width": 16,

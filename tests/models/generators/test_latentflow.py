@@ -12,7 +12,7 @@ import torch
 from synthray.models.checkpoint import load_state
 from synthray.models.generators.autoencoder import Autoencoder, AutoencoderConfig
 from synthray.models.generators.config import TrainConfig
-from synthray.models.generators.flow_trainer import AUTOENCODER, FLOW, FlowTrainer
+from synthray.models.generators.flow_trainer import AUTOENCODER, FLOW, FLOW_WARMUP, FlowTrainer
 from synthray.models.generators.latentflow import (
     Generator,
     LatentFlowConfig,
@@ -181,6 +181,38 @@ def test_autoencoder_trains_on_aligned_crops_then_on_whole_images() -> None:
         assert len(hits) == 1
     with pytest.raises(ValueError, match="multiple of 8"):
         _cfg(ae_crop=12)
+
+
+def test_flow_learning_rate_cools_down_to_zero_at_the_end() -> None:
+    """flow_cooldown 0.5: constant for the first half of the flow's phase, then linear to 0,
+    by steps and by seconds (the autoencoder's share excluded)."""
+    images, labels = _data()
+    cfg = _cfg(max_steps=12, ae_fraction=0.25, flow_cooldown=0.5, lr_flow=1e-3)
+    trainer = FlowTrainer(images, labels, cfg, torch.device("cpu"), "fp32")
+    trainer.set_train_mode()
+    lrs = []
+    for _ in range(12):
+        trainer.train_step(0.0)
+        if trainer.phase() == FLOW:
+            lrs.append(trainer.opt_flow.param_groups[0]["lr"])
+    assert len(lrs) == 9  # 3 autoencoder steps of 12
+    warm = [min(1.0, (i + 1) / FLOW_WARMUP) * 1e-3 for i in range(9)]
+    cool = [min(1.0, (1 - i / 9) / 0.5) for i in range(9)]
+    assert lrs == pytest.approx([w * c for w, c in zip(warm, cool, strict=True)])
+    timed = FlowTrainer(
+        images,
+        labels,
+        _cfg(max_steps=None, max_seconds=10.0, ae_fraction=0.2, flow_cooldown=0.25),
+        torch.device("cpu"),
+        "fp32",
+    )
+    timed.ae_seconds = 2.0
+    assert timed._flow_progress(6.0) == pytest.approx(0.5)
+    assert timed._flow_lr(9.0) == pytest.approx(0.5 * timed._flow_lr(2.0) * 1.0)
+    assert timed._flow_lr(10.0) == 0.0
+    with pytest.raises(ValueError, match="flow_cooldown"):
+        _cfg(flow_cooldown=1.5)
+    assert _cfg().flow_cooldown == 0.0  # off by default
 
 
 def test_time_budget_is_split_between_the_phases() -> None:
