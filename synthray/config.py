@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SYNTHRAY_", env_file=".env", extra="ignore")
 
     dev_mode: bool = Field(False, description="Allow default secrets (development only).")
-    data_dir: Path = Field(Path("var"), description="Blobs, embedded broker, SQLite file.")
+    data_dir: Path = Field(
+        Path("var"), description="Blobs, embedded broker, SQLite file, the gate's cache."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default is a SQLite file in data_dir."
     )
