@@ -212,7 +212,7 @@ def test_flow_learning_rate_cools_down_to_zero_at_the_end() -> None:
     assert timed._flow_lr(10.0) == 0.0
     with pytest.raises(ValueError, match="flow_cooldown"):
         _cfg(flow_cooldown=1.5)
-    assert _cfg().flow_cooldown == 0.0  # off by default
+    assert _cfg().flow_cooldown == 0.2  # the default: the last fifth of the flow phase
 
 
 def test_time_budget_is_split_between_the_phases() -> None:
