@@ -215,11 +215,11 @@ def test_synthesize_check_export_download(
     assert r.status_code == 409 and "generated" in r.json()["detail"]
     # The train job's audit calibrated the gate on this dataset's held-out films; the
     # batch's check reads that calibration instead of computing it again.
-    calibrations = sorted((settings.cache_dir / "gate").glob("*.npz"))
+    calibrations = sorted((settings.cache_dir / "gate").glob("*.safetensors"))
     assert len(calibrations) == 1
     written = calibrations[0].stat().st_mtime_ns
     assert run_queued(settings) == ["succeeded", "succeeded"]  # synthesize, then check
-    assert sorted((settings.cache_dir / "gate").glob("*.npz")) == calibrations
+    assert sorted((settings.cache_dir / "gate").glob("*.safetensors")) == calibrations
     assert calibrations[0].stat().st_mtime_ns == written
     batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
     assert batch["state"] == "passed", batch

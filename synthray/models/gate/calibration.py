@@ -8,8 +8,8 @@ and the check's parameters, so it is stored in a file named by a SHA-256 key ove
 those: the bytes of both image arrays, the embedding's SHA-256, the parameters, the source of
 the gate's modules and the versions of torch and numpy. Any change to any of them gives
 another key, so a stale calibration is never read; a file that cannot be read is computed
-again and replaced. Files are written under a temporary name and renamed, so a crash leaves
-either the whole file or none.
+again and replaced. The files are safetensors, written under a temporary name and renamed
+(:func:`synthray.models.checkpoint.save_state`), so a crash leaves the whole file or none.
 
 The files hold scores and embeddings derived from the site's images (no images, no patient
 keys); they live under the data directory with everything else and can be deleted at any
@@ -21,16 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+from synthray.models.checkpoint import load_state, save_state
 from synthray.models.gate.memorization import Calibration
 
 log = logging.getLogger(__name__)
@@ -45,9 +43,10 @@ _SOURCES = (
     "imageops.py",
     "copydetect.py",
 )
-_FORMAT = 1
+_FORMAT = 2
+KIND = "gate-calibration"
 # What reading a damaged or foreign file raises.
-UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+UNREADABLE = (OSError, ValueError, KeyError, SafetensorError)
 
 
 def _code_fingerprint() -> str:
@@ -81,34 +80,22 @@ def cache_key(
 
 
 def save(path: Path, calibration: Calibration) -> None:
-    """Write ``calibration`` to ``path`` atomically (temporary file, fsync, rename)."""
-    arrays: dict[str, Any] = {f"holdout/{k}": v for k, v in calibration.holdout_scores.items()}
+    """Write ``calibration`` to ``path`` (safetensors, atomically: see
+    :func:`synthray.models.checkpoint.save_state`)."""
+    tensors = {f"holdout.{k}": torch.from_numpy(v) for k, v in calibration.holdout_scores.items()}
     if calibration.train_embeddings is not None:
-        arrays["train_embeddings"] = calibration.train_embeddings
-    arrays["params"] = np.frombuffer(json.dumps(calibration.params).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tensors["train_embeddings"] = torch.from_numpy(calibration.train_embeddings)
+    save_state(path, tensors, {"kind": KIND, "params": calibration.params})
 
 
 def load(path: Path) -> Calibration:
     """Read a file written by :func:`save` (one of ``UNREADABLE`` if it is not one)."""
-    with np.load(path, allow_pickle=False) as z:
-        params = json.loads(bytes(z["params"]).decode())
-        scores = {
-            k.split("/", 1)[1]: z[k].astype(np.float32) for k in z.files if k.startswith("holdout/")
-        }
-        emb = z["train_embeddings"].astype(np.float32) if "train_embeddings" in z.files else None
-    if list(scores) != params["spaces"]:
-        raise ValueError("calibration file's spaces do not match its parameters")
+    tensors, meta = load_state(path)
+    if meta.get("kind") != KIND:
+        raise ValueError("not a gate calibration file")
+    params = meta["params"]
+    scores = {name: tensors[f"holdout.{name}"].numpy() for name in params["spaces"]}
+    emb = tensors["train_embeddings"].numpy() if "train_embeddings" in tensors else None
     if any(v.shape != (params["holdout"],) for v in scores.values()):
         raise ValueError("calibration file's scores do not match its parameters")
     if emb is not None and emb.shape[0] != params["train"]:
@@ -123,7 +110,7 @@ def cached(
 
     Returns it and whether it was reused.
     """
-    path = directory / f"{key}.npz"
+    path = directory / f"{key}.safetensors"
     if path.exists():
         try:
             return load(path), True

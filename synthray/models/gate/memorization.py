@@ -241,6 +241,14 @@ def _as_embedder(embedder: Embedder | nn.Module | None) -> Embedder | None:
     return embedder
 
 
+def _candidate_counts(m: int, register: bool) -> tuple[int, int]:
+    """Nearest training images per image kept for registration, by pixels and by embedding
+    (one each without registration), for ``m`` training images."""
+    if not register:
+        return 1, 1
+    return min(REGISTER_FROM_PIXEL, m), min(REGISTER_FROM_EMBEDDING, m)
+
+
 def _check_inputs(synthetic: np.ndarray | None, train: np.ndarray, holdout: np.ndarray) -> None:
     named = [("train", train), ("holdout", holdout)]
     if synthetic is not None:
@@ -266,8 +274,7 @@ def _holdout_side(
     synthetic images' scores are (same candidates per image), so the thresholds compare like
     with like."""
     m = train.shape[0]
-    c = min(REGISTER_FROM_PIXEL, m) if register else 1
-    ce = min(REGISTER_FROM_EMBEDDING, m) if register else 1
+    c, ce = _candidate_counts(m, register)
     hold = matcher.match(holdout, c, with_ssim=False)
     scores = {"pixel": hold.scores[:, 0]}
     cand = [hold.neighbours[:, :c]]
@@ -366,8 +373,7 @@ def check_memorization(
         )
 
     m = train.shape[0]
-    c = min(REGISTER_FROM_PIXEL, m) if register else 1
-    ce = min(REGISTER_FROM_EMBEDDING, m) if register else 1
+    c, ce = _candidate_counts(m, register)
     matcher = PixelMatcher(train, max_shift=max_shift)
     syn = matcher.match(synthetic, max(k, c), with_ssim=with_ssim)
     scores = {"pixel": syn.scores[:, 0]}

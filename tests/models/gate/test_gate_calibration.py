@@ -86,12 +86,12 @@ def test_cached_computes_once_and_survives_a_damaged_file(batch, tmp_path) -> No
     second, reused = stored.cached(tmp_path, "k1", compute)
     assert reused and len(calls) == 1 and second.train_embeddings is None
     assert np.array_equal(second.holdout_scores["pixel"], first.holdout_scores["pixel"])
-    assert [p.name for p in tmp_path.iterdir()] == ["k1.npz"]  # no temporary file left
-    (tmp_path / "k1.npz").write_bytes(b"PK\x03\x04 not a whole archive")
+    assert [p.name for p in tmp_path.iterdir()] == ["k1.safetensors"]  # no temporary file left
+    (tmp_path / "k1.safetensors").write_bytes(b"not a safetensors file")
     third, reused = stored.cached(tmp_path, "k1", compute)
     assert not reused and len(calls) == 2
     assert np.array_equal(third.holdout_scores["pixel"], first.holdout_scores["pixel"])
-    assert stored.load(tmp_path / "k1.npz").params == first.params
+    assert stored.load(tmp_path / "k1.safetensors").params == first.params
 
 
 def test_the_shift_search_scales_with_the_resolution() -> None:
