@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "than this less strongly (linearly towards no guidance), so its samples stay away "
         "from those few patients.",
     )
+    gate_calibrations_kept: int = Field(
+        8,
+        ge=1,
+        description="Gate calibrations kept under the cache directory, the most recently "
+        "used first; older ones are deleted (a check computes its own again).",
+    )
     max_file_bytes: int = Field(
         1024**3, ge=1024, description="Largest single file ingest will read."
     )

@@ -18,9 +18,12 @@ time (the next check computes them again).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,16 +107,21 @@ def load(path: Path) -> Calibration:
 
 
 def cached(
-    directory: Path, key: str, compute: Callable[[], Calibration]
+    directory: Path, key: str, compute: Callable[[], Calibration], keep: int | None = None
 ) -> tuple[Calibration, bool]:
     """The calibration stored under ``key`` in ``directory``, else ``compute()`` stored there.
 
-    Returns it and whether it was reused.
+    Returns it and whether it was reused. A file's modification time is its last use; with
+    ``keep``, a newly stored calibration prunes the directory to the ``keep`` most recently
+    used (:func:`prune`).
     """
     path = directory / f"{key}.safetensors"
     if path.exists():
         try:
-            return load(path), True
+            calibration = load(path)
+            with contextlib.suppress(OSError):  # another worker may have pruned it
+                os.utime(path)
+            return calibration, True
         except UNREADABLE as e:
             # The file's name is a hash; the exception's type says enough (no messages logged).
             log.warning(
@@ -123,4 +131,29 @@ def cached(
             )
     calibration = compute()
     save(path, calibration)
+    if keep is not None:
+        prune(directory, keep)
     return calibration, False
+
+
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` most recently used calibration files in ``directory``,
+    and temporary files of interrupted writes older than an hour; returns what was deleted.
+    Safe while other workers read and write there: a reader whose file is gone computes
+    it again."""
+    files = []
+    for p in directory.glob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            files.append((p.stat().st_mtime, p))
+    files.sort(reverse=True)
+    doomed = [p for _, p in files[keep:]]
+    cutoff = time.time() - 3600
+    for p in directory.glob(".*.safetensors.*.tmp"):
+        with contextlib.suppress(OSError):
+            if p.stat().st_mtime < cutoff:
+                doomed.append(p)
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    if doomed:
+        log.info("gate calibrations pruned: %d file(s) deleted", len(doomed))
+    return doomed

@@ -110,7 +110,9 @@ def _calibration(ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sh
         )
         return calibrate(train, holdout, embedder=embedder, max_shift=shift, register=REGISTER)
 
-    calibration, reused = stored.cached(ctx.settings.cache_dir / "gate", key, compute)
+    calibration, reused = stored.cached(
+        ctx.settings.cache_dir / "gate", key, compute, keep=ctx.settings.gate_calibrations_kept
+    )
     if reused:
         ctx.progress(0, None, f"gate calibration on {len(holdout)} held-out films reused")
     return calibration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -30,20 +32,22 @@ def net() -> CopyDetectNet:
 
 def test_a_stored_calibration_gives_the_same_check(batch, net, tmp_path) -> None:
     train, holdout, synthetic = batch
-    whole = check_memorization(synthetic, train, holdout, embedder=net, k=1, batch_figures=False)
+    whole = check_memorization(synthetic, train, holdout, embedder=net, k=1)
     cal = calibrate(train, holdout, embedder=net)
     assert cal.params["spaces"] == ["pixel", "embedding", "registered"]
     stored.save(tmp_path / "c.npz", cal)
     again = stored.load(tmp_path / "c.npz")
-    split = check_memorization(
-        synthetic, train, holdout, embedder=net, k=1, batch_figures=False, calibration=again
-    )
+    split = check_memorization(synthetic, train, holdout, embedder=net, k=1, calibration=again)
     assert split.thresholds == whole.thresholds and split.space_quantile == whole.space_quantile
     for name in whole.spaces:
         assert np.array_equal(split.holdout_scores[name], whole.holdout_scores[name])
         assert np.array_equal(split.scores[name], whole.scores[name])
     assert np.array_equal(split.flagged, whole.flagged) and split.flagged[:5].all()
     assert split.holdout_flagged_fraction == whole.holdout_flagged_fraction
+    # The batch figures are the same too.
+    assert np.array_equal(split.authentic, whole.authentic)
+    assert split.authenticity == whole.authenticity < 1.0
+    assert split.dcr_train_share == whole.dcr_train_share
 
 
 def test_a_calibration_for_other_settings_is_refused(batch, net) -> None:
@@ -96,3 +100,22 @@ def test_cached_computes_once_and_survives_a_damaged_file(batch, tmp_path) -> No
 
 def test_the_shift_search_scales_with_the_resolution() -> None:
     assert [pixel_shift_range(r) for r in (32, 64, 128, 256)] == [4, 4, 8, 16]
+
+
+def test_the_cache_keeps_the_most_recently_used(batch, tmp_path) -> None:
+    train, holdout, _ = batch
+    cal = calibrate(train[:40], holdout[:20], register=False)
+    for i, key in enumerate(("a", "b", "c")):
+        stored.cached(tmp_path, key, lambda: cal)
+        os.utime(tmp_path / f"{key}.safetensors", (1000.0 + i, 1000.0 + i))
+    stale = tmp_path / ".a.safetensors.x1.tmp"  # an interrupted write, hours old
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1000.0, 1000.0))
+    fresh = tmp_path / ".b.safetensors.x2.tmp"  # a write in progress
+    fresh.write_bytes(b"partial")
+    _, reused = stored.cached(tmp_path, "a", lambda: cal)  # a read marks "a" as used
+    assert reused
+    _, reused = stored.cached(tmp_path, "d", lambda: cal, keep=2)
+    assert not reused
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".b.safetensors.x2.tmp", "a.safetensors", "d.safetensors"]
