@@ -90,7 +90,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
         if self.architecture in ARCHITECTURES:
-            for name, value in ARCHITECTURES[self.architecture].defaults.items():
+            arch = ARCHITECTURES[self.architecture]
+            for name, value in arch.defaults_at(self.resolution).items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
         self.validate()

@@ -314,6 +314,17 @@ def test_architecture_defaults_are_resolved_and_recorded() -> None:
     assert isinstance(dc.generator_config(), dcgan.DCGANConfig)
 
 
+def test_latent_flow_defaults_depend_on_the_resolution() -> None:
+    def flow(**kw: object) -> TrainConfig:
+        return TrainConfig(architecture="latentflow", class_names=["a"], max_steps=1, **kw)
+
+    assert [flow(resolution=r).latent_size for r in (64, 128, 256)] == [16, 32, 16]
+    at128 = flow(resolution=128)
+    assert at128.generator_config().autoencoder().levels == 2  # 128 -> 64 -> 32
+    assert TrainConfig.from_dict(at128.to_dict()) == at128
+    assert flow(resolution=128, latent_size=16).latent_size == 16  # an explicit value wins
+
+
 def test_data_validation() -> None:
     images, labels = _data()
     with pytest.raises(ValueError, match="resolution"):
