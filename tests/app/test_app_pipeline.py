@@ -217,10 +217,13 @@ def test_synthesize_check_export_download(
     # batch's check reads that calibration instead of computing it again.
     calibrations = sorted((settings.cache_dir / "gate").glob("*.safetensors"))
     assert len(calibrations) == 1
-    written = calibrations[0].stat().st_mtime_ns
+    written = calibrations[0].stat()
     assert run_queued(settings) == ["succeeded", "succeeded"]  # synthesize, then check
     assert sorted((settings.cache_dir / "gate").glob("*.safetensors")) == calibrations
-    assert calibrations[0].stat().st_mtime_ns == written
+    # Read, not written again (a write renames a new file into place: another inode), and
+    # marked as used (its modification time is its last use, which pruning goes by).
+    read = calibrations[0].stat()
+    assert read.st_ino == written.st_ino and read.st_mtime_ns > written.st_mtime_ns
     batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
     assert batch["state"] == "passed", batch
     assert batch["check"]["images"] == 18
