@@ -25,6 +25,7 @@ from torch import Tensor
 from synthray.fileio import fsync_dir, sha256_file
 
 META_KEY = "synthray"
+_TMP_SUFFIX = ".tmp"
 
 # Tags used by flatten_state_dict in its JSON structure. A plain JSON list stays a list.
 _TENSOR = "__tensor__"
@@ -59,7 +60,7 @@ def save_state(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any
     data = st_save(prepared, metadata=metadata)
     digest = hashlib.sha256(data).hexdigest()
 
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -73,6 +74,12 @@ def save_state(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any
         raise
     fsync_dir(folder)
     return digest
+
+
+def unfinished_writes(folder: Path, name_glob: str = "*") -> list[Path]:
+    """Temporary files that :func:`save_state` leaves in ``folder`` when a process dies
+    mid-write, for target names matching ``name_glob`` (a finished write renames its own)."""
+    return list(Path(folder).glob(f".{name_glob}.*{_TMP_SUFFIX}"))
 
 
 def _read_meta(data: bytes) -> dict[str, Any]:

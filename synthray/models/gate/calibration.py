@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from synthray.models.checkpoint import load_state, save_state
+from synthray.models.checkpoint import load_state, save_state, unfinished_writes
 from synthray.models.gate.memorization import Calibration
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def prune(directory: Path, keep: int) -> list[Path]:
     files.sort(reverse=True)
     doomed = [p for _, p in files[keep:]]
     cutoff = time.time() - 3600
-    for p in directory.glob(".*.safetensors.*.tmp"):
+    for p in unfinished_writes(directory, "*.safetensors"):
         with contextlib.suppress(OSError):
             if p.stat().st_mtime < cutoff:
                 doomed.append(p)

@@ -35,8 +35,8 @@ def test_a_stored_calibration_gives_the_same_check(batch, net, tmp_path) -> None
     whole = check_memorization(synthetic, train, holdout, embedder=net, k=1)
     cal = calibrate(train, holdout, embedder=net)
     assert cal.params["spaces"] == ["pixel", "embedding", "registered"]
-    stored.save(tmp_path / "c.npz", cal)
-    again = stored.load(tmp_path / "c.npz")
+    stored.save(tmp_path / "c.safetensors", cal)
+    again = stored.load(tmp_path / "c.safetensors")
     split = check_memorization(synthetic, train, holdout, embedder=net, k=1, calibration=again)
     assert split.thresholds == whole.thresholds and split.space_quantile == whole.space_quantile
     for name in whole.spaces:
