@@ -1,15 +1,19 @@
-"""How a latent flow's sampler settings move TSTR, on one registered generator version.
+"""How a latent flow's sampler settings move TSTR and FID, on one registered generator
+version.
 
 Outside the product's jobs, on the same data they use: the version's real training images
 (as the evaluation job selects them) and its held-out patients. For each setting (guidance
 weight, Heun steps) it draws a class-balanced synthetic set as large as the real one, trains
 the evaluation's classifier on it alone (TSTR) and scores it on the held-out films; the real
-set (DS1) is trained once with the same classifier seeds. The images are NOT gated here (the
-evaluation job leaves flagged ones out), so the figures are for choosing settings, not for
-the README's utility tables.
+set (DS1) is trained once with the same classifier seeds. FID against the real training
+films is measured in the dataset version's two quality spaces (the encoders its train jobs
+registered), beside the held-out floor, as the train job does. The images are NOT gated here
+(the evaluation job leaves flagged ones out), so the figures are for choosing settings, not
+for the README's utility tables.
 
     SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \
-        scripts/experiments/sampler_sweep.py --model kermany --guidance 1.5,2,3 --steps 8
+        scripts/experiments/sampler_sweep.py --model kermany --guidance 1.5,2,3 --steps 8 \
+        --interval none,0.36:0.92
 
 Prints one line per setting and a JSON list at the end.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 
@@ -31,6 +36,17 @@ def main() -> None:
     ap.add_argument("--version", type=int, default=1)
     ap.add_argument("--guidance", default="2", help="comma list of weights")
     ap.add_argument("--steps", default="8", help="comma list of Heun steps")
+    ap.add_argument(
+        "--interval",
+        default="none",
+        help="comma list of guidance intervals t_low:t_high in flow time, or none",
+    )
+    ap.add_argument(
+        "--setting",
+        action="append",
+        help="guidance/steps/interval, e.g. 2/6/0.36:0.92 or 1/6/none; repeatable; "
+        "replaces the grid of the three options above",
+    )
     ap.add_argument("--seeds", type=int, default=2, help="classifier seeds per setting")
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--synthesis-seed", type=int, default=0)
@@ -38,7 +54,10 @@ def main() -> None:
 
     from _version import load_version
 
-    from synthray.models.evaluation import utility
+    from synthray.app.db import session_factory
+    from synthray.app.registry import service as registry
+    from synthray.config import get_settings
+    from synthray.models.evaluation import quality, utility
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import sample_images
 
@@ -48,6 +67,35 @@ def main() -> None:
     n_cls = len(classes)
     per_class = int(np.ceil(len(real.labels) / n_cls))
     cfg = utility.ClassifierConfig(steps=args.classifier_steps)
+    spaces = {}
+    with session_factory(get_settings().sqlalchemy_url)() as s:
+        for name, kind in (("supervised", "quality"), ("self_supervised", "quality-ssl")):
+            row = registry.quality_encoder(s, v.dataset_version_id, v.resolution, kind)
+            if row is not None:
+                path = v.blobs.path(row.blob_sha256)
+                spaces[name] = quality.load_encoder(path, expected_sha256=row.blob_sha256)
+    dataset_ids = np.array([v.split.classes.index(c) for c in classes])
+    m_train = np.isin(v.split.train_labels, dataset_ids)
+
+    def fids(x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
+        """{space: [generated FID, held-out floor]} against the real training films."""
+        if "supervised" not in spaces:
+            return {}
+        out = quality.evaluate(
+            spaces,
+            spaces["supervised"],
+            v.split.train_images[m_train],
+            v.split.train_labels[m_train],
+            v.test_x,
+            dataset_ids[v.test_y],
+            x,
+            dataset_ids[y],
+            list(v.split.classes),
+        )
+        return {
+            name: [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
+            for name, sp in out["spaces"].items()
+        } | {"class_consistency": [out["class_consistency"]["generated"]]}
 
     def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
         """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
@@ -68,28 +116,35 @@ def main() -> None:
         f"DS1 balanced accuracy {np.mean(ds1):.3f} {ds1}, recall {ds1_recall} "
         f"({time.perf_counter() - t0:.0f} s)"
     )
-    for w in [float(v) for v in args.guidance.split(",")]:
-        for steps in [int(v) for v in args.steps.split(",")]:
-            g = copy.deepcopy(generator)
-            g.cfg.guidance, g.cfg.class_guidance, g.cfg.sample_steps = w, None, steps
-            t0 = time.perf_counter()
-            x, y = sample_images(
-                g, dict.fromkeys(range(n_cls), per_class), seed=args.synthesis_seed
-            )
-            t_sample = time.perf_counter() - t0
-            tstr, recall = score(x, y)
-            row = {
-                "guidance": w,
-                "sample_steps": steps,
-                "tstr": [round(v, 4) for v in tstr],
-                "tstr_mean": round(float(np.mean(tstr)), 4),
-                "ds1_mean": round(float(np.mean(ds1)), 4),
-                "ratio": round(float(np.mean(tstr) / np.mean(ds1)), 3),
-                "recall": recall,
-                "images_per_s": round(len(x) / t_sample, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    grid = itertools.product(
+        args.guidance.split(","), args.steps.split(","), args.interval.split(",")
+    )
+    chosen = [one.split("/") for one in args.setting] if args.setting else grid
+    settings = [(float(w), int(steps), interval) for w, steps, interval in chosen]
+    for w, steps, interval in settings:
+        g = copy.deepcopy(generator)
+        g.cfg.guidance, g.cfg.class_guidance, g.cfg.sample_steps = w, None, steps
+        g.cfg.guidance_interval = (
+            None if interval == "none" else [float(t) for t in interval.split(":")]
+        )
+        t0 = time.perf_counter()
+        x, y = sample_images(g, dict.fromkeys(range(n_cls), per_class), seed=args.synthesis_seed)
+        t_sample = time.perf_counter() - t0
+        tstr, recall = score(x, y)
+        row = {
+            "guidance": w,
+            "sample_steps": steps,
+            "guidance_interval": g.cfg.guidance_interval,
+            "tstr": [round(v, 4) for v in tstr],
+            "tstr_mean": round(float(np.mean(tstr)), 4),
+            "ds1_mean": round(float(np.mean(ds1)), 4),
+            "ratio": round(float(np.mean(tstr) / np.mean(ds1)), 3),
+            "recall": recall,
+            "images_per_s": round(len(x) / t_sample, 1),
+            "fid_and_floor": fids(x, y),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(json.dumps(rows))
 
 

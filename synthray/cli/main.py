@@ -437,6 +437,13 @@ def train(
         float | None,
         typer.Option(help="latentflow: classifier-free guidance of the sampler (default 2)."),
     ] = None,
+    guidance_interval: Annotated[
+        str | None,
+        typer.Option(
+            help="latentflow: 'T_LOW:T_HIGH', guidance only at flow times T_LOW < t <= T_HIGH "
+            "(t = 1 is noise; default 0:0.5 at 128 px, 0:1 otherwise)."
+        ),
+    ] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     classes: Annotated[
         str | None, typer.Option(help="Comma list: train on these classes only.")
@@ -469,7 +476,21 @@ def train(
         body["classes"] = [x.strip() for x in classes.split(",") if x.strip()]
     if imbalance:
         body["imbalance"] = _fractions(imbalance)
+    if guidance_interval:
+        body["guidance_interval"] = _interval(guidance_interval)
     _submit(c, "/train", body, wait, "train")
+
+
+def _interval(text: str) -> list[float]:
+    """'0:0.5' -> [0.0, 0.5]; the API checks the range."""
+    low, sep, high = text.partition(":")
+    try:
+        if sep:
+            return [float(low), float(high)]
+    except ValueError:
+        pass
+    err.print(f"[red]error:[/red] expected T_LOW:T_HIGH such as 0:0.5, got {text!r}")
+    raise typer.Exit(2)
 
 
 def _fractions(text: str) -> dict[str, float]:

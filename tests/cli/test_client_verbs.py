@@ -333,3 +333,15 @@ def test_client_verbs_document_their_connection(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for text in ("--url", "--api-key", "SYNTHRAY_URL", "SYNTHRAY_API_KEY", "127.0.0.1:8000"):
         assert text in r.stdout
+
+
+def test_train_guidance_interval_is_checked_locally_then_by_the_api(
+    api: Api, tmp_path: Path
+) -> None:
+    env = {"SYNTHRAY_URL": api.url, "SYNTHRAY_API_KEY": api.keys.operator}
+    base = ["train", "nih", "--model-name", "gi", "--max-steps", "1", "--no-wait"]
+    r = run_cli([*base, "--guidance-interval", "half"], tmp_path, env)
+    assert r.returncode == 2 and "expected T_LOW:T_HIGH" in r.stderr, r.stderr
+    r = run_cli([*base, "--guidance-interval", "0.8:0.2"], tmp_path, env)
+    assert r.returncode == 1, r.stderr
+    assert "guidance_interval needs t_low < t_high" in r.stderr and "Traceback" not in r.stderr

@@ -44,8 +44,8 @@ class TrainConfig:
     the flow on its latents; ``ae_crop`` (pixels, a multiple of the autoencoder's stride;
     0 or not below the resolution: whole images) trains the fully convolutional autoencoder
     on random crops for the first part of its phase, which costs a fraction of a whole image
-    per step; ``guidance`` and ``sample_steps`` are how the generator samples, stored in its
-    config.
+    per step; ``guidance``, ``guidance_interval`` and ``sample_steps`` are how the generator
+    samples, stored in its config.
     """
 
     architecture: str = "dcgan"
@@ -86,6 +86,8 @@ class TrainConfig:
     label_dropout: float | None = None  # share of flow batches trained without their class
     guidance: float | None = None  # classifier-free guidance weight when sampling
     sample_steps: int | None = None  # Heun steps when sampling
+    # [t_low, t_high]: guidance only at flow times t_low < t <= t_high ([0, 1]: always)
+    guidance_interval: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -94,6 +96,8 @@ class TrainConfig:
             for name, value in arch.defaults_at(self.resolution).items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
+        if self.guidance_interval is not None:  # a copy (defaults are shared), JSON's type
+            self.guidance_interval = [_number(t) for t in self.guidance_interval]
         self.validate()
 
     def validate(self) -> None:
@@ -214,6 +218,7 @@ FAMILY_FIELDS = (
     "label_dropout",
     "guidance",
     "sample_steps",
+    "guidance_interval",
 )
 
 

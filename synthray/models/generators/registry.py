@@ -149,6 +149,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "label_dropout": 0.1,
                     "guidance": 2.0,
                     "sample_steps": 8,
+                    "guidance_interval": None,  # guided at every step
                 }
             ),
             config_fields=(
@@ -158,6 +159,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "flow_width",
                 "guidance",
                 "sample_steps",
+                "guidance_interval",
             ),
             resolutions=latentflow.SUPPORTED_RESOLUTIONS,
             resolution_defaults=MappingProxyType(

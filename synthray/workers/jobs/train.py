@@ -15,7 +15,7 @@ from synthray.app.registry import service as registry
 from synthray.workers.jobs import _privacy, _quality
 
 # Train request fields that set TrainConfig fields of the same name when given.
-TUNABLE = ("batch_size", "lr_g", "lr_d", "guidance", "sample_steps")
+TUNABLE = ("batch_size", "lr_g", "lr_d", "guidance", "sample_steps", "guidance_interval")
 
 
 def _finite(x: float, digits: int) -> float | None:

@@ -19,7 +19,9 @@ from synthray.config import Settings
 def test_registry(client: TestClient, keys: Keys, settings: Settings, trained: World) -> None:
     op, rev, adm = auth(keys.operator), auth(keys.reviewer), auth(keys.admin)
     # The world holds m v1 (3 steps); v2 differs in its seed and budget.
+    # v2 also guides on part of the path only: the sampler setting reaches its config.
     body = {"dataset": "nih", "model_name": "m", "max_steps": 2, "batch_size": 4, "seed": 2}
+    body |= {"guidance_interval": [0.1, 0.6]}
     r = client.post("/v1/train", json=body | {"evaluate": False}, headers=op)
     assert r.status_code == 202, r.text
     assert run_queued(settings) == ["succeeded"]
@@ -51,6 +53,7 @@ def test_registry(client: TestClient, keys: Keys, settings: Settings, trained: W
     b = client.get(f"/v1/batches/{r.json()['batch_id']}", headers=op).json()
     v2 = client.get("/v1/models/m/versions/2", headers=op).json()
     assert b["model_version_id"] == v2["id"]
+    assert v2["config"]["generator"]["guidance_interval"] == [0.1, 0.6]
     r = client.post(
         "/v1/synthesize", json={"model": "m", "alias": "nope", "per_class": 2}, headers=op
     )
@@ -135,6 +138,9 @@ def test_architecture_settings_are_checked_before_anything_is_queued(
         ({"architecture": "projgan", "guidance": 2.0}, "guidance do not apply to projgan"),
         ({"architecture": "dcgan", "resolution": 256}, "dcgan supports resolutions [64, 128]"),
         ({"guidance": 50}, "guidance"),
+        ({"guidance_interval": [0.9, 0.3]}, "guidance_interval needs t_low < t_high"),
+        ({"guidance_interval": [0.3, 1.5]}, "less than or equal to 1"),
+        ({"architecture": "projgan", "guidance_interval": [0, 1]}, "do not apply to projgan"),
     ]:
         r = client.post("/v1/train", json=body | extra, headers=op)
         assert r.status_code == 422 and words in r.text, (extra, r.text)

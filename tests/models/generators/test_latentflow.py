@@ -3,6 +3,7 @@ generator, and the two phases of its training run."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,9 @@ def test_autoencoder_maps_every_resolution_to_the_same_latent_grid(resolution: i
         ({"latent_size": 7}, "even"),
         ({"guidance": -1.0}, "guidance"),
         ({"sample_steps": 0}, "sample_steps"),
+        ({"guidance_interval": [0.9, 0.2]}, "guidance_interval"),
+        ({"guidance_interval": [0.2, 1.5]}, "guidance_interval"),
+        ({"guidance_interval": [0.5]}, "guidance_interval"),
     ],
 )
 def test_config_refuses_what_the_networks_cannot_build(
@@ -287,3 +291,27 @@ def test_guidance_is_tapered_for_classes_with_few_patients() -> None:
         a, b, c = g(z, y), tapered(z, y), unguided(z, y)
     assert torch.allclose(b[0], c[0]) and not torch.allclose(a[0], c[0])
     assert torch.allclose(b[1:], a[1:])
+
+
+def test_guidance_applies_only_inside_its_interval() -> None:
+    # Three Heun steps evaluate the field at t = 1, 2/3, 1/3 (and 2/3, 1/3 again).
+    cfg = LatentFlowConfig(num_classes=3, sample_steps=3, guidance=3.0, **TINY)
+    g = build_seeded(lambda: Generator(cfg), torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        _perturb_zero_layers(g.velocity)
+    z, y = torch.randn(3, cfg.z_dim), torch.tensor([0, 1, 2])
+
+    def sample(**overrides: object) -> torch.Tensor:
+        other = Generator(LatentFlowConfig(**(asdict(cfg) | overrides)))  # type: ignore[arg-type]
+        other.load_state_dict(g.state_dict())
+        with torch.no_grad():
+            return other.eval()(z, y)
+
+    full, unguided = sample(), sample(guidance=1.0)
+    assert torch.equal(sample(guidance_interval=[0.0, 1.0]), full)
+    assert torch.equal(sample(guidance_interval=[0.1, 0.2]), unguided)  # no step inside
+    middle = sample(guidance_interval=[0.5, 0.9])  # only t = 2/3 is guided
+    assert not torch.allclose(middle, full) and not torch.allclose(middle, unguided)
+    assert g.guides_at(0.5) and not Generator(
+        LatentFlowConfig(guidance_interval=[0.5, 0.9], **TINY)
+    ).guides_at(0.5)
