@@ -324,8 +324,9 @@ def test_latent_flow_defaults_depend_on_the_resolution() -> None:
     assert TrainConfig.from_dict(at128.to_dict()) == at128
     assert flow(resolution=128, latent_size=16).latent_size == 16  # an explicit value wins
     intervals = [flow(resolution=r).generator_config().guidance_interval for r in (64, 128, 256)]
-    assert intervals == [None, None, None]  # None: guided at every step
+    assert intervals == [None, [0.0, 0.5], None]  # None: guided at every step
     assert flow(resolution=128, guidance_interval=(0.2, 0.9)).guidance_interval == [0.2, 0.9]
+    assert flow(resolution=128).guidance_interval is not flow(resolution=128).guidance_interval
 
 
 def test_data_validation() -> None:
