@@ -25,6 +25,7 @@ import copy
 import itertools
 import json
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,8 +78,9 @@ def main() -> None:
     dataset_ids = np.array([v.split.classes.index(c) for c in classes])
     m_train = np.isin(v.split.train_labels, dataset_ids)
 
-    def fids(x: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
-        """{space: [generated FID, held-out floor]} against the real training films."""
+    def quality_of(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """{space: [generated FID, held-out floor]} against the real training films, and
+        the class consistency of the generated images."""
         if "supervised" not in spaces:
             return {}
         out = quality.evaluate(
@@ -95,7 +97,7 @@ def main() -> None:
         return {
             name: [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
             for name, sp in out["spaces"].items()
-        } | {"class_consistency": [out["class_consistency"]["generated"]]}
+        } | {"class_consistency": out["class_consistency"]["generated"]}
 
     def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
         """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
@@ -141,7 +143,7 @@ def main() -> None:
             "ratio": round(float(np.mean(tstr) / np.mean(ds1)), 3),
             "recall": recall,
             "images_per_s": round(len(x) / t_sample, 1),
-            "fid_and_floor": fids(x, y),
+            "quality": quality_of(x, y),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
