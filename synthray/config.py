@@ -280,6 +280,25 @@ class Settings(BaseSettings):
         description="Groups mapped to roles, 'group=role' pairs separated by commas "
         "(admin, operator, reviewer; partners use API keys).",
     )
+    oidc_client_id: str | None = Field(
+        None,
+        description="The pages' client id at the provider; set, the sign-in page offers the "
+        "provider's sign-in (authorization code flow with PKCE), and the ID tokens it returns "
+        "must name this id as their audience.",
+    )
+    oidc_client_secret: str | None = Field(
+        None,
+        description="The client secret of a confidential client (sent with HTTP Basic to the "
+        "token endpoint); unset, the pages sign in as a public client with PKCE alone.",
+    )
+    oidc_redirect_url: str | None = Field(
+        None,
+        description="The callback address registered at the provider "
+        "(https://<host>/ui/signin/provider/callback); unset, taken from the request.",
+    )
+    oidc_scopes: str = Field(
+        "openid profile", description="Scopes the pages ask for ('openid' is required)."
+    )
 
     @field_validator("data_dir", "import_root")
     @classmethod
@@ -309,6 +328,10 @@ class Settings(BaseSettings):
                 "SYNTHRAY_OIDC_ISSUER needs SYNTHRAY_OIDC_AUDIENCE, SYNTHRAY_OIDC_JWKS and "
                 "SYNTHRAY_OIDC_ROLES as well"
             )
+        if self.oidc_client_id and not self.oidc_issuer:
+            raise ValueError("SYNTHRAY_OIDC_CLIENT_ID needs SYNTHRAY_OIDC_ISSUER as well")
+        if self.oidc_client_id and "openid" not in self.oidc_scopes.split():
+            raise ValueError("SYNTHRAY_OIDC_SCOPES must include 'openid'")
         if self.oidc_roles:
             from synthray.app.auth.oidc import role_map
 

@@ -120,8 +120,9 @@ def _keys(source: str) -> _FileKeys | _UrlKeys:
     return _FileKeys(Path(source))
 
 
-def verify(settings: Settings, token: str) -> dict[str, Any]:
-    """The token's claims if it is valid for this service; else :class:`TokenRefused`."""
+def verify(settings: Settings, token: str, audience: str | None = None) -> dict[str, Any]:
+    """The token's claims if it is valid for this service (its ``aud`` names ``audience``,
+    by default the configured API audience); else :class:`TokenRefused`."""
     assert settings.oidc_issuer and settings.oidc_jwks
     try:
         header = jwt.get_unverified_header(token)
@@ -135,7 +136,7 @@ def verify(settings: Settings, token: str) -> dict[str, Any]:
             token,
             key=key,
             algorithms=[header["alg"]],
-            audience=settings.oidc_audience,
+            audience=audience or settings.oidc_audience,
             issuer=settings.oidc_issuer,
             leeway=LEEWAY_S,
             options={"require": ["exp", "iat", "iss", "aud", "sub"]},
@@ -175,23 +176,31 @@ def _display_name(claims: dict[str, Any]) -> str:
     return ("oidc:" + _UNSAFE.sub("_", raw))[:100]
 
 
+def _upsert(s: Session, digest: str, role: Role, name: str) -> ApiKey:
+    stored = repository.by_hash(s, digest)
+    if stored is None:
+        stored = repository.add(s, ApiKey(name=name, role=role, prefix="oidc", key_hash=digest))
+        log.info("first sign-in of an identity-provider user (identity %d)", stored.id)
+    stored.role = role
+    s.flush()
+    return stored
+
+
 def _record_identity(
-    settings: Settings, digest: str, role: Role, name: str
+    settings: Settings, session: Session | None, digest: str, role: Role, name: str
 ) -> tuple[int, str, datetime | None]:
-    """Create or update the identity row in a short transaction of its own (the request's
-    may be read-only); a concurrent first sign-in of the same person is read back."""
+    """Create or update the identity row: in ``session`` (under a savepoint) when the
+    request's transaction may write, else in a short transaction of its own (a bearer
+    token's GET reads only). A concurrent first sign-in of the same person is read back."""
     for attempt in (1, 2):
         try:
-            with session_scope(settings.sqlalchemy_url) as s:
-                stored = repository.by_hash(s, digest)
-                if stored is None:
-                    stored = repository.add(
-                        s, ApiKey(name=name, role=role, prefix="oidc", key_hash=digest)
-                    )
-                    log.info("first sign-in of an identity-provider user (identity %d)", stored.id)
-                stored.role = role
-                s.flush()
-                return stored.id, stored.name, stored.revoked_at
+            if session is not None:
+                with session.begin_nested():
+                    stored = _upsert(session, digest, role, name)
+            else:
+                with session_scope(settings.sqlalchemy_url) as s:
+                    stored = _upsert(s, digest, role, name)
+            return stored.id, stored.name, stored.revoked_at
         except IntegrityError:
             if attempt == 2:
                 raise
@@ -201,12 +210,22 @@ def _record_identity(
 def authenticate(session: Session, settings: Settings, token: str) -> Principal:
     """The principal for a valid token: its identity row (created on first sign-in, role
     refreshed from the token), unless an admin revoked it. Raises :class:`TokenRefused`."""
-    claims = verify(settings, token)
+    return principal_from_claims(session, settings, verify(settings, token))
+
+
+def principal_from_claims(
+    session: Session, settings: Settings, claims: dict[str, Any], *, writable: bool = False
+) -> Principal:
+    """The principal for verified claims (an access token's, or a browser sign-in's ID
+    token): the role from the groups, the identity row shared by both ways in. With
+    ``writable``, the row is written in ``session`` (whose transaction may write)."""
     role = role_of(settings, claims)
     digest = _identity_hash(settings.secret_key, settings.oidc_issuer or "", str(claims["sub"]))
     row = repository.by_hash(session, digest)
     if row is None or row.role != role:
-        key_id, name, revoked = _record_identity(settings, digest, role, _display_name(claims))
+        key_id, name, revoked = _record_identity(
+            settings, session if writable else None, digest, role, _display_name(claims)
+        )
     else:
         key_id, name, revoked = row.id, row.name, row.revoked_at
     if revoked is not None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from synthray.app.audit import service as audit
 from synthray.app.audit.schemas import AuditFilter
 from synthray.app.auth import service as auth
+from synthray.app.auth.oidc import TokenRefused
 from synthray.app.auth.schemas import KeyCreate, Role
 from synthray.app.batches import service as batches
 from synthray.app.batches.schemas import SynthesizeRequest
@@ -36,7 +37,7 @@ from synthray.app.fields import RowId
 from synthray.app.jobs import service as jobs
 from synthray.app.registry import service as registry
 from synthray.app.registry.summary import audit_line, planted_line, quality_lines
-from synthray.app.web import evidence
+from synthray.app.web import evidence, provider
 from synthray.app.web import service as web
 from synthray.app.web.service import Browser
 from synthray.config import Settings
@@ -211,6 +212,7 @@ def _signin_page(
         signin_token=token,
         error=error,
         next_page=_safe_next(next_page) or "",
+        provider=provider.enabled(settings),
     )
     response.set_cookie(
         web.SIGNIN_COOKIE,
@@ -241,6 +243,14 @@ def signin(
         return _signin_page(request, settings, 401, "That key is not valid.", next)
     token, who = signed
     response = _see_other(_safe_next(next) or LANDING[who.principal.role])
+    _set_session_cookie(response, request, settings, token)
+    response.delete_cookie(web.SIGNIN_COOKIE, path="/ui/signin")
+    return response
+
+
+def _set_session_cookie(
+    response: Response, request: Request, settings: Settings, token: str
+) -> None:
     response.set_cookie(
         web.COOKIE,
         token,
@@ -250,7 +260,88 @@ def signin(
         samesite="strict",
         secure=_cookie_secure(request, settings),
     )
-    response.delete_cookie(web.SIGNIN_COOKIE, path="/ui/signin")
+
+
+def _callback_url(request: Request, settings: Settings) -> str:
+    return settings.oidc_redirect_url or str(request.url_for("provider_callback"))
+
+
+@router.get("/signin/provider")
+def provider_signin(request: Request, settings: SettingsDep, next: str = "") -> Response:
+    """Off to the identity provider's sign-in, with this browser's flow cookie."""
+    if not provider.enabled(settings):
+        raise NotFound("sign-in through an identity provider is not configured here")
+    seed = provider.new_seed()
+    try:
+        target = provider.authorization_url(settings, seed, _callback_url(request, settings))
+    except provider.ProviderUnavailable:
+        error = "The identity provider cannot be reached just now; try again shortly."
+        return _signin_page(request, settings, 503, error, next)
+    response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
+    # Lax, not Strict: the browser must send it on the provider's redirect back (a
+    # top-level GET from another site). The next page rides along in the same cookie.
+    response.set_cookie(
+        provider.COOKIE,
+        seed + "|" + quote(_safe_next(next) or "", safe="/"),
+        max_age=provider.FLOW_SECONDS,
+        path="/ui/signin/provider",
+        httponly=True,
+        samesite="lax",
+        secure=_cookie_secure(request, settings),
+    )
+    return response
+
+
+@router.get("/signin/provider/callback", name="provider_callback")
+@writes_on_read
+def provider_callback(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    code: Annotated[str, Query(max_length=2048)] = "",
+    state: Annotated[str, Query(max_length=200)] = "",
+    error: Annotated[str, Query(max_length=200)] = "",
+) -> Response:
+    """The provider's answer: a browser session for the person it names, or the sign-in
+    page with the reason (the provider's own error text is not shown: it is not ours)."""
+    if not provider.enabled(settings):
+        raise NotFound("sign-in through an identity provider is not configured here")
+    seed, _, next_page = request.cookies.get(provider.COOKIE, "").partition("|")
+    next_page = unquote(next_page)
+    reason: str | None = None
+    status_code = 401
+    if error or not code or not state:
+        reason = "the identity provider did not sign this person in"
+    else:
+        try:
+            principal = provider.complete(
+                session, settings, seed, state, code, _callback_url(request, settings)
+            )
+        except TokenRefused as refused:
+            reason = refused.reason
+            status_code = 403 if refused.forbidden else 401
+        except provider.ProviderUnavailable:
+            reason = "the identity provider could not be reached"
+            status_code = 503
+    if reason is not None:
+        audit.record_refusal(session, None, "sign_in", "web_session", None, reason[:200])
+        response = _signin_page(
+            request,
+            settings,
+            status_code,
+            f"Sign-in through the identity provider failed: {reason}.",
+            next_page,
+        )
+        response.delete_cookie(provider.COOKIE, path="/ui/signin/provider")
+        return response
+    token, who = web.open_session(session, settings, principal)
+    # A page that moves on by itself rather than a redirect: the navigation that brought
+    # the browser here began at the provider (another site), and a browser does not send
+    # the SameSite=Strict session cookie on a redirect of that navigation.
+    landing = _safe_next(next_page) or LANDING[who.principal.role]
+    response = page(request, "signed_in.html", who, 200, landing=landing)
+    _set_session_cookie(response, request, settings, token)
+    response.delete_cookie(provider.COOKIE, path="/ui/signin/provider")
     return response
 
 

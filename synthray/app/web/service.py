@@ -1,4 +1,5 @@
-"""Browser sessions: an API key exchanged once for a random cookie token.
+"""Browser sessions: an API key (or a sign-in at the identity provider, ``web.provider``)
+exchanged once for a random cookie token.
 
 The cookie holds 256 random bits; the database holds only their HMAC under the site
 secret (as for API keys), the key it stands for, a CSRF token and an expiry. Every request
@@ -48,6 +49,12 @@ def sign_in(session: Session, settings: Settings, key: str) -> tuple[str, Browse
     if principal is None:
         audit.record_refusal(session, None, "sign_in", "web_session", None, "no valid API key")
         return None
+    return open_session(session, settings, principal)
+
+
+def open_session(session: Session, settings: Settings, principal: Principal) -> tuple[str, Browser]:
+    """A new browser session for a principal already authenticated (by an API key or the
+    identity provider): the cookie token and the browser."""
     token = secrets.token_urlsafe(32)
     row = repository.add(
         session,
