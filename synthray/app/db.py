@@ -90,14 +90,39 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
 
 _ENGINES: list[Engine] = []
+PG_POOL_SIZE = 5
+PG_POOL_OVERFLOW = 15
+# Connections a process may open beyond its requests' sessions: a bearer token's first
+# sign-in (recorded in a short transaction of its own), the metrics and readiness probes.
+POOL_HEADROOM = 4
+
+
+def database_slots(url: str) -> int | None:
+    """How many API requests may hold a session at once (``deps.get_session``): the
+    PostgreSQL pool less some headroom; no limit on SQLite, whose pool never makes anyone
+    wait (its writers queue on the database's own lock)."""
+    if url.startswith("sqlite"):
+        return None
+    return PG_POOL_SIZE + PG_POOL_OVERFLOW - POOL_HEADROOM
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # Never wait for a pooled connection: the API reads SQLite on its event loop
+        # (``deps.blocking``), where a wait would stall every request, including the ones
+        # holding the connections it waits for. Opening another SQLite connection costs
+        # a file open; 16 are kept.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=16,
+            max_overflow=-1,
+        )
         _sqlite_pragmas(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        engine = create_engine(
+            url, pool_pre_ping=True, pool_size=PG_POOL_SIZE, max_overflow=PG_POOL_OVERFLOW
+        )
     _ENGINES.append(engine)
     return engine
 
@@ -119,8 +144,15 @@ def engine_for(url: str) -> Engine:
     return make_engine(url)
 
 
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_for(url), expire_on_commit=False)
+@lru_cache(maxsize=16)
+def session_factory(url: str, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``url``'s engine; ``read_only`` ones begin their transactions with the
+    ``READ_ONLY`` option (deferred on SQLite). Making a session does no I/O: it connects
+    at its first statement."""
+    engine = engine_for(url)
+    if read_only:
+        engine = engine.execution_options(**{READ_ONLY: True})
+    return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 T = TypeVar("T", bound=Base)
@@ -169,15 +201,32 @@ def session_scope(url: str, *, read_only: bool = False) -> Iterator[Session]:
     ``read_only`` promises that the unit writes nothing, so that on SQLite it does not take
     the write lock (a write in it would have to upgrade the lock and may fail under load).
     """
-    session = session_factory(url)()
-    if read_only:
-        session.connection(execution_options={READ_ONLY: True})
+    session = session_factory(url, read_only)()
     try:
         yield session
         commit(session)
     except BaseException:
-        session.rollback()
-        session.info.pop("after_commit", None)
+        abandon(session)
         raise
     finally:
+        session.close()
+
+
+def finish(session: Session) -> None:
+    """Commit (with the after-commit callbacks) and close: a request's unit of work done."""
+    try:
+        commit(session)
+    except BaseException:
+        abandon(session)
+        raise
+    finally:
+        session.close()
+
+
+def abandon(session: Session) -> None:
+    """Roll back, forget the after-commit callbacks, close."""
+    try:
+        session.rollback()
+    finally:
+        session.info.pop("after_commit", None)
         session.close()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+import asyncio
+import contextlib
+import functools
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -14,13 +20,14 @@ from synthray.app.audit import service as audit
 from synthray.app.auth import oidc
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
-from synthray.app.db import session_scope
+from synthray.app.db import abandon, database_slots, finish, session_factory
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.app.web import service as web
 from synthray.config import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 # Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` dependency in
@@ -39,15 +46,79 @@ def writes_on_read(endpoint: F) -> F:
     return endpoint
 
 
-def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+# A request's session carries this flag when its database calls may run on the event loop.
+INLINE = "synthray_inline"
+
+
+async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
     """One transaction per request, committed before the response is sent. A GET or HEAD
-    reads only, unless its endpoint is marked with :func:`writes_on_read`."""
+    reads only, unless its endpoint is marked with :func:`writes_on_read`.
+
+    Making the session does no I/O (it connects at its first statement), so it is made on
+    the event loop. Its database calls go through :func:`blocking`: a read-only request on
+    SQLite makes them on the event loop, every other in the thread pool."""
     route = request.scope.get("route")
     read_only = request.method in ("GET", "HEAD") and not getattr(
         getattr(route, "endpoint", None), "__synthray_writes__", False
     )
-    with session_scope(settings.sqlalchemy_url, read_only=read_only) as session:
-        yield session
+    session = session_factory(settings.sqlalchemy_url, read_only)()
+    session.info[INLINE] = read_only and settings.sqlalchemy_url.startswith("sqlite")
+    async with _database_slots(settings.sqlalchemy_url):
+        try:
+            yield session
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # a client that went away still frees it
+                await blocking(session, abandon, session)
+            raise
+        with anyio.CancelScope(shield=True):
+            await blocking(session, finish, session)
+
+
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, anyio.CapacityLimiter]]
+_slots = weakref.WeakKeyDictionary()
+
+
+def _database_slots(url: str) -> AbstractAsyncContextManager[object]:
+    """How many requests may hold a database session at once, fewer than the pool's
+    connections. A request keeps its connection from its first statement to its commit,
+    across thread-pool hops; with more requests in the database than connections, every
+    pool thread could end up waiting for a connection held by a request whose next hop
+    needs a thread: nothing moves until the pool's timeout (a 503 after 30 s). Requests
+    beyond the limit wait here instead, on the event loop, holding nothing."""
+    slots = database_slots(url)
+    if slots is None:  # acquiring would cost a trip round the event loop for nothing
+        return contextlib.nullcontext()
+    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
+    if url not in per_loop:
+        per_loop[url] = anyio.CapacityLimiter(slots)
+    return per_loop[url]
+
+
+async def blocking(session: Session, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, which uses ``session``: on the event loop when the session
+    is a read-only one on SQLite, else in the thread pool.
+
+    SQLite runs in this process: a read under WAL waits for no lock and takes tens of
+    microseconds of CPU, like parsing a JSON body. Handing it to a thread costs more than
+    that (a hop each way, and the GIL handed back and forth) and buys no parallelism,
+    since the work holds the GIL. A write may wait for SQLite's write lock and a
+    PostgreSQL call waits on the network: those go to the thread pool."""
+    if session.info.get(INLINE):
+        return fn(*args, **kwargs)
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def reads_only(endpoint: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """Run a plain ``def`` endpoint through :func:`blocking` with its ``session`` argument:
+    for endpoints that only read the database (no files, no network), so that a read on
+    SQLite takes no thread-pool hop. FastAPI reads the parameters from the wrapped
+    function's signature."""
+
+    @functools.wraps(endpoint)
+    async def run(*args: Any, **kwargs: Any) -> T:
+        return await blocking(kwargs["session"], endpoint, *args, **kwargs)
+
+    return run
 
 
 # scope="function": the commit above runs when the endpoint returns, before the
@@ -65,7 +136,7 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
 
-def caller(
+async def caller(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -79,13 +150,24 @@ def caller(
     pages' images, the partner's download, live job progress): a request that changes
     something comes with a key, or through a page form that carries the CSRF token."""
     key = bearer.credentials if bearer else header
+    if key and bearer and settings.oidc_issuer and oidc.looks_like_jwt(key):
+        # Verifying may fetch the provider's keys over the network: never on the loop.
+        return await run_in_threadpool(identify, request, session, settings, key, True)
+    return await blocking(session, identify, request, session, settings, key, False)
+
+
+def identify(
+    request: Request, session: Session, settings: Settings, key: str | None, token: bool
+) -> Principal | Unauthorized | Forbidden:
+    """:func:`caller`'s work, given the API key or (``token``) the identity-provider token
+    the request presented."""
     if not key:
         if request.method in ("GET", "HEAD") and web.COOKIE in request.cookies:
             signed_in = web.browser(session, settings, request.cookies[web.COOKIE])
             if signed_in is not None:
                 return signed_in.principal
         return Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")
-    if settings.oidc_issuer and bearer and oidc.looks_like_jwt(key):
+    if token:
         try:
             return oidc.authenticate(session, settings, key)
         except oidc.TokenRefused as refused:

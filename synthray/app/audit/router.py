@@ -6,12 +6,13 @@ from fastapi import APIRouter, Query
 
 from synthray.app.audit import service
 from synthray.app.audit.schemas import AuditFilter, AuditRead
-from synthray.app.deps import ReviewerDep, SessionDep
+from synthray.app.deps import ReviewerDep, SessionDep, reads_only
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
 
 @router.get("", response_model=list[AuditRead])
+@reads_only
 def list_audit(
     session: SessionDep,
     _: ReviewerDep,

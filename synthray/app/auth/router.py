@@ -5,14 +5,14 @@ from fastapi import APIRouter, status
 from synthray.app.audit import service as audit
 from synthray.app.auth import service
 from synthray.app.auth.schemas import KeyCreate, KeyCreated, KeyRead, Principal
-from synthray.app.deps import AdminDep, CurrentPrincipal, SessionDep, SettingsDep
+from synthray.app.deps import AdminDep, CurrentPrincipal, SessionDep, SettingsDep, reads_only
 from synthray.app.fields import RowId
 
 router = APIRouter(tags=["auth"])
 
 
 @router.get("/me", response_model=Principal)
-def me(who: CurrentPrincipal) -> Principal:
+async def me(who: CurrentPrincipal) -> Principal:
     return who
 
 
@@ -29,6 +29,7 @@ def create_key(
 
 
 @router.get("/keys", response_model=list[KeyRead])
+@reads_only
 def list_keys(session: SessionDep, _: AdminDep) -> list[KeyRead]:
     return service.list_keys(session)
 

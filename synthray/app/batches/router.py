@@ -15,6 +15,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    reads_only,
     writes_on_read,
 )
 from synthray.app.fields import RowId
@@ -31,6 +32,7 @@ def synthesize(
 
 
 @router.get("/batches", response_model=list[BatchRead])
+@reads_only
 def list_batches(
     session: SessionDep, _: StaffDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[BatchRead]:
@@ -38,6 +40,7 @@ def list_batches(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchRead)
+@reads_only
 def get_batch(batch_id: RowId, session: SessionDep, _: StaffDep) -> BatchRead:
     return BatchRead.model_validate(service.get(session, batch_id))
 

@@ -4,7 +4,14 @@ from fastapi import APIRouter, Request, status
 
 from synthray.app.datasets import service, uploads
 from synthray.app.datasets.schemas import DatasetCreate, DatasetRead, IngestAccepted
-from synthray.app.deps import OperatorDep, SessionDep, SettingsDep, StaffDep, multipart_body
+from synthray.app.deps import (
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+    multipart_body,
+    reads_only,
+)
 from synthray.app.fields import NameParam
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -19,11 +26,13 @@ def create_dataset_version(
 
 
 @router.get("", response_model=list[DatasetRead])
+@reads_only
 def list_datasets(session: SessionDep, _: StaffDep) -> list[DatasetRead]:
     return service.list_datasets(session)
 
 
 @router.get("/{name}", response_model=DatasetRead)
+@reads_only
 def get_dataset(name: NameParam, session: SessionDep, _: StaffDep) -> DatasetRead:
     return service.get_dataset(session, name)
 

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep
+from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep, reads_only
 from synthray.app.evaluations import service
 from synthray.app.evaluations.schemas import (
     EvaluationAccepted,
@@ -29,6 +29,7 @@ def create_evaluation(
 
 
 @router.get("", response_model=list[EvaluationRead])
+@reads_only
 def list_evaluations(
     session: SessionDep,
     _: StaffDep,
@@ -41,6 +42,7 @@ def list_evaluations(
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationRead)
+@reads_only
 def get_evaluation(evaluation_id: RowId, session: SessionDep, _: StaffDep) -> EvaluationRead:
     return EvaluationRead.model_validate(service.get(session, evaluation_id))
 

@@ -14,6 +14,7 @@ from synthray.app.deps import (
     ReviewerDep,
     SessionDep,
     SettingsDep,
+    reads_only,
     writes_on_read,
 )
 from synthray.app.errors import Forbidden, Unauthorized
@@ -39,6 +40,7 @@ def request_export(
 
 
 @router.get("", response_model=list[ExportRead])
+@reads_only
 def list_exports(
     session: SessionDep,
     who: CurrentPrincipal,
@@ -49,6 +51,7 @@ def list_exports(
 
 
 @router.get("/{export_id}", response_model=ExportRead)
+@reads_only
 def get_export(export_id: RowId, session: SessionDep, who: CurrentPrincipal) -> ExportRead:
     return service.read(service.get(session, export_id, who), who)
 

@@ -15,6 +15,7 @@ from synthray.app.deps import (
     SettingsDep,
     StaffDep,
     multipart_body,
+    reads_only,
     writes_on_read,
 )
 from synthray.app.fields import RowId
@@ -50,6 +51,7 @@ async def create_image_check(
 
 
 @router.get("/{check_id}", response_model=ImageCheckRead)
+@reads_only
 def get_image_check(check_id: RowId, session: SessionDep, _: StaffDep) -> ImageCheckRead:
     return ImageCheckRead.model_validate(service.get(session, check_id))
 

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, StaffDep
+from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, StaffDep, reads_only
 from synthray.app.errors import NotFound
 from synthray.app.fields import JobIdParam
 from synthray.app.jobs import service
@@ -14,6 +14,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.get("", response_model=list[JobRead])
+@reads_only
 def list_jobs(
     session: SessionDep,
     _: StaffDep,
@@ -27,6 +28,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead)
+@reads_only
 def get_job(job_id: JobIdParam, session: SessionDep, _: StaffDep) -> JobRead:
     return JobRead.model_validate(service.get(session, job_id))
 

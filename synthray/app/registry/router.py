@@ -11,6 +11,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    reads_only,
     writes_on_read,
 )
 from synthray.app.fields import AliasParam, NameParam, VersionNo, VersionQuery
@@ -37,16 +38,19 @@ def train(
 
 
 @router.get("/models", response_model=list[ModelRead])
+@reads_only
 def list_models(session: SessionDep, _: StaffDep) -> list[ModelRead]:
     return service.list_models(session)
 
 
 @router.get("/models/{name}", response_model=ModelRead)
+@reads_only
 def get_model(name: NameParam, session: SessionDep, _: StaffDep) -> ModelRead:
     return service.get_model(session, name)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelVersionRead)
+@reads_only
 def get_model_version(
     name: NameParam, version: VersionNo, session: SessionDep, _: StaffDep
 ) -> ModelVersionRead:
@@ -66,6 +70,7 @@ def set_alias(
 
 
 @router.get("/models/{name}/aliases/history", response_model=list[AliasMove])
+@reads_only
 def alias_history(name: NameParam, session: SessionDep, _: StaffDep) -> list[AliasMove]:
     return service.alias_history(session, name)
 
@@ -78,6 +83,7 @@ def archive_version(
 
 
 @router.get("/models/{name}/compare", response_model=VersionComparison)
+@reads_only
 def compare_versions(
     name: NameParam, a: VersionQuery, b: VersionQuery, session: SessionDep, _: StaffDep
 ) -> VersionComparison:
