@@ -204,12 +204,10 @@ def session_scope(url: str, *, read_only: bool = False) -> Iterator[Session]:
     session = session_factory(url, read_only)()
     try:
         yield session
-        commit(session)
     except BaseException:
         abandon(session)
         raise
-    finally:
-        session.close()
+    finish(session)
 
 
 def finish(session: Session) -> None:
