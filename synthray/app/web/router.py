@@ -298,7 +298,7 @@ def provider_callback(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    code: Annotated[str, Query(max_length=2048)] = "",
+    code: Annotated[str, Query(max_length=4096)] = "",  # some providers issue 1-2 kB codes
     state: Annotated[str, Query(max_length=200)] = "",
     error: Annotated[str, Query(max_length=200)] = "",
 ) -> Response:
