@@ -26,6 +26,20 @@ from synthray.config import Settings
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SYNTHRAY_TEST_DATA", ROOT.parent / "shared" / "data"))
 
+# The browser tests: Debian's chromium, screenshots outside git.
+CHROMIUM = os.environ.get("SYNTHRAY_CHROMIUM") or shutil.which("chromium")
+SHOTS = Path(os.environ.get("SYNTHRAY_TEST_ARTEFACTS", ROOT / "var" / "test-artefacts"))
+SHOTS = SHOTS / "screenshots"
+
+
+def needs_chromium() -> pytest.MarkDecorator:
+    """Skip without chromium, unless SYNTHRAY_REQUIRE_BROWSER says it must be there."""
+    if CHROMIUM is None and os.environ.get("SYNTHRAY_REQUIRE_BROWSER"):
+        raise RuntimeError("SYNTHRAY_REQUIRE_BROWSER is set but there is no chromium to drive")
+    return pytest.mark.skipif(
+        CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    )
+
 
 def nih_dir() -> Path:
     path = SHARED_DATA / "nih-cxr14-64"

@@ -8,29 +8,19 @@ SYNTHRAY_TEST_ARTEFACTS), outside git."""
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import World
 from fastapi.testclient import TestClient
-from support import ROOT, Keys, auth, built_export, served
+from support import CHROMIUM, SHOTS, Keys, auth, built_export, needs_chromium, served
 
 from synthray.config import Settings
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = os.environ.get("SYNTHRAY_CHROMIUM") or shutil.which("chromium")
-SHOTS = Path(os.environ.get("SYNTHRAY_TEST_ARTEFACTS", ROOT / "var" / "test-artefacts"))
-SHOTS = SHOTS / "screenshots"
-
-if CHROMIUM is None and os.environ.get("SYNTHRAY_REQUIRE_BROWSER"):
-    raise RuntimeError("SYNTHRAY_REQUIRE_BROWSER is set but there is no chromium to drive")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)"
-)
+pytestmark = needs_chromium()
 
 
 @pytest.fixture

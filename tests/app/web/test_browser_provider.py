@@ -6,29 +6,19 @@ var/test-artefacts/screenshots (or SYNTHRAY_TEST_ARTEFACTS), outside git."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import make_settings
 from oidc_provider import API_AUDIENCE, CLIENT_ID, CLIENT_SECRET, Person, Provider, serving
-from support import ROOT, served
+from support import CHROMIUM, SHOTS, needs_chromium, served
 
 from synthray.app.web import provider as web_provider
 
 playwright = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = os.environ.get("SYNTHRAY_CHROMIUM") or shutil.which("chromium")
-SHOTS = Path(os.environ.get("SYNTHRAY_TEST_ARTEFACTS", ROOT / "var" / "test-artefacts"))
-SHOTS = SHOTS / "screenshots"
-
-if CHROMIUM is None and os.environ.get("SYNTHRAY_REQUIRE_BROWSER"):
-    raise RuntimeError("SYNTHRAY_REQUIRE_BROWSER is set but there is no chromium to drive")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)"
-)
+pytestmark = needs_chromium()
 
 
 @pytest.fixture
