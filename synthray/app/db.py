@@ -215,10 +215,9 @@ def finish(session: Session) -> None:
     try:
         commit(session)
     except BaseException:
-        abandon(session)
+        abandon(session)  # closes it
         raise
-    finally:
-        session.close()
+    session.close()
 
 
 def abandon(session: Session) -> None:

@@ -62,7 +62,7 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
         getattr(route, "endpoint", None), "__synthray_writes__", False
     )
     session = session_factory(settings.sqlalchemy_url, read_only)()
-    session.info[INLINE] = read_only and settings.sqlalchemy_url.startswith("sqlite")
+    session.info[INLINE] = runs_inline(settings.sqlalchemy_url, read_only)
     async with _database_slots(settings.sqlalchemy_url):
         try:
             yield session
@@ -92,6 +92,11 @@ def _database_slots(url: str) -> AbstractAsyncContextManager[object]:
     if url not in per_loop:
         per_loop[url] = anyio.CapacityLimiter(slots)
     return per_loop[url]
+
+
+def runs_inline(url: str, read_only: bool) -> bool:
+    """Whether a session's calls run on the event loop: reads on SQLite (see blocking)."""
+    return read_only and url.startswith("sqlite")
 
 
 async def blocking(session: Session, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

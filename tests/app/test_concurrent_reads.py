@@ -17,7 +17,7 @@ import pytest
 from support import Keys, auth, make_keys, served
 
 from synthray.app.db import session_factory
-from synthray.app.deps import INLINE, blocking
+from synthray.app.deps import INLINE, blocking, runs_inline
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.schemas import JobKind
 from synthray.config import Settings
@@ -26,7 +26,7 @@ from synthray.config import Settings
 def test_only_read_only_sqlite_sessions_run_on_the_loop(settings: Settings) -> None:
     async def where(read_only: bool) -> bool:
         session = session_factory(settings.sqlalchemy_url, read_only)()
-        session.info[INLINE] = read_only and settings.sqlalchemy_url.startswith("sqlite")
+        session.info[INLINE] = runs_inline(settings.sqlalchemy_url, read_only)
         loop_thread = threading.get_ident()
         try:
             return await blocking(session, lambda: threading.get_ident() == loop_thread)

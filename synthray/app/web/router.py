@@ -29,7 +29,14 @@ from synthray.app.auth.schemas import KeyCreate, Role
 from synthray.app.batches import service as batches
 from synthray.app.batches.schemas import SynthesizeRequest
 from synthray.app.datasets import service as datasets
-from synthray.app.deps import BlobsDep, SessionDep, SettingsDep, refuse_route, writes_on_read
+from synthray.app.deps import (
+    BlobsDep,
+    SessionDep,
+    SettingsDep,
+    blocking,
+    refuse_route,
+    writes_on_read,
+)
 from synthray.app.errors import Forbidden, Invalid, NotFound
 from synthray.app.exports import service as exports
 from synthray.app.exports.schemas import ExportCreate, ExportState
@@ -115,7 +122,7 @@ def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
 
     async def check(request: Request, session: SessionDep, settings: SettingsDep) -> Browser:
         token = request.cookies.get(web.COOKIE)
-        who = await run_in_threadpool(web.browser, session, settings, token)
+        who = await blocking(session, web.browser, session, settings, token)
         if who is None:
             raise SignInFirst(request.url.path)
         request.state.browser = who  # for an error page answering this request
