@@ -2,6 +2,8 @@
 # Regenerate the hashed lock files from pyproject.toml with pip-tools (pip-compile
 # --generate-hashes), in a throwaway virtual environment so pip-tools is not a project
 # dependency. Run after changing a dependency in pyproject.toml; commit the three files.
+# Every pin already locked is kept where it still satisfies pyproject.toml (pip-compile
+# starts from the current files); `scripts/lock.sh --upgrade` takes the newest versions.
 #
 #   requirements/dev.txt        runtime and dev dependencies (what `make venv` and CI install)
 #   requirements/runtime.txt    runtime dependencies only (the Docker image), the same pins
@@ -23,9 +25,13 @@ compile() {  # compile OUTPUT [pip-compile arguments...]
         --no-emit-index-url --no-emit-find-links --output-file "$out" "$@" \
         pyproject.toml requirements/torch-cpu.in
 }
+UPGRADE=()
+[ "${1:-}" = --upgrade ] && UPGRADE=(--upgrade)
+# pip-compile keeps the pins it finds in its output file: start from the current lock.
+cat requirements/dev.txt requirements/torch-cpu.txt > "$TOOLS/dev.txt"
 # The full set first; the runtime set then starts from its pins (pip-compile keeps the pins
 # already in its output file), so both files agree on every version they share.
-compile "$TOOLS/dev.txt" --extra dev
+compile "$TOOLS/dev.txt" --extra dev "${UPGRADE[@]}"
 cp "$TOOLS/dev.txt" "$TOOLS/runtime.txt"
 compile "$TOOLS/runtime.txt"
 # Move torch (its line and the indented lines under it) into its own file.
