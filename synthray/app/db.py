@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -95,6 +96,13 @@ PG_POOL_OVERFLOW = 15
 # Connections a process may open beyond its requests' sessions: a bearer token's first
 # sign-in (recorded in a short transaction of its own), the metrics and readiness probes.
 POOL_HEADROOM = 4
+# The asyncio pool for read-only requests (``ReadEngines``): a request waiting for one of
+# its connections waits on the event loop, holding nothing, so it needs no slots. Ten
+# kept rather than five: at 32 concurrent reads on 2 cores, 472-493 reads/s (p99 about
+# 150 ms) against 432-448 (p99 190-210 ms).
+PG_READ_POOL_SIZE = 10
+PG_READ_POOL_OVERFLOW = 5
+READ_POOL_NAME = "synthray-api-reads"  # its connections' application_name in pg_stat_activity
 
 
 def database_slots(url: str) -> int | None:
@@ -137,6 +145,33 @@ def _forget_inherited_connections() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+
+class ReadEngines:
+    """PostgreSQL engines on psycopg's asyncio driver, for the API's read-only requests
+    (``deps.get_session``): one set per application, made on its event loop and disposed
+    when the application stops, because an asyncio connection pool belongs to the loop
+    it was made on. A read then waits on the database on the event loop, through
+    SQLAlchemy's greenlet bridge, instead of taking a thread-pool hop per call."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, AsyncEngine] = {}
+
+    def get(self, url: str) -> AsyncEngine:
+        if url not in self._engines:
+            self._engines[url] = create_async_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=PG_READ_POOL_SIZE,
+                max_overflow=PG_READ_POOL_OVERFLOW,
+                connect_args={"application_name": READ_POOL_NAME},
+            )
+        return self._engines[url]
+
+    async def dispose(self) -> None:
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.dispose()
 
 
 @lru_cache(maxsize=8)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -20,7 +21,7 @@ from synthray.app.audit import service as audit
 from synthray.app.auth import oidc
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
-from synthray.app.db import abandon, database_slots, finish, session_factory
+from synthray.app.db import ReadEngines, abandon, database_slots, finish, session_factory
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.app.web import service as web
@@ -46,8 +47,10 @@ def writes_on_read(endpoint: F) -> F:
     return endpoint
 
 
-# A request's session carries this flag when its database calls may run on the event loop.
+# A request's session carries this flag when its database calls may run on the event loop,
+# and this key when it is the sync face of an AsyncSession on psycopg's asyncio driver.
 INLINE = "synthray_inline"
+ON_ASYNC_DRIVER = "synthray_async_session"
 
 
 async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
@@ -56,14 +59,26 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
 
     Making the session does no I/O (it connects at its first statement), so it is made on
     the event loop. Its database calls go through :func:`blocking`: a read-only request on
-    SQLite makes them on the event loop, every other in the thread pool."""
+    SQLite makes them on the event loop; a read-only request on PostgreSQL whose endpoint
+    is marked :func:`reads_only` makes them on the event loop too, on psycopg's asyncio
+    driver; every other request makes them in the thread pool."""
+    url = settings.sqlalchemy_url
     route = request.scope.get("route")
+    endpoint = getattr(route, "endpoint", None)
     read_only = request.method in ("GET", "HEAD") and not getattr(
-        getattr(route, "endpoint", None), "__synthray_writes__", False
+        endpoint, "__synthray_writes__", False
     )
-    session = session_factory(settings.sqlalchemy_url, read_only)()
-    session.info[INLINE] = runs_inline(settings.sqlalchemy_url, read_only)
-    async with _database_slots(settings.sqlalchemy_url):
+    engines: ReadEngines | None = getattr(request.app.state, "read_engines", None)
+    if engines is not None and _on_async_driver(request, settings, read_only, endpoint):
+        reader = AsyncSession(engines.get(url), expire_on_commit=False)
+        session = reader.sync_session
+        session.info[ON_ASYNC_DRIVER] = reader
+        limit: AbstractAsyncContextManager[object] = contextlib.nullcontext()
+    else:
+        session = session_factory(url, read_only)()
+        session.info[INLINE] = runs_inline(url, read_only)
+        limit = _database_slots(url)
+    async with limit:
         try:
             yield session
         except BaseException:
@@ -72,6 +87,27 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
             raise
         with anyio.CancelScope(shield=True):
             await blocking(session, finish, session)
+
+
+def _on_async_driver(request: Request, settings: Settings, read_only: bool, endpoint: Any) -> bool:
+    """Whether a request's session is an AsyncSession: a read on PostgreSQL whose every
+    database call goes through :func:`blocking` (an endpoint marked :func:`reads_only`),
+    and whose caller is not verified against the identity provider (that may fetch its
+    keys over the network, in a thread, where an asyncio session cannot be used)."""
+    if not read_only or not settings.sqlalchemy_url.startswith("postgresql"):
+        return False
+    if not getattr(endpoint, "__synthray_reads_only__", False):
+        return False
+    return not presents_identity_token(request, settings)
+
+
+def presents_identity_token(request: Request, settings: Settings) -> bool:
+    """Whether the request's bearer credential is to be verified as an identity-provider
+    token (OIDC is configured and it has a JWT's shape) rather than looked up as a key."""
+    if not settings.oidc_issuer:
+        return False
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and oidc.looks_like_jwt(credentials.strip())
 
 
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, anyio.CapacityLimiter]]
@@ -107,9 +143,20 @@ async def blocking(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
     microseconds of CPU, like parsing a JSON body. Handing it to a thread costs more than
     that (a hop each way, and the GIL handed back and forth) and buys no parallelism,
     since the work holds the GIL. A write may wait for SQLite's write lock and a
-    PostgreSQL call waits on the network: those go to the thread pool."""
+    PostgreSQL call waits on the network: those go through :func:`off_loop`."""
     if session.info.get(INLINE):
         return fn(*args, **kwargs)
+    return await off_loop(session, fn, *args, **kwargs)
+
+
+async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, which uses ``session`` and may wait: for a session on the
+    asyncio driver, in SQLAlchemy's greenlet bridge (its waits are awaited on the event
+    loop, and ``fn`` may write: a refusal is audited in the request's own session); for
+    any other session, in the thread pool."""
+    reader: AsyncSession | None = session.info.get(ON_ASYNC_DRIVER)
+    if reader is not None:
+        return await reader.run_sync(lambda _: fn(*args, **kwargs))
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
@@ -123,6 +170,7 @@ def reads_only(endpoint: Callable[..., T]) -> Callable[..., Awaitable[T]]:
     async def run(*args: Any, **kwargs: Any) -> T:
         return await blocking(kwargs["session"], endpoint, *args, **kwargs)
 
+    run.__synthray_reads_only__ = True  # type: ignore[attr-defined]
     return run
 
 
@@ -155,7 +203,7 @@ async def caller(
     pages' images, the partner's download, live job progress): a request that changes
     something comes with a key, or through a page form that carries the CSRF token."""
     key = bearer.credentials if bearer else header
-    if key and bearer and settings.oidc_issuer and oidc.looks_like_jwt(key):
+    if key and bearer and presents_identity_token(request, settings):
         # Verifying may fetch the provider's keys over the network: never on the loop.
         return await run_in_threadpool(identify, request, session, settings, key, True)
     return await blocking(session, identify, request, session, settings, key, False)
@@ -197,7 +245,7 @@ def refuse_route(request: Request, session: Session, who: Principal | None, reas
 async def current_principal(request: Request, session: SessionDep, who: CallerDep) -> Principal:
     if isinstance(who, Unauthorized | Forbidden):
         reason = who.detail[:200] if who.detail.startswith("identity") else "no valid API key"
-        await run_in_threadpool(refuse_route, request, session, None, reason)
+        await off_loop(session, refuse_route, request, session, None, reason)
         raise who
     return who
 
@@ -214,7 +262,7 @@ def require(*roles: Role) -> Callable[..., Awaitable[Principal]]:
         if principal.role not in allowed:
             names = ", ".join(sorted(r.value for r in allowed))
             reason = f"role {principal.role} lacks the right"
-            await run_in_threadpool(refuse_route, request, session, principal, reason)
+            await off_loop(session, refuse_route, request, session, principal, reason)
             raise Forbidden(f"this action needs role: {names}")
         return principal
 

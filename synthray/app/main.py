@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -19,7 +21,7 @@ from synthray.app.audit.router import router as audit_router
 from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
-from synthray.app.db import engine_for
+from synthray.app.db import ReadEngines, engine_for
 from synthray.app.errors import ERROR_RESPONSES, ErrorBody, install_handlers, page_answer
 from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
@@ -59,6 +61,19 @@ def _errors_as_json(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """What belongs to the event loop that serves the application: the asyncio engines of
+    read-only requests on PostgreSQL (``db.ReadEngines``), closed when it stops."""
+    engines = ReadEngines()
+    app.state.read_engines = engines
+    try:
+        yield
+    finally:
+        del app.state.read_engines
+        await engines.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if docs else None,
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     install_handlers(app)

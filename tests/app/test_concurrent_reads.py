@@ -14,6 +14,7 @@ import time
 import anyio
 import httpx
 import pytest
+from sqlalchemy.pool import NullPool
 from support import Keys, auth, make_keys, served
 
 from synthray.app.db import session_factory
@@ -87,3 +88,44 @@ def test_a_read_on_the_loop_does_not_wait_behind_a_writer(settings: Settings) ->
         assert r.status_code == 200 and r.json() == []
         assert time.monotonic() - start < 5
         writer.rollback()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_postgres_reads_use_the_asyncio_pool_and_its_stop_closes_it(settings: Settings) -> None:
+    """A read-only request on PostgreSQL whose endpoint only reads waits on the database
+    on the event loop (psycopg's asyncio driver, ``db.ReadEngines``); its connections carry
+    their own application name, and are closed when the application stops. A refused read
+    is audited through the same connection; a request that writes, or reads files, keeps
+    the thread pool's connections."""
+    keys: Keys = make_keys(settings)
+    from sqlalchemy import create_engine, text
+
+    from synthray.app.audit import service as audit
+    from synthray.app.db import READ_POOL_NAME, session_scope
+
+    with session_scope(settings.sqlalchemy_url) as s:
+        job_id = jobs.create(s, settings, JobKind.export, {"test": True}, None).id
+    observer = create_engine(settings.sqlalchemy_url, poolclass=NullPool)
+
+    def read_connections() -> int:
+        with observer.connect() as conn:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            n = conn.execute(text(query + " AND application_name = :n"), {"n": READ_POOL_NAME})
+            return int(n.scalar_one())
+
+    try:
+        with served(settings) as base:
+            assert read_connections() == 0
+            r = httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth(keys.operator), timeout=30)
+            assert r.status_code == 200 and r.json()["id"] == job_id
+            assert read_connections() >= 1
+            refused = httpx.get(f"{base}/v1/keys", headers=auth(keys.operator), timeout=30)
+            assert refused.status_code == 403
+            gone = httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth("sr_nope"), timeout=30)
+            assert gone.status_code == 401
+        assert read_connections() == 0
+    finally:
+        observer.dispose()
+    with session_scope(settings.sqlalchemy_url, read_only=True) as s:
+        refusals = [e for e in audit.list_events(s, 10) if e.outcome == "refused"]
+    assert {e.object_id for e in refusals} == {"GET /v1/keys", f"GET /v1/jobs/{job_id}"}

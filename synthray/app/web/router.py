@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from synthray.app.audit import service as audit
 from synthray.app.audit.schemas import AuditFilter
@@ -34,6 +33,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     blocking,
+    off_loop,
     refuse_route,
     writes_on_read,
 )
@@ -128,7 +128,7 @@ def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
         request.state.browser = who  # for an error page answering this request
         if who.principal.role not in allowed:
             reason = f"role {who.principal.role} lacks the right"
-            await run_in_threadpool(refuse_route, request, session, who.principal, reason)
+            await off_loop(session, refuse_route, request, session, who.principal, reason)
             raise Forbidden("your role may not open this page")
         return who
 
