@@ -68,7 +68,8 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
     read_only = request.method in ("GET", "HEAD") and not getattr(
         endpoint, "__synthray_writes__", False
     )
-    engines: ReadEngines | None = getattr(request.app.state, "read_engines", None)
+    per_loop: dict[asyncio.AbstractEventLoop, ReadEngines] = request.app.state.read_engines
+    engines = per_loop.get(asyncio.get_running_loop())
     if engines is not None and _on_async_driver(request, settings, read_only, endpoint):
         reader = AsyncSession(engines.get(url), expire_on_commit=False)
         session = reader.sync_session

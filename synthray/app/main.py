@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -64,14 +65,21 @@ def _errors_as_json(app: FastAPI) -> None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """What belongs to the event loop that serves the application: the asyncio engines of
-    read-only requests on PostgreSQL (``db.ReadEngines``), closed when it stops."""
-    engines = ReadEngines()
-    app.state.read_engines = engines
+    read-only requests on PostgreSQL (``db.ReadEngines``), closed when it stops. Kept per
+    loop: a test harness may run the application's lifespan again, on another loop, while
+    the first is still up; a loop without one uses the threaded sessions."""
+    loop = asyncio.get_running_loop()
+    per_loop: dict[asyncio.AbstractEventLoop, ReadEngines] = app.state.read_engines
+    mine = per_loop.get(loop)
+    if mine is not None:  # a nested lifespan on the same loop shares the outer one's
+        yield
+        return
+    per_loop[loop] = mine = ReadEngines()
     try:
         yield
     finally:
-        del app.state.read_engines
-        await engines.dispose()
+        del per_loop[loop]
+        await mine.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.read_engines = {}  # event loop -> db.ReadEngines, filled by _lifespan
     install_handlers(app)
     ratelimit.install(app, settings)
     # Added last, so outermost: the size cap holds before rate limiting and routing, and
