@@ -97,9 +97,9 @@ PG_POOL_OVERFLOW = 15
 # sign-in (recorded in a short transaction of its own), the metrics and readiness probes.
 POOL_HEADROOM = 4
 # The asyncio pool for read-only requests (``ReadEngines``): a request waiting for one of
-# its connections waits on the event loop, holding nothing, so it needs no slots. Ten
-# kept rather than five: at 32 concurrent reads on 2 cores, 472-493 reads/s (p99 about
-# 150 ms) against 432-448 (p99 190-210 ms).
+# its connections waits on the event loop, holding nothing, so it needs no slots. At 32
+# concurrent reads on 2 cores: 5 kept gave 432-459 reads/s (p99 178-213 ms), 15 kept
+# 472-493 (p99 146-152 ms), 10 kept 461 (p99 162 ms) for two thirds of the connections.
 PG_READ_POOL_SIZE = 10
 PG_READ_POOL_OVERFLOW = 5
 READ_POOL_NAME = "synthray-api-reads"  # its connections' application_name in pg_stat_activity
