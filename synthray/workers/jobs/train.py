@@ -150,7 +150,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     sha, size = ctx.blobs.put_file(gen_path)
     minimum = ctx.settings.min_class_patients
     thin = {
-        c: f"{n} training patient{'s' if n != 1 else ''}: synthesis refused"
+        c: f"{n} training patient{'s' if n != 1 else ''}; batches refuse this class"
         for c, n in zip(classes, patients_per_class, strict=True)
         if n < minimum
     }
