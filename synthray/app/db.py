@@ -96,7 +96,7 @@ PG_POOL_OVERFLOW = 15
 # Connections a process may open beyond its requests' sessions: a bearer token's first
 # sign-in (recorded in a short transaction of its own), the metrics and readiness probes.
 POOL_HEADROOM = 4
-# The asyncio pool for read-only requests (``ReadEngines``): a request waiting for one of
+# The asyncio pool for read-only requests (``read_engine``): a request waiting for one of
 # its connections waits on the event loop, holding nothing, so it needs no slots. At 32
 # concurrent reads on 2 cores: 5 kept gave 432-459 reads/s (p99 178-213 ms), 15 kept
 # 472-493 (p99 146-152 ms), 10 kept 461 (p99 162 ms) for two thirds of the connections.
@@ -147,31 +147,21 @@ def _forget_inherited_connections() -> None:
 os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
-class ReadEngines:
-    """PostgreSQL engines on psycopg's asyncio driver, for the API's read-only requests
-    (``deps.get_session``): one set per application, made on its event loop and disposed
-    when the application stops, because an asyncio connection pool belongs to the loop
-    it was made on. A read then waits on the database on the event loop, through
-    SQLAlchemy's greenlet bridge, instead of taking a thread-pool hop per call."""
-
-    def __init__(self) -> None:
-        self._engines: dict[str, AsyncEngine] = {}
-
-    def get(self, url: str) -> AsyncEngine:
-        if url not in self._engines:
-            self._engines[url] = create_async_engine(
-                url,
-                pool_pre_ping=True,
-                pool_size=PG_READ_POOL_SIZE,
-                max_overflow=PG_READ_POOL_OVERFLOW,
-                connect_args={"application_name": READ_POOL_NAME},
-            )
-        return self._engines[url]
-
-    async def dispose(self) -> None:
-        engines, self._engines = list(self._engines.values()), {}
-        for engine in engines:
-            await engine.dispose()
+def read_engine(url: str) -> AsyncEngine | None:
+    """An engine on psycopg's asyncio driver for the API's read-only requests on PostgreSQL
+    (``deps.get_session``), None on SQLite. A read then waits on the database on the event
+    loop, through SQLAlchemy's greenlet bridge, instead of taking a thread-pool hop per
+    call. Its pool belongs to the event loop it is used on, so the application's lifespan
+    makes one per serving loop and disposes it when the loop stops. Making it does no I/O."""
+    if not url.startswith("postgresql"):
+        return None
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=PG_READ_POOL_SIZE,
+        max_overflow=PG_READ_POOL_OVERFLOW,
+        connect_args={"application_name": READ_POOL_NAME},
+    )
 
 
 @lru_cache(maxsize=8)

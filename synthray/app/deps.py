@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +21,7 @@ from synthray.app.audit import service as audit
 from synthray.app.auth import oidc
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
-from synthray.app.db import ReadEngines, abandon, database_slots, finish, session_factory
+from synthray.app.db import abandon, database_slots, finish, session_factory
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.app.web import service as web
@@ -68,10 +68,10 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
     read_only = request.method in ("GET", "HEAD") and not getattr(
         endpoint, "__synthray_writes__", False
     )
-    per_loop: dict[asyncio.AbstractEventLoop, ReadEngines] = request.app.state.read_engines
-    engines = per_loop.get(asyncio.get_running_loop())
-    if engines is not None and _on_async_driver(request, settings, read_only, endpoint):
-        reader = AsyncSession(engines.get(url), expire_on_commit=False)
+    per_loop: dict[asyncio.AbstractEventLoop, AsyncEngine] = request.app.state.read_engines
+    engine = per_loop.get(asyncio.get_running_loop())  # PostgreSQL only
+    if engine is not None and _on_async_driver(request, settings, read_only, endpoint):
+        reader = AsyncSession(engine, expire_on_commit=False)
         session = reader.sync_session
         session.info[ON_ASYNC_DRIVER] = reader
         limit: AbstractAsyncContextManager[object] = contextlib.nullcontext()
@@ -91,15 +91,15 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
 
 
 def _on_async_driver(request: Request, settings: Settings, read_only: bool, endpoint: Any) -> bool:
-    """Whether a request's session is an AsyncSession: a read on PostgreSQL whose every
+    """Whether a PostgreSQL request's session is an AsyncSession: a read whose every
     database call goes through :func:`blocking` (an endpoint marked :func:`reads_only`),
     and whose caller is not verified against the identity provider (that may fetch its
     keys over the network, in a thread, where an asyncio session cannot be used)."""
-    if not read_only or not settings.sqlalchemy_url.startswith("postgresql"):
-        return False
-    if not getattr(endpoint, "__synthray_reads_only__", False):
-        return False
-    return not presents_identity_token(request, settings)
+    return (
+        read_only
+        and getattr(endpoint, "__synthray_reads_only__", False)
+        and not presents_identity_token(request, settings)
+    )
 
 
 def presents_identity_token(request: Request, settings: Settings) -> bool:

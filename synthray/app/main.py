@@ -22,7 +22,7 @@ from synthray.app.audit.router import router as audit_router
 from synthray.app.auth.router import router as auth_router
 from synthray.app.batches.router import router as batches_router
 from synthray.app.datasets.router import router as datasets_router
-from synthray.app.db import ReadEngines, engine_for
+from synthray.app.db import engine_for, read_engine
 from synthray.app.errors import ERROR_RESPONSES, ErrorBody, install_handlers, page_answer
 from synthray.app.evaluations.router import router as evaluations_router
 from synthray.app.exports.router import router as exports_router
@@ -64,22 +64,21 @@ def _errors_as_json(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """What belongs to the event loop that serves the application: the asyncio engines of
-    read-only requests on PostgreSQL (``db.ReadEngines``), closed when it stops. Kept per
-    loop: a test harness may run the application's lifespan again, on another loop, while
-    the first is still up; a loop without one uses the threaded sessions."""
-    loop = asyncio.get_running_loop()
-    per_loop: dict[asyncio.AbstractEventLoop, ReadEngines] = app.state.read_engines
-    mine = per_loop.get(loop)
-    if mine is not None:  # a nested lifespan on the same loop shares the outer one's
+    """What belongs to the event loop that serves the application: on PostgreSQL, the
+    asyncio engine of read-only requests (``db.read_engine``), disposed when it stops.
+    Kept per loop: a test harness may run the lifespan again on another loop while the
+    first is still up; requests on a loop without one use the threaded sessions."""
+    engine = read_engine(app.state.settings.sqlalchemy_url)
+    if engine is None:
         yield
         return
-    per_loop[loop] = mine = ReadEngines()
+    loop = asyncio.get_running_loop()
+    app.state.read_engines[loop] = engine
     try:
         yield
     finally:
-        del per_loop[loop]
-        await mine.dispose()
+        del app.state.read_engines[loop]
+        await engine.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -96,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    app.state.read_engines = {}  # event loop -> db.ReadEngines, filled by _lifespan
+    app.state.read_engines = {}  # event loop -> its db.read_engine, filled by _lifespan
     install_handlers(app)
     ratelimit.install(app, settings)
     # Added last, so outermost: the size cap holds before rate limiting and routing, and

@@ -1,8 +1,9 @@
-"""Reads under concurrency. On SQLite a read-only request makes its database calls on the
-event loop (``deps.blocking``), every other request in the thread pool; a call on the loop
-that waited (for a pooled connection, for a lock) would stall every request at once,
-including those holding what it waits for. These tests drive the real app over HTTP with
-more concurrent requests than the pool keeps, mixing reads on the loop with requests whose
+"""Reads under concurrency. A read-only request makes its database calls on the event loop
+(``deps.blocking``: directly on SQLite, on psycopg's asyncio driver on PostgreSQL when its
+endpoint only reads), every other request in the thread pool; a call on the loop that
+waited (for a pooled connection, for a lock) would stall every request at once, including
+those holding what it waits for. These tests drive the real app over HTTP with more
+concurrent requests than the pool keeps, mixing reads on the loop with requests whose
 endpoints run in threads, on both databases."""
 
 from __future__ import annotations
@@ -93,10 +94,9 @@ def test_a_read_on_the_loop_does_not_wait_behind_a_writer(settings: Settings) ->
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_postgres_reads_use_the_asyncio_pool_and_its_stop_closes_it(settings: Settings) -> None:
     """A read-only request on PostgreSQL whose endpoint only reads waits on the database
-    on the event loop (psycopg's asyncio driver, ``db.ReadEngines``); its connections carry
+    on the event loop (psycopg's asyncio driver, ``db.read_engine``); its connections carry
     their own application name, and are closed when the application stops. A refused read
-    is audited through the same connection; a request that writes, or reads files, keeps
-    the thread pool's connections."""
+    is audited through the same connection."""
     keys: Keys = make_keys(settings)
     from sqlalchemy import create_engine, text
 
