@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         Path("../shared/data/nih-cxr14-64"), description="Folder used by `synthray demo`."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device.")
+    cpu_bf16: Literal["auto", "off"] = Field(
+        "auto",
+        description="bf16 on CPUs with bf16 units (auto) or fp32 everywhere (off).",
+    )
     job_lease_seconds: int = Field(120, ge=4, description="Lease a worker holds on a job.")
     job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job fails.")
     job_files_retention_days: float = Field(

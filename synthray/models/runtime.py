@@ -17,7 +17,10 @@ asks :func:`cpu_bf16_fast` first and stays in fp32 where it is False.
 
 The answer comes from torch's own CPU feature probes (``torch.cpu._is_avx512_bf16_supported``,
 ``torch.cpu._is_amx_tile_supported``, which read CPUID); if a torch release drops them, the
-answer is False, which is slow on new CPUs but never wrong.
+answer is False, which is slow on new CPUs but never wrong. :func:`allow_cpu_bf16` turns bf16
+off for the process whatever the CPU (the ``SYNTHRAY_CPU_BF16=off`` setting, applied in every
+worker process; the benchmarks' ``--no-bf16``): fp32 everywhere, as on a CPU without bf16
+units.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 
 import torch
 from torch import nn
@@ -33,9 +37,23 @@ from torch import nn
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-@functools.cache
+_bf16_allowed = os.environ.get("SYNTHRAY_CPU_BF16", "auto") != "off"
+
+
+def allow_cpu_bf16(allowed: bool) -> None:
+    """Let :func:`cpu_bf16_fast` answer from the CPU (True, the default) or always False."""
+    global _bf16_allowed
+    _bf16_allowed = allowed
+
+
 def cpu_bf16_fast() -> bool:
-    """True if this CPU has native bf16 matmul units (AVX512-BF16 or AMX)."""
+    """True if this CPU has native bf16 matmul units (AVX512-BF16 or AMX) and bf16 is allowed
+    (:func:`allow_cpu_bf16`)."""
+    return _bf16_allowed and _cpu_has_bf16_units()
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
         if fn is not None and bool(fn()):

@@ -51,10 +51,12 @@ def _start_sweeper(**_: object) -> None:
 
 
 @signals.worker_process_init.connect
-def _keep_freed_memory(**_: object) -> None:
-    """Job processes allocate and free the same large tensors every training step: keep the
-    pages rather than fault them in again (:func:`synthray.models.runtime.keep_freed_memory`)."""
-    from synthray.models.runtime import keep_freed_memory
+def _job_process_runtime(**_: object) -> None:
+    """Every job process: the ``cpu_bf16`` setting, and glibc keeps freed pages (jobs
+    allocate and free the same large tensors every training step; see
+    :func:`synthray.models.runtime.keep_freed_memory`)."""
+    from synthray.models.runtime import allow_cpu_bf16, keep_freed_memory
 
+    allow_cpu_bf16(settings.cpu_bf16 != "off")
     if not keep_freed_memory():
         log.info("allocator left as it is (not glibc)")
