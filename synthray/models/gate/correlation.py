@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (conventional alias)
 
 from synthray.models.gate.imageops import ssim, standardise
-from synthray.models.gate.search import single_thread
+from synthray.models.gate.search import in_parallel, single_thread
 
 _ELEMS = 1 << 22  # bounds the temporaries (see synthray.models.gate.search)
 
@@ -50,24 +50,45 @@ class _Correlator:
 
     For R x R canvases a and b, ``cross(A, B)[d] = sum_u a[u + d] b[u]`` (d = (dy, dx)); with
     the canvases zero-padded to N >= R + s, the circular correlation has no wrap-around at those
-    shifts.
+    shifts. Only (2s+1)^2 of the N^2 outputs are wanted, so the inverse transform is evaluated
+    at those alone, as two small matrix products (a pruned inverse DFT: over the rows, a
+    complex (2s+1) x N matrix; over the half-spectrum columns, a real matrix that folds in
+    the Hermitian symmetry). A full inverse FFT computed and copied N^2 values per pair to
+    keep 81 of 5,184, and was three fifths of the time.
     """
 
     def __init__(self, r: int, max_shift: int) -> None:
         self.r, self.s = r, max_shift
-        self.n = _fft_size(r + max_shift)
-        d = np.arange(-max_shift, max_shift + 1) % self.n
-        self.rows = torch.from_numpy(d)  # (2s+1,) indices of the shifts in the output
+        self.n = n = _fft_size(r + max_shift)
+        d = np.arange(-max_shift, max_shift + 1)  # (D,) shifts, D = 2s+1
+        k = np.arange(n)
+        # Over the rows: Y[dy, kx] = sum_ky P[ky, kx] exp(2 pi i ky dy / N) / N.
+        rows = np.exp(2j * np.pi * np.outer(d, k) / n) / n  # (D, N)
+        self.rows = torch.from_numpy(rows.astype(np.complex64))
+        # Over the N/2+1 columns of a real signal's half spectrum: out[dx] = sum_kx w_kx
+        # Re(Y[kx] exp(2 pi i kx dx / N)) / N, w = 1 at kx = 0 (and N/2 for even N), else 2;
+        # on (Re Y, Im Y) interleaved, as torch.view_as_real lays them out.
+        kh = np.arange(n // 2 + 1)
+        w = np.full(len(kh), 2.0)
+        w[0] = 1.0
+        if n % 2 == 0:
+            w[-1] = 1.0
+        ang = 2 * np.pi * np.outer(kh, d) / n  # (K, D)
+        cols = np.stack([w[:, None] * np.cos(ang), -w[:, None] * np.sin(ang)], axis=1) / n
+        self.cols = torch.from_numpy(cols.reshape(2 * len(kh), len(d)).astype(np.float32))
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """(..., R, R) -> (..., N, N/2 + 1) complex."""
         return torch.fft.rfft2(x, s=(self.n, self.n))
 
     def cross(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
-        """Spectra (..., N, N/2+1) broadcast -> (..., S) correlations at the (2s+1)^2 shifts."""
-        full = torch.fft.irfft2(fa * fb.conj(), s=(self.n, self.n))  # (..., N, N)
-        sub = full.index_select(-2, self.rows).index_select(-1, self.rows)  # (..., 2s+1, 2s+1)
-        return sub.reshape(*sub.shape[:-2], -1)
+        """Spectra (..., N, N/2+1) broadcast -> (..., S) correlations at the (2s+1)^2 shifts
+        (row-major over (dy, dx), as :func:`_shift_grid`)."""
+        prod = fa * fb.conj()  # (..., N, K)
+        y = torch.matmul(self.rows, prod)  # (..., D, K) complex
+        y = torch.view_as_real(y).flatten(-2)  # (..., D, 2K)
+        out = torch.matmul(y, self.cols)  # (..., D, D)
+        return out.reshape(*out.shape[:-2], -1)
 
 
 def _shapes(sizes: tuple) -> tuple[tuple[int, int], ...]:
@@ -178,6 +199,7 @@ def robust_correlation(
     best = np.zeros((q_n, c_n), dtype=np.int64)  # index into (flip, size, shift)
     fft = _Correlator(r, max_shift)
 
+    workers = torch.get_num_threads()
     with torch.inference_mode(), single_thread():
         masks = fft.spectrum(_masks(r, shapes))  # (Z, N, N')
         ones = fft.spectrum(torch.ones(r, r))  # (N, N')
@@ -199,7 +221,8 @@ def robust_correlation(
         cnt = count.repeat(n_v // n_z, 1)  # (V, S)
         step = max(1, _ELEMS // (2 * n_v * c_n * fft.n * fft.n))  # FFT temporaries near 16 MiB
         slot = torch.from_numpy(lookup[np.where(valid, candidates, used[0] if used.size else 0)])
-        for qs in range(0, q_n if used.size else 0, step):
+
+        def score_block(qs: int) -> None:
             tmpl = templates(
                 standardise(queries[qs : qs + step], smooth), shapes, flips
             )  # (b, V, R, R)
@@ -218,6 +241,8 @@ def robust_correlation(
             val, arg = rho.max(dim=2)  # (b, C)
             corr[qs : qs + step] = val.clamp(-1, 1).numpy()
             best[qs : qs + step] = arg.numpy()
+
+        in_parallel(score_block, range(0, q_n if used.size else 0, step), workers)
     corr[~valid] = -np.inf
     variant, shift_i = best // n_s, best % n_s
     return PairScores(
