@@ -1,5 +1,5 @@
-"""Image operations of the pixel gate: Gaussian blur, standardisation, SSIM, edge-replicated
-shifts, and unit-norm rows.
+"""Image operations of the pixel gate: Gaussian blur, standardisation, SSIM, the matrices of
+blurring, pooling and edge-replicated shifts, and unit-norm rows.
 
 The structural similarity (SSIM, Wang et al., "Image Quality Assessment: From Error Visibility to
 Structural Similarity", IEEE TIP 2004) uses their 11x11 Gaussian window, sigma 1.5, K1 = 0.01,
@@ -28,6 +28,27 @@ def _blur_matrix(r: int, sigma: float) -> torch.Tensor:
                 j = -j if j < 0 else 2 * (r - 1) - j
             m[i, j] += g[k + radius]
     return m.float()
+
+
+def blur_matrix(r: int, sigma: float) -> torch.Tensor:
+    """(R, R) B with B @ x @ B.T = :func:`gaussian_blur` (x, sigma); the identity for sigma 0."""
+    return _blur_matrix(r, sigma) if sigma > 0 else torch.eye(r)
+
+
+def pool_matrix(r: int, p: int) -> torch.Tensor:
+    """(R // p, R) A with A @ x @ A.T = average pooling of x over p x p blocks (a remainder
+    of R / p dropped, as ``avg_pool2d``)."""
+    a = torch.zeros(r // p, r)
+    for i in range(r // p):
+        a[i, i * p : (i + 1) * p] = 1.0 / p
+    return a
+
+
+def shift_matrix(r: int, d: int) -> torch.Tensor:
+    """(R, R) S with S @ x = x moved down by d, edge rows repeated (x @ S.T moves it right)."""
+    s = torch.zeros(r, r)
+    s[torch.arange(r), (torch.arange(r) - d).clamp(0, r - 1)] = 1.0
+    return s
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -90,16 +111,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> torch.T
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     return (num / den).mean(dim=(1, 2)).float()  # (N,)
-
-
-def pixel_shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """(N, R, R) moved down by dy and right by dx, edges replicated."""
-    if dy == 0 and dx == 0:
-        return images
-    m = max(abs(dy), abs(dx))
-    r = images.shape[-1]
-    padded = np.pad(images, ((0, 0), (m, m), (m, m)), mode="edge")
-    return padded[:, m - dy : m - dy + r, m - dx : m - dx + r]
 
 
 def unit_rows(x: torch.Tensor) -> np.ndarray:

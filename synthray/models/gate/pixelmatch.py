@@ -40,7 +40,7 @@ from synthray.models.gate.correlation import (
     robust_correlation,
     templates,
 )
-from synthray.models.gate.imageops import gaussian_blur, pixel_shift, unit_rows
+from synthray.models.gate.imageops import blur_matrix, pool_matrix, shift_matrix, unit_rows
 from synthray.models.gate.search import ExactIndex, single_thread
 
 
@@ -112,6 +112,10 @@ class PixelMatcher:
         self._probe_shapes = _size_pairs(
             tuple(sorted({r, self.sizes[-1]}, reverse=True)), anisotropic
         )
+        # Blurring, then pooling, is one linear map per axis; with each probe shift folded
+        # in, one product per probe image gives every shift's pooled image at once.
+        self._fold = pool_matrix(r, self._pool) @ blur_matrix(r, smooth)  # (R/p, R)
+        self._probe_rows = torch.cat([self._fold @ shift_matrix(r, d) for d in self._probe_shifts])
         self._index = ExactIndex(self._pooled(refs), "ip")
         self._small_refs = self._small(refs)
         rs = self._small_refs.shape[-1]
@@ -127,31 +131,43 @@ class PixelMatcher:
         return y.to(torch.uint8).numpy()
 
     def _pooled(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, R, R) -> (N, (R/p)^2) blurred, pooled, unit rows."""
         x = torch.from_numpy(np.ascontiguousarray(images)).float()  # (N, R, R)
         with torch.inference_mode(), single_thread():
-            x = F.avg_pool2d(gaussian_blur(x, self.smooth)[:, None], self._pool)[:, 0]
-            return unit_rows(x)  # (N, (R / pool)^2)
+            return unit_rows(self._fold @ x @ self._fold.T)
 
-    def _probes(self, queries: np.ndarray) -> list[np.ndarray]:
+    def _probe_bases(self, queries: np.ndarray) -> list[np.ndarray]:
+        """The unshifted probe images: each query and its mirror image, at full size and
+        shrunk onto a canvas filled with its mean (uint8 (Q, R, R) each)."""
         r = queries.shape[-1]
         out = []
         for img in (queries, np.ascontiguousarray(queries[:, :, ::-1])):
             for hy, hx in self._probe_shapes:
                 if (hy, hx) == (r, r):
-                    base = img
-                else:
-                    t = torch.from_numpy(img).float()
-                    canvas = templates(t, ((hy, hx),), flips=False)[:, 0]  # (N, R, R), 0 border
-                    oy, ox = (r - hy) // 2, (r - hx) // 2
-                    mean = t.mean(dim=(1, 2), keepdim=True)
-                    inside = torch.zeros(r, r, dtype=torch.bool)
-                    inside[oy : oy + hy, ox : ox + hx] = True
-                    filled = torch.where(inside, canvas, mean).round().clamp(0, 255)
-                    base = filled.to(torch.uint8).numpy()
-                for dy in self._probe_shifts:
-                    for dx in self._probe_shifts:
-                        out.append(pixel_shift(base, dy, dx))
+                    out.append(img)
+                    continue
+                t = torch.from_numpy(img).float()
+                canvas = templates(t, ((hy, hx),), flips=False)[:, 0]  # (N, R, R), 0 border
+                oy, ox = (r - hy) // 2, (r - hx) // 2
+                mean = t.mean(dim=(1, 2), keepdim=True)
+                inside = torch.zeros(r, r, dtype=torch.bool)
+                inside[oy : oy + hy, ox : ox + hx] = True
+                filled = torch.where(inside, canvas, mean).round().clamp(0, 255)
+                out.append(filled.to(torch.uint8).numpy())
         return out
+
+    def _probe_features(self, queries: np.ndarray) -> np.ndarray:
+        """(P Q, (R/p)^2) pooled unit rows of every probe: per base image, every shift in
+        ``_probe_shifts``^2 (dy, then dx), each for all queries."""
+        n_s, rp, q_n = len(self._probe_shifts), self._fold.shape[0], len(queries)
+        feats = []
+        with torch.inference_mode(), single_thread():
+            for base in self._probe_bases(queries):
+                x = torch.from_numpy(np.ascontiguousarray(base)).float()  # (Q, R, R)
+                y = self._probe_rows @ x @ self._probe_rows.T  # (Q, n_s R/p, n_s R/p)
+                y = y.view(q_n, n_s, rp, n_s, rp).permute(1, 3, 0, 2, 4)
+                feats.append(unit_rows(y.reshape(-1, rp, rp)))
+        return np.concatenate(feats)
 
     def candidates(self, queries: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
         """(Q, C) int64 candidate reference indices per query, -1 padded, no repeats.
@@ -160,10 +176,9 @@ class PixelMatcher:
         """
         q_n = len(queries)
         kk = min(self.per_probe + int(exclude is not None), self._index.size)
-        probes = self._probes(queries)
-        feats = np.concatenate([self._pooled(p) for p in probes])  # (P Q, d)
+        feats = self._probe_features(queries)  # (P Q, d)
         _, idx = self._index.search(feats, kk)  # (P Q, kk)
-        p_n = len(probes)
+        p_n = len(feats) // q_n
         allc = idx.reshape(p_n, q_n, kk).transpose(1, 0, 2).reshape(q_n, -1)  # (Q, P kk)
         if exclude is not None:
             allc = np.where(allc == exclude[:, None], -1, allc)
@@ -210,28 +225,37 @@ class PixelMatcher:
         better = fine.correlation > ps.correlation[rows, top]  # (Q, r)
         qi, ci = np.nonzero(better)
         adopt(ps, qi, top[qi, ci], fine, qi, ci)
+        # Hill climbing: a query whose best pair did not move has nothing new to try.
+        moving = np.ones(len(queries), dtype=bool)
         for _ in range(self.polish):
-            if not self._polish(queries, cand, ps):
+            moving = self._polish(queries, cand, ps, moving)
+            if not moving.any():
                 break
         return ps
 
-    def _polish(self, queries: np.ndarray, cand: np.ndarray, ps: PairScores) -> bool:
+    def _polish(
+        self, queries: np.ndarray, cand: np.ndarray, ps: PairScores, moving: np.ndarray
+    ) -> np.ndarray:
         """Refine each query's best pair between the grid's sizes: the 24 template shapes up
         to two pixels taller, shorter, wider or narrower than its best, at its best
         mirroring, kept where they correlate better (one hill-climbing step; True if any
         pair improved). The grid is 3 px apart, so a crop lying between two of its sizes is
         otherwise scored with up to 1.5 px of misfit at the edges; two-pixel moves are
         needed because a template centred on an integer pixel moves its centre by half a
-        pixel whenever its size changes parity, which a one-pixel move cannot undo."""
+        pixel whenever its size changes parity, which a one-pixel move cannot undo.
+
+        Only the queries marked ``moving`` (Q,) are tried: one whose best pair did not
+        change since its last step would score the same shapes again. Returns (Q,) bool,
+        the queries whose best pair improved."""
         r = queries.shape[-1]
         best = np.argmax(ps.correlation, axis=1)  # (Q,)
         rows = np.arange(len(queries))
-        valid = np.isfinite(ps.correlation[rows, best])
+        valid = np.isfinite(ps.correlation[rows, best]) & moving
         shape = np.round(ps.scale[rows, best] * r).astype(np.int64)  # (Q, 2)
         flip = ps.flip[rows, best]
         keys = np.concatenate([shape, flip[:, None].astype(np.int64)], axis=1)  # (Q, 3)
         lo, hi = r // 2, r
-        improved = False
+        improved = np.zeros(len(queries), dtype=bool)
         for hy, hx, fl in np.unique(keys[valid], axis=0):
             sel = np.flatnonzero(valid & (keys == (hy, hx, fl)).all(axis=1))
             near = tuple(
@@ -247,7 +271,7 @@ class PixelMatcher:
             gain = np.flatnonzero(fine.correlation[:, 0] > ps.correlation[sel, best[sel]])
             # The query was mirrored beforehand, so the pair keeps its own flip.
             adopt(ps, sel[gain], best[sel[gain]], fine, gain, 0, flip=False)
-            improved |= len(gain) > 0
+            improved[sel[gain]] = True
         return improved
 
     def match(
