@@ -26,6 +26,7 @@ from synthray.app.db import session_scope
 from synthray.app.registry.tables import ModelVersion
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
+from synthray.models.gate import calibration as stored_calibration
 from synthray.models.gate.planted import FAMILIES
 
 
@@ -217,13 +218,19 @@ def test_synthesize_check_export_download(
     # batch's check reads that calibration instead of computing it again.
     calibrations = sorted((settings.cache_dir / "gate").glob("*.safetensors"))
     assert len(calibrations) == 1
-    written = calibrations[0].stat()
+    written, before = calibrations[0].stat(), stored_calibration.load(calibrations[0])
+    assert stored_calibration.missing(before) == before.params["train"]  # audit: no figures
     assert run_queued(settings) == ["succeeded", "succeeded"]  # synthesize, then check
     assert sorted((settings.cache_dir / "gate").glob("*.safetensors")) == calibrations
-    # Read, not written again (a write renames a new file into place: another inode), and
-    # marked as used (its modification time is its last use, which pruning goes by).
+    # Read, not computed again (the same held-out scores); the check stored it again with
+    # the training-side searches its authenticity figure made (a write renames a new file
+    # into place: another inode), which also marks it as used for pruning.
+    after = stored_calibration.load(calibrations[0])
+    for space, scores in before.holdout_scores.items():
+        assert np.array_equal(after.holdout_scores[space], scores)
+    assert 0 <= stored_calibration.missing(after) < stored_calibration.missing(before)
     read = calibrations[0].stat()
-    assert read.st_ino == written.st_ino and read.st_mtime_ns > written.st_mtime_ns
+    assert read.st_ino != written.st_ino and read.st_mtime_ns > written.st_mtime_ns
     batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
     assert batch["state"] == "passed", batch
     assert batch["check"]["images"] == 18

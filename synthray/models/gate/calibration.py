@@ -1,14 +1,16 @@
 """The gate's calibration, kept on disk and reused while nothing it depends on changes.
 
 Calibrating the gate (:func:`synthray.models.gate.memorization.calibrate`) scores every
-held-out image against every training image in each space: as much work as checking as many
-synthetic images, and the same for every check against one dataset version. The
-calibration depends only on the training and held-out images, the copy-detection embedding
-and the check's parameters, so it is stored in a file named by a SHA-256 key over exactly
-those: the bytes of both image arrays, the embedding's SHA-256, the parameters, the source of
-the gate's modules and the versions of torch and numpy. Any change to any of them gives
-another key, so a stale calibration is never read; a file that cannot be read is computed
-again and replaced. The files are safetensors, written under a temporary name and renamed
+held-out image against every training image in each space, and every training image against
+the others (the training side of the authenticity figure): the same for every check against
+one dataset version. The calibration depends only on the training and held-out images, the
+copy-detection embedding and the check's parameters, so it is stored in a file named by a
+SHA-256 key over exactly those: the bytes of both image arrays, the embedding's SHA-256,
+the parameters, the source of the gate's modules, the versions of torch and numpy, and
+whether the CPU computes the embedding in bf16
+(:func:`synthray.models.runtime.cpu_bf16_fast`). Any change to any of them gives another key,
+so a stale calibration is never read; a file that cannot be read is computed again and
+replaced. The files are safetensors, written under a temporary name and renamed
 (:func:`synthray.models.checkpoint.save_state`), so a crash leaves the whole file or none.
 
 The files hold scores and embeddings derived from the site's images (no images, no patient
@@ -33,6 +35,7 @@ from safetensors import SafetensorError
 
 from synthray.models.checkpoint import load_state, save_state, unfinished_writes
 from synthray.models.gate.memorization import Calibration
+from synthray.models.runtime import cpu_bf16_fast
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ _SOURCES = (
     "imageops.py",
     "copydetect.py",
 )
-_FORMAT = 2
+_FORMAT = 3
 KIND = "gate-calibration"
 # What reading a damaged or foreign file raises.
 UNREADABLE = (OSError, ValueError, KeyError, SafetensorError)
@@ -65,6 +68,7 @@ def _code_fingerprint() -> str:
         except OSError:
             h.update(f"no source; synthray {__version__}".encode())
     h.update(f"torch {torch.__version__} numpy {np.__version__} format {_FORMAT}".encode())
+    h.update(f"bf16 {cpu_bf16_fast()}".encode())  # the embeddings' precision
     return h.hexdigest()
 
 
@@ -84,10 +88,14 @@ def cache_key(
 
 def save(path: Path, calibration: Calibration) -> None:
     """Write ``calibration`` to ``path`` (safetensors, atomically: see
-    :func:`synthray.models.checkpoint.save_state`)."""
+    :func:`synthray.models.checkpoint.save_state`). A check that filled in training-side
+    entries writes it again the same way; of two such writes at once, the later one wins
+    and the other's entries are computed again by a later check (they are deterministic)."""
     tensors = {f"holdout.{k}": torch.from_numpy(v) for k, v in calibration.holdout_scores.items()}
     if calibration.train_embeddings is not None:
         tensors["train_embeddings"] = torch.from_numpy(calibration.train_embeddings)
+    if calibration.train_nearest_other is not None:
+        tensors["train_nearest_other"] = torch.from_numpy(calibration.train_nearest_other)
     save_state(path, tensors, {"kind": KIND, "params": calibration.params})
 
 
@@ -103,7 +111,23 @@ def load(path: Path) -> Calibration:
         raise ValueError("calibration file's scores do not match its parameters")
     if emb is not None and emb.shape[0] != params["train"]:
         raise ValueError("calibration file's embeddings do not match its parameters")
-    return Calibration(holdout_scores=scores, train_embeddings=emb, params=params)
+    own = tensors["train_nearest_other"].numpy() if "train_nearest_other" in tensors else None
+    if own is not None and own.shape != (params["train"],):
+        raise ValueError("calibration file's training-side scores do not match its parameters")
+    return Calibration(
+        holdout_scores=scores, train_embeddings=emb, params=params, train_nearest_other=own
+    )
+
+
+def path_for(directory: Path, key: str) -> Path:
+    """Where :func:`cached` keeps the calibration of ``key``."""
+    return directory / f"{key}.safetensors"
+
+
+def missing(calibration: Calibration) -> int:
+    """How many training-side entries (``train_nearest_other``) the calibration still lacks."""
+    own = calibration.train_nearest_other
+    return -1 if own is None else int(np.isnan(own).sum())
 
 
 def cached(
@@ -115,7 +139,7 @@ def cached(
     ``keep``, a newly stored calibration prunes the directory to the ``keep`` most recently
     used (:func:`prune`).
     """
-    path = directory / f"{key}.safetensors"
+    path = path_for(directory, key)
     if path.exists():
         try:
             calibration = load(path)

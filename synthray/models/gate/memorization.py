@@ -184,17 +184,19 @@ def _dcr_share(
     return float(np.mean(to_sample.scores[:, 0] > to_hold.scores[:, 0]))
 
 
-def _authentic(
-    matcher: PixelMatcher, train: np.ndarray, best: np.ndarray, score: np.ndarray
-) -> np.ndarray:
+def _nearest_other(matcher: PixelMatcher, train: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """(len(which),) float32: robust pixel correlation of each train[which] with its nearest
+    *other* training image (-inf where there is none)."""
+    if train.shape[0] < 2 or not len(which):
+        return np.full(len(which), -np.inf, dtype=np.float32)
+    return matcher.match(train[which], 1, exclude=which, with_ssim=False).scores[:, 0]
+
+
+def _authentic(best: np.ndarray, score: np.ndarray, own: np.ndarray) -> np.ndarray:
     """(Q,) bool: synthetic j is authentic unless score_j > rho(i*, its nearest other train
-    image), i* = best[j] (Alaa et al. 2022, with the training-side lookup by i*)."""
-    nearest_train = np.unique(best[best >= 0])
-    own = np.full(train.shape[0], -np.inf, dtype=np.float32)  # (M,)
-    if train.shape[0] > 1 and len(nearest_train):
-        m = matcher.match(train[nearest_train], 1, exclude=nearest_train, with_ssim=False)
-        own[nearest_train] = m.scores[:, 0]
-    return score <= own[np.where(best >= 0, best, 0)]
+    image) = own[i*], i* = best[j] (Alaa et al. 2022, with the training-side lookup by i*);
+    authentic where j has no training neighbour (best -1)."""
+    return (best < 0) | (score <= own[np.where(best >= 0, best, 0)])
 
 
 @dataclass
@@ -203,8 +205,12 @@ class Calibration:
 
     ``holdout_scores`` are each held-out image's nearest-training scores per space, from which
     the thresholds follow for any quantile; ``train_embeddings`` are the copy-detection
-    embeddings of the training images (None without an embedder). ``params`` records how
-    they were computed (image counts, resolution, spaces, shift range), and
+    embeddings of the training images (None without an embedder); ``train_nearest_other``
+    is what the authenticity figure needs of the training set, filled in by the checks as
+    they need it (a robust pixel search of a training image among the others costs as much
+    as checking a synthetic image; all of them at once would cost several batches' worth).
+    ``params`` records how they were computed (image counts, resolution, spaces, shift
+    range), and
     :func:`check_memorization` refuses a calibration whose ``params`` differ from its own.
     It depends only on the training and held-out images, the embedder and the parameters,
     so it can be computed once per dataset version and reused
@@ -214,6 +220,10 @@ class Calibration:
     holdout_scores: dict[str, np.ndarray]  # (H,) float32 per space
     train_embeddings: np.ndarray | None  # (M, d) float32 unit rows
     params: dict
+    # (M,) float32: each training image's robust pixel correlation with its nearest other
+    # training image, the training side of the authenticity test; NaN until a check needed
+    # it (each check fills in what it computed, see check_memorization). None: per check.
+    train_nearest_other: np.ndarray | None = None
 
 
 def calibration_params(
@@ -310,6 +320,7 @@ def calibrate(
         holdout_scores=_holdout_side(matcher, train, holdout, embedding, register),
         train_embeddings=train_emb,
         params=calibration_params(train, holdout, embedder, max_shift, register),
+        train_nearest_other=np.full(train.shape[0], np.nan, dtype=np.float32),
     )
 
 
@@ -357,7 +368,10 @@ def check_memorization(
 
     ``calibration``: the held-out side computed beforehand by :func:`calibrate` with the same
     images, embedder and parameters; without it the check computes it (about as much work
-    again as checking as many synthetic images as there are held-out ones).
+    again as checking as many synthetic images as there are held-out ones). With the batch
+    figures, the check fills in the calibration's ``train_nearest_other`` entries it
+    computed, so that a caller who keeps the calibration (the check jobs store it again)
+    spares later checks that work.
     """
     _check_inputs(synthetic, train, holdout)
     if not 0.0 < quantile <= 1.0:
@@ -407,7 +421,14 @@ def check_memorization(
     dcr_share, authentic = math.nan, np.ones(len(synthetic), dtype=bool)
     if batch_figures:
         dcr_share = _dcr_share(synthetic, train, holdout, max_shift, seed)
-        authentic = _authentic(matcher, train, syn.neighbours[:, 0], scores["pixel"])
+        best = syn.neighbours[:, 0]
+        own = calibration.train_nearest_other if calibration is not None else None
+        if own is None:
+            own = np.full(m, np.nan, dtype=np.float32)
+        needed = np.unique(best[best >= 0])
+        needed = needed[np.isnan(own[needed])]
+        own[needed] = _nearest_other(matcher, train, needed)  # kept in the calibration
+        authentic = _authentic(best, scores["pixel"], own)
 
     return MemorizationReport(
         quantile=quantile,

@@ -68,10 +68,12 @@ def _figures(
     """The three-space check of ``images`` against every training image of ``split``, with
     the site's policy; ``evidence`` adds three neighbours, SSIM and the batch figures.
     Returns the check's figures and the copy-detection embedding's sha256."""
+    from synthray.models.gate import calibration as stored
     from synthray.models.gate.memorization import check_memorization, pixel_shift_range
 
     embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
-    calibration = _calibration(ctx, split, embedder, embedder_sha)
+    calibration, path = _calibration(ctx, split, embedder, embedder_sha)
+    lacking = stored.missing(calibration)
     ctx.progress(0, len(images), "searching nearest training images (exact)")
     figures = check_memorization(
         images,
@@ -86,12 +88,18 @@ def _figures(
         max_shift=pixel_shift_range(split.resolution),
         register=REGISTER,
     )
+    if evidence and stored.missing(calibration) < lacking:
+        # The authenticity figure's training-side searches this check made, for later ones.
+        stored.save(path, calibration)
     return figures, embedder_sha
 
 
-def _calibration(ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sha: str) -> Any:
+def _calibration(
+    ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sha: str
+) -> tuple[Any, Any]:
     """The gate's calibration on the split's held-out films: computed by the first check
-    against this training set, embedding and gate code, reused by every later one."""
+    against this training set, embedding and gate code, reused by every later one; and the
+    file it is kept in."""
     from synthray.models.gate import calibration as stored
     from synthray.models.gate.memorization import (
         calibrate,
@@ -110,12 +118,13 @@ def _calibration(ctx: JobContext, split: SplitArrays, embedder: Any, embedder_sh
         )
         return calibrate(train, holdout, embedder=embedder, max_shift=shift, register=REGISTER)
 
+    directory = ctx.settings.cache_dir / "gate"
     calibration, reused = stored.cached(
-        ctx.settings.cache_dir / "gate", key, compute, keep=ctx.settings.gate_calibrations_kept
+        directory, key, compute, keep=ctx.settings.gate_calibrations_kept
     )
     if reused:
         ctx.progress(0, None, f"gate calibration on {len(holdout)} held-out films reused")
-    return calibration
+    return calibration, stored.path_for(directory, key)
 
 
 def flagged(

@@ -50,6 +50,30 @@ def test_a_stored_calibration_gives_the_same_check(batch, net, tmp_path) -> None
     assert split.dcr_train_share == whole.dcr_train_share
 
 
+def test_checks_fill_in_the_training_side_for_later_checks(batch, net, tmp_path) -> None:
+    """The authenticity figure's training-side searches a check made are kept in the
+    calibration: stored and read back, a later check finds them and reaches the same
+    figures; what it lacks it computes and adds."""
+    train, holdout, synthetic = batch
+    cal = calibrate(train, holdout, embedder=net)
+    assert stored.missing(cal) == len(train)  # nothing computed at calibration
+    first = check_memorization(synthetic[:10], train, holdout, embedder=net, calibration=cal)
+    filled = len(train) - stored.missing(cal)
+    assert filled == len(np.unique(first.neighbours[:, 0]))
+    stored.save(tmp_path / "c.safetensors", cal)
+    again = stored.load(tmp_path / "c.safetensors")
+    assert stored.missing(again) == stored.missing(cal)
+    rest = check_memorization(synthetic, train, holdout, embedder=net, calibration=again)
+    whole = check_memorization(synthetic, train, holdout, embedder=net)
+    assert np.array_equal(rest.authentic, whole.authentic)
+    assert stored.missing(again) < stored.missing(cal)
+    known = ~np.isnan(again.train_nearest_other)
+    own = calibrate(train, holdout, embedder=net)
+    check_memorization(train, train, holdout, embedder=net, calibration=own, k=1)
+    # Every entry equals the training image's own nearest-other search, however filled.
+    assert np.array_equal(again.train_nearest_other[known], own.train_nearest_other[known])
+
+
 def test_a_calibration_for_other_settings_is_refused(batch, net) -> None:
     train, holdout, synthetic = batch
     cal = calibrate(train, holdout, embedder=net, register=False)
