@@ -11,8 +11,11 @@ shear up to 0.1, translation up to 6 px (at 64 px), each orientation (as it is a
 mirrored) registered separately. This is the classic intensity-based registration of
 medical images (Maes et al., "Multimodality image registration by maximization of mutual
 information", IEEE TMI 1997, here with correlation, the right similarity within one modality),
-solved by gradient ascent on ``grid_sample`` (Jaderberg et al., "Spatial Transformer
-Networks", NeurIPS 2015), coarse to fine: every candidate at 32 px (where the optimum's basin
+solved by gradient ascent with the Lucas-Kanade gradient (Lucas and Kanade, "An Iterative
+Image Registration Technique", IJCAI 1981; Baker and Matthews, "Lucas-Kanade 20 Years On",
+IJCV 2004: the warped image's derivatives times the pixel coordinates), the warp sampled
+with ``grid_sample`` (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015),
+coarse to fine: every candidate at 32 px (where the optimum's basin
 is wider and a step is four times cheaper), then the two best per query at 64 px from there.
 Both images are blurred slightly first and compared on their interior, where no border
 padding enters.
