@@ -284,6 +284,11 @@ def test_synthesize_check_export_download(
         ("flow-loss", "generator"),
     }
     assert "## Membership inference" in scorecard and "| flow-loss | generator |" in scorecard
+    # What chance alone gives the worst attack at these group sizes, and the p-value.
+    chance = card["membership_inference"]["worst_tpr_by_chance"]
+    assert chance["rounds"] == 1000 and chance["median"] <= chance["p95"] <= 1.0
+    assert 0.0 < chance["p_value"] <= 1.0
+    assert f"p = {chance['p_value']:.3f} against chance" in scorecard
     assert "## Re-identification" in scorecard  # measured, or said to be unmeasured
     # The gate's detection of planted copies of this dataset's own training films: every
     # family, two copies each (the test settings); an exact copy is always caught.

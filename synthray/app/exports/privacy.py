@@ -246,6 +246,20 @@ def markdown(card: dict[str, Any]) -> str:
             "them may score above the 1% FPR threshold, and the TPR moves in steps of "
             f"{_pct(mia['tpr_resolution'])}: small groups make these figures coarse.",
         ]
+        chance = mia.get("worst_tpr_by_chance")
+        if chance:
+            lines += [
+                "",
+                "What chance alone gives at these group sizes (the member and non-member "
+                f"labels permuted {chance['rounds']} times, every attack scored again): a "
+                f"worst TPR of {_pct(chance['median'])} (median) and {_pct(chance['p95'])} "
+                f"(95th percentile); chance exceeds the {_pct(goal['tpr_at_1pct_fpr'])} goal "
+                f"in {_pct(chance['above_goal'])} of draws. The observed worst TPR has "
+                f"p = {chance['p_value']:.3f} against chance (a small p is evidence of "
+                "membership leakage; a large one means the TPR figure cannot tell this "
+                "generator from one that leaks nothing). The verdict above does not use "
+                "this: it is the goal as written.",
+            ]
     lines += ["", "## Re-identification", ""]
     reid = card["reidentification"]
     if not reid:

@@ -35,12 +35,19 @@ def audit_line(a: dict[str, Any] | None) -> str | None:
     if a.get("skipped"):
         return f"not measured ({a['skipped']})"
     verdict = "goal met" if a["passed"] else "goal NOT met"
+    chance = a.get("worst_tpr_by_chance")
+    by_chance = (
+        f" (p = {chance['p_value']:.2f} against chance, whose 95th percentile is "
+        f"{100 * chance['p95']:.1f}%)"
+        if chance
+        else ""
+    )
     return (
         f"worst AUROC {a['worst_auroc']:.3f}, worst TPR at 1% FPR "
-        f"{100 * a['worst_tpr_at_1pct_fpr']:.1f}% over {len(a['attacks'])} attacks "
-        f"({a['members']} members vs {a['nonmembers']} non-members; control AUROCs within "
-        f"{a['control_worst_distance_from_half']:.3f} of 0.5; goal <= {a['goal']['auroc']} "
-        f"and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
+        f"{100 * a['worst_tpr_at_1pct_fpr']:.1f}%{by_chance} over {len(a['attacks'])} "
+        f"attacks ({a['members']} members vs {a['nonmembers']} non-members; control AUROCs "
+        f"within {a['control_worst_distance_from_half']:.3f} of 0.5; goal <= "
+        f"{a['goal']['auroc']} and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
     )
 
 

@@ -51,6 +51,7 @@ GOAL_AUROC = 0.55
 GOAL_TPR = 0.02
 FPR = 0.01
 BOOTSTRAP = 200
+NULL_ROUNDS = 1000
 
 
 class TooFewImages(ValueError):
@@ -108,6 +109,29 @@ def figures(pos: np.ndarray, neg: np.ndarray, seed: int = 0) -> dict[str, Any]:
         "auroc_interval": [round(lo, 4), round(hi, 4)],
         "tpr_at_1pct_fpr": round(tpr_at_fpr(pos, neg), 4),
     }
+
+
+def worst_tpr_null(
+    scores: list[np.ndarray], n_members: int, n_nonmembers: int, seed: int, rounds: int
+) -> np.ndarray:
+    """(rounds,) the worst TPR at 1% FPR over every attack when membership is a coin toss:
+    the member and non-member labels of the films are permuted together for all attacks
+    (so their correlation is kept, the max-T permutation test of Westfall and Young,
+    "Resampling-Based Multiple Testing", 1993). ``scores``: per attack, (members +
+    non-members,) in that order, NaN for films the attack left out."""
+    rng = np.random.default_rng(seed)
+    total = n_members + n_nonmembers
+    out = np.empty(rounds)
+    for r in range(rounds):
+        perm = rng.permutation(total)
+        worst = 0.0
+        for s in scores:
+            m, h = s[perm[:n_members]], s[perm[n_members:]]
+            m, h = m[~np.isnan(m)], h[~np.isnan(h)]
+            if len(m) and len(h):
+                worst = max(worst, tpr_at_fpr(m, h))
+        out[r] = worst
+    return out
 
 
 # ------------------------------------------------------------------------ groups
@@ -296,8 +320,13 @@ def audit(
             on_progress(msg)
 
     attacks: list[dict[str, Any]] = []
+    member_nonmember: list[np.ndarray] = []  # per attack, for the permutation null
 
     def add(name: str, space: str, scores: np.ndarray, keep: np.ndarray | None = None) -> None:
+        both = np.asarray(scores, np.float64)[: cuts[2]].copy()
+        if keep is not None:
+            both[~keep[: cuts[2]]] = np.nan
+        member_nonmember.append(both)
         m, h, c = split(scores)
         if keep is not None:
             km, kh, kc = split(keep)
@@ -334,6 +363,7 @@ def audit(
     worst_auroc = max(a["auroc"] for a in attacks)
     worst_tpr = max(a["tpr_at_1pct_fpr"] for a in attacks)
     control_worst = max(abs(a["control"]["auroc"] - 0.5) for a in attacks)
+    null = worst_tpr_null(member_nonmember, n, len(groups.nonmembers), seed, NULL_ROUNDS)
     return {
         "members": n,
         "nonmembers": len(groups.nonmembers),
@@ -347,6 +377,17 @@ def audit(
         "passed": bool(worst_auroc <= GOAL_AUROC and worst_tpr <= GOAL_TPR),
         # With N non-members the 1% FPR threshold rests on floor(N / 100) of them.
         "tpr_resolution": round(1.0 / max(n, 1), 4),
+        # What chance alone gives the worst attack at these group sizes (labels permuted):
+        # a worst TPR inside this spread is no evidence of membership leakage, and a goal
+        # below its 95th percentile cannot be told from chance with so few films.
+        "worst_tpr_by_chance": {
+            "median": round(float(np.median(null)), 4),
+            "p95": round(float(np.percentile(null, 95)), 4),
+            "above_goal": round(float(np.mean(null > GOAL_TPR)), 4),
+            # worst_tpr is rounded to 4 decimals: half a unit of slack keeps ties as ties.
+            "p_value": round(float((1 + np.sum(null >= worst_tpr - 5e-5)) / (1 + len(null))), 4),
+            "rounds": len(null),
+        },
         "seed": seed,
     }
 

@@ -74,10 +74,35 @@ def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
     assert pixel["auroc"] > 0.7 and pixel["tpr_at_1pct_fpr"] >= 0.25
     assert abs(pixel["control"]["auroc"] - 0.5) < 0.2
     assert not leaky["passed"]
+    # Copies of half the members are far outside what chance gives.
+    assert leaky["worst_tpr_by_chance"]["p_value"] < 0.01
+    assert leaky["worst_tpr_by_chance"]["p95"] < pixel["tpr_at_1pct_fpr"]
     # Films of other patients as "synthetic" images: nothing to tell members by.
     clean = mia.audit(fresh, train, zeros, hold, zeros, spaces=[], per_group=40)
     assert 0.3 < clean["attacks"][0]["auroc"] < 0.7
     assert clean["attacks"][0]["tpr_at_1pct_fpr"] < 0.2
+    assert clean["worst_tpr_by_chance"]["p_value"] > 10 * leaky["worst_tpr_by_chance"]["p_value"]
+
+
+def test_chance_gives_a_worst_tpr_above_two_percent_at_small_groups() -> None:
+    """The permutation null of the worst TPR at 1% FPR: with 248 films per group and six
+    attacks that see nothing, the worst one exceeds 2% in most draws (simulated: about
+    three quarters of audits if the attacks were independent), so the figure alone cannot
+    resolve the 2% goal; with identical attacks the worst is a single attack's, which
+    exceeds 2% about a fifth of the time; a p-value is uniform-ish under the null."""
+    rng = np.random.default_rng(5)
+    n = 248
+    independent = [rng.random(2 * n) for _ in range(6)]
+    null = mia.worst_tpr_null(independent, n, n, seed=0, rounds=400)
+    assert 0.5 < np.mean(null > 0.02) < 0.95
+    same = [independent[0]] * 6
+    null_same = mia.worst_tpr_null(same, n, n, seed=0, rounds=400)
+    assert 0.1 < np.mean(null_same > 0.02) < 0.35
+    assert np.median(null_same) <= np.median(null)
+    # Films an attack left out (NaN) are left out of every permuted draw too.
+    holes = independent[0].copy()
+    holes[::3] = np.nan
+    assert np.isfinite(mia.worst_tpr_null([holes], n, n, seed=0, rounds=20)).all()
 
 
 def test_generator_attacks_find_what_a_generator_memorized(tmp_path: Path) -> None:
