@@ -258,10 +258,8 @@ def markdown(card: dict[str, Any]) -> str:
                 f"p = {chance['p_value']:.3f} against chance (a small p is evidence of "
                 "membership leakage; a large one means the TPR figure cannot tell this "
                 "generator from one that leaks nothing). The permutation treats films as "
-                "independent, but one patient's films are alike: where a group holds "
-                "several films of one patient the real spread differs, so this is a guide, "
-                "not an exact test. The verdict above does not use it: it is the goal as "
-                "written.",
+                "independent, although one patient's films are alike. The verdict above "
+                "does not use it: it is the goal as written.",
             ]
     lines += ["", "## Re-identification", ""]
     reid = card["reidentification"]
