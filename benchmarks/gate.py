@@ -46,12 +46,6 @@ def load_kermany(folder: Path, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.array([r["patient_key"] for r in rows])
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/kermany-224")
@@ -61,6 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import faiss
+    import torch
 
     from synthray.models.gate import copydetect
     from synthray.models.gate.memorization import (
@@ -72,7 +67,8 @@ def main() -> None:
     from synthray.models.runtime import cpu_bf16_fast, keep_freed_memory
 
     keep_freed_memory()  # as in the worker's job processes, where the check runs
-    print(f"bf16: {'yes' if cpu_bf16_fast() else 'no (fp32)'}; torch threads {torch_threads()}")
+    bf16 = "yes" if cpu_bf16_fast() else "no (fp32)"
+    print(f"bf16: {bf16}; torch threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
     res = args.resolution

@@ -19,8 +19,8 @@ The answer comes from torch's own CPU feature probes (``torch.cpu._is_avx512_bf1
 ``torch.cpu._is_amx_tile_supported``, which read CPUID); if a torch release drops them, the
 answer is False, which is slow on new CPUs but never wrong. :func:`allow_cpu_bf16` turns bf16
 off for the process whatever the CPU (the ``SYNTHRAY_CPU_BF16=off`` setting, applied in every
-worker process; the benchmarks' ``--no-bf16``): fp32 everywhere, as on a CPU without bf16
-units.
+worker process and read from the environment at import, which is how the benchmarks take
+it): fp32 everywhere, as on a CPU without bf16 units.
 """
 
 from __future__ import annotations

@@ -238,11 +238,11 @@ class PixelMatcher:
     ) -> np.ndarray:
         """Refine each query's best pair between the grid's sizes: the 24 template shapes up
         to two pixels taller, shorter, wider or narrower than its best, at its best
-        mirroring, kept where they correlate better (one hill-climbing step; True if any
-        pair improved). The grid is 3 px apart, so a crop lying between two of its sizes is
-        otherwise scored with up to 1.5 px of misfit at the edges; two-pixel moves are
-        needed because a template centred on an integer pixel moves its centre by half a
-        pixel whenever its size changes parity, which a one-pixel move cannot undo.
+        mirroring, kept where they correlate better (one hill-climbing step). The grid is
+        3 px apart, so a crop lying between two of its sizes is otherwise scored with up to
+        1.5 px of misfit at the edges; two-pixel moves are needed because a template centred
+        on an integer pixel moves its centre by half a pixel whenever its size changes
+        parity, which a one-pixel move cannot undo.
 
         Only the queries marked ``moving`` (Q,) are tried: one whose best pair did not
         change since its last step would score the same shapes again. Returns (Q,) bool,

@@ -124,15 +124,6 @@ def _theta(p: Tensor, flip: Tensor) -> Tensor:
     return theta
 
 
-def _interior_correlation(a: Tensor, b: Tensor, border: int) -> Tensor:
-    """(P, 1, S, S) x2 -> (P,) Pearson correlation of the interiors."""
-    a = a[..., border:-border, border:-border].flatten(1)
-    b = b[..., border:-border, border:-border].flatten(1)
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)
-
-
 def _base_coords(size: int) -> Tensor:
     """(S*S, 3) normalised output coordinates (x, y, 1) of the pixel centres, row-major, as
     ``affine_grid`` uses them (``align_corners=False``)."""

@@ -82,8 +82,7 @@ def in_parallel(fn: Callable[[int], None], starts: Iterable[int], workers: int) 
             fn(s)
         return
     with concurrent.futures.ThreadPoolExecutor(min(workers, len(starts))) as pool:
-        for done in pool.map(fn, starts):
-            del done
+        list(pool.map(fn, starts))  # consumed, so that a block's exception is raised here
 
 
 def _gamma(n: int, u: float) -> float:
