@@ -216,8 +216,9 @@ def identify(
     """:func:`caller`'s work, given the API key or (``token``) the identity-provider token
     the request presented."""
     if not key:
-        if request.method in ("GET", "HEAD") and web.COOKIE in request.cookies:
-            signed_in = web.browser(session, settings, request.cookies[web.COOKIE])
+        cookie = web.cookie_name(web.COOKIE, web.secure_cookies(request.url.scheme, settings))
+        if request.method in ("GET", "HEAD") and cookie in request.cookies:
+            signed_in = web.browser(session, settings, request.cookies[cookie])
             if signed_in is not None:
                 return signed_in.principal
         return Unauthorized("missing API key (Authorization: Bearer <key> or X-API-Key)")

@@ -121,7 +121,7 @@ def signed_in(*roles: Role) -> Callable[..., Awaitable[Browser]]:
     allowed = set(roles) | {Role.admin}
 
     async def check(request: Request, session: SessionDep, settings: SettingsDep) -> Browser:
-        token = request.cookies.get(web.COOKIE)
+        token = request.cookies.get(_cookie(request, settings, web.COOKIE))
         who = await blocking(session, web.browser, session, settings, token)
         if who is None:
             raise SignInFirst(request.url.path)
@@ -170,7 +170,12 @@ def _see_other(url: str) -> RedirectResponse:
 
 
 def _cookie_secure(request: Request, settings: Settings) -> bool:
-    return bool(settings.web_cookie_secure) or request.url.scheme == "https"
+    return web.secure_cookies(request.url.scheme, settings)
+
+
+def _cookie(request: Request, settings: Settings, base: str) -> str:
+    """The name this request's cookie ``base`` goes by (``__Host-`` over HTTPS)."""
+    return web.cookie_name(base, _cookie_secure(request, settings))
 
 
 def _form(model: type[M], fields: dict[str, Any]) -> M:
@@ -190,7 +195,9 @@ def _form(model: type[M], fields: dict[str, Any]) -> M:
 @router.get("", response_class=HTMLResponse)
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    who = web.browser(session, settings, request.cookies.get(web.COOKIE))
+    who = web.browser(
+        session, settings, request.cookies.get(_cookie(request, settings, web.COOKIE))
+    )
     if who is None:
         return _see_other("/ui/signin")
     return _see_other(LANDING[who.principal.role])
@@ -222,10 +229,10 @@ def _signin_page(
         provider=provider.enabled(settings),
     )
     response.set_cookie(
-        web.SIGNIN_COOKIE,
+        _cookie(request, settings, web.SIGNIN_COOKIE),
         token,
         max_age=600,
-        path="/ui/signin",
+        path="/",
         httponly=True,
         samesite="strict",
         secure=_cookie_secure(request, settings),
@@ -242,7 +249,8 @@ def signin(
     csrf: Annotated[str, Form(max_length=100)] = "",
     next: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
-    if not web.same_token(request.cookies.get(web.SIGNIN_COOKIE), csrf):
+    signin_cookie = _cookie(request, settings, web.SIGNIN_COOKIE)
+    if not web.same_token(request.cookies.get(signin_cookie), csrf):
         error = "The sign-in form had expired; it has been renewed, please try again."
         return _signin_page(request, settings, 403, error, next)
     signed = web.sign_in(session, settings, key)
@@ -251,7 +259,7 @@ def signin(
     token, who = signed
     response = _see_other(_safe_next(next) or LANDING[who.principal.role])
     _set_session_cookie(response, request, settings, token)
-    response.delete_cookie(web.SIGNIN_COOKIE, path="/ui/signin")
+    _delete_cookie(response, request, settings, signin_cookie)
     return response
 
 
@@ -259,13 +267,20 @@ def _set_session_cookie(
     response: Response, request: Request, settings: Settings, token: str
 ) -> None:
     response.set_cookie(
-        web.COOKIE,
+        _cookie(request, settings, web.COOKIE),
         token,
         max_age=int(settings.web_session_hours * 3600),
         path="/",
         httponly=True,
         samesite="strict",
         secure=_cookie_secure(request, settings),
+    )
+
+
+def _delete_cookie(response: Response, request: Request, settings: Settings, name: str) -> None:
+    # A browser drops a __Host- cookie only when the deletion is itself Secure.
+    response.delete_cookie(
+        name, path="/", httponly=True, secure=_cookie_secure(request, settings), samesite="lax"
     )
 
 
@@ -288,10 +303,10 @@ def provider_signin(request: Request, settings: SettingsDep, next: str = "") -> 
     # Lax, not Strict: the browser must send it on the provider's redirect back (a
     # top-level GET from another site). The next page rides along in the same cookie.
     response.set_cookie(
-        provider.COOKIE,
+        _cookie(request, settings, provider.COOKIE),
         seed + "|" + quote(_safe_next(next) or "", safe="/"),
         max_age=provider.FLOW_SECONDS,
-        path="/ui/signin/provider",
+        path="/",
         httponly=True,
         samesite="lax",
         secure=_cookie_secure(request, settings),
@@ -313,7 +328,8 @@ def provider_callback(
     page with the reason (the provider's own error text is not shown: it is not ours)."""
     if not provider.enabled(settings):
         raise NotFound("sign-in through an identity provider is not configured here")
-    seed, _, next_page = request.cookies.get(provider.COOKIE, "").partition("|")
+    flow_cookie = _cookie(request, settings, provider.COOKIE)
+    seed, _, next_page = request.cookies.get(flow_cookie, "").partition("|")
     next_page = unquote(next_page)
     reason: str | None = None
     status_code = 401
@@ -339,7 +355,7 @@ def provider_callback(
             f"Sign-in through the identity provider failed: {reason}.",
             next_page,
         )
-        response.delete_cookie(provider.COOKIE, path="/ui/signin/provider")
+        _delete_cookie(response, request, settings, flow_cookie)
         return response
     token, who = web.open_session(session, settings, principal)
     # A page that moves on by itself rather than a redirect: the navigation that brought
@@ -348,15 +364,16 @@ def provider_callback(
     landing = _safe_next(next_page) or LANDING[who.principal.role]
     response = page(request, "signed_in.html", who, 200, landing=landing)
     _set_session_cookie(response, request, settings, token)
-    response.delete_cookie(provider.COOKIE, path="/ui/signin/provider")
+    _delete_cookie(response, request, settings, flow_cookie)
     return response
 
 
 @router.post("/signout")
 def signout(request: Request, session: SessionDep, settings: SettingsDep, _: AnyForm) -> Response:
-    web.sign_out(session, settings, request.cookies.get(web.COOKIE))
+    session_cookie = _cookie(request, settings, web.COOKIE)
+    web.sign_out(session, settings, request.cookies.get(session_cookie))
     response = _see_other("/ui/signin")
-    response.delete_cookie(web.COOKIE, path="/")
+    _delete_cookie(response, request, settings, session_cookie)
     return response
 
 

@@ -27,6 +27,22 @@ from synthray.config import Settings
 
 COOKIE = "synthray_session"
 SIGNIN_COOKIE = "synthray_signin"
+SECURE_PREFIX = "__Host-"
+
+
+def secure_cookies(scheme: str, settings: Settings) -> bool:
+    """Whether this request's cookies are Secure: over HTTPS always, and behind a TLS proxy
+    that does not forward its scheme when the setting says so."""
+    return bool(settings.web_cookie_secure) or scheme == "https"
+
+
+def cookie_name(base: str, secure: bool) -> str:
+    """The name a cookie goes by: ``__Host-`` first when it is Secure. A browser keeps such
+    a cookie only if it is Secure, for this host alone (no Domain) and for Path=/, so
+    neither a sibling subdomain nor a plain-HTTP page of the same host can set or overwrite
+    it (cookie tossing: a planted session or sign-in flow). The plain name is read only
+    where the prefixed one cannot exist (plain HTTP with the setting off)."""
+    return SECURE_PREFIX + base if secure else base
 
 
 @dataclass(frozen=True)

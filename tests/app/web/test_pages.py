@@ -221,13 +221,70 @@ def test_session_cookie_attributes_and_its_end(
     assert client.get("/ui/exports", follow_redirects=False).status_code == 303
 
 
+def _attributes(set_cookie: str) -> tuple[str, set[str]]:
+    name_value, *attrs = [part.strip() for part in set_cookie.split(";")]
+    return name_value.split("=")[0], {a.lower() for a in attrs}
+
+
 def test_secure_cookie_when_asked(settings: Settings, keys: Keys) -> None:
     from synthray.app.main import create_app
 
     settings.web_cookie_secure = True
     with TestClient(create_app(settings)) as c:
+        name, attrs = _attributes(c.get("/ui/signin").headers["set-cookie"])
+        assert name == "__Host-synthray_signin" and {"secure", "path=/"} <= attrs
+
+
+def test_over_https_the_cookies_are_host_only_and_a_planted_one_is_ignored(
+    settings: Settings, keys: Keys
+) -> None:
+    """Over HTTPS every cookie is ``__Host-``: Secure, Path=/, no Domain, so a sibling
+    subdomain or a plain-HTTP page cannot plant a session (or a sign-in form token) that
+    this site would read."""
+    from synthray.app.main import create_app
+
+    app = create_app(settings)
+    with TestClient(app, base_url="https://testserver", raise_server_exceptions=False) as c:
         form = c.get("/ui/signin")
-        assert "secure" in form.headers["set-cookie"].lower()
+        name, attrs = _attributes(form.headers["set-cookie"])
+        assert name == "__Host-synthray_signin"
+        assert {"secure", "httponly", "path=/", "samesite=strict"} <= attrs
+        assert not any(a.startswith("domain") for a in attrs)
+        r = c.post(
+            "/ui/signin",
+            data={"key": keys.reviewer, "csrf": csrf_of(form.text)},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303, r.text
+        set_cookies = r.headers.get_list("set-cookie")
+        session = next(h for h in set_cookies if h.startswith("__Host-synthray_session="))
+        name, attrs = _attributes(session)
+        assert {"secure", "httponly", "path=/", "samesite=strict"} <= attrs
+        assert not any(a.startswith("domain") for a in attrs)
+        # The form token's deletion is Secure too (a browser ignores it otherwise).
+        cleared = next(h for h in set_cookies if h.startswith("__Host-synthray_signin="))
+        assert {"secure", "max-age=0"} <= _attributes(cleared)[1]
+        token = c.cookies.get("__Host-synthray_session")
+        assert token and c.get("/ui/exports").status_code == 200
+        assert c.get("/v1/me").json()["role"] == "reviewer"  # the cookie stands in on GET
+
+        # The same valid token under the plain name, as a tossed cookie would arrive, does
+        # not sign a browser in over HTTPS; nor does a plain-named form token pass the check.
+        planted = TestClient(app, base_url="https://testserver", raise_server_exceptions=False)
+        planted.cookies.set(COOKIE, token)
+        assert planted.get("/ui/exports", follow_redirects=False).status_code == 303
+        assert planted.get("/v1/me").status_code == 401
+        planted.cookies.set("synthray_signin", "t" * 43)
+        r = planted.post("/ui/signin", data={"key": keys.reviewer, "csrf": "t" * 43})
+        assert r.status_code == 403 and "expired" in r.text
+
+        # Signing out clears the __Host- cookie with a Secure deletion.
+        landing = c.get("/ui/exports").text
+        r = c.post("/ui/signout", data={"csrf": csrf_of(landing)}, follow_redirects=False)
+        assert r.status_code == 303
+        gone = r.headers["set-cookie"]
+        assert gone.startswith("__Host-synthray_session=") and "secure" in gone.lower()
+        assert c.get("/v1/me").status_code == 401
 
 
 def test_admin_creates_and_revokes_keys_in_the_page(
