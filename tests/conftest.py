@@ -143,7 +143,9 @@ def _build_world(folder: Path, url: str, database: str) -> World:
     settings = make_settings(folder, url)
     assert settings.import_root is not None
     keys = make_keys(settings)
-    plant_bad_rows(copy_subset(settings.import_root, per_class=12))
+    # One film per patient: the membership audit counts patients, and needs held-out
+    # patients of every class to form its groups.
+    plant_bad_rows(copy_subset(settings.import_root, per_class=12, one_per_patient=True))
     h = auth(keys.operator)
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         r = c.post("/v1/datasets", json={"name": "nih", "source": "nih", **NIH_INGEST}, headers=h)

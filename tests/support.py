@@ -93,33 +93,50 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def copy_subset(dest: Path, per_class: int = 30, name: str = "nih", *, skip_first: int = 0) -> Path:
-    """Copy a small, labelled slice of the NIH reference set into an import folder.
-
-    ``skip_first`` leaves out the patients of the slice ``copy_subset(per_class=skip_first)``
-    would copy, so the two slices share no patient.
-    """
-    src = nih_dir()
-    folder = dest / name
-    (folder / "images").mkdir(parents=True)
+def _pick(
+    every: list[dict[str, str]], per_class: int, skipped: set[str], one_per_patient: bool
+) -> list[dict[str, str]]:
     wanted = {"No Finding": per_class, "Effusion": per_class, "Cardiomegaly": per_class}
-    with (src / "labels.csv").open(newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        every = list(reader)
-    skipped: set[str] = set()
-    if skip_first:
-        first = dict.fromkeys(wanted, skip_first)
-        for r in every:
-            if first.get(r["Finding Labels"], 0) > 0:
-                first[r["Finding Labels"]] -= 1
-                skipped.add(r["Patient ID"])
+    skipped = set(skipped)
     rows = []
     for r in every:
         lab = r["Finding Labels"]
         if wanted.get(lab, 0) > 0 and r["Patient ID"] not in skipped:
             wanted[lab] -= 1
             rows.append(r)
+            if one_per_patient:
+                skipped.add(r["Patient ID"])
+    return rows
+
+
+def copy_subset(
+    dest: Path,
+    per_class: int = 30,
+    name: str = "nih",
+    *,
+    skip_first: int = 0,
+    one_per_patient: bool = False,
+) -> Path:
+    """Copy a small, labelled slice of the NIH reference set into an import folder.
+
+    ``skip_first`` leaves out the patients of the slice ``copy_subset(per_class=skip_first)``
+    would copy, with or without ``one_per_patient``, so the two slices share no patient.
+    ``one_per_patient``: at most one film of each patient (so a small slice still has
+    held-out patients of every class).
+    """
+    src = nih_dir()
+    folder = dest / name
+    (folder / "images").mkdir(parents=True)
+    with (src / "labels.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        every = list(reader)
+    skipped: set[str] = set()
+    if skip_first:  # the patients of the first slice, chosen as the first call chose them
+        first = _pick(every, skip_first, set(), one_per_patient=True)
+        first += _pick(every, skip_first, set(), one_per_patient=False)
+        skipped = {r["Patient ID"] for r in first}
+    rows = _pick(every, per_class, skipped, one_per_patient)
     for r in rows:
         shutil.copyfile(src / r["file"], folder / r["file"])
     with (folder / "labels.csv").open("w", newline="") as f:

@@ -284,6 +284,13 @@ def test_synthesize_check_export_download(
         ("flow-loss", "generator"),
     }
     assert "## Membership inference" in scorecard and "| flow-loss | generator |" in scorecard
+    # Patients are the unit: one film each, and a verdict that says when there are too few.
+    mi = card["membership_inference"]
+    assert mi["unit"] == "patient (one film each)"
+    assert mi["nonmembers"] + mi["control_nonmembers"] <= mi["holdout_patients"]
+    assert f"{mi['members']} training patients (members)" in scorecard
+    assert mi["conclusive"] is (mi["nonmembers"] >= 100)
+    assert ("inconclusive:" in scorecard) is not mi["conclusive"]
     # What chance alone gives the worst attack at these group sizes, and the p-value.
     chance = card["membership_inference"]["worst_tpr_by_chance"]
     assert chance["rounds"] == 1000 and chance["median"] <= chance["p95"] <= 1.0
@@ -431,6 +438,9 @@ def test_a_site_can_require_a_passed_membership_audit_before_export(
     set_audit(audit | {"passed": False, "worst_auroc": 0.91})
     r = client.post("/v1/exports", json=body, headers=op)
     assert r.status_code == 409 and "worst AUROC 0.91" in r.json()["detail"]
+    set_audit(audit | {"passed": False, "conclusive": False, "nonmembers": 12})
+    r = client.post("/v1/exports", json=body, headers=op)
+    assert r.status_code == 409 and "inconclusive: 12 non-member patients" in r.json()["detail"]
     set_audit(audit | {"passed": True})
     r = client.post("/v1/exports", json=body, headers=op)
     assert r.status_code == 202, r.text

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from synthray.app.registry.summary import audit_unit, audit_verdict
+
 FORMAT = "synthray-privacy/1"
 
 THREAT_MODEL = (
@@ -215,9 +217,21 @@ def markdown(card: dict[str, Any]) -> str:
         lines.append(f"Not measured: {mia['skipped']}.")
     else:
         goal = mia["goal"]
+        if audit_unit(mia) == "patients":
+            who = (
+                f"{mia['members']} training patients (members) against {mia['nonmembers']} "
+                "held-out patients (non-members), one film each drawn at random, matched by "
+                f"class (drawn from {mia['train_patients']} training and "
+                f"{mia['holdout_patients']} held-out patients; one patient's films look "
+                "alike, so the patient, not the film, is what is counted)"
+            )
+        else:
+            who = (
+                f"{mia['members']} training films (members) against {mia['nonmembers']} films "
+                "of held-out patients (non-members), matched by class"
+            )
         lines += [
-            f"{mia['members']} training films (members) against {mia['nonmembers']} films of "
-            f"held-out patients (non-members), matched by class; {mia['synthetic']} synthetic "
+            f"{who}; {mia['synthetic']} synthetic "
             "images that the audit drew from the generator when it was registered (not this "
             "bundle's images). Control: the same attack on two disjoint sets of non-members "
             f"({mia['control_nonmembers']} posing as members), which nothing can tell apart "
@@ -237,11 +251,10 @@ def markdown(card: dict[str, Any]) -> str:
                 f"{_pct(a['tpr_at_1pct_fpr'])} | {c['auroc']:.3f} | "
                 f"{_pct(c['tpr_at_1pct_fpr'])} |"
             )
-        verdict = "met" if mia["passed"] else "NOT met"
         lines += [
             "",
             f"Worst AUROC {mia['worst_auroc']:.3f}, worst TPR at 1% FPR "
-            f"{_pct(mia['worst_tpr_at_1pct_fpr'])}: the goal is {verdict}. With "
+            f"{_pct(mia['worst_tpr_at_1pct_fpr'])}: {audit_verdict(mia)}. With "
             f"{mia['nonmembers']} non-members, at most {int(mia['nonmembers'] * 0.01)} of "
             "them may score above the 1% FPR threshold, and the TPR moves in steps of "
             f"{_pct(mia['tpr_resolution'])}: small groups make these figures coarse.",
@@ -257,9 +270,15 @@ def markdown(card: dict[str, Any]) -> str:
                 f"in {_pct(chance['above_goal'])} of draws. The observed worst TPR has "
                 f"p = {chance['p_value']:.3f} against chance (a small p is evidence of "
                 "membership leakage; a large one means the TPR figure cannot tell this "
-                "generator from one that leaks nothing). The permutation treats films as "
-                "independent, although one patient's films are alike. The verdict above "
-                "does not use it: it is the goal as written.",
+                "generator from one that leaks nothing). "
+                + (
+                    "Each patient is one film, so patients, which are independent, are what "
+                    "is permuted. "
+                    if audit_unit(mia) == "patients"
+                    else "The permutation treats films as independent, although one "
+                    "patient's films are alike. "
+                )
+                + "The verdict above does not use it: it is the goal as written.",
             ]
     lines += ["", "## Re-identification", ""]
     reid = card["reidentification"]

@@ -39,6 +39,7 @@ from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.jobs.schemas import JobKind
 from synthray.app.registry import service as registry
+from synthray.app.registry.summary import audit_verdict
 from synthray.app.storage import BlobCorrupt, BlobNotFound, BlobStore
 from synthray.config import Settings
 
@@ -69,7 +70,8 @@ def audit_gate(metrics: dict[str, Any]) -> None:
     if not result.get("passed"):
         why = result.get("skipped") or (
             f"worst AUROC {result.get('worst_auroc')}, TPR at 1% FPR "
-            f"{result.get('worst_tpr_at_1pct_fpr')}; goals {result.get('goal')}"
+            f"{result.get('worst_tpr_at_1pct_fpr')}; goals {result.get('goal')}; "
+            f"{audit_verdict(result)}"
         )
         raise Conflict(
             f"the generator version failed its membership-inference audit ({why}); this "

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# Fewest non-members that measure a TPR at 1% false positives: mirrors
+# synthray.models.gate.membership.MIN_NONMEMBERS (the app never imports torch).
+MIN_NONMEMBERS = 100
+
 
 def quality_lines(q: dict[str, Any]) -> list[str]:
     """Class consistency and precision / recall beside their real-vs-real floors."""
@@ -28,13 +32,33 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def audit_unit(a: dict[str, Any]) -> str:
+    """What the audit's groups count: patients (one film each), or films (audits stored
+    before the unit was the patient)."""
+    return "patients" if str(a.get("unit", "")).startswith("patient") else "films"
+
+
+def audit_verdict(a: dict[str, Any]) -> str:
+    """ "goal met", "goal NOT met", or why the audit cannot say (too few held-out
+    patients to measure a TPR at 1% false positives)."""
+    if a["passed"]:
+        return "goal met"
+    if a.get("conclusive") is False:
+        return (
+            f"inconclusive: {a['nonmembers']} non-member {audit_unit(a)} (from "
+            f"{a.get('holdout_patients', '?')} held-out patients) cannot measure a TPR at "
+            f"1% false positives, which needs {MIN_NONMEMBERS}"
+        )
+    return "goal NOT met"
+
+
 def audit_line(a: dict[str, Any] | None) -> str | None:
     """The membership-inference audit in one line: worst attack, control, verdict."""
     if not a:
         return None
     if a.get("skipped"):
         return f"not measured ({a['skipped']})"
-    verdict = "goal met" if a["passed"] else "goal NOT met"
+    verdict = audit_verdict(a)
     chance = a.get("worst_tpr_by_chance")
     by_chance = (
         f" (p = {chance['p_value']:.2f} against chance, whose 95th percentile is "
@@ -45,7 +69,8 @@ def audit_line(a: dict[str, Any] | None) -> str | None:
     return (
         f"worst AUROC {a['worst_auroc']:.3f}, worst TPR at 1% FPR "
         f"{100 * a['worst_tpr_at_1pct_fpr']:.1f}%{by_chance} over {len(a['attacks'])} "
-        f"attacks ({a['members']} members vs {a['nonmembers']} non-members; control AUROCs "
+        f"attacks ({a['members']} member vs {a['nonmembers']} non-member {audit_unit(a)}; "
+        "control AUROCs "
         f"within {a['control_worst_distance_from_half']:.3f} of 0.5; goal <= "
         f"{a['goal']['auroc']} and <= {100 * a['goal']['tpr_at_1pct_fpr']:.0f}%): {verdict}"
     )

@@ -26,7 +26,8 @@ Attacks:
 Every attack also runs as a control: two disjoint sets of non-members, one posing as
 members. Nothing tells them apart, so the control's AUROC must sit near 0.5; if it does not,
 the attack is measuring something other than membership (class mix, image size, chance).
-Members are drawn to the class mix of the non-members, for the same reason.
+Members are drawn to the class mix of the non-members, for the same reason. The unit is the
+patient: one film per patient in each group and no patient in two groups (``draw_groups``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ GOAL_TPR = 0.02
 FPR = 0.01
 BOOTSTRAP = 200
 NULL_ROUNDS = 1000
+# Fewer non-members than 1 / FPR put the 1% FPR threshold above every one of them: the TPR
+# there is not measured, and the audit cannot pass.
+MIN_NONMEMBERS = math.ceil(1 / FPR)
 
 
 class TooFewImages(ValueError):
@@ -115,7 +119,8 @@ def worst_tpr_null(
     scores: list[np.ndarray], n_members: int, n_nonmembers: int, seed: int, rounds: int
 ) -> np.ndarray:
     """(rounds,) the worst TPR at 1% FPR over every attack when membership is a coin toss:
-    the member and non-member labels of the films are permuted together for all attacks
+    the member and non-member labels (one film per patient, so one label per patient) are
+    permuted together for all attacks
     (so their correlation is kept, the max-T permutation test of Westfall and Young,
     "Resampling-Based Multiple Testing", 1993). ``scores``: per attack, (members +
     non-members,) in that order, NaN for films the attack left out."""
@@ -138,46 +143,79 @@ def worst_tpr_null(
 @dataclass(frozen=True)
 class Groups:
     """Indices of the three equal-size groups: members (into the training images),
-    non-members and control non-members (into the held-out images, disjoint)."""
+    non-members and control non-members (into the held-out images, disjoint), one film per
+    patient, no patient in two groups; and how many patients each side had to draw from."""
 
     members: np.ndarray
     nonmembers: np.ndarray
     control: np.ndarray
+    train_patients: int = 0
+    holdout_patients: int = 0
+
+
+def one_film_each(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(P,) sorted indices: one film drawn at random for each distinct patient key."""
+    order = rng.permutation(len(keys))
+    _, first = np.unique(np.asarray(keys).astype(str)[order], return_index=True)
+    return np.sort(order[first])
 
 
 def draw_groups(
-    train_labels: np.ndarray, holdout_labels: np.ndarray, per_group: int, seed: int = 0
+    train_labels: np.ndarray,
+    holdout_labels: np.ndarray,
+    per_group: int,
+    seed: int = 0,
+    train_keys: np.ndarray | None = None,
+    holdout_keys: np.ndarray | None = None,
 ) -> Groups:
-    """Halve the held-out images (stratified by class) into non-members and control, and
-    draw members from the training images with the non-members' class counts; every group
-    has the same size, at most ``per_group``."""
+    """Patients, not films, are the unit: each patient gives one film drawn at random (its
+    class is that film's); the held-out patients are halved (stratified by class) into
+    non-members and control, and members are training patients drawn with the
+    non-members' class counts. Every group has the same size, at most ``per_group``.
+
+    One patient's films look alike (same body, often the same day). Films drawn without
+    regard to patient make a handful of often-imaged patients weigh as much as dozens of
+    others, and a control split by film puts the same patients on both sides, where it
+    cannot show that; the statistics (bootstrap, permutation) also assume independent
+    draws, which patients are and films are not. Without keys every film counts as its own
+    patient."""
     rng = np.random.default_rng(seed)
+    if train_keys is None:
+        train_keys = np.arange(len(train_labels))
+    if holdout_keys is None:
+        holdout_keys = np.arange(len(holdout_labels))
+    if len(train_keys) != len(train_labels) or len(holdout_keys) != len(holdout_labels):
+        raise ValueError("every film needs its patient key")
+    train_pick = one_film_each(train_keys, rng)
+    hold_pick = one_film_each(holdout_keys, rng)
     nonmembers, control, members = [], [], []
-    classes = np.unique(holdout_labels)
-    # Per class: half the held-out images each way, and as many members, capped by what
-    # the training set holds.
+    classes = np.unique(holdout_labels[hold_pick])
+    # Per class: half the held-out patients each way, and as many members, capped by the
+    # training patients the class has.
     quota = {}
     for c in classes:
-        n_hold = int((holdout_labels == c).sum()) // 2
-        quota[int(c)] = min(n_hold, int((train_labels == c).sum()))
+        n_hold = int((holdout_labels[hold_pick] == c).sum()) // 2
+        quota[int(c)] = min(n_hold, int((train_labels[train_pick] == c).sum()))
     total = sum(quota.values())
     if total < 2:
-        raise TooFewImages("too few held-out or training images for a membership audit")
+        raise TooFewImages("too few held-out or training patients for a membership audit")
     scale = min(1.0, per_group / total)
     for c, q in quota.items():
         take = math.floor(q * scale)
         if take == 0:
             continue
-        hold = rng.permutation(np.flatnonzero(holdout_labels == c))
+        hold = rng.permutation(hold_pick[holdout_labels[hold_pick] == c])
         nonmembers.append(hold[:take])
         control.append(hold[take : 2 * take])
-        members.append(rng.choice(np.flatnonzero(train_labels == c), take, replace=False))
+        members.append(rng.choice(train_pick[train_labels[train_pick] == c], take, replace=False))
     if not members:
-        raise TooFewImages("too few held-out or training images for a membership audit")
+        raise TooFewImages("too few held-out or training patients for a membership audit")
     return Groups(
         members=np.sort(np.concatenate(members)),
         nonmembers=np.sort(np.concatenate(nonmembers)),
         control=np.sort(np.concatenate(control)),
+        train_patients=len(train_pick),
+        holdout_patients=len(hold_pick),
     )
 
 
@@ -291,6 +329,8 @@ def audit(
     spaces: list[Space],
     generator: nn.Module | None = None,
     generator_classes: dict[int, int] | None = None,
+    train_keys: np.ndarray | None = None,
+    holdout_keys: np.ndarray | None = None,
     per_group: int = 250,
     seed: int = 0,
     inversion_steps: int = 20,
@@ -299,8 +339,10 @@ def audit(
     """Every attack against members vs non-members, and as a control against two disjoint
     non-member sets. Labels index the dataset's classes; ``generator_classes`` maps those to
     the generator's own class ids (members and non-members of other classes are left out of
-    the generator attacks). Returns a JSON-ready dict with a verdict against the goals."""
-    groups = draw_groups(train_labels, holdout_labels, per_group, seed)
+    the generator attacks). ``train_keys`` and ``holdout_keys``: the films' patient keys
+    (one film per patient per group; without them every film counts as a patient).
+    Returns a JSON-ready dict with a verdict against the goals."""
+    groups = draw_groups(train_labels, holdout_labels, per_group, seed, train_keys, holdout_keys)
     real = {
         "members": (train_images[groups.members], train_labels[groups.members]),
         "nonmembers": (holdout_images[groups.nonmembers], holdout_labels[groups.nonmembers]),
@@ -364,17 +406,22 @@ def audit(
     worst_tpr = max(a["tpr_at_1pct_fpr"] for a in attacks)
     control_worst = max(abs(a["control"]["auroc"] - 0.5) for a in attacks)
     null = worst_tpr_null(member_nonmember, n, len(groups.nonmembers), seed, NULL_ROUNDS)
+    conclusive = len(groups.nonmembers) >= MIN_NONMEMBERS
     return {
+        "unit": "patient (one film each)",
         "members": n,
         "nonmembers": len(groups.nonmembers),
         "control_nonmembers": len(groups.control),
+        "train_patients": groups.train_patients,
+        "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),
         "attacks": attacks,
         "worst_auroc": worst_auroc,
         "worst_tpr_at_1pct_fpr": worst_tpr,
         "control_worst_distance_from_half": round(control_worst, 4),
         "goal": {"auroc": GOAL_AUROC, "tpr_at_1pct_fpr": GOAL_TPR},
-        "passed": bool(worst_auroc <= GOAL_AUROC and worst_tpr <= GOAL_TPR),
+        "conclusive": conclusive,
+        "passed": bool(conclusive and worst_auroc <= GOAL_AUROC and worst_tpr <= GOAL_TPR),
         # With N non-members the 1% FPR threshold rests on floor(N / 100) of them.
         "tpr_resolution": round(1.0 / max(n, 1), 4),
         # What chance alone gives the worst attack at these group sizes (labels permuted):

@@ -65,6 +65,8 @@ def audit(
     hold_mask, hold_labels = select_classes(split.holdout_labels, list(split.classes), classes)
     hold_images = split.holdout_images[hold_mask]
     keep_hold = np.isin(hold_labels, served)
+    with ctx.session() as s:
+        hold_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)[hold_mask]
     planted = planted_copies(ctx, split, dataset_version_id)
     embedder, embedder_sha = _gate._copydetect(ctx, split, dataset_version_id)
     supervised, _ = _quality._encoder(ctx, split, dataset_version_id, _quality.SUPERVISED)
@@ -87,6 +89,8 @@ def audit(
             hold_labels[keep_hold],
             spaces=spaces,
             generator=load_generator(gen_path, expected_sha256=None),
+            train_keys=train_keys[keep_train],
+            holdout_keys=hold_keys[keep_hold],
             per_group=ctx.settings.audit_per_group,
             seed=0,
             on_progress=lambda msg: ctx.progress(0, None, msg),
@@ -100,8 +104,6 @@ def audit(
             "planted_copies": planted,
         }
     ctx.progress(0, None, "re-identification check: calibrating on held-out patients")
-    with ctx.session() as s:
-        hold_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)[hold_mask]
     result["reidentification"] = reidentification(
         spaces[0].embed,
         synthetic,

@@ -10,6 +10,7 @@ import pytest
 from support import load_nih
 
 from synthray.app.exports.privacy import false_flag_interval
+from synthray.app.registry import summary
 from synthray.models.gate import membership as mia
 from synthray.models.gate.memorization import pixel_features
 from synthray.models.generators.config import TrainConfig
@@ -60,13 +61,76 @@ def test_groups_are_disjoint_equal_and_class_matched() -> None:
         mia.draw_groups(train_y, np.array([0, 1, 2]), per_group=20)
 
 
+def test_groups_count_patients_once_and_keep_them_on_one_side() -> None:
+    rng = np.random.default_rng(3)
+    # 120 training patients with 1-5 films; 80 held-out patients, one of them with 40 films.
+    train_keys = np.repeat([f"t{i}" for i in range(120)], rng.integers(1, 6, 120))
+    hold_keys = np.r_[np.repeat("heavy", 40), [f"h{i}" for i in range(79)]]
+    train_y = rng.integers(0, 2, len(train_keys))
+    hold_y = rng.integers(0, 2, len(hold_keys))
+    g = mia.draw_groups(train_y, hold_y, 1000, 0, train_keys, hold_keys)
+    assert (g.train_patients, g.holdout_patients) == (120, 80)
+    for group, keys in ((g.members, train_keys), (g.nonmembers, hold_keys), (g.control, hold_keys)):
+        assert len(set(keys[group])) == len(group)  # one film per patient
+    assert not set(hold_keys[g.nonmembers]) & set(hold_keys[g.control])
+    assert len(g.nonmembers) + len(g.control) <= 80  # by film, the 40 would fill a group
+    # Without keys every film is a patient: the heavy patient's films land on both sides.
+    films = mia.draw_groups(train_y, hold_y, 1000, 0)
+    assert len(films.nonmembers) + len(films.control) > 80
+
+
+def test_one_often_imaged_patient_fakes_leakage_by_film_but_not_by_patient() -> None:
+    """Synthetic images that are other patients' films leak nothing. A held-out patient
+    with 60 films unlike any of them fills most of the non-member group when films are
+    drawn, pulling the non-members' scores down: by film the attack "finds" members (an
+    AUROC far above 0.5) and the film-split control, with that patient on both sides, does
+    not show it. Counted by patient, that patient is one of 61 and the AUROC is near 0.5."""
+    films = _films(260)
+    synthetic, train, pool = films[:80], films[80:180], films[180:]
+    scores = mia.nearest_synthetic_pixel(synthetic, pool)
+    odd = pool[np.argmin(scores)]  # the held-out film least like any synthetic one
+    rng = np.random.default_rng(4)
+    repeats = np.clip(odd.astype(float) + rng.normal(0, 3, (60, 64, 64)), 0, 255)
+    others = np.delete(pool, np.argmin(scores), axis=0)[:60]
+    hold = np.concatenate([others, repeats.astype(np.uint8)])
+    hold_keys = np.r_[[f"h{i}" for i in range(60)], np.repeat("often-imaged", 60)]
+    train_keys = np.array([f"t{i}" for i in range(len(train))])
+    zeros_t, zeros_h = np.zeros(len(train), np.int64), np.zeros(len(hold), np.int64)
+    by_film = mia.audit(synthetic, train, zeros_t, hold, zeros_h, spaces=[], per_group=120)
+    by_patient = mia.audit(
+        synthetic,
+        train,
+        zeros_t,
+        hold,
+        zeros_h,
+        spaces=[],
+        per_group=120,
+        train_keys=train_keys,
+        holdout_keys=hold_keys,
+    )
+    assert by_film["attacks"][0]["auroc"] > 0.65
+    assert abs(by_film["attacks"][0]["control"]["auroc"] - 0.5) < 0.15
+    assert by_patient["unit"] == "patient (one film each)"
+    assert by_patient["holdout_patients"] == 61 and by_patient["nonmembers"] == 30
+    assert 0.3 < by_patient["attacks"][0]["auroc"] < 0.65
+    # 30 non-members cannot measure a TPR at 1% FPR: the audit says so and does not pass.
+    assert by_patient["conclusive"] is False and not by_patient["passed"]
+    assert summary.MIN_NONMEMBERS == mia.MIN_NONMEMBERS  # the app's copy of the bound
+    assert "inconclusive: 30 non-member patients" in summary.audit_verdict(by_patient)
+
+
 def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
     films = _films(240)
     train, hold, fresh = films[:80], films[80:160], films[160:]
     zeros = np.zeros(80, dtype=np.int64)
     rng = np.random.default_rng(2)
     noise = rng.normal(0, 6, size=(40, 64, 64))
-    copies = np.clip(train[:40].astype(float) + noise, 0, 255).astype(np.uint8)
+    # Copies of exactly half the members the audit will draw (same seed, same draw), and
+    # of 20 training films it will not.
+    members = mia.draw_groups(zeros, zeros, 40, 0).members
+    others = np.setdiff1d(np.arange(80), members)
+    copied = np.r_[members[:20], others[:20]]
+    copies = np.clip(train[copied].astype(float) + noise, 0, 255).astype(np.uint8)
     leaky = mia.audit(copies, train, zeros, hold, zeros, spaces=[], per_group=40)
     (pixel,) = leaky["attacks"]
     assert pixel["attack"] == "nearest-synthetic" and pixel["space"] == "pixel"
