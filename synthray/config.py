@@ -300,6 +300,12 @@ class Settings(BaseSettings):
         description="The callback address registered at the provider "
         "(https://<host>/ui/signin/provider/callback); unset, taken from the request.",
     )
+    oidc_post_logout_redirect_url: str | None = Field(
+        None,
+        description="Where the provider sends a browser after signing a person out there "
+        "(register it at the provider: https://<host>/ui/signin); unset, taken from the "
+        "request.",
+    )
     oidc_scopes: str = Field(
         "openid profile", description="Scopes the pages ask for ('openid' is required)."
     )

@@ -55,6 +55,8 @@ class Provider:
     codes: dict[str, dict[str, str]] = field(default_factory=dict)
     authorize_seen: list[dict[str, str]] = field(default_factory=list)
     token_refusals: list[str] = field(default_factory=list)
+    logouts: list[dict[str, str]] = field(default_factory=list)
+    offers_logout: bool = True
 
     def jwks(self) -> dict[str, Any]:
         public = json.loads(RSAAlgorithm.to_jwk(self.key.public_key()))
@@ -66,7 +68,7 @@ class Provider:
             "authorization_endpoint": self.issuer + "/authorize",
             "token_endpoint": self.issuer + "/token",
             "jwks_uri": self.issuer + "/certs",
-        }
+        } | ({"end_session_endpoint": self.issuer + "/logout"} if self.offers_logout else {})
 
     def authorize(self, query: dict[str, str]) -> str:
         """Where the provider sends the browser back after its (instant) sign-in."""
@@ -135,6 +137,15 @@ def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
                 self._json(200, provider.discovery())
             elif url.path == "/certs":
                 self._json(200, provider.jwks())
+            elif url.path == "/logout":
+                # The provider ends its session and, for its own client, sends the browser
+                # back where the client asked.
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                provider.logouts.append(query)
+                self.send_response(302)
+                self.send_header("Location", query.get("post_logout_redirect_uri", "/"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
             elif url.path == "/authorize":
                 # The provider's own page, as a real one shows (its sign-in form): the way
                 # back is a navigation that this page, on the provider's site, begins.

@@ -18,6 +18,7 @@ import pytest
 from conftest import make_settings
 from fastapi.testclient import TestClient
 from oidc_provider import API_AUDIENCE, CLIENT_ID, CLIENT_SECRET, Person, Provider, serving
+from pages import csrf_of, sign_in
 from support import Keys, auth, make_keys
 
 from synthray.app.main import create_app
@@ -191,6 +192,44 @@ def test_revoking_the_person_ends_their_session_and_their_next_sign_in(
     assert client.get("/v1/me").status_code == 401  # the open session ended at once
     r = client.get(at_provider(start(client)))
     assert r.status_code == 401 and "revoked" in r.text
+
+
+def test_signing_out_ends_the_session_at_the_provider_too(
+    app: tuple[TestClient, Keys], idp: Provider
+) -> None:
+    """RP-initiated logout: the session ends here, then the browser is sent to the
+    provider's end-session endpoint with this client's id and the way back, so the
+    provider's own session cannot sign the next person at the browser straight back in.
+    A key's session, or a provider without the endpoint, signs out here only."""
+    client, keys = app
+    landing = client.get(at_provider(start(client)))
+    assert landing.status_code == 200
+    csrf = csrf_of(client.get("/ui/datasets").text)
+    r = client.post("/ui/signout", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303
+    target = urlsplit(r.headers["location"])
+    query = {k: v[0] for k, v in parse_qs(target.query).items()}
+    assert f"{target.scheme}://{target.netloc}{target.path}" == idp.issuer + "/logout"
+    assert query == {
+        "client_id": CLIENT_ID,
+        "post_logout_redirect_uri": "http://testserver/ui/signin",
+    }
+    assert client.get("/v1/me").status_code == 401  # ended here before the provider's turn
+    back = httpx.get(r.headers["location"], follow_redirects=False)
+    assert back.headers["location"] == "http://testserver/ui/signin" and idp.logouts
+    # An API key's browser session has nothing to end at the provider.
+    sign_in(client, keys.operator)
+    csrf = csrf_of(client.get("/ui/datasets").text)
+    r = client.post("/ui/signout", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+    # A provider that offers no end-session endpoint: sign-out ends the session here only.
+    idp.offers_logout = False
+    web_provider._discovered.clear()
+    assert client.get(at_provider(start(client))).status_code == 200
+    csrf = csrf_of(client.get("/ui/datasets").text)
+    r = client.post("/ui/signout", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/signin"
+    assert client.get("/v1/me").status_code == 401
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -171,9 +171,13 @@ def _identity_hash(secret_key: str, issuer: str, subject: str) -> str:
     ).hexdigest()
 
 
+# A person's name in the key list; API key names cannot hold a colon.
+IDENTITY_PREFIX = "oidc:"
+
+
 def _display_name(claims: dict[str, Any]) -> str:
     raw = str(claims.get("preferred_username") or claims.get("sub"))
-    return ("oidc:" + _UNSAFE.sub("_", raw))[:100]
+    return (IDENTITY_PREFIX + _UNSAFE.sub("_", raw))[:100]
 
 
 def _upsert(s: Session, digest: str, role: Role, name: str) -> ApiKey:

@@ -19,6 +19,13 @@ The pages keep a browser session (``web.service``); this module decides who gets
    the same one, so an admin's revocation ends both; the browser session is the same kind
    a key opens.
 
+Signing out ends the browser session here and, for a person who signed in at the provider
+and when its discovery document names an ``end_session_endpoint``, sends the browser there
+too (OpenID Connect RP-Initiated Logout 1.0, with ``client_id`` and
+``post_logout_redirect_uri``): otherwise the provider's own session would sign the next
+person at that browser straight back in. No ID token is kept for ``id_token_hint``, so a
+provider may ask the person to confirm.
+
 The endpoints come from the provider's discovery document
 (``<issuer>/.well-known/openid-configuration``, whose ``issuer`` must be the configured
 one), fetched once and kept for an hour.
@@ -62,6 +69,7 @@ class ProviderUnavailable(Exception):
 class Endpoints:
     authorization: str
     token: str
+    end_session: str | None = None
 
 
 _discovered: dict[str, tuple[float, Endpoints]] = {}
@@ -91,7 +99,8 @@ def endpoints(settings: Settings) -> Endpoints:
     auth_url, token_url = doc.get("authorization_endpoint"), doc.get("token_endpoint")
     if not (isinstance(auth_url, str) and isinstance(token_url, str)):
         raise ProviderUnavailable("the discovery document lacks the endpoints")
-    found = Endpoints(auth_url, token_url)
+    end = doc.get("end_session_endpoint")
+    found = Endpoints(auth_url, token_url, end if isinstance(end, str) else None)
     with _discovery_lock:
         _discovered[issuer] = (time.monotonic(), found)
     return found
@@ -125,6 +134,23 @@ def authorization_url(settings: Settings, seed: str, redirect_uri: str) -> str:
         "code_challenge_method": "S256",
     }
     base = endpoints(settings).authorization
+    return base + ("&" if "?" in base else "?") + urlencode(params)
+
+
+def logout_url(settings: Settings, post_logout_redirect_uri: str) -> str | None:
+    """Where to send a browser to end the person's session at the provider, or None when
+    the provider offers no such endpoint or cannot be reached (the session here has
+    ended either way)."""
+    try:
+        base = endpoints(settings).end_session
+    except ProviderUnavailable:
+        return None
+    if not base:
+        return None
+    params = {
+        "client_id": settings.oidc_client_id or "",
+        "post_logout_redirect_uri": post_logout_redirect_uri,
+    }
     return base + ("&" if "?" in base else "?") + urlencode(params)
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from synthray.app.audit import service as audit
 from synthray.app.audit.schemas import AuditFilter
+from synthray.app.auth import oidc
 from synthray.app.auth import service as auth
 from synthray.app.auth.oidc import TokenRefused
 from synthray.app.auth.schemas import KeyCreate, Role
@@ -203,7 +204,7 @@ def home(request: Request, session: SessionDep, settings: SettingsDep) -> Respon
     return _see_other(LANDING[who.principal.role])
 
 
-@router.get("/signin", response_class=HTMLResponse)
+@router.get("/signin", response_class=HTMLResponse, name="signin_form")
 def signin_form(request: Request, settings: SettingsDep, next: str = "") -> HTMLResponse:
     return _signin_page(request, settings, 200, None, next[:200])
 
@@ -369,10 +370,16 @@ def provider_callback(
 
 
 @router.post("/signout")
-def signout(request: Request, session: SessionDep, settings: SettingsDep, _: AnyForm) -> Response:
+def signout(request: Request, session: SessionDep, settings: SettingsDep, who: AnyForm) -> Response:
+    """End the session here; a person who signed in at the identity provider is sent on to
+    its sign-out, so the browser is not signed straight back in."""
     session_cookie = _cookie(request, settings, web.COOKIE)
     web.sign_out(session, settings, request.cookies.get(session_cookie))
-    response = _see_other("/ui/signin")
+    target = "/ui/signin"
+    if provider.enabled(settings) and who.principal.name.startswith(oidc.IDENTITY_PREFIX):
+        back = settings.oidc_post_logout_redirect_url or str(request.url_for("signin_form"))
+        target = provider.logout_url(settings, back) or target
+    response = _see_other(target)
     _delete_cookie(response, request, settings, session_cookie)
     return response
 
