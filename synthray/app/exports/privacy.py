@@ -201,7 +201,8 @@ def markdown(card: dict[str, Any]) -> str:
         f"(calibrated on {ff['calibration_images']} held-out films).",
         f"- This batch: {gate['checked']} checked, {gate['flagged']} flagged, "
         f"{gate['removed']} removed, {gate['exported']} exported; distance-to-closest-"
-        f"record train share {gate['dcr_train_share']} (0.5 is ideal, the gate fails "
+        f"record train share {gate['dcr_train_share']} (as many training as held-out "
+        "patients, one film each; 0.5 is ideal, the gate fails "
         f"above {gate['max_dcr_train_share']}); authenticity {gate['authenticity']}.",
         "",
     ]

@@ -44,6 +44,7 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
+from synthray.models.gate.patients import keys_or_films, one_film_each
 from synthray.models.gate.pixelmatch import PixelMatcher
 from synthray.models.gate.search import ExactIndex
 from synthray.models.runtime import cpu_autocast, to_channels_last
@@ -153,13 +154,6 @@ class Groups:
     holdout_patients: int = 0
 
 
-def one_film_each(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(P,) sorted indices: one film drawn at random for each distinct patient key."""
-    order = rng.permutation(len(keys))
-    _, first = np.unique(np.asarray(keys).astype(str)[order], return_index=True)
-    return np.sort(order[first])
-
-
 def draw_groups(
     train_labels: np.ndarray,
     holdout_labels: np.ndarray,
@@ -180,14 +174,8 @@ def draw_groups(
     draws, which patients are and films are not. Without keys every film counts as its own
     patient."""
     rng = np.random.default_rng(seed)
-    if train_keys is None:
-        train_keys = np.arange(len(train_labels))
-    if holdout_keys is None:
-        holdout_keys = np.arange(len(holdout_labels))
-    if len(train_keys) != len(train_labels) or len(holdout_keys) != len(holdout_labels):
-        raise ValueError("every film needs its patient key")
-    train_pick = one_film_each(train_keys, rng)
-    hold_pick = one_film_each(holdout_keys, rng)
+    train_pick = one_film_each(keys_or_films(train_keys, len(train_labels)), rng)
+    hold_pick = one_film_each(keys_or_films(holdout_keys, len(holdout_labels)), rng)
     nonmembers, control, members = [], [], []
     classes = np.unique(holdout_labels[hold_pick])
     # Per class: half the held-out patients each way, and as many members, capped by the

@@ -74,6 +74,11 @@ def _figures(
     embedder, embedder_sha = _copydetect(ctx, split, dataset_version_id)
     calibration, path = _calibration(ctx, split, embedder, embedder_sha)
     lacking = stored.missing(calibration)
+    train_keys = holdout_keys = None
+    if evidence:  # the batch figures compare patients, one film each
+        with ctx.session() as s:
+            train_keys = datasets.patient_keys(s, dataset_version_id, split.train_index)
+            holdout_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)
     ctx.progress(0, len(images), "searching nearest training images (exact)")
     figures = check_memorization(
         images,
@@ -87,6 +92,8 @@ def _figures(
         calibration=calibration,
         max_shift=pixel_shift_range(split.resolution),
         register=REGISTER,
+        train_keys=train_keys,
+        holdout_keys=holdout_keys,
     )
     if evidence and stored.missing(calibration) < lacking:
         # The authenticity figure's training-side searches this check made, for later ones.

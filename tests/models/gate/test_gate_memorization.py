@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support import load_nih
 
 from synthray.models.gate.correlation import aligned_ssim, robust_correlation
 from synthray.models.gate.imageops import ssim
@@ -295,3 +296,37 @@ def test_pixel_features_are_pearson_correlations() -> None:
     assert not f[4].any()
     expected = np.corrcoef(images[:4].reshape(4, -1).astype(np.float64))
     assert np.allclose(f[:4] @ f[:4].T, expected, atol=1e-5)
+
+
+def test_the_record_share_compares_patients_not_films() -> None:
+    """Synthetic images that are other patients' films are as near the training side as
+    the held-out side. A held-out side whose films are mostly one often-imaged patient
+    covers less ground, so by film the share rises with nothing memorized; one film per
+    patient on each side, as many patients each way, brings it back near 0.5."""
+    images, patients = load_nih()
+    _, first = np.unique(patients, return_index=True)
+    films = images[np.sort(first)]  # one film each of 264 patients
+    synthetic, train, pool = films[:80], films[80:180], films[180:]
+    rng = np.random.default_rng(6)
+    repeats = np.clip(pool[:1].astype(float) + rng.normal(0, 3, (60, 64, 64)), 0, 255)
+    holdout = np.concatenate([pool[1:41], repeats.astype(np.uint8)])
+    train_keys = np.array([f"t{i}" for i in range(len(train))])
+    holdout_keys = np.r_[[f"h{i}" for i in range(40)], np.repeat("often-imaged", 60)]
+    by_film = check_memorization(synthetic, train, holdout, register=False)
+    # 41 patients a side make one draw noisy (0.44-0.61 over these five seeds): the mean.
+    by_patient = [
+        check_memorization(
+            synthetic,
+            train,
+            holdout,
+            register=False,
+            seed=seed,
+            train_keys=train_keys,
+            holdout_keys=holdout_keys,
+        ).dcr_train_share
+        for seed in range(5)
+    ]
+    assert by_film.dcr_train_share > 0.65
+    assert 0.4 <= np.mean(by_patient) <= 0.6
+    with pytest.raises(ValueError, match="patient key"):
+        check_memorization(synthetic, train, holdout, train_keys=train_keys[:5])
