@@ -30,7 +30,7 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy synthray
+	$(BIN)/mypy synthray benchmarks
 
 # The CUDA path (tests marked cuda, the train benchmark, a worker job on the GPU); says so
 # and exits 0 where there is no GPU.

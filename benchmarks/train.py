@@ -223,7 +223,7 @@ def main() -> None:
             key = "bf16" if precision in ("bf16", "fp16") else "fp32"
             for phase in phases(arch):
                 trainer = positioned_trainer(cfg, images, labels, phase)
-                batch = int(cfg.ae_batch_size if phase == "autoencoder" else cfg.batch_size or 0)
+                batch = int((cfg.ae_batch_size if phase == "autoencoder" else cfg.batch_size) or 0)
                 time_steps(trainer, 1)  # warm-up (allocator, kernels, autotuning)
                 flops = step_flops(trainer)
                 conv_timer, conv_flops = conv_replay(trainer)
