@@ -42,20 +42,34 @@ DOES_NOT_PROVE = [
 ]
 
 
-def false_flag_interval(holdout: int, quantile: float) -> dict[str, Any]:
+def false_flag_interval(
+    holdout: int, quantile: float, patients: int | None = None
+) -> dict[str, Any]:
     """The rate at which the gate flags new real films of unseen patients, from the
     split-conformal calibration on ``holdout`` films: expected value and the 90% interval
     of the rate given a calibration draw, Beta(H + 1 - k, k) with k = ceil((H + 1) q)
-    (Angelopoulos and Bates 2021, section 3.2; ties ignored)."""
+    (Angelopoulos and Bates 2021, section 3.2; ties ignored).
+
+    The interval takes the films as independent draws. One patient's films are alike, so
+    a calibration on H films of P patients is worth somewhere between P and H independent
+    ones: given ``patients`` (fewer than the films), the interval with H = P is stated too,
+    the wider and safer of the two."""
     if holdout < 1:
         return {"calibration_images": holdout, "expected": None, "interval_90": None}
+    out = {"calibration_images": holdout, **_conformal(holdout, quantile)}
+    if patients is not None and 0 < patients < holdout:
+        out["calibration_patients"] = patients
+        out["interval_90_counting_patients"] = _conformal(patients, quantile)["interval_90"]
+    return out
+
+
+def _conformal(h: int, quantile: float) -> dict[str, Any]:
     from scipy.stats import beta
 
-    k = min(holdout, math.ceil((holdout + 1) * quantile))
-    a, b = holdout + 1 - k, k
+    k = min(h, math.ceil((h + 1) * quantile))
+    a, b = h + 1 - k, k
     lo, hi = beta.ppf([0.05, 0.95], a, b)
     return {
-        "calibration_images": holdout,
         "expected": round(a / (a + b), 4),
         "interval_90": [round(float(lo), 4), round(float(hi), 4)],
     }
@@ -102,6 +116,7 @@ def scorecard(
             "false_flags_on_unseen_patients": false_flag_interval(
                 int(calibration.get("holdout_images", 0)),
                 float(policy.get("threshold_quantile", 0.95)),
+                counts.get("holdout_patients"),
             ),
             "checked": summary.get("images"),
             "flagged": summary.get("flagged"),
@@ -198,7 +213,16 @@ def markdown(card: dict[str, Any]) -> str:
         + f", set at the {gate['threshold_quantile']} quantile of held-out patients' films.",
         f"- False flags on films of unseen patients: expected {_pct(ff['expected'])}, 90% "
         f"interval {', '.join(_pct(v) for v in ff['interval_90'] or [])} "
-        f"(calibrated on {ff['calibration_images']} held-out films).",
+        f"(calibrated on {ff['calibration_images']} held-out films)"
+        + (
+            f"; those films are of {ff['calibration_patients']} patients, whose films are "
+            "alike, so the calibration is worth between "
+            f"{ff['calibration_patients']} and {ff['calibration_images']} independent "
+            "films: counting patients, the 90% interval is "
+            f"{', '.join(_pct(v) for v in ff['interval_90_counting_patients'])}."
+            if ff.get("interval_90_counting_patients")
+            else "."
+        ),
         f"- This batch: {gate['checked']} checked, {gate['flagged']} flagged, "
         f"{gate['removed']} removed, {gate['exported']} exported; distance-to-closest-"
         f"record train share {gate['dcr_train_share']} (as many training as held-out "

@@ -240,6 +240,12 @@ def test_false_flag_interval_matches_simulated_calibrations() -> None:
     assert stated["expected"] == pytest.approx(rates.mean(), abs=0.002)
     lo, hi = np.quantile(rates, [0.05, 0.95])
     assert stated["interval_90"] == pytest.approx([lo, hi], abs=0.004)
+    # Films of fewer patients: the interval counting patients is the wider one.
+    by_patient = false_flag_interval(h, q, patients=40)
+    assert by_patient["interval_90"] == stated["interval_90"]
+    plo, phi = by_patient["interval_90_counting_patients"]
+    assert plo <= lo + 0.004 and phi > hi + 0.02
+    assert "interval_90_counting_patients" not in false_flag_interval(h, q, patients=h)
 
 
 def test_reidentification_names_training_patients_only_for_their_own_films() -> None:
