@@ -146,10 +146,11 @@ class Settings(BaseSettings):
         200, ge=10, description="Generated images per class for the quality metrics."
     )
     audit_per_group: int = Field(
-        250,
+        500,
         ge=10,
-        description="Most images per group (members, non-members, control) in the "
-        "membership-inference audit of every new generator version.",
+        description="Most patients per group (members; non-members, which the control "
+        "halves) in the membership-inference audit of every new generator version, one "
+        "film each.",
     )
     audit_planted_per_family: int = Field(
         20,

@@ -287,7 +287,8 @@ def test_synthesize_check_export_download(
     # Patients are the unit: one film each, and a verdict that says when there are too few.
     mi = card["membership_inference"]
     assert mi["unit"] == "patient (one film each)"
-    assert mi["nonmembers"] + mi["control_nonmembers"] <= mi["holdout_patients"]
+    assert mi["members"] == mi["nonmembers"] <= mi["holdout_patients"]
+    assert 0 < mi["control_nonmembers"] <= mi["nonmembers"] // 2
     assert f"{mi['members']} training patients (members)" in scorecard
     assert mi["conclusive"] is (mi["nonmembers"] >= 100)
     assert ("inconclusive:" in scorecard) is not mi["conclusive"]

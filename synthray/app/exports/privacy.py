@@ -259,7 +259,9 @@ def markdown(card: dict[str, Any]) -> str:
             f"{who}; {mia['synthetic']} synthetic "
             "images that the audit drew from the generator when it was registered (not this "
             "bundle's images). Control: the same attack on two disjoint sets of non-members "
-            f"({mia['control_nonmembers']} posing as members), which nothing can tell apart "
+            f"({mia['control_nonmembers']} posing as members"
+            + (", the non-members halved" if audit_unit(mia) == "patients" else "")
+            + "), which nothing can tell apart "
             "and should score an AUROC near 0.5. Goal: AUROC at most "
             f"{goal['auroc']} and true-positive rate at most {_pct(goal['tpr_at_1pct_fpr'])} at "
             "1% false positives, for every attack.",

@@ -23,7 +23,7 @@ Attacks:
   loss (the loss attack on diffusion models of Matsumoto et al., "Membership Inference
   Attacks against Diffusion Models", IEEE SPW 2023).
 
-Every attack also runs as a control: two disjoint sets of non-members, one posing as
+Every attack also runs as a control: the non-members halved, one half posing as
 members. Nothing tells them apart, so the control's AUROC must sit near 0.5; if it does not,
 the attack is measuring something other than membership (class mix, image size, chance).
 Members are drawn to the class mix of the non-members, for the same reason. The unit is the
@@ -143,13 +143,15 @@ def worst_tpr_null(
 # ------------------------------------------------------------------------ groups
 @dataclass(frozen=True)
 class Groups:
-    """Indices of the three equal-size groups: members (into the training images),
-    non-members and control non-members (into the held-out images, disjoint), one film per
-    patient, no patient in two groups; and how many patients each side had to draw from."""
+    """Indices of the groups, one film per patient: members (into the training images) and
+    non-members (into the held-out images), as many of each per class; and the control, the
+    non-members halved: ``control`` posing as members against ``control_nonmembers``. How
+    many patients each side had to draw from."""
 
     members: np.ndarray
     nonmembers: np.ndarray
     control: np.ndarray
+    control_nonmembers: np.ndarray
     train_patients: int = 0
     holdout_patients: int = 0
 
@@ -163,38 +165,35 @@ def draw_groups(
     holdout_keys: np.ndarray | None = None,
 ) -> Groups:
     """Patients, not films, are the unit: each patient gives one film drawn at random (its
-    class is that film's); the held-out patients are halved (stratified by class) into
-    non-members and control, and members are training patients drawn with the
-    non-members' class counts. Every group has the same size, at most ``per_group``.
+    class is that film's). Per class, the non-members are the held-out patients and the
+    members as many training patients, both capped so that each group holds at most
+    ``per_group``; the control halves the non-members (stratified by class).
 
     One patient's films look alike (same body, often the same day). Films drawn without
     regard to patient make a handful of often-imaged patients weigh as much as dozens of
     others, and a control split by film puts the same patients on both sides, where it
     cannot show that; the statistics (bootstrap, permutation) also assume independent
     draws, which patients are and films are not. Without keys every film counts as its own
-    patient."""
+    patient. Held-out patients are what a site has fewest of, and the 1% FPR threshold
+    rests on them: every one is a non-member (the control reuses them), rather than a
+    third of them each for non-members and control."""
     rng = np.random.default_rng(seed)
     train_pick = one_film_each(keys_or_films(train_keys, len(train_labels)), rng)
     hold_pick = one_film_each(keys_or_films(holdout_keys, len(holdout_labels)), rng)
-    nonmembers, control, members = [], [], []
-    classes = np.unique(holdout_labels[hold_pick])
-    # Per class: half the held-out patients each way, and as many members, capped by the
-    # training patients the class has.
+    members, nonmembers, control, control_rest = [], [], [], []
     quota = {}
-    for c in classes:
-        n_hold = int((holdout_labels[hold_pick] == c).sum()) // 2
+    for c in np.unique(holdout_labels[hold_pick]):
+        n_hold = int((holdout_labels[hold_pick] == c).sum())
         quota[int(c)] = min(n_hold, int((train_labels[train_pick] == c).sum()))
-    total = sum(quota.values())
-    if total < 2:
-        raise TooFewImages("too few held-out or training patients for a membership audit")
-    scale = min(1.0, per_group / total)
+    scale = min(1.0, per_group / max(sum(quota.values()), 1))
     for c, q in quota.items():
         take = math.floor(q * scale)
-        if take == 0:
+        if take < 2:  # the control needs a patient on each side
             continue
-        hold = rng.permutation(hold_pick[holdout_labels[hold_pick] == c])
-        nonmembers.append(hold[:take])
-        control.append(hold[take : 2 * take])
+        hold = rng.permutation(hold_pick[holdout_labels[hold_pick] == c])[:take]
+        nonmembers.append(hold)
+        control.append(hold[: take // 2])
+        control_rest.append(hold[take // 2 :])
         members.append(rng.choice(train_pick[train_labels[train_pick] == c], take, replace=False))
     if not members:
         raise TooFewImages("too few held-out or training patients for a membership audit")
@@ -202,6 +201,7 @@ def draw_groups(
         members=np.sort(np.concatenate(members)),
         nonmembers=np.sort(np.concatenate(nonmembers)),
         control=np.sort(np.concatenate(control)),
+        control_nonmembers=np.sort(np.concatenate(control_rest)),
         train_patients=len(train_pick),
         holdout_patients=len(hold_pick),
     )
@@ -319,7 +319,7 @@ def audit(
     generator_classes: dict[int, int] | None = None,
     train_keys: np.ndarray | None = None,
     holdout_keys: np.ndarray | None = None,
-    per_group: int = 250,
+    per_group: int = 500,
     seed: int = 0,
     inversion_steps: int = 20,
     on_progress: Callable[[str], None] | None = None,
@@ -331,19 +331,12 @@ def audit(
     (one film per patient per group; without them every film counts as a patient).
     Returns a JSON-ready dict with a verdict against the goals."""
     groups = draw_groups(train_labels, holdout_labels, per_group, seed, train_keys, holdout_keys)
-    real = {
-        "members": (train_images[groups.members], train_labels[groups.members]),
-        "nonmembers": (holdout_images[groups.nonmembers], holdout_labels[groups.nonmembers]),
-        "control": (holdout_images[groups.control], holdout_labels[groups.control]),
-    }
-    stacked = np.concatenate([real[k][0] for k in ("members", "nonmembers", "control")])
-    stacked_y = np.concatenate([real[k][1] for k in ("members", "nonmembers", "control")])
+    stacked = np.concatenate([train_images[groups.members], holdout_images[groups.nonmembers]])
+    stacked_y = np.concatenate([train_labels[groups.members], holdout_labels[groups.nonmembers]])
     n = len(groups.members)
-    sizes = [n, len(groups.nonmembers), len(groups.control)]
-    cuts = np.cumsum([0, *sizes])
-
-    def split(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(scores[cuts[i] : cuts[i + 1]] for i in range(3))  # type: ignore[return-value]
+    # The control's two halves, as positions among the non-members' scores.
+    ctrl = np.searchsorted(groups.nonmembers, groups.control)
+    ctrl_rest = np.searchsorted(groups.nonmembers, groups.control_nonmembers)
 
     def say(msg: str) -> None:
         if on_progress is not None:
@@ -353,20 +346,19 @@ def audit(
     member_nonmember: list[np.ndarray] = []  # per attack, for the permutation null
 
     def add(name: str, space: str, scores: np.ndarray, keep: np.ndarray | None = None) -> None:
-        both = np.asarray(scores, np.float64)[: cuts[2]].copy()
+        both = np.asarray(scores, np.float64).copy()
         if keep is not None:
-            both[~keep[: cuts[2]]] = np.nan
+            both[~keep] = np.nan  # left out of the figures and of every permuted draw
         member_nonmember.append(both)
-        m, h, c = split(scores)
-        if keep is not None:
-            km, kh, kc = split(keep)
-            m, h, c = m[km], h[kh], c[kc]
+        m, h = both[:n], both[n:]
+        c, ch = h[ctrl], h[ctrl_rest]
+        m, h, c, ch = (x[~np.isnan(x)] for x in (m, h, c, ch))
         attacks.append(
             {
                 "attack": name,
                 "space": space,
                 **figures(m, h, seed),
-                "control": figures(c, h, seed + 1),
+                "control": figures(c, ch, seed + 1),
                 "members": len(m),
                 "nonmembers": len(h),
             }
@@ -399,6 +391,7 @@ def audit(
         "unit": "patient (one film each)",
         "members": n,
         "nonmembers": len(groups.nonmembers),
+        # The control: the non-members halved, this many posing as members.
         "control_nonmembers": len(groups.control),
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,

@@ -49,14 +49,16 @@ def test_groups_are_disjoint_equal_and_class_matched() -> None:
     train_y = rng.integers(0, 3, 500)
     hold_y = np.r_[np.zeros(60), np.ones(20), np.full(7, 2)].astype(int)
     g = mia.draw_groups(train_y, hold_y, per_group=1000, seed=0)
-    assert len(g.members) == len(g.nonmembers) == len(g.control) == 30 + 10 + 3
-    assert not set(g.nonmembers) & set(g.control)
+    # Every held-out film is a non-member; as many members; the control halves them.
+    assert len(g.members) == len(g.nonmembers) == 60 + 20 + 7
+    assert not set(g.control) & set(g.control_nonmembers)
+    assert set(g.control) | set(g.control_nonmembers) == set(g.nonmembers)
     for c in range(3):
         assert (train_y[g.members] == c).sum() == (hold_y[g.nonmembers] == c).sum()
-        assert (hold_y[g.control] == c).sum() == (hold_y[g.nonmembers] == c).sum()
+        assert (hold_y[g.control] == c).sum() == (hold_y[g.nonmembers] == c).sum() // 2
     small = mia.draw_groups(train_y, hold_y, per_group=20, seed=0)
     assert len(small.members) <= 20 and len(small.nonmembers) == len(small.members)
-    # One held-out film per class cannot be both a non-member and a control.
+    # One held-out film per class cannot be both a control member and its non-member.
     with pytest.raises(mia.TooFewImages):
         mia.draw_groups(train_y, np.array([0, 1, 2]), per_group=20)
 
@@ -70,13 +72,14 @@ def test_groups_count_patients_once_and_keep_them_on_one_side() -> None:
     hold_y = rng.integers(0, 2, len(hold_keys))
     g = mia.draw_groups(train_y, hold_y, 1000, 0, train_keys, hold_keys)
     assert (g.train_patients, g.holdout_patients) == (120, 80)
-    for group, keys in ((g.members, train_keys), (g.nonmembers, hold_keys), (g.control, hold_keys)):
+    for group, keys in ((g.members, train_keys), (g.nonmembers, hold_keys)):
         assert len(set(keys[group])) == len(group)  # one film per patient
-    assert not set(hold_keys[g.nonmembers]) & set(hold_keys[g.control])
-    assert len(g.nonmembers) + len(g.control) <= 80  # by film, the 40 would fill a group
+    assert not set(hold_keys[g.control_nonmembers]) & set(hold_keys[g.control])
+    assert len(g.nonmembers) == 80  # by film, the 40 would be half of them
     # Without keys every film is a patient: the heavy patient's films land on both sides.
     films = mia.draw_groups(train_y, hold_y, 1000, 0)
-    assert len(films.nonmembers) + len(films.control) > 80
+    assert len(films.nonmembers) == 119
+    assert {"heavy"} <= set(hold_keys[films.control]) & set(hold_keys[films.control_nonmembers])
 
 
 def test_one_often_imaged_patient_fakes_leakage_by_film_but_not_by_patient() -> None:
@@ -111,12 +114,12 @@ def test_one_often_imaged_patient_fakes_leakage_by_film_but_not_by_patient() -> 
     assert by_film["attacks"][0]["auroc"] > 0.65
     assert abs(by_film["attacks"][0]["control"]["auroc"] - 0.5) < 0.15
     assert by_patient["unit"] == "patient (one film each)"
-    assert by_patient["holdout_patients"] == 61 and by_patient["nonmembers"] == 30
+    assert by_patient["holdout_patients"] == 61 and by_patient["nonmembers"] == 61
     assert 0.3 < by_patient["attacks"][0]["auroc"] < 0.65
-    # 30 non-members cannot measure a TPR at 1% FPR: the audit says so and does not pass.
+    # 61 non-members cannot measure a TPR at 1% FPR: the audit says so and does not pass.
     assert by_patient["conclusive"] is False and not by_patient["passed"]
     assert summary.MIN_NONMEMBERS == mia.MIN_NONMEMBERS  # the app's copy of the bound
-    assert "inconclusive: 30 non-member patients" in summary.audit_verdict(by_patient)
+    assert "inconclusive: 61 non-member patients" in summary.audit_verdict(by_patient)
 
 
 def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
