@@ -31,7 +31,10 @@ DOES_NOT_PROVE = [
     "generator was not trained with one.",
     "The membership-inference figures are for the attacks listed, with the group sizes "
     "listed; a stronger attack or more data may do better. The AUROC interval is a "
-    "bootstrap over those images, not over attacks.",
+    "bootstrap over those patients, not over attacks. Each patient is tested by one of "
+    "their films, drawn at random: a generator that reproduced another film of a patient "
+    "with many is left to the copy check, which compares every exported image with every "
+    "training film.",
     "The copy check compares every exported image with every training film, but only in "
     "its similarity spaces: a copy altered beyond what those spaces tolerate (strong "
     "warps, heavy edits) can pass.",
