@@ -56,10 +56,11 @@ def create_key(
 def authenticate(session: Session, secret_key: str, key: str) -> Principal | None:
     if not key.startswith("sr_") or len(key) > 200:
         return None
-    row = repository.by_hash(session, hash_key(secret_key, key))
-    if row is None or row.revoked_at is not None:
+    row = repository.active_by_hash(session, hash_key(secret_key, key))
+    if row is None:
         return None
-    return Principal(key_id=row.id, name=row.name, role=Role(row.role))
+    key_id, name, role = row
+    return Principal(key_id=key_id, name=name, role=Role(role))
 
 
 def principal_for(session: Session, key_id: int) -> Principal | None:
