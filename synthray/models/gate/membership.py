@@ -27,7 +27,8 @@ Every attack also runs as a control: the non-members halved, one half posing as
 members. Nothing tells them apart, so the control's AUROC must sit near 0.5; if it does not,
 the attack is measuring something other than membership (class mix, image size, chance).
 Members are drawn to the class mix of the non-members, for the same reason. The unit is the
-patient: one film per patient in each group and no patient in two groups (``draw_groups``).
+patient: one film per patient, and no patient on both sides of any comparison
+(``draw_groups``).
 """
 
 from __future__ import annotations

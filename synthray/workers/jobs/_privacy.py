@@ -96,10 +96,11 @@ def audit(
             on_progress=lambda msg: ctx.progress(0, None, msg),
         )
     except TooFewImages:
-        # Each group needs a film per class: two held-out films and a training film.
+        # Some class needs two held-out patients (the control's two sides) and two
+        # training patients.
         return {
             "passed": False,
-            "skipped": "too few held-out films of the classes synthesis serves to form "
+            "skipped": "too few held-out patients of the classes synthesis serves to form "
             "members, non-members and a control",
             "planted_copies": planted,
         }
