@@ -439,7 +439,9 @@ def test_a_site_can_require_a_passed_membership_audit_before_export(
     set_audit(audit | {"passed": False, "worst_auroc": 0.91})
     r = client.post("/v1/exports", json=body, headers=op)
     assert r.status_code == 409 and "worst AUROC 0.91" in r.json()["detail"]
-    set_audit(audit | {"passed": False, "conclusive": False, "nonmembers": 12})
+    set_audit(
+        audit | {"passed": False, "conclusive": False, "nonmembers": 12, "min_nonmembers": 100}
+    )
     r = client.post("/v1/exports", json=body, headers=op)
     assert r.status_code == 409 and "inconclusive: 12 non-member patients" in r.json()["detail"]
     set_audit(audit | {"passed": True})

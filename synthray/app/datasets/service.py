@@ -206,6 +206,16 @@ def patient_keys(session: Session, version_id: int, positions: np.ndarray) -> np
     return keys[np.asarray(positions, dtype=np.int64)]
 
 
+def split_patient_keys(
+    session: Session, version_id: int, split: SplitArrays
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudonymous patient keys of the split's training and held-out images, from one
+    read of the version's rows."""
+    n = len(split.train_index)
+    keys = patient_keys(session, version_id, np.r_[split.train_index, split.holdout_index])
+    return keys[:n], keys[n:]
+
+
 def shared_patients(session: Session, train_version_id: int, other_version_id: int) -> int:
     """Pseudonymous patients of the first version's training split found anywhere in the
     second version (the same patient has the same key under one site secret)."""

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Fewest non-members that measure a TPR at 1% false positives: mirrors
-# synthray.models.gate.membership.MIN_NONMEMBERS (the app never imports torch).
-MIN_NONMEMBERS = 100
-
 
 def quality_lines(q: dict[str, Any]) -> list[str]:
     """Class consistency and precision / recall beside their real-vs-real floors."""
@@ -47,7 +43,7 @@ def audit_verdict(a: dict[str, Any]) -> str:
         return (
             f"inconclusive: {a['nonmembers']} non-member {audit_unit(a)} (from "
             f"{a.get('holdout_patients', '?')} held-out patients) cannot measure a TPR at "
-            f"1% false positives, which needs {MIN_NONMEMBERS}"
+            f"1% false positives, which needs {a['min_nonmembers']}"
         )
     return "goal NOT met"
 

@@ -153,8 +153,8 @@ class Groups:
     nonmembers: np.ndarray
     control: np.ndarray
     control_nonmembers: np.ndarray
-    train_patients: int = 0
-    holdout_patients: int = 0
+    train_patients: int
+    holdout_patients: int
 
 
 def draw_groups(
@@ -403,6 +403,7 @@ def audit(
         "control_worst_distance_from_half": round(control_worst, 4),
         "goal": {"auroc": GOAL_AUROC, "tpr_at_1pct_fpr": GOAL_TPR},
         "conclusive": conclusive,
+        "min_nonmembers": MIN_NONMEMBERS,
         "passed": bool(conclusive and worst_auroc <= GOAL_AUROC and worst_tpr <= GOAL_TPR),
         # With N non-members the 1% FPR threshold rests on floor(N / 100) of them.
         "tpr_resolution": round(1.0 / max(n, 1), 4),

@@ -77,8 +77,7 @@ def _figures(
     train_keys = holdout_keys = None
     if evidence:  # the batch figures compare patients, one film each
         with ctx.session() as s:
-            train_keys = datasets.patient_keys(s, dataset_version_id, split.train_index)
-            holdout_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)
+            train_keys, holdout_keys = datasets.split_patient_keys(s, dataset_version_id, split)
     ctx.progress(0, len(images), "searching nearest training images (exact)")
     figures = check_memorization(
         images,

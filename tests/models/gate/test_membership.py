@@ -118,8 +118,9 @@ def test_one_often_imaged_patient_fakes_leakage_by_film_but_not_by_patient() -> 
     assert 0.3 < by_patient["attacks"][0]["auroc"] < 0.65
     # 61 non-members cannot measure a TPR at 1% FPR: the audit says so and does not pass.
     assert by_patient["conclusive"] is False and not by_patient["passed"]
-    assert summary.MIN_NONMEMBERS == mia.MIN_NONMEMBERS  # the app's copy of the bound
-    assert "inconclusive: 61 non-member patients" in summary.audit_verdict(by_patient)
+    assert by_patient["min_nonmembers"] == mia.MIN_NONMEMBERS == 100  # the bound it states
+    verdict = summary.audit_verdict(by_patient)
+    assert "inconclusive: 61 non-member patients" in verdict and "needs 100" in verdict
 
 
 def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
