@@ -30,7 +30,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobRead)
 @reads_only
 def get_job(job_id: JobIdParam, session: SessionDep, _: StaffDep) -> JobRead:
-    return JobRead.model_validate(service.get(session, job_id))
+    return service.read(session, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -53,7 +54,8 @@ SERVER_PATHS = frozenset({"folder", "upload_dir"})
 
 
 class JobRead(BaseModel):
-    # Validated from a row; its four progress columns come nested through Job.progress.
+    # Validated from a Job (its four progress columns nested through Job.progress) or from
+    # the table's columns (from_row).
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -70,6 +72,18 @@ class JobRead(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> JobRead:
+        """From the jobs table's columns (``repository.read``), the progress ones nested."""
+        fields = {k: v for k, v in row.items() if not k.startswith("progress_")}
+        fields["progress"] = {
+            "step": row["progress_step"],
+            "total": row["progress_total"],
+            "message": row["progress_message"],
+            "detail": row["progress_detail"],
+        }
+        return cls.model_validate(fields)
 
     @field_validator("params")
     @classmethod

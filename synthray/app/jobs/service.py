@@ -73,6 +73,14 @@ def get(session: Session, job_id: str) -> Job:
     return job
 
 
+def read(session: Session, job_id: str) -> JobRead:
+    """What a client sees of the job (its status, progress and result)."""
+    row = repository.read(session, job_id)
+    if row is None:
+        raise NotFound(f"job {job_id} not found")
+    return JobRead.from_row(row)
+
+
 def creator(session: Session, job_id: str) -> int | None:
     """The id of the API key that created the job (its follow-up jobs get the same)."""
     return get(session, job_id).created_by
