@@ -4,7 +4,7 @@ Latent generative models (Rombach et al., "High-Resolution Image Synthesis with 
 Diffusion Models", CVPR 2022) first learn an autoencoder whose latent keeps what the eye
 needs and drops pixel-level detail, then model the distribution of latents. The latent here
 is ``latent_channels`` x S x S with S = ``latent_size`` (the registry's defaults: 16, and 32
-at 128 px, where a 16 x 16 latent lost what separates the pneumonias), so the generative
+at 128 and 256 px, where a 16 x 16 latent lost what separates the pneumonias), so the generative
 model's cost grows with S, not with the resolution; the autoencoder's grows with both.
 
 Shape: the encoder halves the side ``log2(R / S)`` times with stride-2 3x3 convolutions, the

@@ -116,7 +116,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             gan=GanParts(projgan.Discriminator, projgan.build_seeded, HINGE),
         ),
         # A site autoencoder, then class-conditional flow matching on its latents (16 x 16,
-        # 32 x 32 at 128 px), sampled with classifier-free guidance.
+        # 32 x 32 at 128 and 256 px), sampled with classifier-free guidance.
         Architecture(
             name="latentflow",
             family=LATENT_FLOW,
@@ -168,15 +168,21 @@ ARCHITECTURES: dict[str, Architecture] = {
                     # at 64 px, not three times): on a 2-core Zen 4, 1,800 s, one run each,
                     # TSTR 0.660 against 0.556 with the 16 x 16 latent (85% of real against
                     # 72%), sharper films, for 2.2x the flow's cost per step (README,
-                    # "Measured: Kermany at 64 and 128 px"). 256 px is unmeasured.
+                    # "Measured: Kermany at 64 and 128 px").
                     # Guidance only at t <= 0.5 (the less noisy half of the path): on one
                     # 128 px Kermany version (Xeon, 2 classifier seeds, ungated draws of
                     # 4,137) TSTR 0.662 against 0.653 guided throughout, supervised FID 1.5
                     # against 32.6 (floor 0.67), 1.47x the images per second (README,
                     # "Guidance on part of the path"). At 64 px it measured worse (Kermany,
                     # 300 s, TSTR 72.0% against 80.9% of DS1, supervised FID 33.5 against
-                    # 9.8), so 64 px guides every step; 256 px is unmeasured.
+                    # 9.8), so 64 px guides every step.
                     128: MappingProxyType({"latent_size": 32, "guidance_interval": [0.0, 0.5]}),
+                    # 256 px: the same 32 x 32 latent (an 8x autoencoder), so a flow step
+                    # costs what it costs at 128 px, and guidance as at 128 px. One run
+                    # (2-core AMD EPYC, 1,800 s): recognizable films of each class,
+                    # self-supervised FID 2.9x its floor, TSTR 72.9% of real with the viral
+                    # class lost (README, "256 px on 2 CPU cores"); no 16 x 16 run to compare.
+                    256: MappingProxyType({"latent_size": 32, "guidance_interval": [0.0, 0.5]}),
                 }
             ),
         ),

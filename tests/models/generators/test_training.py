@@ -318,13 +318,14 @@ def test_latent_flow_defaults_depend_on_the_resolution() -> None:
     def flow(**kw: object) -> TrainConfig:
         return TrainConfig(architecture="latentflow", class_names=["a"], max_steps=1, **kw)
 
-    assert [flow(resolution=r).latent_size for r in (64, 128, 256)] == [16, 32, 16]
+    assert [flow(resolution=r).latent_size for r in (64, 128, 256)] == [16, 32, 32]
     at128 = flow(resolution=128)
     assert at128.generator_config().autoencoder().levels == 2  # 128 -> 64 -> 32
+    assert flow(resolution=256).generator_config().autoencoder().levels == 3  # 256 -> 32
     assert TrainConfig.from_dict(at128.to_dict()) == at128
     assert flow(resolution=128, latent_size=16).latent_size == 16  # an explicit value wins
     intervals = [flow(resolution=r).generator_config().guidance_interval for r in (64, 128, 256)]
-    assert intervals == [None, [0.0, 0.5], None]  # None: guided at every step
+    assert intervals == [None, [0.0, 0.5], [0.0, 0.5]]  # None: guided at every step
     assert flow(resolution=128, guidance_interval=(0.2, 0.9)).guidance_interval == [0.2, 0.9]
     assert flow(resolution=128).guidance_interval is not flow(resolution=128).guidance_interval
 
