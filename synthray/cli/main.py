@@ -441,7 +441,7 @@ def train(
         str | None,
         typer.Option(
             help="latentflow: 'T_LOW:T_HIGH', guidance only at flow times T_LOW < t <= T_HIGH "
-            "(t = 1 is noise; default 0:0.5 at 128 px, 0:1 otherwise)."
+            "(t = 1 is noise; default 0:0.5 at 128 and 256 px, 0:1 at 64 px)."
         ),
     ] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",

@@ -53,7 +53,7 @@ class TrainRequest(RequestModel):
         None,
         description="latentflow only: [t_low, t_high], guidance applied only at flow times "
         "t_low < t <= t_high (t = 1 is pure noise; outside, one network evaluation "
-        "instead of two). Default [0, 0.5] at 128 px, every step otherwise ([0, 1]).",
+        "instead of two). Default [0, 0.5] at 128 and 256 px, every step at 64 px ([0, 1]).",
     )
     checkpoint_every_s: float = Field(
         30.0, ge=1, le=3600, description="Also how often the preview grid is refreshed."
