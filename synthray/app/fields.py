@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path, Query
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, Strict, model_validator
 
 INT32_MAX = 2**31 - 1
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
@@ -30,6 +30,9 @@ VersionQuery = Annotated[int, Query(ge=1, le=INT32_MAX, description="A version n
 
 # Body fields.
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=NAME)]
+# A JSON true or false only: in its default (lax) mode pydantic takes "0", "yes" or 1 for a
+# bool, a request the OpenAPI document says is invalid (the schema fuzzer found "0").
+Flag = Annotated[bool, Strict()]
 Id32 = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Seed = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Label = Annotated[str, Field(min_length=1, max_length=100)]

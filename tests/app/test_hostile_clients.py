@@ -178,6 +178,11 @@ def test_out_of_range_ids_are_4xx_never_500(client: TestClient, keys: Keys) -> N
         ("/v1/exports", {"batch_id": 2**63, "partner": "p"}),
         ("/v1/evaluations", {"model": "m", "version": -1}),
         ("/v1/keys", {"name": "k\x00", "role": "admin"}),
+        # Booleans are JSON true or false, never a string or a number (the schema says so).
+        ("/v1/keys", {"name": "k", "role": "partner", "same_partner": "0"}),
+        ("/v1/keys", {"name": "k", "role": "partner", "same_partner": 1}),
+        ("/v1/train", {"dataset": "d", "model_name": "m", "max_steps": 5, "evaluate": "no"}),
+        ("/v1/datasets", {"name": "d", "classes": ["a", "b"], "allow_burned_in": "true"}),
     ],
 )
 def test_out_of_range_body_fields_are_422(

@@ -5,7 +5,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synthray.app.fields import RequestModel
+from synthray.app.fields import Flag, RequestModel
 
 
 class Role(StrEnum):
@@ -18,7 +18,7 @@ class Role(StrEnum):
 class KeyCreate(RequestModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
     role: Role
-    same_partner: bool = Field(
+    same_partner: Flag = Field(
         False,
         description="For a partner key whose name a partner key already carries (revoked or "
         "not): true gives that partner another key, which sees its exports (rotation). "

@@ -10,6 +10,7 @@ from synthray.app.fields import (
     MAX_CLASSES,
     MAX_LABEL_MAP,
     Column,
+    Flag,
     Label,
     Name,
     RelPath,
@@ -66,7 +67,7 @@ class DatasetCreate(RequestModel):
     )
     holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
     split_seed: Seed = 0
-    allow_burned_in: bool = Field(
+    allow_burned_in: Flag = Field(
         False, description="Accept DICOM files that declare BurnedInAnnotation YES."
     )
 

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from synthray.app.fields import MAX_CLASSES, NAME, Id32, Label, Name, RequestModel
+from synthray.app.fields import MAX_CLASSES, NAME, Flag, Id32, Label, Name, RequestModel
 
 # What the torch-free API must know of each generator architecture: its family and the
 # resolutions it supports (tests hold this against synthray.models.generators.registry).
@@ -63,7 +63,7 @@ class TrainRequest(RequestModel):
         description="auto: bf16 on GPUs that support it (else fp16) and on CPUs with bf16 "
         "units (AVX512-BF16 or AMX), else fp32.",
     )
-    evaluate: bool = Field(True, description="Compute offline quality metrics at the end.")
+    evaluate: Flag = Field(True, description="Compute offline quality metrics at the end.")
     classes: list[Label] | None = Field(
         None,
         max_length=MAX_CLASSES,
