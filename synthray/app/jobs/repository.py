@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import RowMapping, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
-from synthray.app.jobs.schemas import TERMINAL, JobState
+from synthray.app.jobs.schemas import TERMINAL, JobRead, JobState
 from synthray.app.jobs.tables import Job
 
 
@@ -26,30 +26,9 @@ def get(session: Session, job_id: str, *, fresh: bool = False) -> Job | None:
 
 
 _JOBS = Job.__table__
-_READ = select(
-    *(
-        _JOBS.c[name]
-        for name in (
-            "id",
-            "kind",
-            "state",
-            "params",
-            "progress_step",
-            "progress_total",
-            "progress_message",
-            "progress_detail",
-            "attempts",
-            "max_attempts",
-            "cancel_requested",
-            "error",
-            "result",
-            "created_at",
-            "started_at",
-            "finished_at",
-            "heartbeat_at",
-        )
-    )
-).where(_JOBS.c.id == bindparam("job_id"))
+_READ = select(*(_JOBS.c[name] for name in JobRead.columns())).where(
+    _JOBS.c.id == bindparam("job_id")
+)
 
 
 def read(session: Session, job_id: str) -> RowMapping | None:

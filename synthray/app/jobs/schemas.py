@@ -77,13 +77,14 @@ class JobRead(BaseModel):
     def from_row(cls, row: Mapping[Any, Any]) -> JobRead:
         """From the jobs table's columns (``repository.read``), the progress ones nested."""
         fields = {k: v for k, v in row.items() if not k.startswith("progress_")}
-        fields["progress"] = {
-            "step": row["progress_step"],
-            "total": row["progress_total"],
-            "message": row["progress_message"],
-            "detail": row["progress_detail"],
-        }
+        fields["progress"] = {name: row[f"progress_{name}"] for name in Progress.model_fields}
         return cls.model_validate(fields)
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        """The jobs table's columns it is made from (``from_row``)."""
+        progress = [f"progress_{name}" for name in Progress.model_fields]
+        return [n for n in cls.model_fields if n != "progress"] + progress
 
     @field_validator("params")
     @classmethod

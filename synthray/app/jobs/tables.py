@@ -7,7 +7,7 @@ from sqlalchemy import ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from synthray.app.db import Base, utcnow
-from synthray.app.jobs.schemas import JobKind, JobState
+from synthray.app.jobs.schemas import JobKind, JobState, Progress
 
 
 class Job(Base):
@@ -48,9 +48,4 @@ class Job(Base):
     @property
     def progress(self) -> dict[str, Any]:
         """The progress columns as one value (what ``JobRead.progress`` shows)."""
-        return {
-            "step": self.progress_step,
-            "total": self.progress_total,
-            "message": self.progress_message,
-            "detail": self.progress_detail,
-        }
+        return {name: getattr(self, f"progress_{name}") for name in Progress.model_fields}
