@@ -174,6 +174,28 @@ def test_matcher_finds_shifted_flipped_and_cropped_copies() -> None:
     assert (own.neighbours[:, 0] != np.arange(10)).all()
 
 
+def test_matching_in_query_blocks_changes_nothing() -> None:
+    """Queries are matched a block at a time to bound memory; the answer is the same as all
+    at once, block edges included (an uneven last block, an ``exclude`` split across blocks)."""
+    rng = np.random.default_rng(8)
+    train = _smooth_images(40, rng, 32)
+    queries = np.concatenate([train[:7], _smooth_images(4, rng, 32)])
+    queries[3] = _moved(train[3], 2, -1)
+    exclude = np.r_[np.arange(7), np.full(4, -1)]
+    whole = PixelMatcher(train, query_block=100).match(queries, 3, exclude=exclude)
+    parts = PixelMatcher(train, query_block=3).match(queries, 3, exclude=exclude)
+    assert (whole.neighbours[:7, 0] != np.arange(7)).all()
+    assert np.array_equal(whole.neighbours, parts.neighbours)
+    assert np.allclose(whole.scores, parts.scores, atol=1e-5)
+    assert np.array_equal(whole.shift, parts.shift) and np.array_equal(whole.flip, parts.flip)
+    assert np.array_equal(whole.scale, parts.scale)
+    assert whole.ssim is not None and parts.ssim is not None
+    assert np.allclose(whole.ssim, parts.ssim, atol=1e-5)
+    assert parts.candidates == pytest.approx(whole.candidates)
+    with pytest.raises(ValueError, match="query_block"):
+        PixelMatcher(train, query_block=0)
+
+
 def test_union_thresholds() -> None:
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=200), rng.normal(size=200)
