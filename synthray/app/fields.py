@@ -32,9 +32,11 @@ VersionQuery = Annotated[int, Query(ge=1, le=INT32_MAX, description="A version n
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=NAME)]
 # A JSON true or false only: in its default (lax) mode pydantic takes "0", "yes" or 1 for a
 # bool, a request the OpenAPI document says is invalid (the schema fuzzer found "0").
+# Numbers likewise: JSON numbers only (lax mode takes "5", true or 5.0 for an int, "1.5" or
+# true for a float). Request schemas use pydantic's StrictInt and StrictFloat.
 Flag = Annotated[bool, Strict()]
-Id32 = Annotated[int, Field(ge=1, le=INT32_MAX)]
-Seed = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Id32 = Annotated[int, Strict(), Field(ge=1, le=INT32_MAX)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 Label = Annotated[str, Field(min_length=1, max_length=100)]
 Column = Annotated[str, Field(min_length=1, max_length=200)]
 RelPath = Annotated[str, Field(max_length=1024)]

@@ -188,31 +188,62 @@ def test_out_of_range_body_fields_are_422(
     assert "\x00" not in r.text and "99999" not in r.text  # never the value itself
 
 
-@pytest.mark.parametrize(
-    ("route", "body", "field"),
-    [
-        ("/v1/keys", {"name": "k", "role": "partner", "same_partner": "0"}, "same_partner"),
-        ("/v1/keys", {"name": "k", "role": "partner", "same_partner": 1}, "same_partner"),
-        (
-            "/v1/train",
-            {"dataset": "d", "model_name": "m", "max_steps": 5, "evaluate": "no"},
-            "evaluate",
-        ),
-        (
-            "/v1/datasets",
-            {"name": "d", "classes": ["a", "b"], "allow_burned_in": "true"},
-            "allow_burned_in",
-        ),
-    ],
-)
-def test_booleans_are_json_true_or_false(
-    client: TestClient, keys: Keys, route: str, body: dict[str, Any], field: str
-) -> None:
-    """A string or a number for a boolean is refused for that field (the OpenAPI document
-    says boolean; pydantic's lax mode would take "0" or 1)."""
-    r = client.post(route, json=body, headers=auth(keys.admin))
-    assert r.status_code == 422, r.text
-    assert [e["field"] for e in r.json()["detail"]] == [field]
+def mistyped_values(schema: dict[str, Any], comps: dict[str, Any]) -> list[Any]:
+    """JSON values of the wrong type for a body field, by its schema: text and a boolean
+    for a number, text and a number for a boolean, and the same one level down in a map's
+    values and an array's items. Each is what pydantic's lax mode would have taken ("5",
+    true, "0", 1)."""
+    if "$ref" in schema:
+        schema = comps[schema["$ref"].rsplit("/", 1)[-1]]
+    out: list[Any] = []
+    for sub in schema.get("anyOf", []):
+        out += mistyped_values(sub, comps)
+    t = schema.get("type")
+    if t in ("integer", "number"):
+        out += ["1", True]
+    elif t == "boolean":
+        out += ["true", 1]
+    elif t == "object" and isinstance(schema.get("additionalProperties"), dict):
+        out += [{"a": v} for v in mistyped_values(schema["additionalProperties"], comps)]
+    elif t == "array":
+        items = schema.get("prefixItems") or [schema.get("items", {})]
+        out += [[v] * len(items) for v in mistyped_values(items[0], comps)]
+    return out
+
+
+def test_body_numbers_and_booleans_take_json_types_only(client: TestClient, keys: Keys) -> None:
+    """Every number and boolean field of every JSON request body, found in the OpenAPI
+    document, refuses text and the other scalar type with a 422 that names it: the document
+    says integer, number or boolean, and lax validation would take "5" or true for a
+    number and "0" or 1 for a boolean (the schema fuzzer found the boolean case)."""
+    doc = client.get("/openapi.json").json()
+    comps = doc["components"]["schemas"]
+    tried: list[str] = []
+    for path, ops in doc["paths"].items():
+        if "{" in path:
+            continue
+        for method, op in ops.items():
+            schema = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if schema is None:
+                continue
+            body = schema["schema"]
+            body = comps[body["$ref"].rsplit("/", 1)[-1]] if "$ref" in body else body
+            for name, field in body.get("properties", {}).items():
+                for value in mistyped_values(field, comps):
+                    r = client.request(method, path, json={name: value}, headers=auth(keys.admin))
+                    assert r.status_code == 422, (path, name, value, r.text)
+                    named = [e["field"] for e in r.json()["detail"]]
+                    assert any(f == name or f.startswith(name + ".") for f in named), (
+                        path,
+                        name,
+                        value,
+                        named,
+                    )
+                    tried.append(f"{method} {path} {name}")
+    # Every body with numbers or booleans was reached (the walk can fail to find them).
+    assert {"post /v1/train max_seconds", "post /v1/synthesize counts"} <= set(tried)
+    assert {"post /v1/keys same_partner", "post /v1/datasets holdout_fraction"} <= set(tried)
+    assert len(set(tried)) >= 25
 
 
 # ------------------------------------------------------------------ bodies

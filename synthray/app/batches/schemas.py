@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from synthray.app.fields import ALIAS, MAX_CLASSES, Id32, Label, Name, RequestModel, Seed
 
@@ -30,8 +30,8 @@ class SynthesizeRequest(RequestModel):
     alias: str | None = Field(
         None, max_length=40, pattern=ALIAS, description="Use the version an alias points at."
     )
-    per_class: int | None = Field(None, ge=1, le=100_000)
-    counts: dict[Label, Annotated[int, Field(ge=0, le=100_000)]] | None = Field(
+    per_class: StrictInt | None = Field(None, ge=1, le=100_000)
+    counts: dict[Label, Annotated[StrictInt, Field(ge=0, le=100_000)]] | None = Field(
         None, max_length=MAX_CLASSES, description="Images per class name."
     )
     seed: Seed = 0

@@ -4,7 +4,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    field_validator,
+    model_validator,
+)
 
 from synthray.app.fields import (
     MAX_CLASSES,
@@ -65,7 +73,7 @@ class DatasetCreate(RequestModel):
     resolutions: list[Literal[64, 128, 256]] = Field(
         default_factory=_default_resolutions, min_length=1, max_length=3
     )
-    holdout_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    holdout_fraction: StrictFloat = Field(0.2, ge=0.05, le=0.5)
     split_seed: Seed = 0
     allow_burned_in: Flag = Field(
         False, description="Accept DICOM files that declare BurnedInAnnotation YES."

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from synthray.app.fields import NAME, RequestModel
 
@@ -28,7 +28,7 @@ class EvaluationCreate(RequestModel):
     of patients that neither the generator nor any classifier saw."""
 
     model: str = Field(max_length=100, pattern=NAME)
-    version: int | None = Field(None, ge=1, le=2**31 - 1, description="Latest if omitted.")
+    version: StrictInt | None = Field(None, ge=1, le=2**31 - 1, description="Latest if omitted.")
     test_dataset: str | None = Field(
         None,
         max_length=100,
@@ -37,20 +37,22 @@ class EvaluationCreate(RequestModel):
         "of the held-out patients of the generator's own dataset version. It must hold "
         "every class of the generator and no patient of the generator's training split.",
     )
-    test_dataset_version: int | None = Field(None, ge=1, le=2**31 - 1)
+    test_dataset_version: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
     arms: list[Arm] = Field(
         default_factory=lambda: list(ALL_ARMS),
         min_length=1,
         max_length=len(ALL_ARMS),
         description="DS1 (real as it is) is always run: the others are compared with it.",
     )
-    seeds: int = Field(3, ge=1, le=10, description="Independent repeats of every arm.")
-    steps: int = Field(
+    seeds: StrictInt = Field(3, ge=1, le=10, description="Independent repeats of every arm.")
+    steps: StrictInt = Field(
         300, ge=50, le=100_000, description="Classifier training steps, the same for every arm."
     )
-    batch_size: int = Field(64, ge=8, le=512)
-    width: int = Field(16, ge=4, le=128, description="Channels of the classifier's first stage.")
-    synthesis_seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: StrictInt = Field(64, ge=8, le=512)
+    width: StrictInt = Field(
+        16, ge=4, le=128, description="Channels of the classifier's first stage."
+    )
+    synthesis_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
 
     @field_validator("arms")
     @classmethod

@@ -3,7 +3,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasPath, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from synthray.app.fields import MAX_CLASSES, NAME, Flag, Id32, Label, Name, RequestModel
 
@@ -29,33 +38,34 @@ class TrainRequest(RequestModel):
         "spectral norm, DiffAugment, EMA generator; dcgan: the seed study's baseline.",
     )
     resolution: Literal[64, 128, 256] = 64
-    batch_size: int | None = Field(
+    batch_size: StrictInt | None = Field(
         None, ge=2, le=1024, description="The architecture's default if omitted."
     )
-    max_steps: int | None = Field(None, ge=1, le=10_000_000)
-    max_seconds: float | None = Field(None, ge=5, le=7 * 24 * 3600)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    lr_g: float | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
-    lr_d: float | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
-    guidance: float | None = Field(
+    max_steps: StrictInt | None = Field(None, ge=1, le=10_000_000)
+    max_seconds: StrictFloat | None = Field(None, ge=5, le=7 * 24 * 3600)
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    lr_g: StrictFloat | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
+    lr_d: StrictFloat | None = Field(None, gt=0, le=0.1, description="GANs only (default 2e-4).")
+    guidance: StrictFloat | None = Field(
         None,
         ge=0,
         le=20,
         description="latentflow only: classifier-free guidance weight of the sampler "
         "(default 2; 1 is no guidance, higher trades diversity for class fidelity).",
     )
-    sample_steps: int | None = Field(
+    sample_steps: StrictInt | None = Field(
         None, ge=1, le=100, description="latentflow only: Heun steps per sample (default 8)."
     )
     guidance_interval: (
-        tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] | None
+        tuple[Annotated[StrictFloat, Field(ge=0, le=1)], Annotated[StrictFloat, Field(ge=0, le=1)]]
+        | None
     ) = Field(
         None,
         description="latentflow only: [t_low, t_high], guidance applied only at flow times "
         "t_low < t <= t_high (t = 1 is pure noise; outside, one network evaluation "
         "instead of two). Default [0, 0.5] at 128 and 256 px, every step at 64 px ([0, 1]).",
     )
-    checkpoint_every_s: float = Field(
+    checkpoint_every_s: StrictFloat = Field(
         30.0, ge=1, le=3600, description="Also how often the preview grid is refreshed."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -69,14 +79,14 @@ class TrainRequest(RequestModel):
         max_length=MAX_CLASSES,
         description="Train on these classes of the dataset only (all if omitted).",
     )
-    imbalance: dict[Label, Annotated[float, Field(gt=0, le=1)]] | None = Field(
+    imbalance: dict[Label, Annotated[StrictFloat, Field(gt=0, le=1)]] | None = Field(
         None,
         max_length=64,
         description="Induce imbalance: keep only this fraction of each named class's "
         'training images, taking whole patients (e.g. {"virus": 0.1}). Utility '
         "evaluations of the generator use exactly the same real images.",
     )
-    imbalance_seed: int = Field(0, ge=0, le=2**31 - 1)
+    imbalance_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _budget(self) -> TrainRequest:

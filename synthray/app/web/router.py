@@ -10,6 +10,7 @@ CSRF token; a form without it changes nothing (403).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -177,6 +178,14 @@ def _cookie_secure(request: Request, settings: Settings) -> bool:
 def _cookie(request: Request, settings: Settings, base: str) -> str:
     """The name this request's cookie ``base`` goes by (``__Host-`` over HTTPS)."""
     return web.cookie_name(base, _cookie_secure(request, settings))
+
+
+def _whole(text: str) -> int | str:
+    """A form's number field as the JSON API takes it: an int where the text is a whole
+    number (a browser sends every field as text, and the request schemas take JSON numbers
+    only), else the text itself, which the schema then refuses naming the field."""
+    t = text.strip()
+    return int(t) if re.fullmatch(r"-?[0-9]{1,30}", t) else text
 
 
 def _form(model: type[M], fields: dict[str, Any]) -> M:
@@ -455,7 +464,7 @@ def request_export(
     batch_id: Annotated[str, Form(max_length=20)] = "",
     partner: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
-    body = _form(ExportCreate, {"batch_id": batch_id, "partner": partner})
+    body = _form(ExportCreate, {"batch_id": _whole(batch_id), "partner": partner})
     accepted = exports.request_export(session, settings, body, who.principal)
     return _see_other(f"/ui/exports/{accepted.export_id}")
 
@@ -513,7 +522,12 @@ def synthesize(
     seed: Annotated[str, Form(max_length=20)] = "0",
 ) -> Response:
     body = _form(
-        SynthesizeRequest, {"model": model, "per_class": per_class or None, "seed": seed or 0}
+        SynthesizeRequest,
+        {
+            "model": model,
+            "per_class": _whole(per_class) if per_class else None,
+            "seed": _whole(seed or "0"),
+        },
     )
     batches.request_synthesis(session, settings, body, who.principal.key_id)
     return _see_other("/ui/jobs")

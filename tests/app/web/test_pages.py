@@ -342,6 +342,11 @@ def test_operator_synthesizes_and_requests_an_export_from_the_pages(
     token = sign_in(client, keys.operator)
     bad = client.post("/ui/synthesize", data={"model": "m", "per_class": "0", "csrf": token})
     assert bad.status_code == 422 and "per_class" in bad.text
+    # A browser sends numbers as text; what is not a whole number is refused by name.
+    for field, text in (("per_class", "3.5"), ("seed", "five")):
+        form = {"model": "m", "per_class": "3", field: text, "csrf": token}
+        bad = client.post("/ui/synthesize", data=form)
+        assert bad.status_code == 422 and field in bad.text
     r = client.post(
         "/ui/synthesize",
         data={"model": "m", "per_class": "3", "seed": "5", "csrf": token},
