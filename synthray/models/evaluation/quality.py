@@ -361,12 +361,19 @@ def evaluate(
 
 
 @torch.inference_mode()
-def predict(model: Encoder, images: np.ndarray, batch: int = 512) -> np.ndarray:
+def probabilities(model: Encoder, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    """(N, classes) float32 softmax of the encoder's class head."""
     out = []
-    for i in range(0, len(images), batch):
-        x = _to_input(images[i : i + batch]).contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().argmax(1).numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = _to_input(images[i : i + batch]).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().softmax(1).numpy())
+    n_cls = model.cfg.num_classes
+    return np.concatenate(out) if out else np.zeros((0, n_cls), dtype=np.float32)
+
+
+def predict(model: Encoder, images: np.ndarray, batch: int = 512) -> np.ndarray:
+    return probabilities(model, images, batch).argmax(1)
 
 
 def _consistency(
