@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     )
     job_lease_seconds: int = Field(120, ge=4, description="Lease a worker holds on a job.")
     job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job fails.")
+    worker_child_max_mb: int = Field(
+        2048,
+        ge=0,
+        description="A worker's job process is replaced by a fresh one after a job that left "
+        "it above this resident memory (MiB; 0 never): a job process keeps its peak heap "
+        "(see synthray.models.runtime.keep_freed_memory), so without this the next job "
+        "starts from the last one's peak.",
+    )
     job_files_retention_days: float = Field(
         7.0,
         ge=0,

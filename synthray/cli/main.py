@@ -318,13 +318,19 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Processes (1 per GPU).")] = 1,
     loglevel: str = "INFO",
 ) -> None:
-    """Run a Celery worker: one job at a time per process, late acks, prefetch 1."""
-    _same_blob_store(_settings())
+    """Run a Celery worker: one job at a time per process, late acks, prefetch 1; a job
+    process left above SYNTHRAY_WORKER_CHILD_MAX_MB by its job is replaced."""
+    settings = _settings()
+    _same_blob_store(settings)
     from synthray.workers.celery_app import app as celery_app
 
+    recycle: list[str] = []
+    if settings.worker_child_max_mb:
+        recycle = ["--max-memory-per-child", str(settings.worker_child_max_mb * 1024)]  # KiB
     celery_app.worker_main(
         [
             "worker",
+            *recycle,
             "--queues",
             queues,
             "--concurrency",

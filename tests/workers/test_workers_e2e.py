@@ -47,6 +47,7 @@ class Worker:
             "SYNTHRAY_COPYDETECT_SECONDS": str(settings.copydetect_seconds),
             "SYNTHRAY_COPYDETECT_STEPS": str(settings.copydetect_steps),
             "SYNTHRAY_MAX_DCR_TRAIN_SHARE": str(settings.max_dcr_train_share),
+            "SYNTHRAY_WORKER_CHILD_MAX_MB": str(settings.worker_child_max_mb),
         }
         self._f = log.open("ab")
         self.proc = subprocess.Popen(
@@ -61,6 +62,18 @@ class Worker:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("worker did not start:\n" + log.read_text()[-3000:])
             time.sleep(0.2)
+
+    def job_process(self) -> int | None:
+        """The pid of the worker's pool process (the one that runs jobs), if it has one."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[1]) == self.proc.pid and b"synthray.cli.main" in cmdline:
+                return int(stat.parent.name)
+        return None
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool child), as a crash would."""
@@ -243,6 +256,32 @@ def test_pipeline_through_a_real_worker(
     # The worker's own threads (the sweeper) ran without a database error all along: a
     # pool process that inherited its parent's PostgreSQL connection broke them once.
     assert "sweep failed" not in worker.log.read_text()
+
+
+def test_a_job_process_that_grew_is_replaced(
+    api: TestClient, stack: Settings, tmp_path: Path
+) -> None:
+    """A job process keeps its peak heap, so one that a job left above
+    SYNTHRAY_WORKER_CHILD_MAX_MB is replaced before the next job (here a limit no job
+    process fits under: every job gets a fresh one), and the jobs still run."""
+    keys = make_keys(stack)
+    w = Worker(stack.model_copy(update={"worker_child_max_mb": 1}), tmp_path / "grown.log")
+    try:
+        first = w.job_process()
+        assert first is not None
+        ingest(api, keys, stack)
+        deadline = time.monotonic() + 60
+        while w.job_process() in (first, None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = w.job_process()
+        assert second not in (first, None), w.log.read_text()[-3000:]
+        # The fresh process takes the next job.
+        body = {"name": "nih-again", "source": "nih", **NIH_INGEST}
+        r = api.post("/v1/datasets", json=body, headers=auth(keys.operator))
+        assert r.status_code == 202, r.text
+        assert wait_job(api, keys.operator, r.json()["job_id"])["state"] == "succeeded"
+    finally:
+        w.stop()
 
 
 def test_killed_worker_loses_no_job(api: TestClient, stack: Settings, tmp_path: Path) -> None:
