@@ -63,7 +63,7 @@ class PixelMatch:
 QUERY_BLOCK = 256
 
 
-def _joined(blocks: list[PixelMatch], with_ssim: bool) -> PixelMatch:
+def _joined(blocks: list[PixelMatch]) -> PixelMatch:
     """One :class:`PixelMatch` from those of consecutive query blocks."""
     sizes = np.array([len(b.neighbours) for b in blocks], dtype=np.float64)
     return PixelMatch(
@@ -72,7 +72,7 @@ def _joined(blocks: list[PixelMatch], with_ssim: bool) -> PixelMatch:
         shift=np.concatenate([b.shift for b in blocks]),
         flip=np.concatenate([b.flip for b in blocks]),
         scale=np.concatenate([b.scale for b in blocks]),
-        ssim=np.concatenate([b.ssim for b in blocks]) if with_ssim else None,
+        ssim=None if blocks[0].ssim is None else np.concatenate([b.ssim for b in blocks]),
         candidates=float(np.average([b.candidates for b in blocks], weights=sizes)),
     )
 
@@ -334,7 +334,7 @@ class PixelMatcher:
                 )
                 for b in range(0, len(queries), n)
             ]
-            return _joined(blocks, with_ssim)
+            return _joined(blocks)
         return self._match_block(queries, k, exclude, with_ssim)
 
     def _match_block(
