@@ -54,12 +54,12 @@ def main() -> None:
     ap.add_argument("--synthesis-seed", type=int, default=0)
     ap.add_argument(
         "--oversample",
-        type=float,
-        default=1.0,
-        help="draw this many times the images per class; each setting then also reports "
-        "the draw filtered by class: per class, the images to which the dataset's "
-        "supervised quality classifier (trained on the real training split) gives the "
-        "highest probability of the class they were drawn for",
+        default="1",
+        help="comma list of factors: draw the largest times the images per class once; "
+        "each setting then also reports, per factor F, the first F times the images of "
+        "each class filtered by class: the images to which the dataset's supervised "
+        "quality classifier (trained on the real training split) gives the highest "
+        "probability of the class they were drawn for",
     )
     args = ap.parse_args()
 
@@ -139,7 +139,8 @@ def main() -> None:
         g.cfg.guidance_interval = (
             None if interval == "none" else [float(t) for t in interval.split(":")]
         )
-        drawn = int(np.ceil(per_class * args.oversample))
+        factors = sorted(float(f) for f in args.oversample.split(","))
+        drawn = int(np.ceil(per_class * factors[-1]))
         t0 = time.perf_counter()
         x, y = sample_images(g, dict.fromkeys(range(n_cls), drawn), seed=args.synthesis_seed)
         t_sample = time.perf_counter() - t0
@@ -148,14 +149,16 @@ def main() -> None:
         }
         if drawn > per_class and "supervised" in spaces:
             own = quality.probabilities(spaces["supervised"], x)[np.arange(len(y)), dataset_ids[y]]
-            selections["filtered"] = np.concatenate(
-                [
-                    (idx := np.flatnonzero(y == c))[
-                        np.argsort(-own[idx], kind="stable")[:per_class]
+            for f in (f for f in factors if f > 1):
+                first = int(np.ceil(per_class * f))
+                selections[f"filtered x{f:g}"] = np.concatenate(
+                    [
+                        (idx := np.flatnonzero(y == c)[:first])[
+                            np.argsort(-own[idx], kind="stable")[:per_class]
+                        ]
+                        for c in range(n_cls)
                     ]
-                    for c in range(n_cls)
-                ]
-            )
+                )
         for selection, keep in selections.items():
             tstr, recall = score(x[keep], y[keep])
             row = {
