@@ -126,6 +126,10 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
     assert q["samples_per_class"] == {"Normal": 10, "Effusion": 10, "Cardiomegaly": 10}
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
     assert len(q["ssl_encoder_sha256"]) == 64 and q["ssl_encoder_sha256"] != q["encoder_sha256"]
+    # How much training each space's encoder got travels with the figures.
+    for training in q["encoder_training"].values():
+        assert training["planned_steps"] == 10 and 0 < training["steps"] <= 10
+    assert set(q["encoder_training"]) == {"supervised", "self_supervised"}
     # The training job's preview grid: one row per class, 8 samples each.
     r = client.get(f"/v1/jobs/{trained.train['id']}/preview.png", headers=auth(keys.reviewer))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -6,16 +6,19 @@ from typing import Any
 
 
 def quality_lines(q: dict[str, Any]) -> list[str]:
-    """Class consistency and precision / recall beside their real-vs-real floors."""
+    """Class consistency and precision / recall beside their real-vs-real floors, each
+    with a warning where its encoder was cut short."""
     if not q:
         return []
     lines = []
+    training = q.get("encoder_training") or {}
     cc = q.get("class_consistency") or {}
     if cc.get("generated") is not None:
         lines.append(
             "class consistency: "
             f"{cc['generated']:.2f} (a real-trained classifier's balanced accuracy on the "
             f"synthetic images by their class; {cc['floor']:.2f} on real unseen patients)"
+            + _cut_short(training.get("supervised"))
         )
     for name, space in (q.get("spaces") or {}).items():
         g, f = space["overall"]["generated"], space["overall"]["floor"]
@@ -23,9 +26,21 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
             f"{name.replace('_', '-')} space: "
             f"precision {g['precision']:.2f} (floor {f['precision']:.2f}), "
             f"recall {g['recall']:.2f} (floor {f['recall']:.2f}), "
-            f"FID {g['fid']:.2f} (floor {f['fid']:.2f})"
+            f"FID {g['fid']:.2f} (floor {f['fid']:.2f})" + _cut_short(training.get(name))
         )
     return lines
+
+
+def _cut_short(training: dict[str, Any] | None) -> str:
+    """A warning when an encoder ran out of time before its planned steps: the figures it
+    measures are then weaker, and not comparable with those of a fully trained one."""
+    if not training or training["steps"] >= training["planned_steps"]:
+        return ""
+    return (
+        f"; WEAK ENCODER: it trained {training['steps']} of {training['planned_steps']} "
+        f"steps in its time budget ({training['seconds']:.0f} s; a slow or busy machine), "
+        "so these figures are not comparable with those of a fully trained encoder"
+    )
 
 
 def audit_unit(a: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ def _encoder(
 ) -> tuple[Any, str]:
     """The dataset version's quality encoder of ``kind`` (``quality``: supervised on the
     labels; ``quality-ssl``: contrastive, no labels), trained on its training split the
-    first time it is needed."""
+    first time it is needed (the record of that training is kept with it: see
+    :func:`_training`)."""
     from synthray.models.evaluation import quality
 
     resolution = int(split.resolution)
@@ -33,7 +34,7 @@ def _encoder(
         if kind == SUPERVISED:
             ctx.progress(0, None, "training the supervised quality encoder (training split)")
             cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
-            enc = quality.train_encoder(
+            trained = quality.train_encoder(
                 split.train_images,
                 split.train_labels,
                 cfg,
@@ -41,23 +42,41 @@ def _encoder(
                 max_seconds=budget,
                 seed=0,
             )
-            acc: float | None = quality.accuracy(enc, split.holdout_images, split.holdout_labels)
+            acc: float | None = quality.accuracy(
+                trained.model, split.holdout_images, split.holdout_labels
+            )
         else:
             ctx.progress(0, None, "training the self-supervised quality encoder (training split)")
             cfg = quality.EncoderConfig(resolution=resolution, num_classes=quality.SSL_PROJECTION)
-            enc = quality.train_ssl_encoder(
+            trained = quality.train_ssl_encoder(
                 split.train_images, cfg, max_steps=steps, max_seconds=budget, seed=0
             )
             acc = None
         path = ctx.work_dir / f"{kind}.safetensors"
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        quality.save_encoder(path, enc, {"classes": list(split.classes), "objective": kind})
+        training = trained.record()
+        quality.save_encoder(
+            path,
+            trained.model,
+            {"classes": list(split.classes), "objective": kind, "training": training},
+        )
         new_sha, _ = ctx.blobs.put_file(path)
+        config = cfg.to_dict() | {"training": training}
         with ctx.session() as s:
             sha = registry.register_encoder(
-                s, dataset_version_id, resolution, new_sha, cfg.to_dict(), acc, kind=kind
+                s, dataset_version_id, resolution, new_sha, config, acc, kind=kind
             ).blob_sha256
     return quality.load_encoder(ctx.blobs.path(sha), expected_sha256=sha), sha
+
+
+def _training(
+    ctx: JobContext, dataset_version_id: int, resolution: int, kind: str
+) -> dict[str, Any] | None:
+    """How much training the registered encoder of ``kind`` got ({steps, planned_steps,
+    seconds}), or None for one registered before that was kept."""
+    with ctx.session() as s:
+        row = registry.quality_encoder(s, dataset_version_id, resolution, kind)
+        return (row.config or {}).get("training") if row else None
 
 
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
@@ -137,6 +156,13 @@ def measure(
     out["encoder_holdout_accuracy"] = quality.accuracy(
         supervised, split.holdout_images[m_hold], split.holdout_labels[m_hold]
     )
+    # How much training each space's encoder got: one cut short by its time budget on a
+    # slow or busy machine measures in a weaker space (see summary.quality_lines).
+    trainings = {
+        name: _training(ctx, dataset_version_id, int(split.resolution), kind)
+        for name, kind in (("supervised", SUPERVISED), ("self_supervised", SELF_SUPERVISED))
+    }
+    out["encoder_training"] = {name: t for name, t in trainings.items() if t is not None}
     out["samples_per_class"] = {c: counts[g] for g, c in enumerate(classes) if keep[g] in measured}
     # Staff look at this: per class, generated images beside real ones of unseen patients.
     own_class = {dataset_class: g for g, dataset_class in enumerate(keep)}

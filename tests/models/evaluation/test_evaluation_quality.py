@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from synthray.app.registry.summary import quality_lines
 from synthray.models.checkpoint import ChecksumMismatch
 from synthray.models.evaluation.quality import (
     Encoder,
@@ -67,7 +68,9 @@ def _two_kinds(n: int = 64, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
 def test_encoder_round_trip_and_evaluate(tmp_path: Path) -> None:
     imgs, labels = _two_kinds()
     cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
-    model = train_encoder(imgs, labels, cfg, max_steps=40, max_seconds=30, batch_size=16)
+    trained = train_encoder(imgs, labels, cfg, max_steps=40, max_seconds=30, batch_size=16)
+    assert (trained.steps, trained.planned_steps, trained.cut_short) == (40, 40, False)
+    model = trained.model
     sha = save_encoder(tmp_path / "enc.safetensors", model)
     again = load_encoder(tmp_path / "enc.safetensors", sha)
     with pytest.raises(ChecksumMismatch):
@@ -110,7 +113,7 @@ def test_encoder_round_trip_and_evaluate(tmp_path: Path) -> None:
 def test_floor_uses_as_many_held_out_images_as_generated_ones() -> None:
     imgs, labels = _two_kinds(n=96)
     cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
-    model = train_encoder(imgs, labels, cfg, max_steps=10, batch_size=16)
+    model = train_encoder(imgs, labels, cfg, max_steps=10, batch_size=16).model
     out = evaluate(
         {"s": model},
         model,
@@ -123,6 +126,40 @@ def test_floor_uses_as_many_held_out_images_as_generated_ones() -> None:
         ["top", "bottom"],
     )
     assert out["compared_images"] == 20 and out["reference_images"] == 40
+
+
+def test_an_encoder_cut_short_by_its_time_budget_says_so() -> None:
+    """On a slow or busy machine the time budget ends an encoder's training early; the
+    record, and the figures' wording, must say so rather than pass the weaker space off as
+    the usual one."""
+    imgs, labels = _two_kinds()
+    cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
+    for train in (
+        lambda **kw: train_encoder(imgs, labels, cfg, batch_size=16, **kw),
+        lambda **kw: train_ssl_encoder(imgs, cfg, batch_size=16, **kw),
+    ):
+        short = train(max_steps=10_000, max_seconds=0.3)
+        assert short.cut_short and 0 < short.steps < 10_000 and short.planned_steps == 10_000
+        assert short.seconds >= 0.3
+        full = train(max_steps=3, max_seconds=60)
+        assert not full.cut_short and full.steps == 3
+    space = {"precision": 0.9, "recall": 0.8, "fid": 2.0}
+    q = {
+        "class_consistency": {"generated": 0.8, "floor": 0.7},
+        "spaces": {
+            name: {"overall": {"generated": space, "floor": space}}
+            for name in ("supervised", "self_supervised")
+        },
+        "encoder_training": {
+            "supervised": short.record() | {"steps": 50, "planned_steps": 300},
+            "self_supervised": full.record(),
+        },
+    }
+    consistency, supervised, ssl = quality_lines(q)
+    assert "WEAK ENCODER" in consistency and "50 of 300 steps" in supervised
+    assert "WEAK" not in ssl
+    # Records from before encoders' training was kept: nothing claimed either way.
+    assert not any("WEAK" in line for line in quality_lines(q | {"encoder_training": {}}))
 
 
 def _retrieval(model: Encoder, images: np.ndarray) -> float:
@@ -141,7 +178,7 @@ def test_self_supervised_encoder_maps_views_of_an_unseen_image_together() -> Non
     )[:, 0].numpy()
     imgs = np.clip(128 + 50 * smooth, 0, 255).astype(np.uint8)
     cfg = EncoderConfig(resolution=32, num_classes=16, width=8, feat_dim=16)
-    untrained = train_ssl_encoder(imgs[:64], cfg, max_steps=0)
-    trained = train_ssl_encoder(imgs[:64], cfg, max_steps=200, batch_size=32)
+    untrained = train_ssl_encoder(imgs[:64], cfg, max_steps=0).model
+    trained = train_ssl_encoder(imgs[:64], cfg, max_steps=200, batch_size=32).model
     before, after = _retrieval(untrained, imgs[64:]), _retrieval(trained, imgs[64:])
     assert after >= 0.6 and after >= before + 0.2, (before, after)
