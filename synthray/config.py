@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         100_000, ge=1, description="Most images one synthesis request may ask for."
     )
+    synthesis_oversample: float = Field(
+        1.25,
+        ge=1.0,
+        le=8.0,
+        description="Synthesis and the utility evaluation draw this many times the images "
+        "asked for and keep, per class, those the dataset version's real-trained quality "
+        "classifier finds most typical of their class (1: keep every image drawn); a "
+        "request's own oversample wins.",
+    )
     min_free_bytes: int = Field(
         100 * 1024**2,
         ge=0,

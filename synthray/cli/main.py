@@ -529,6 +529,10 @@ def evaluate(
         str | None, typer.Option(help="Score on this dataset instead of the held-out patients.")
     ] = None,
     synthesis_seed: int = 0,
+    oversample: Annotated[
+        float | None,
+        typer.Option(help="Choose the synthetic images as synthesis does (site default)."),
+    ] = None,
     dest: Annotated[
         Path | None, typer.Option(help="Write evaluation-ID.csv and evaluation-ID.png here.")
     ] = None,
@@ -546,6 +550,7 @@ def evaluate(
         "width": width,
         "test_dataset": test_dataset,
         "synthesis_seed": synthesis_seed,
+        "oversample": oversample,
     }
     if arms:
         body["arms"] = [a.strip() for a in arms.split(",") if a.strip()]
@@ -583,10 +588,18 @@ def synthesize(
     version: int | None = None,
     per_class: int = 100,
     seed: int = 0,
+    oversample: Annotated[
+        float | None,
+        typer.Option(
+            help="Draw this many times the images and keep the most typical of each class "
+            "(default: the site's SYNTHRAY_SYNTHESIS_OVERSAMPLE)."
+        ),
+    ] = None,
     wait: bool = True,
 ) -> None:
     """Sample a class-balanced batch; its memorization check runs right after."""
-    body = {"model": model, "version": version, "per_class": per_class, "seed": seed}
+    body: dict[str, Any] = {"model": model, "version": version, "per_class": per_class}
+    body |= {"seed": seed, "oversample": oversample}
     acc = c.post("/synthesize", body)
     if not wait:
         _print(acc)

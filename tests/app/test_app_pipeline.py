@@ -161,6 +161,18 @@ def test_train_on_a_class_subset(
     assert [e["field"] for e in r.json()["detail"]] == ["precision"]
     r = client.post("/v1/train", json=body | {"classes": ["Normal", "Hernia"]}, headers=h)
     assert r.status_code == 422 and r.json()["field"] == "classes"
+    # Without its quality classifier the version cannot choose among drawn images: asked
+    # to, it says so; by the site's default it keeps every image drawn.
+    ask = {"model": "two", "per_class": 2}
+    r = client.post("/v1/synthesize", json=ask | {"oversample": 2}, headers=h)
+    assert r.status_code == 422 and r.json()["field"] == "oversample", r.text
+    assert "no quality classifier" in r.json()["detail"]
+    assert settings.synthesis_oversample > 1
+    r = client.post("/v1/synthesize", json=ask, headers=h)
+    assert r.status_code == 202
+    assert run_queued(settings) == ["succeeded", "succeeded"]
+    batch = client.get(f"/v1/batches/{r.json()['batch_id']}", headers=h).json()
+    assert batch["selection"] == {"oversample": 1.0} and batch["check"]["images"] == 4
 
 
 def test_quality_figures_leave_out_classes_that_synthesis_refuses(
@@ -238,6 +250,13 @@ def test_synthesize_check_export_download(
     batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
     assert batch["state"] == "passed", batch
     assert batch["check"]["images"] == 18
+    # Drawn 1.25 times over (the site's default), the most typical 6 of 8 per class kept.
+    selection = batch["selection"]
+    assert (selection["oversample"], selection["drawn"], selection["kept"]) == (1.25, 24, 18)
+    assert sorted(selection["per_class"]) == sorted(["Normal", "Effusion", "Cardiomegaly"])
+    for figures in selection["per_class"].values():
+        assert (figures["drawn"], figures["kept"]) == (8, 6)
+        assert figures["mean_probability_kept"] >= figures["mean_probability_drawn"]
     report = client.get(f"/v1/batches/{batch_id}/report", headers=rev).json()
     assert len(report["images"]) == 18
     assert all(len(img["neighbours"]) == 3 for img in report["images"])
@@ -271,6 +290,7 @@ def test_synthesize_check_export_download(
         card = json.loads(zf.read("privacy.json"))
         scorecard = zf.read("PRIVACY.md").decode()
     assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
+    assert manifest["provenance"]["selection"] == selection
     assert "memorization_report.json" in names
     # The privacy scorecard: the batch's gate figures and the generator's audit, in words
     # and as JSON, both listed with their hashes.
@@ -342,7 +362,7 @@ def test_gate_blocks_memorized_and_changed_batches(
         s.add(b)
         s.flush()
         batch_id = b.id
-        batches.record_samples(s, settings, batch_id, blob, None)
+        batches.record_samples(s, settings, batch_id, blob, None, {"oversample": 1.0})
     assert run_queued(settings) == ["succeeded"]
     batch = client.get(f"/v1/batches/{batch_id}", headers=op).json()
     assert batch["state"] == "failed"

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 from synthray.app.fields import ALIAS, MAX_CLASSES, Id32, Label, Name, RequestModel, Seed
 
@@ -24,6 +24,13 @@ class BatchState(StrEnum):
     cancelled = "cancelled"
 
 
+OVERSAMPLE = (
+    "Draw this many times the images asked for and keep, per class, those the dataset "
+    "version's real-trained quality classifier finds most typical of their class (1: keep "
+    "every image drawn). Default SYNTHRAY_SYNTHESIS_OVERSAMPLE."
+)
+
+
 class SynthesizeRequest(RequestModel):
     model: Name
     version: Id32 | None = Field(None, description="Latest non-archived version if omitted.")
@@ -35,6 +42,7 @@ class SynthesizeRequest(RequestModel):
         None, max_length=MAX_CLASSES, description="Images per class name."
     )
     seed: Seed = 0
+    oversample: StrictFloat | None = Field(None, ge=1, le=8, description=OVERSAMPLE)
 
     @model_validator(mode="after")
     def _one_of(self) -> SynthesizeRequest:
@@ -63,6 +71,11 @@ class BatchRead(BaseModel):
     state: BatchState
     counts: dict[str, int]
     seed: int
+    selection: dict[str, Any] = Field(
+        description="How the images were chosen from those drawn: the oversample factor "
+        "and, per class, images drawn and kept with the classifier's mean probability of "
+        "their class before and after ({} while generating; oversample 1: all kept)."
+    )
     images_sha256: str | None = Field(validation_alias="images_blob")
     checked_sha256: str | None
     check: dict[str, Any]

@@ -46,6 +46,7 @@ def request_synthesis(
     else:
         assert req.per_class is not None
         counts = {c: req.per_class for c in classes}
+    oversample = registry.oversample_for(mv, req.oversample, settings)
     if sum(counts.values()) > settings.max_batch_images:
         raise Invalid(
             f"a batch may hold at most {settings.max_batch_images} images "
@@ -56,7 +57,13 @@ def request_synthesis(
     batch = repository.add(
         session, SyntheticBatch(model_version_id=mv.id, counts=counts, seed=req.seed)
     )
-    params = {"batch_id": batch.id, "model_version_id": mv.id, "counts": counts, "seed": req.seed}
+    params = {
+        "batch_id": batch.id,
+        "model_version_id": mv.id,
+        "counts": counts,
+        "seed": req.seed,
+        "oversample": oversample,
+    }
     job = jobs.create(session, settings, JobKind.synthesize, params, created_by)
     batch.synth_job_id = job.id
     session.flush()
@@ -104,13 +111,20 @@ def list_batches(session: Session, limit: int = 50) -> list[BatchRead]:
 
 
 def record_samples(
-    session: Session, settings: Settings, batch_id: int, images_blob: str, created_by: int | None
+    session: Session,
+    settings: Settings,
+    batch_id: int,
+    images_blob: str,
+    created_by: int | None,
+    selection: dict[str, Any],
 ) -> str:
-    """Store the sampled images on the batch and queue its memorization check."""
+    """Store the sampled images, and how they were chosen from those drawn, on the batch
+    and queue its memorization check."""
     b = _get_for_update(session, batch_id)
     if b.check_job_id is not None:  # a redelivered synthesis: the check is already queued
         return b.check_job_id
     b.images_blob = images_blob
+    b.selection = selection
     b.state = BatchState.unchecked
     job = jobs.create(session, settings, JobKind.check, {"batch_id": batch_id}, created_by)
     b.check_job_id = job.id

@@ -24,6 +24,8 @@ class SyntheticBatch(Base):
     state: Mapped[BatchState] = mapped_column(String(20), default=BatchState.generating)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     seed: Mapped[int] = mapped_column(default=0)
+    # How the images were chosen from those drawn (oversample, per class drawn / kept).
+    selection: Mapped[dict[str, Any]] = mapped_column(default=dict)
     images_blob: Mapped[str | None] = mapped_column(String(64), default=None)
     checked_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     check: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from synthray.app.fields import NAME, RequestModel
 
@@ -53,6 +53,14 @@ class EvaluationCreate(RequestModel):
         16, ge=4, le=128, description="Channels of the classifier's first stage."
     )
     synthesis_seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    oversample: StrictFloat | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="The synthetic images are chosen as synthesis chooses them (see "
+        "POST /v1/batches); default SYNTHRAY_SYNTHESIS_OVERSAMPLE, so that the evaluation "
+        "measures what an export would hold.",
+    )
 
     @field_validator("arms")
     @classmethod

@@ -75,6 +75,7 @@ def request_evaluation(
     elif req.test_dataset_version is not None:
         raise Invalid("test_dataset_version needs test_dataset", field="test_dataset_version")
     params = req.model_dump(exclude={"model", "version", "test_dataset", "test_dataset_version"})
+    params["oversample"] = registry.oversample_for(mv, req.oversample, settings)
     evaluation = repository.add(
         session,
         Evaluation(

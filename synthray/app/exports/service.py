@@ -138,6 +138,8 @@ def build(ctx: JobContext) -> dict[str, object]:
             "model_sha256": mv.blob_sha256,
             "architecture": mv.architecture,
             "dataset_version_sha256": datasets.content_sha256(session, mv.dataset_version_id),
+            # How the batch's images were chosen from those drawn (oversample, per class).
+            "selection": batch.selection,
         }
         utility = _utility(session, ctx.blobs, mv.id)
         dv = datasets.ready_version(session, mv.dataset_version_id)

@@ -168,6 +168,22 @@ def resolve_version(
     return mv
 
 
+def oversample_for(mv: ModelVersion, requested: float | None, settings: Settings) -> float:
+    """The oversample factor a synthesis or evaluation of ``mv`` uses: the request's, else
+    the site's. Choosing needs the version's supervised quality encoder (the classifier
+    it was measured with); a version without one (trained with its quality metrics off)
+    keeps every image drawn, and refuses a request that asks for more."""
+    if mv.encoder_sha256 is None:
+        if requested is not None and requested > 1:
+            raise Invalid(
+                "this model version has no quality classifier to choose images with (it "
+                "was trained without quality metrics); ask for oversample 1",
+                field="oversample",
+            )
+        return 1.0
+    return float(requested if requested is not None else settings.synthesis_oversample)
+
+
 def get_version_by_id(session: Session, version_id: int) -> ModelVersion:
     mv = find_version(session, version_id=version_id)
     if mv is None:

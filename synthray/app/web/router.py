@@ -505,10 +505,17 @@ def job_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLRespo
 
 
 @router.get("/batches", response_class=HTMLResponse)
-def batch_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
+def batch_list(
+    request: Request, session: SessionDep, settings: SettingsDep, who: StaffPage
+) -> HTMLResponse:
     models = registry.list_models(session)
     return page(
-        request, "batches.html", who, batches=batches.list_batches(session, 50), models=models
+        request,
+        "batches.html",
+        who,
+        batches=batches.list_batches(session, 50),
+        models=models,
+        oversample=f"{settings.synthesis_oversample:g}",
     )
 
 

@@ -79,6 +79,32 @@ def _training(
         return (row.config or {}).get("training") if row else None
 
 
+def class_chooser(
+    ctx: JobContext, encoder_sha256: str, classes: list[str], dataset_classes: list[str]
+) -> Any:
+    """The probability the supervised quality encoder ``encoder_sha256`` (a version's,
+    trained on its dataset version's training split) gives each image of the class it
+    was drawn for: ``own(images, labels) -> (N,)``, labels indexing ``classes``."""
+    from synthray.models.evaluation import quality
+
+    encoder = quality.load_encoder(ctx.blobs.path(encoder_sha256), expected_sha256=encoder_sha256)
+    to_dataset = np.array([dataset_classes.index(c) for c in classes], dtype=np.int64)
+
+    def own(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        p = quality.probabilities(encoder, images)  # (N, dataset classes)
+        return p[np.arange(len(labels)), to_dataset[labels.astype(np.int64)]]
+
+    return own
+
+
+def selection_record(record: dict[str, Any] | None, classes: list[str]) -> dict[str, Any]:
+    """The stored account of how images were chosen, per class name (``record`` from
+    ``selection.sample_typical``; None when every image drawn was kept)."""
+    if record is None:
+        return {"oversample": 1.0}
+    return record | {"per_class": {classes[c]: v for c, v in record["per_class"].items()}}
+
+
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
 # Fewest generated images per class, whatever the held-out set holds: class consistency
 # is a rate over them.

@@ -17,7 +17,7 @@ from synthray.app.datasets import service as datasets
 from synthray.app.evaluations import service as evaluations
 from synthray.app.jobs.context import JobCancelled, JobContext, JobFailed
 from synthray.app.registry import service as registry
-from synthray.workers.jobs import _gate
+from synthray.workers.jobs import _gate, _quality
 
 # Extra synthetic images drawn per class, so that flagged ones can be left out, and how
 # many draws a class the gate flags more often may take.
@@ -40,7 +40,8 @@ def draw_sizes(missing: np.ndarray, drawn: np.ndarray, flagged: np.ndarray) -> d
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.evaluation import utility
     from synthray.models.generators.files import load_generator
-    from synthray.models.generators.sampling import derived_seed, sample_images
+    from synthray.models.generators.sampling import derived_seed
+    from synthray.models.generators.selection import sample_typical
     from synthray.models.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -75,6 +76,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             test_x = all_x[mask]
             test_name = f"all images of dataset version {e.test_dataset_version_id}"
         model_version = {"id": mv.id, "version": mv.version, "blob_sha256": blob}
+        encoder_sha = mv.encoder_sha256
         dataset_version_id = mv.dataset_version_id
         test_version_id = e.test_dataset_version_id
     counts = np.bincount(real.labels, minlength=len(classes))
@@ -90,6 +92,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     arms = list(p["arms"])
     needs = utility.pool_needs(counts, arms)
     generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
+    # Chosen as synthesis chooses a batch's images (evaluations queued before that: all).
+    oversample = float(p.get("oversample", 1.0))
+    chooser = None
+    if oversample > 1 and encoder_sha is not None:
+        chooser = _quality.class_chooser(ctx, encoder_sha, classes, list(split.classes))
+    selections: list[dict[str, Any]] = []
     kept_x: list[np.ndarray] = []
     kept_y: list[np.ndarray] = []
     have = np.zeros(len(classes), dtype=np.int64)
@@ -103,14 +111,17 @@ def run(ctx: JobContext) -> dict[str, Any]:
         draw = draw_sizes(missing, drawn_per_class, flagged_per_class)
         total = sum(draw.values())
         ctx.progress(0, total, f"drawing {total} synthetic images (draw {draws})")
-        x, y = sample_images(
+        x, y, record = sample_typical(
             generator,
             draw,
             # The recorded seed for the first draw, one derived from it for later draws.
             seed=seed if draws == 1 else derived_seed(seed, draws),
+            oversample=oversample,
+            own_probability=chooser,
             device=ctx.settings.device,
             on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
         )
+        selections.append(_quality.selection_record(record, classes))
         ctx.progress(0, None, f"memorization gate over {len(x)} synthetic images")
         flagged, embedder_sha = _gate.flagged(ctx, x, split, dataset_version_id)
         for c in range(len(classes)):
@@ -179,6 +190,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "flagged_per_class": [int(n) for n in flagged_per_class],
             "used_per_class": [int(n) for n in needs],
             "copydetect_sha256": embedder_sha,
+            # Per draw: how its images were chosen from a larger one (oversample 1: all).
+            "selection": selections,
             "gate_seconds": round(gate_seconds, 1),
         },
         "real_train_per_class": [int(n) for n in counts],

@@ -8,23 +8,28 @@ from typing import Any
 import numpy as np
 
 from synthray.app.batches import service as batches
+from synthray.app.datasets import service as datasets
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.registry import service as registry
+from synthray.workers.jobs import _quality
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.checkpoint import ChecksumMismatch
     from synthray.models.generators.files import load_generator
-    from synthray.models.generators.sampling import sample_images
+    from synthray.models.generators.selection import sample_typical
 
     batch_id = int(ctx.params["batch_id"])
+    # Jobs queued before images were chosen from a larger draw keep every image.
+    oversample = float(ctx.params.get("oversample", 1.0))
     with ctx.session() as s:
         batch = batches.get(s, batch_id)
         if batch.check_job_id is not None:
             return {"batch_id": batch_id, "check_job_id": batch.check_job_id}
         mv = registry.get_version_by_id(s, int(ctx.params["model_version_id"]))
-        classes, blob = list(mv.classes), mv.blob_sha256
+        classes, blob, encoder_sha = list(mv.classes), mv.blob_sha256, mv.encoder_sha256
+        dataset_classes = list(datasets.ready_version(s, mv.dataset_version_id).classes)
         created_by = jobs.creator(s, ctx.job_id)
     counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
     total = sum(counts.values())
@@ -36,25 +41,39 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(
             "the registered generator file does not match its recorded sha256; refusing to load it"
         ) from exc
+    chooser = None
+    if oversample > 1 and encoder_sha is not None:
+        chooser = _quality.class_chooser(ctx, encoder_sha, classes, dataset_classes)
     ctx.progress(0, total, "sampling")
     started = time.perf_counter()
+    kept = f", keeping the most typical 1/{oversample:g} of each class" if chooser else ""
 
     def on_progress(done: int, of: int) -> None:
         rate = done / max(time.perf_counter() - started, 1e-9)
-        ctx.progress(done, of, f"sampled {done} of {of} ({rate:.0f} img/s)")
+        ctx.progress(done, of, f"sampled {done} of {of} ({rate:.0f} img/s{kept})")
 
-    images, labels = sample_images(
+    images, labels, record = sample_typical(
         generator,
         counts,
         seed=int(ctx.params["seed"]),
+        oversample=oversample,
+        own_probability=chooser,
         device=ctx.settings.device,
         on_progress=on_progress,
     )
+    selection = _quality.selection_record(record, classes)
     images_blob, _ = ctx.blobs.put_arrays(images=images, labels=labels.astype(np.int64))
     with ctx.session() as s:
-        check_job = batches.record_samples(s, ctx.settings, batch_id, images_blob, created_by)
+        check_job = batches.record_samples(
+            s, ctx.settings, batch_id, images_blob, created_by, selection
+        )
     ctx.progress(len(images), len(images), "sampled; memorization check queued")
-    return {"batch_id": batch_id, "images": len(images), "check_job_id": check_job}
+    return {
+        "batch_id": batch_id,
+        "images": len(images),
+        "drawn": int(selection.get("drawn", len(images))),
+        "check_job_id": check_job,
+    }
 
 
 def on_failure(ctx: JobContext, state: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import zipfile
 
 from conftest import World
@@ -65,6 +66,16 @@ def test_evaluation_runs_every_arm_and_is_stored_with_its_lineage(
     assert synthetic["seed"] == 0 and synthetic["drawn"] >= sum(synthetic["used_per_class"])
     assert synthetic["draws"] >= 1 and sum(synthetic["drawn_per_class"]) == synthetic["drawn"]
     assert sum(synthetic["flagged_per_class"]) == synthetic["flagged"]
+    # Its images were chosen as synthesis chooses a batch's: 1.25 times as many drawn per
+    # class (the site's default), the most typical of each class gated and used.
+    assert e["params"]["oversample"] == settings.synthesis_oversample == 1.25
+    assert len(synthetic["selection"]) == synthetic["draws"]
+    for selection in synthetic["selection"]:
+        assert selection["oversample"] == 1.25
+        for figures in selection["per_class"].values():
+            assert figures["drawn"] == math.ceil(1.25 * figures["kept"])
+    gated = sum(s["kept"] for s in synthetic["selection"])
+    assert gated == sum(synthetic["drawn_per_class"])
     for drawn, flagged, used in zip(
         synthetic["drawn_per_class"],
         synthetic["flagged_per_class"],
