@@ -290,7 +290,8 @@ def test_synthesize_check_export_download(
         card = json.loads(zf.read("privacy.json"))
         scorecard = zf.read("PRIVACY.md").decode()
     assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
-    assert manifest["provenance"]["selection"] == selection
+    assert manifest["provenance"]["selection"] == selection == card["selection"]
+    assert "chosen from 24 drawn (oversample 1.25)" in scorecard
     assert "memorization_report.json" in names
     # The privacy scorecard: the batch's gate figures and the generator's audit, in words
     # and as JSON, both listed with their hashes.

@@ -85,10 +85,12 @@ def scorecard(
     audit: dict[str, Any] | None,
     exported: int,
     removed: int,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON twin. ``dataset``: the dataset version's holdout_fraction, split_seed,
     counts and provenance; ``report``: the batch's memorization report; ``audit``: the
-    generator version's membership-inference audit (None where it never ran)."""
+    generator version's membership-inference audit (None where it never ran);
+    ``selection``: how the batch's images were chosen from those drawn."""
     counts = dataset.get("counts") or {}
     per_class = counts.get("per_class") or {}
     summary = report["summary"]
@@ -129,6 +131,7 @@ def scorecard(
             "authenticity": summary.get("authenticity"),
             "passed": summary.get("passed"),
         },
+        "selection": selection or {},
         "planted_copy_detection": planted,
         "membership_inference": audit,
         "reidentification": reid,
@@ -233,6 +236,16 @@ def markdown(card: dict[str, Any]) -> str:
         f"above {gate['max_dcr_train_share']}); authenticity {gate['authenticity']}.",
         "",
     ]
+    chosen = card.get("selection") or {}
+    if chosen.get("drawn"):
+        lines += [
+            f"The batch's {chosen['kept']} images were chosen from {chosen['drawn']} drawn "
+            f"(oversample {chosen['oversample']:g}): per class, those that a classifier "
+            "trained on the training films found most typical of their class. Every chosen "
+            "image was checked by the gate; the membership-inference audit below ran on "
+            "the generator's images before any such choice.",
+            "",
+        ]
     lines += _planted_lines(card["planted_copy_detection"])
     lines += [
         "",

@@ -128,6 +128,8 @@ def build(ctx: JobContext) -> dict[str, object]:
                 raise JobFailed(str(exc)) from exc
         images_blob = batch.images_blob
         classes = list(mv.classes)
+        # How the batch's images were chosen from those drawn (oversample, per class).
+        selection: dict[str, Any] = dict(batch.selection or {})
         provenance = {
             "export_id": export_id,
             "partner": export.partner,
@@ -138,8 +140,7 @@ def build(ctx: JobContext) -> dict[str, object]:
             "model_sha256": mv.blob_sha256,
             "architecture": mv.architecture,
             "dataset_version_sha256": datasets.content_sha256(session, mv.dataset_version_id),
-            # How the batch's images were chosen from those drawn (oversample, per class).
-            "selection": batch.selection,
+            "selection": selection,
         }
         utility = _utility(session, ctx.blobs, mv.id)
         dv = datasets.ready_version(session, mv.dataset_version_id)
@@ -176,6 +177,7 @@ def build(ctx: JobContext) -> dict[str, object]:
                 audit=audit_result,
                 exported=int(keep.sum()),
                 removed=int((~keep).sum()),
+                selection=selection,
             ),
             utility=utility,
             uid_root=ctx.settings.dicom_uid_root,
