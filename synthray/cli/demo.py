@@ -271,7 +271,12 @@ def _pipeline(
     job = _require(op.wait(acc["job_id"], err, "synthesize"), "synthesize")
     _require(op.wait(job["result"]["check_job_id"], err, "check     "), "check")
     batch = op.get(f"/batches/{acc['batch_id']}")
-    chk = batch["check"]
+    chk, chosen = batch["check"], batch["selection"]
+    if chosen.get("drawn"):
+        err.print(
+            f"  synthesis: {chosen['kept']} images chosen from {chosen['drawn']} drawn, the "
+            "most typical of their class to the real-trained quality classifier"
+        )
     err.print(
         f"  gate: {chk['flagged']} of {chk['images']} images flagged "
         f"(threshold {chk['threshold']:.4f}), batch {batch['state']}"
