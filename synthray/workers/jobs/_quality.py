@@ -15,7 +15,7 @@ from synthray.app.jobs.context import JobContext
 from synthray.app.registry import service as registry
 
 
-def _encoder(
+def encoder(
     ctx: JobContext, split: SplitArrays, dataset_version_id: int, kind: str
 ) -> tuple[Any, str]:
     """The dataset version's quality encoder of ``kind`` (``quality``: supervised on the
@@ -144,8 +144,8 @@ def measure(
     # never leave the building, so they stay out of every figure (a class of one patient
     # would otherwise lift class consistency with near-copies of that patient).
     measured = [c for c in keep if split.classes[c] not in (notes or {})] or keep
-    supervised, sup_sha = _encoder(ctx, split, dataset_version_id, SUPERVISED)
-    ssl, ssl_sha = _encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
+    supervised, sup_sha = encoder(ctx, split, dataset_version_id, SUPERVISED)
+    ssl, ssl_sha = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     generator = load_generator(gen_path, expected_sha256=None)
     m_train = np.isin(split.train_labels, measured)
     m_hold = np.isin(split.holdout_labels, measured)

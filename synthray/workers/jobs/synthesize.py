@@ -46,7 +46,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         chooser = _quality.class_chooser(ctx, encoder_sha, classes, dataset_classes)
     ctx.progress(0, total, "sampling")
     started = time.perf_counter()
-    kept = f", keeping the most typical 1/{oversample:g} of each class" if chooser else ""
+    kept = f", keeping the most typical {100 / oversample:.0f}% of each class" if chooser else ""
 
     def on_progress(done: int, of: int) -> None:
         rate = done / max(time.perf_counter() - started, 1e-9)
