@@ -71,6 +71,7 @@ def main() -> None:
     from synthray.models.evaluation import quality, utility
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import sample_images
+    from synthray.models.generators.selection import most_typical
 
     v = load_version(args.model, args.version)
     classes, real, test_x, test_y = v.classes, v.real, v.test_x, v.test_y
@@ -150,15 +151,12 @@ def main() -> None:
         if drawn > per_class and "supervised" in spaces:
             own = quality.probabilities(spaces["supervised"], x)[np.arange(len(y)), dataset_ids[y]]
             for f in (f for f in factors if f > 1):
-                first = int(np.ceil(per_class * f))
-                selections[f"filtered x{f:g}"] = np.concatenate(
-                    [
-                        (idx := np.flatnonzero(y == c)[:first])[
-                            np.argsort(-own[idx], kind="stable")[:per_class]
-                        ]
-                        for c in range(n_cls)
-                    ]
+                # The first F x per_class images of each class, chosen as synthesis does.
+                first = np.concatenate(
+                    [np.flatnonzero(y == c)[: int(np.ceil(per_class * f))] for c in range(n_cls)]
                 )
+                chosen = most_typical(own[first], y[first], dict.fromkeys(range(n_cls), per_class))
+                selections[f"filtered x{f:g}"] = first[chosen]
         for selection, keep in selections.items():
             tstr, recall = score(x[keep], y[keep])
             row = {

@@ -598,8 +598,13 @@ def synthesize(
     wait: bool = True,
 ) -> None:
     """Sample a class-balanced batch; its memorization check runs right after."""
-    body: dict[str, Any] = {"model": model, "version": version, "per_class": per_class}
-    body |= {"seed": seed, "oversample": oversample}
+    body = {
+        "model": model,
+        "version": version,
+        "per_class": per_class,
+        "seed": seed,
+        "oversample": oversample,
+    }
     acc = c.post("/synthesize", body)
     if not wait:
         _print(acc)

@@ -6,13 +6,16 @@ resolution and registered by sha256."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from synthray.app.datasets.service import SplitArrays
 from synthray.app.jobs.context import JobContext
 from synthray.app.registry import service as registry
+
+if TYPE_CHECKING:  # torch is imported by the jobs that choose, not by this module
+    from synthray.models.generators.selection import OwnProbability
 
 
 def encoder(
@@ -81,7 +84,7 @@ def _training(
 
 def class_chooser(
     ctx: JobContext, encoder_sha256: str, classes: list[str], dataset_classes: list[str]
-) -> Any:
+) -> OwnProbability:
     """The probability the supervised quality encoder ``encoder_sha256`` (a version's,
     trained on its dataset version's training split) gives each image of the class it
     was drawn for: ``own(images, labels) -> (N,)``, labels indexing ``classes``."""
