@@ -741,6 +741,12 @@ def jobs_cancel(c: Client, job_id: str) -> None:
     _print(c.post(f"/jobs/{job_id}/cancel"))
 
 
+@api_command(jobs_app, "retry")
+def jobs_retry(c: Client, job_id: str) -> None:
+    """Queue a failed or cancelled job again (a training job resumes from its checkpoint)."""
+    _print(c.post(f"/jobs/{job_id}/retry"))
+
+
 @api_command(models_app, "list")
 def models_list(c: Client) -> None:
     """Registered models, their versions and aliases."""

@@ -30,6 +30,7 @@ ROLES: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/jobs"): STAFF,
     ("GET", "/v1/jobs/{job_id}"): STAFF,
     ("POST", "/v1/jobs/{job_id}/cancel"): {"operator"},
+    ("POST", "/v1/jobs/{job_id}/retry"): {"operator"},
     ("GET", "/v1/jobs/{job_id}/preview.png"): STAFF,
     ("POST", "/v1/train"): {"operator"},
     ("GET", "/v1/models"): STAFF,

@@ -139,3 +139,25 @@ def end_times(session: Session, ids: list[str]) -> dict[str, datetime | None]:
         job_id: finished if state in TERMINAL else None
         for job_id, state, finished in session.execute(stmt)
     }
+
+
+def requeue_ended(session: Session, job_id: str, ended: list[str], now: datetime) -> bool:
+    """Queue again a job in one of the ``ended`` states, its attempts counted from zero;
+    False when it is no longer in one (a concurrent retry got there first)."""
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(ended))
+        .values(
+            state=JobState.queued,
+            attempts=0,
+            error=None,
+            cancel_requested=False,
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=None,
+            enqueued_at=now,
+            progress_message="queued again by an operator",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]

@@ -4,10 +4,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, StaffDep, reads_only
+from synthray.app.audit import service as audit
+from synthray.app.deps import (
+    BlobsDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+    reads_only,
+)
 from synthray.app.errors import NotFound
 from synthray.app.fields import JobIdParam
-from synthray.app.jobs import service
+from synthray.app.jobs import control, service
 from synthray.app.jobs.schemas import JobKind, JobRead, JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -35,7 +43,18 @@ def get_job(job_id: JobIdParam, session: SessionDep, _: StaffDep) -> JobRead:
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
 def cancel_job(job_id: JobIdParam, session: SessionDep, _: OperatorDep) -> JobRead:
-    return JobRead.model_validate(service.cancel(session, job_id))
+    return JobRead.model_validate(control.cancel(session, job_id))
+
+
+@router.post("/{job_id}/retry", response_model=JobRead)
+def retry_job(
+    job_id: JobIdParam, session: SessionDep, settings: SettingsDep, who: OperatorDep
+) -> JobRead:
+    """Queue a failed or cancelled job again under the same id (409 with the reason when it
+    cannot be: still queued or running, its uploads gone, or its object moved on)."""
+    job = control.retry(session, settings, job_id)
+    audit.record(session, who, "retry_job", "job", job_id, "ok", {"kind": job.kind})
+    return JobRead.model_validate(job)
 
 
 @router.get(

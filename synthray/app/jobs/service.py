@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session
 
 from synthray import logs
 from synthray.app.db import on_commit, session_scope, utcnow
-from synthray.app.errors import Conflict, NotFound
+from synthray.app.errors import NotFound
 from synthray.app.jobs import broker, repository
-from synthray.app.jobs.schemas import QUEUE_OF, TERMINAL, JobKind, JobRead, JobState
+from synthray.app.jobs.schemas import QUEUE_OF, JobKind, JobRead, JobState
 from synthray.app.jobs.tables import Job
 from synthray.config import Settings
 
@@ -46,11 +46,11 @@ def create(
             progress_message="queued",
         ),
     )
-    _publish_after_commit(session, settings, job.id, job.queue)
+    publish_after_commit(session, settings, job.id, job.queue)
     return job
 
 
-def _publish_after_commit(session: Session, settings: Settings, job_id: str, queue: str) -> None:
+def publish_after_commit(session: Session, settings: Settings, job_id: str, queue: str) -> None:
     """Publish the id once the row is committed. If the broker cannot take it, the row's
     ``enqueued_at`` is cleared: the sweeper re-publishes such a job at its next pass
     instead of after ``requeue_after_seconds``."""
@@ -125,20 +125,6 @@ def list_jobs(
     return [JobRead.model_validate(j) for j in repository.list_recent(session, limit, kind, state)]
 
 
-def cancel(session: Session, job_id: str) -> Job:
-    """A queued job is cancelled at once; a running one stops at its next heartbeat."""
-    job = get(session, job_id)
-    if job.state in TERMINAL:
-        raise Conflict(f"job {job_id} is already {job.state}")
-    job.cancel_requested = True
-    if job.state == JobState.queued:
-        job.state = JobState.cancelled
-        job.finished_at = utcnow()
-        job.progress_message = "cancelled before it started"
-    session.flush()
-    return job
-
-
 def requeue_stale(
     session: Session, settings: Settings, *, broker_lost_messages: bool = False
 ) -> list[tuple[str, str]]:
@@ -173,7 +159,7 @@ def requeue_stale(
         out.append((job.id, job.queue))
     session.flush()
     for job_id, queue in out:
-        _publish_after_commit(session, settings, job_id, queue)
+        publish_after_commit(session, settings, job_id, queue)
     return out
 
 

@@ -1,0 +1,168 @@
+"""An operator's control over jobs: cancelling and retrying them, with the objects they
+work on kept in step.
+
+Cancelling a queued job ends it at once; the object it was to work on takes the state a
+cancelled run leaves, and files uploaded for it (originals not yet de-identified) are
+deleted once the cancel is committed. A running job stops at its next heartbeat, and its
+worker does the same bookkeeping.
+
+Retrying: a job that failed (its worker was lost too often, a fault since fixed, a disk that
+filled) or was cancelled is queued again under the same id, with its attempts counted
+from zero; a training job resumes from its last checkpoint while its scratch folder is
+kept (``job_files_retention_days`` after it ended). The object the job worked on goes
+back to the state it had while the job was queued, so a job cannot be retried once
+something else has moved that object on. Jobs over uploaded files cannot be retried:
+the uploads are deleted when such a job ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from synthray.app.batches import repository as batches
+from synthray.app.batches.schemas import BatchState
+from synthray.app.datasets import repository as datasets
+from synthray.app.datasets.schemas import DatasetVersionState
+from synthray.app.db import on_commit, utcnow
+from synthray.app.errors import Conflict
+from synthray.app.evaluations import repository as evaluations
+from synthray.app.evaluations.schemas import EvaluationState
+from synthray.app.exports import repository as exports
+from synthray.app.exports.schemas import ExportState
+from synthray.app.imagechecks import repository as imagechecks
+from synthray.app.imagechecks.schemas import ImageCheckState
+from synthray.app.jobs import repository, service
+from synthray.app.jobs.schemas import TERMINAL, JobKind, JobState
+from synthray.app.jobs.tables import Job
+from synthray.config import Settings
+
+
+@dataclass(frozen=True)
+class _Owned:
+    """What a job kind works on, and the states its end and its queueing leave there."""
+
+    noun: str
+    param: str
+    load: Callable[[Session, int], Any]
+    ended: frozenset[str]  # what a failed or cancelled run leaves
+    queued: str  # the state while the job waits
+    cancelled: str  # what cancelling the job before it starts leaves
+    # Besides its state, what else must hold of the object (a batch that the gate failed
+    # is also 'failed', but its images exist: only its synthesis's failure is retried).
+    also: Callable[[Any], bool] = lambda _: True
+
+
+_ENDED = frozenset({"failed", "cancelled"})
+_OWNED: dict[str, _Owned] = {
+    JobKind.ingest: _Owned(
+        "dataset version",
+        "version_id",
+        datasets.get_version,
+        _ENDED,
+        DatasetVersionState.ingesting,
+        DatasetVersionState.cancelled,
+    ),
+    JobKind.synthesize: _Owned(
+        "batch",
+        "batch_id",
+        batches.get_for_update,
+        _ENDED,
+        BatchState.generating,
+        BatchState.cancelled,
+        lambda b: b.images_blob is None,
+    ),
+    JobKind.check: _Owned(
+        "batch",
+        "batch_id",
+        batches.get_for_update,
+        frozenset({BatchState.unchecked}),
+        BatchState.unchecked,
+        BatchState.unchecked,
+    ),
+    JobKind.imagecheck: _Owned(
+        "image check",
+        "check_id",
+        imagechecks.get,
+        _ENDED,
+        ImageCheckState.queued,
+        ImageCheckState.cancelled,
+    ),
+    JobKind.export: _Owned(
+        "export",
+        "export_id",
+        exports.get_for_update,
+        _ENDED,
+        ExportState.building,
+        ExportState.cancelled,
+    ),
+    JobKind.evaluate: _Owned(
+        "evaluation",
+        "evaluation_id",
+        evaluations.get,
+        _ENDED,
+        EvaluationState.queued,
+        EvaluationState.cancelled,
+    ),
+}
+
+
+def _owned_object(session: Session, job: Job) -> tuple[_Owned, Any] | None:
+    owned = _OWNED.get(job.kind)
+    if owned is None:
+        return None
+    return owned, owned.load(session, int(job.params[owned.param]))
+
+
+def cancel(session: Session, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one stops at its next heartbeat."""
+    job = service.get(session, job_id)
+    if job.state in TERMINAL:
+        raise Conflict(f"job {job_id} is already {job.state}")
+    job.cancel_requested = True
+    if job.state == JobState.queued:
+        job.state = JobState.cancelled
+        job.finished_at = utcnow()
+        job.progress_message = "cancelled before it started"
+        found = _owned_object(session, job)
+        if found is not None and found[1] is not None:
+            owned, obj = found
+            if obj.state == owned.queued:
+                obj.state = owned.cancelled
+        upload = job.params.get("upload_dir")
+        if upload:
+            on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
+    session.flush()
+    return job
+
+
+def retry(session: Session, settings: Settings, job_id: str) -> Job:
+    """Queue the failed or cancelled job ``job_id`` again (409 with the reason otherwise)."""
+    job = service.get(session, job_id)
+    if job.state not in _ENDED:
+        raise Conflict(f"job {job_id} is {job.state}: only a failed or cancelled job is retried")
+    if "upload_dir" in job.params:
+        raise Conflict(
+            f"job {job_id} worked on uploaded files, which are deleted when it ends: "
+            "upload them again"
+        )
+    found = _owned_object(session, job)
+    if found is not None:
+        owned, obj = found
+        if obj is None:
+            raise Conflict(f"the {owned.noun} job {job_id} worked on no longer exists")
+        # A job cancelled before it started may have left its object as it was queued.
+        if obj.state not in owned.ended | {owned.queued} or not owned.also(obj):
+            raise Conflict(
+                f"the {owned.noun} job {job_id} worked on is now {obj.state}: "
+                "it cannot be run again"
+            )
+        obj.state = owned.queued
+    if not repository.requeue_ended(session, job_id, list(_ENDED), utcnow()):
+        raise Conflict(f"job {job_id} changed state while it was being retried")
+    service.publish_after_commit(session, settings, job_id, job.queue)
+    return repository.get(session, job_id, fresh=True)  # type: ignore[return-value]
