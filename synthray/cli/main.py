@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from synthray.app.evaluations.schemas import format_interval
+from synthray.app.registry.summary import quality_lines
 from synthray.cli.client import ApiError, Client
 
 app = typer.Typer(help="SynthRay: privacy-gated synthetic chest radiographs.", no_args_is_help=True)
@@ -575,6 +576,11 @@ def evaluate(
             format_interval(fig["vs_ds1"].get("balanced_accuracy"), signed=True),
         )
     out.print(table)
+    pool = evaluation["summary"]["synthetic"].get("quality")
+    if pool:
+        out.print("The synthetic images the classifiers used (chosen and gated, as exported):")
+        for line in quality_lines(pool):
+            out.print(f"  {line}")
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         _download(c, f"/evaluations/{eid}/result.csv", dest / f"evaluation-{eid}.csv")

@@ -294,6 +294,11 @@ def test_api_errors_are_one_line_and_exit_1(api: Api, tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error (404): job nope not found"]
     assert "Traceback" not in r.stderr
+    r = run_cli(["jobs", "retry", api.ingest_job], tmp_path, env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"error (409): job {api.ingest_job} is succeeded: only a failed or cancelled job is retried"
+    ]
     r = run_cli(["jobs", "list"], tmp_path, env | {"SYNTHRAY_API_KEY": "sr_not_a_key"})
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error (401): invalid or revoked API key"]

@@ -82,6 +82,56 @@ def _training(
         return (row.config or {}).get("training") if row else None
 
 
+def pool_quality(
+    ctx: JobContext,
+    split: SplitArrays,
+    dataset_version_id: int,
+    classes: list[str],
+    real: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    pool: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any] | None:
+    """The quality of the synthetic images an evaluation used (chosen and gated, as an
+    export holds them): in each registered quality space, FID, KID, precision and recall
+    against the ``real`` training images beside the floor of the ``test`` images, and the
+    class consistency. Labels index ``classes``. None when the dataset version has no
+    registered supervised encoder at this resolution (nothing is trained for this)."""
+    from synthray.models.evaluation import quality
+
+    if len(pool[0]) == 0:  # arms without synthetic images
+        return None
+    spaces = {}
+    for name, kind in (("supervised", SUPERVISED), ("self_supervised", SELF_SUPERVISED)):
+        with ctx.session() as s:
+            row = registry.quality_encoder(s, dataset_version_id, int(split.resolution), kind)
+            sha = row.blob_sha256 if row else None
+        if sha is not None:
+            spaces[name] = quality.load_encoder(ctx.blobs.path(sha), expected_sha256=sha)
+    if "supervised" not in spaces:
+        return None
+    ids = np.array([list(split.classes).index(c) for c in classes], dtype=np.int64)
+    (real_x, real_y), (test_x, test_y), (pool_x, pool_y) = real, test, pool
+    out = quality.evaluate(
+        spaces,
+        spaces["supervised"],
+        real_x,
+        ids[real_y],
+        test_x,
+        ids[test_y],
+        pool_x,
+        ids[pool_y],
+        list(split.classes),
+    )
+    # The shape of a version's quality metrics, overall figures only.
+    return {
+        "spaces": {name: {"overall": space["overall"]} for name, space in out["spaces"].items()},
+        "class_consistency": {
+            side: out["class_consistency"][side] for side in ("generated", "floor")
+        },
+        "compared_images": out["compared_images"],
+    }
+
+
 def class_chooser(
     ctx: JobContext, encoder_sha256: str, classes: list[str], dataset_classes: list[str]
 ) -> OwnProbability:

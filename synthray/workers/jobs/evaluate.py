@@ -143,6 +143,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
     syn_x = np.concatenate(kept_x) if kept_x else np.zeros((0, resolution, resolution), np.uint8)
     syn_y = np.concatenate(kept_y) if kept_y else np.zeros(0, np.int64)
     gate_seconds = time.perf_counter() - t0
+    ctx.progress(0, None, "measuring the synthetic pool (FID, precision, recall, classes)")
+    pool_quality = _quality.pool_quality(
+        ctx,
+        split,
+        dataset_version_id,
+        classes,
+        (real.images, real.labels),
+        (test_x, test_y),
+        (syn_x, syn_y),
+    )
 
     cfg = utility.ClassifierConfig(
         steps=int(p["steps"]), batch_size=int(p["batch_size"]), width=int(p["width"])
@@ -193,6 +203,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             # Per draw: how its images were chosen from a larger one (oversample 1: all).
             "selection": selections,
             "gate_seconds": round(gate_seconds, 1),
+            # The pool as the classifiers saw it, in the version's quality spaces.
+            "quality": pool_quality,
         },
         "real_train_per_class": [int(n) for n in counts],
         "seconds": round(time.perf_counter() - t0, 1),

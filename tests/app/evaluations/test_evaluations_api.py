@@ -83,6 +83,19 @@ def test_evaluation_runs_every_arm_and_is_stored_with_its_lineage(
         strict=True,
     ):
         assert drawn - flagged >= used
+    # The pool the classifiers used, measured in the version's two quality spaces beside
+    # the floor of the test images, as the version's own metrics are (same shape).
+    pool = synthetic["quality"]
+    assert set(pool["spaces"]) == {"supervised", "self_supervised"}
+    for space in pool["spaces"].values():
+        for side in ("generated", "floor"):
+            figures = space["overall"][side]
+            assert figures["fid"] >= 0.0 and 0.0 <= figures["precision"] <= 1.0
+    assert 0.0 <= pool["class_consistency"]["generated"] <= 1.0
+    assert pool["compared_images"] == min(
+        sum(synthetic["used_per_class"]), result["test_images"], 2000
+    )
+    assert e["summary"]["synthetic"]["quality"] == pool
     assert len(result["scores"]["DS1"]) == 2
     # TSTR trains on as many images as DS1 holds, all synthetic.
     tstr, ds1 = result["scores"]["TSTR"][0], result["scores"]["DS1"][0]
