@@ -196,6 +196,54 @@ def run_queued(settings: Settings, limit: int = 20) -> list[str]:
     return states
 
 
+def cancel_mid_training(
+    client: TestClient, settings: Settings, operator: str, body: dict
+) -> tuple[str, Path]:
+    """Start a training job (``body``) in a thread the way a worker runs it, cancel it once
+    its first checkpoint exists, and return its id and that checkpoint's path; the job
+    ends ``cancelled`` within a minute (heartbeats every second)."""
+    import threading
+    import time
+
+    from synthray.workers.runner import run
+
+    settings.job_lease_seconds = 4  # heartbeats every second: the cancel is seen quickly
+    job_id = client.post("/v1/train", json=body, headers=auth(operator)).json()["job_id"]
+    states: list[str] = []
+    worker = threading.Thread(target=lambda: states.append(run(job_id, settings)))
+    worker.start()
+    ckpt = settings.work_dir / "jobs" / job_id / "checkpoint.safetensors"
+    deadline = time.monotonic() + 60
+    while not ckpt.exists():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    asked = time.monotonic()
+    r = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(operator))
+    assert r.status_code == 200, r.text
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert states == ["cancelled"]
+    assert time.monotonic() - asked < 15
+    return job_id, ckpt
+
+
+def upload_spec(**overrides: object) -> str:
+    """The ``spec`` form field of a dataset upload labelled by a DICOM attribute."""
+    import json
+
+    body = {
+        "name": "up",
+        "labels_csv": None,
+        "file_column": None,
+        "label_column": None,
+        "patient_column": None,
+        "label_attribute": "StudyDescription",
+        "label_map": {},
+        "classes": ["A", "B"],
+    } | overrides
+    return json.dumps(body)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (for a server a test starts itself)."""
     import socket

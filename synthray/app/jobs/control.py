@@ -24,6 +24,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from synthray.app.audit import service as audit
+from synthray.app.auth.schemas import Principal
 from synthray.app.batches import repository as batches
 from synthray.app.batches.schemas import BatchState
 from synthray.app.datasets import repository as datasets
@@ -140,8 +142,9 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def retry(session: Session, settings: Settings, job_id: str) -> Job:
-    """Queue the failed or cancelled job ``job_id`` again (409 with the reason otherwise)."""
+def retry(session: Session, settings: Settings, job_id: str, who: Principal) -> Job:
+    """Queue the failed or cancelled job ``job_id`` again (409 with the reason otherwise);
+    the audit trail records who did."""
     job = service.get(session, job_id)
     if job.state not in _ENDED:
         raise Conflict(f"job {job_id} is {job.state}: only a failed or cancelled job is retried")
@@ -164,5 +167,6 @@ def retry(session: Session, settings: Settings, job_id: str) -> Job:
         obj.state = owned.queued
     if not repository.requeue_ended(session, job_id, list(_ENDED), utcnow()):
         raise Conflict(f"job {job_id} changed state while it was being retried")
+    audit.record(session, who, "retry_job", "job", job_id, "ok", {"kind": job.kind})
     service.publish_after_commit(session, settings, job_id, job.queue)
     return repository.get(session, job_id, fresh=True)  # type: ignore[return-value]

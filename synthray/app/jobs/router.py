@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from synthray.app.audit import service as audit
 from synthray.app.deps import (
     BlobsDep,
     OperatorDep,
@@ -52,9 +51,7 @@ def retry_job(
 ) -> JobRead:
     """Queue a failed or cancelled job again under the same id (409 with the reason when it
     cannot be: still queued or running, its uploads gone, or its object moved on)."""
-    job = control.retry(session, settings, job_id)
-    audit.record(session, who, "retry_job", "job", job_id, "ok", {"kind": job.kind})
-    return JobRead.model_validate(job)
+    return JobRead.model_validate(control.retry(session, settings, job_id, who))
 
 
 @router.get(

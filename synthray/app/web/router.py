@@ -42,7 +42,8 @@ from synthray.app.deps import (
 from synthray.app.errors import Forbidden, Invalid, NotFound
 from synthray.app.exports import service as exports
 from synthray.app.exports.schemas import ExportCreate, ExportState
-from synthray.app.fields import RowId
+from synthray.app.fields import JobIdParam, RowId
+from synthray.app.jobs import control
 from synthray.app.jobs import service as jobs
 from synthray.app.registry import service as registry
 from synthray.app.registry.summary import audit_line, planted_line, quality_lines
@@ -502,6 +503,20 @@ def model_page(name: str, request: Request, session: SessionDep, who: StaffPage)
 @router.get("/jobs", response_class=HTMLResponse)
 def job_list(request: Request, session: SessionDep, who: StaffPage) -> HTMLResponse:
     return page(request, "jobs.html", who, jobs=jobs.list_jobs(session, 50))
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: JobIdParam, session: SessionDep, who: OperatorForm) -> Response:
+    control.cancel(session, job_id)
+    return _see_other("/ui/jobs")
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job(
+    job_id: JobIdParam, session: SessionDep, settings: SettingsDep, who: OperatorForm
+) -> Response:
+    control.retry(session, settings, job_id, who.principal)
+    return _see_other("/ui/jobs")
 
 
 @router.get("/batches", response_class=HTMLResponse)

@@ -18,7 +18,7 @@ from dicom_factory import make_dicom
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import SHARED_DATA, Keys, auth
+from support import SHARED_DATA, Keys, auth, upload_spec
 
 from synthray.app.datasets.decode import DecodeOptions, Rejected, decode_bytes
 from synthray.app.datasets.pool import DecodePool
@@ -125,20 +125,6 @@ def test_fuzz_ran() -> None:
 # ------------------------------------------------------------------------------ uploads
 
 
-def _spec(**kw: object) -> str:
-    body = {
-        "name": "up",
-        "labels_csv": None,
-        "file_column": None,
-        "label_column": None,
-        "patient_column": None,
-        "label_attribute": "StudyDescription",
-        "label_map": {},
-        "classes": ["A", "B"],
-    } | kw
-    return json.dumps(body)
-
-
 def _zip(entries: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -155,7 +141,7 @@ def _post(client: TestClient, key: str, data: bytes, spec: str | None = None):
     return client.post(
         "/v1/datasets/upload",
         files={"file": ("upload.zip", data, "application/zip")},
-        data={"spec": spec or _spec()},
+        data={"spec": spec or upload_spec()},
         headers=auth(key),
     )
 
@@ -228,7 +214,7 @@ def test_single_file_upload_is_ingested(
     r = client.post(
         "/v1/datasets/upload",
         files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
-        data={"spec": _spec(label_map={"PHIstudydesc0007": "A"})},
+        data={"spec": upload_spec(label_map={"PHIstudydesc0007": "A"})},
         headers=auth(keys.operator),
     )
     assert r.status_code == 202, r.text

@@ -4,14 +4,13 @@ its last checkpoint kept (for job_files_retention_days)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 from conftest import World
 from fastapi.testclient import TestClient
 from sqlalchemy import update
-from support import Keys, auth
+from support import Keys, auth, cancel_mid_training
 
 from synthray.app.db import session_scope
 from synthray.app.jobs.service import prune_job_files
@@ -41,22 +40,7 @@ def test_cancel_queued_and_running(
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=op).status_code == 409
 
     # Running: the worker sees the request at its next heartbeat and stops.
-    settings.job_lease_seconds = 4  # heartbeats every second
-    job_id = client.post("/v1/train", json=body, headers=op).json()["job_id"]
-    states: list[str] = []
-    worker = threading.Thread(target=lambda: states.append(run(job_id, settings)))
-    worker.start()
-    ckpt = settings.work_dir / "jobs" / job_id / "checkpoint.safetensors"
-    deadline = time.monotonic() + 60
-    while not ckpt.exists():
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-    asked = time.monotonic()
-    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=op).status_code == 200
-    worker.join(timeout=60)
-    assert not worker.is_alive()
-    assert states == ["cancelled"]
-    assert time.monotonic() - asked < 15
+    job_id, ckpt = cancel_mid_training(client, settings, keys.operator, body)
     job = client.get(f"/v1/jobs/{job_id}", headers=op).json()
     assert job["state"] == "cancelled" and job["cancel_requested"] is True
     assert ckpt.exists()  # the last checkpoint is kept

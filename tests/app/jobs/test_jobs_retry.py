@@ -7,16 +7,13 @@ gone; every retry is audited. Cancelling a queued upload deletes the uploaded fi
 from __future__ import annotations
 
 import io
-import json
-import threading
-import time
 import zipfile
 from pathlib import Path
 
 from conftest import World
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
-from support import SHARED_DATA, Keys, auth, run_queued
+from support import SHARED_DATA, Keys, auth, cancel_mid_training, run_queued, upload_spec
 
 from synthray.app.db import session_scope
 from synthray.app.jobs.tables import Job
@@ -43,19 +40,7 @@ def test_a_cancelled_training_run_resumes_on_retry(
         "checkpoint_every_s": 1,
         "evaluate": False,
     }
-    settings.job_lease_seconds = 4  # heartbeats every second: the cancel is seen quickly
-    job_id = client.post("/v1/train", json=body, headers=op).json()["job_id"]
-    states: list[str] = []
-    worker = threading.Thread(target=lambda: states.append(run(job_id, settings)))
-    worker.start()
-    ckpt = settings.work_dir / "jobs" / job_id / "checkpoint.safetensors"
-    deadline = time.monotonic() + 60
-    while not ckpt.exists():
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=op).status_code == 200
-    worker.join(timeout=60)
-    assert states == ["cancelled"]
+    job_id, ckpt = cancel_mid_training(client, settings, keys.operator, body)
     _, meta = load_state(ckpt)
     assert 0 < meta["step"] < steps, "the run must stop mid-training"
 
@@ -136,28 +121,18 @@ def _dicom_zip() -> bytes:
 def test_cancelling_a_queued_upload_deletes_it_and_it_cannot_be_retried(
     client: TestClient, keys: Keys, settings: Settings
 ) -> None:
-    spec = json.dumps(
-        {
-            "name": "up",
-            "labels_csv": None,
-            "file_column": None,
-            "label_column": None,
-            "patient_column": None,
-            "label_attribute": "StudyDescription",
-            "label_map": {},
-            "classes": ["A", "B"],
-        }
-    )
     r = client.post(
         "/v1/datasets/upload",
         files={"file": ("upload.zip", _dicom_zip(), "application/zip")},
-        data={"spec": spec},
+        data={"spec": upload_spec()},
         headers=auth(keys.operator),
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     with session_scope(settings.sqlalchemy_url) as s:
-        upload = Path(s.get(Job, job_id).params["upload_dir"])
+        job = s.get(Job, job_id)
+        assert job is not None
+        upload = Path(job.params["upload_dir"])
     assert any(upload.rglob("*.dcm")), "the upload waits on disk for its ingest"
 
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(keys.operator)).status_code == 200

@@ -374,3 +374,40 @@ def test_operator_synthesizes_and_requests_an_export_from_the_pages(
         "/ui/exports", data={"batch_id": str(batch_id), "partner": "nobody", "csrf": token}
     )
     assert unknown.status_code in (404, 422) and "<h1>" in unknown.text
+
+
+def test_operator_cancels_and_retries_a_job_from_the_jobs_page(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
+    op = auth(keys.operator)
+    job_id = client.post("/v1/synthesize", json={"model": "m", "per_class": 3}, headers=op).json()[
+        "job_id"
+    ]
+    token = sign_in(client, keys.operator)
+    cancel, retry = f"/ui/jobs/{job_id}/cancel", f"/ui/jobs/{job_id}/retry"
+    page = client.get("/ui/jobs").text
+    assert f'action="{cancel}"' in page and f'action="{retry}"' not in page
+    r = client.post(cancel, data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/jobs"
+    assert client.get(f"/v1/jobs/{job_id}", headers=op).json()["state"] == "cancelled"
+
+    page = client.get("/ui/jobs").text
+    assert f'action="{retry}"' in page and f'action="{cancel}"' not in page
+    r = client.post(retry, data={}, follow_redirects=False)  # no token: nothing changes
+    assert r.status_code == 403
+    assert client.get(f"/v1/jobs/{job_id}", headers=op).json()["state"] == "cancelled"
+    r = client.post(retry, data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert client.get(f"/v1/jobs/{job_id}", headers=op).json()["state"] == "queued"
+    again = client.post(retry, data={"csrf": token}, follow_redirects=False)
+    assert again.status_code == 409 and "<h1>" in again.text
+    assert "only a failed or cancelled job is retried" in again.text
+
+    # A reviewer sees the jobs but no action, and its own valid token changes nothing.
+    client.cookies.clear()
+    reviewer_token = sign_in(client, keys.reviewer)
+    page = client.get("/ui/jobs").text
+    assert job_id[:8] in page and "/cancel" not in page and "/retry" not in page
+    r = client.post(cancel, data={"csrf": reviewer_token}, follow_redirects=False)
+    assert r.status_code == 403
+    assert client.get(f"/v1/jobs/{job_id}", headers=op).json()["state"] == "queued"
