@@ -581,6 +581,15 @@ def evaluate(
         out.print("The synthetic images the classifiers used (chosen and gated, as exported):")
         for line in quality_lines(pool):
             out.print(f"  {line}")
+        chosen = any(
+            s.get("oversample", 1) > 1
+            for s in evaluation["summary"]["synthetic"].get("selection", [])
+        )
+        if chosen:
+            out.print(
+                "  (the images were chosen by the same real-trained classifier that scores "
+                "class consistency, so that figure is not independent of the choice)"
+            )
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         _download(c, f"/evaluations/{eid}/result.csv", dest / f"evaluation-{eid}.csv")
