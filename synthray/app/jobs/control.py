@@ -27,16 +27,21 @@ from sqlalchemy.orm import Session
 from synthray.app.audit import service as audit
 from synthray.app.auth.schemas import Principal
 from synthray.app.batches import repository as batches
+from synthray.app.batches import service as batch_service
 from synthray.app.batches.schemas import BatchState
 from synthray.app.datasets import repository as datasets
+from synthray.app.datasets import service as dataset_service
 from synthray.app.datasets.schemas import DatasetVersionState
 from synthray.app.db import on_commit, utcnow
 from synthray.app.errors import Conflict
 from synthray.app.evaluations import repository as evaluations
+from synthray.app.evaluations import service as evaluation_service
 from synthray.app.evaluations.schemas import EvaluationState
 from synthray.app.exports import repository as exports
+from synthray.app.exports import service as export_service
 from synthray.app.exports.schemas import ExportState
 from synthray.app.imagechecks import repository as imagechecks
+from synthray.app.imagechecks import service as imagecheck_service
 from synthray.app.imagechecks.schemas import ImageCheckState
 from synthray.app.jobs import repository, service
 from synthray.app.jobs.schemas import TERMINAL, JobKind, JobState
@@ -53,13 +58,15 @@ class _Owned:
     load: Callable[[Session, int], Any]
     ended: frozenset[str]  # what a failed or cancelled run leaves
     queued: str  # the state while the job waits
-    cancelled: str  # what cancelling the job before it starts leaves
+    # The domain's own bookkeeping for a job that ends without success (what a worker
+    # calls when a run fails or is cancelled): cancelling a queued job calls it too.
+    end: Callable[[Session, int, str], None]
     # Besides its state, what else must hold of the object (a batch that the gate failed
     # is also 'failed', but its images exist: only its synthesis's failure is retried).
     also: Callable[[Any], bool] = lambda _: True
 
 
-_ENDED = frozenset({"failed", "cancelled"})
+_ENDED = frozenset(TERMINAL - {JobState.succeeded})
 _OWNED: dict[str, _Owned] = {
     JobKind.ingest: _Owned(
         "dataset version",
@@ -67,7 +74,7 @@ _OWNED: dict[str, _Owned] = {
         datasets.get_version,
         _ENDED,
         DatasetVersionState.ingesting,
-        DatasetVersionState.cancelled,
+        dataset_service.ingest_ended,
     ),
     JobKind.synthesize: _Owned(
         "batch",
@@ -75,7 +82,7 @@ _OWNED: dict[str, _Owned] = {
         batches.get_for_update,
         _ENDED,
         BatchState.generating,
-        BatchState.cancelled,
+        batch_service.generation_ended,
         lambda b: b.images_blob is None,
     ),
     JobKind.check: _Owned(
@@ -84,7 +91,7 @@ _OWNED: dict[str, _Owned] = {
         batches.get_for_update,
         frozenset({BatchState.unchecked}),
         BatchState.unchecked,
-        BatchState.unchecked,
+        lambda s, batch_id, _state: batch_service.check_aborted(s, batch_id),
     ),
     JobKind.imagecheck: _Owned(
         "image check",
@@ -92,7 +99,7 @@ _OWNED: dict[str, _Owned] = {
         imagechecks.get,
         _ENDED,
         ImageCheckState.queued,
-        ImageCheckState.cancelled,
+        imagecheck_service.ended,
     ),
     JobKind.export: _Owned(
         "export",
@@ -100,7 +107,7 @@ _OWNED: dict[str, _Owned] = {
         exports.get_for_update,
         _ENDED,
         ExportState.building,
-        ExportState.cancelled,
+        export_service.build_ended,
     ),
     JobKind.evaluate: _Owned(
         "evaluation",
@@ -108,15 +115,17 @@ _OWNED: dict[str, _Owned] = {
         evaluations.get,
         _ENDED,
         EvaluationState.queued,
-        EvaluationState.cancelled,
+        evaluation_service.ended,
     ),
 }
 
 
-def _owned_object(session: Session, job: Job) -> tuple[_Owned, Any] | None:
+def _owned_object(session: Session, job: Job) -> tuple[_Owned | None, Any]:
+    """The job kind's entry and the object it works on (None, None for a kind that owns
+    none, such as training; the entry and None for an object since deleted)."""
     owned = _OWNED.get(job.kind)
     if owned is None:
-        return None
+        return None, None
     return owned, owned.load(session, int(job.params[owned.param]))
 
 
@@ -130,11 +139,9 @@ def cancel(session: Session, job_id: str) -> Job:
         job.state = JobState.cancelled
         job.finished_at = utcnow()
         job.progress_message = "cancelled before it started"
-        found = _owned_object(session, job)
-        if found is not None and found[1] is not None:
-            owned, obj = found
-            if obj.state == owned.queued:
-                obj.state = owned.cancelled
+        owned = _OWNED.get(job.kind)
+        if owned is not None:
+            owned.end(session, int(job.params[owned.param]), JobState.cancelled)
         upload = job.params.get("upload_dir")
         if upload:
             on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
@@ -153,9 +160,8 @@ def retry(session: Session, settings: Settings, job_id: str, who: Principal) -> 
             f"job {job_id} worked on uploaded files, which are deleted when it ends: "
             "upload them again"
         )
-    found = _owned_object(session, job)
-    if found is not None:
-        owned, obj = found
+    owned, obj = _owned_object(session, job)
+    if owned is not None:
         if obj is None:
             raise Conflict(f"the {owned.noun} job {job_id} worked on no longer exists")
         # A job cancelled before it started may have left its object as it was queued.
@@ -169,4 +175,5 @@ def retry(session: Session, settings: Settings, job_id: str, who: Principal) -> 
         raise Conflict(f"job {job_id} changed state while it was being retried")
     audit.record(session, who, "retry_job", "job", job_id, "ok", {"kind": job.kind})
     service.publish_after_commit(session, settings, job_id, job.queue)
-    return repository.get(session, job_id, fresh=True)  # type: ignore[return-value]
+    session.refresh(job)  # the conditional UPDATE does not touch the loaded object
+    return job
