@@ -14,6 +14,25 @@ from synthray.models.runtime import cpu_compute_dtype, resolve_device, to_channe
 
 _SEED_MASK = (1 << 63) - 1
 
+# On CPU, a latent generator's batch is sized so that one velocity-network pass works on
+# about this many latent positions (batch x side^2): its activations then stay in the
+# caches across the many passes of an ODE solve. At 128 px (32 x 32 latent, batch 32) that
+# drew 32.5 img/s against 17.5 at batch 256 on a 2-core Zen 4 in bf16; at 64 px (16 x 16,
+# batch 128) and for the GANs (one pass per image) the batch made no difference beyond
+# noise. CUDA keeps the large batch.
+CPU_LATENT_POSITIONS = 32 * 32 * 32
+LARGE_BATCH = 256
+
+
+def default_batch_size(cfg: Any, device: torch.device) -> int:
+    """Images per generator call when the caller does not say: ``LARGE_BATCH`` on CUDA
+    and for generators without a latent grid, else ``CPU_LATENT_POSITIONS / side^2``
+    (within [8, ``LARGE_BATCH``])."""
+    side = getattr(cfg, "latent_size", None)
+    if device.type != "cpu" or not side:
+        return LARGE_BATCH
+    return max(8, min(LARGE_BATCH, CPU_LATENT_POSITIONS // int(side) ** 2))
+
 
 def derived_seed(seed: int, key: int) -> int:
     """An independent 63-bit seed per (seed, key): per class here, so one class's images do
@@ -27,7 +46,7 @@ def sample_images(
     counts: dict[int, int],
     *,
     seed: int,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +63,12 @@ def sample_images(
     seed. The generator runs in eval mode (batch-norm running statistics) on a copy, so the
     caller's module is not moved or switched; on CPU it runs in channels_last, with bf16
     autocast where the CPU has bf16 units (:mod:`synthray.models.runtime`), on CUDA with bf16
-    (or fp16) autocast. ``on_progress(done, total)`` is called after every batch.
+    (or fp16) autocast. ``batch_size`` images go through the generator at a time
+    (:func:`default_batch_size` when None; under bf16 another batch size can move a few
+    pixels by one grey level, as the kernels' summation order changes).
+    ``on_progress(done, total)`` is called after every batch.
     """
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg: Any = getattr(generator, "cfg", None)
     if not all(hasattr(cfg, a) for a in ("num_classes", "z_dim", "resolution")):
@@ -62,6 +84,8 @@ def sample_images(
     else:
         dtype = cpu_compute_dtype()
     net = copy.deepcopy(generator).to(dev).eval()
+    if batch_size is None:
+        batch_size = default_batch_size(cfg, dev)
     to_channels_last(net)
 
     r = cfg.resolution

@@ -22,6 +22,8 @@ from synthray.models.generators.latentflow import (
     tapered_guidance,
 )
 from synthray.models.generators.preview import generator_from_checkpoint
+from synthray.models.generators.registry import ARCHITECTURES
+from synthray.models.generators.sampling import LARGE_BATCH, default_batch_size, sample_images
 from synthray.models.generators.training import train_generator
 
 TINY = {"latent_size": 8, "latent_channels": 2, "ae_width": 4, "flow_width": 8}
@@ -135,6 +137,24 @@ def test_generator_is_a_deterministic_function_of_noise_and_class() -> None:
         unguided = Generator(LatentFlowConfig(num_classes=3, sample_steps=3, guidance=1.0, **TINY))
         unguided.load_state_dict(g.state_dict())
         assert not torch.equal(x, unguided.eval()(z, y))
+
+
+def test_cpu_batches_are_sized_by_the_latent_grid_and_do_not_change_the_images() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    at = {s: LatentFlowConfig(resolution=128, num_classes=2, latent_size=s) for s in (8, 16, 32)}
+    assert [default_batch_size(at[s], cpu) for s in (8, 16, 32)] == [256, 128, 32]
+    assert default_batch_size(at[32], cuda) == LARGE_BATCH
+    gan = ARCHITECTURES["dcgan"].config(resolution=128, num_classes=2)
+    assert default_batch_size(gan, cpu) == LARGE_BATCH
+
+    cfg = LatentFlowConfig(num_classes=3, sample_steps=2, **TINY | {"latent_size": 32})
+    g = build_seeded(lambda: Generator(cfg), torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        _perturb_zero_layers(g.velocity)
+    own, _ = sample_images(g, {0: 20, 2: 20}, seed=4, device="cpu")  # batches of 32
+    large, _ = sample_images(g, {0: 20, 2: 20}, seed=4, device="cpu", batch_size=LARGE_BATCH)
+    assert own.std() > 0
+    assert np.abs(own.astype(int) - large).max() <= 1 and (own != large).mean() < 0.01
 
 
 def test_training_runs_the_autoencoder_then_the_flow(tmp_path: Path) -> None:
