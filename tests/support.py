@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,9 +206,6 @@ def cancel_mid_training(
     """Start a training job (``body``) in a thread the way a worker runs it, cancel it once
     its first checkpoint exists, and return its id and that checkpoint's path; the job
     ends ``cancelled`` within a minute (heartbeats every second)."""
-    import threading
-    import time
-
     from synthray.workers.runner import run
 
     settings.job_lease_seconds = 4  # heartbeats every second: the cancel is seen quickly
@@ -229,8 +230,6 @@ def cancel_mid_training(
 
 def upload_spec(**overrides: object) -> str:
     """The ``spec`` form field of a dataset upload labelled by a DICOM attribute."""
-    import json
-
     body = {
         "name": "up",
         "labels_csv": None,
@@ -246,8 +245,6 @@ def upload_spec(**overrides: object) -> str:
 
 def free_port() -> int:
     """A TCP port nothing listens on now (for a server a test starts itself)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -292,9 +289,6 @@ def built_export(
 @contextlib.contextmanager
 def served(settings: Settings) -> Iterator[str]:
     """The API for ``settings`` over real HTTP (uvicorn in a thread, a free port); its URL."""
-    import threading
-    import time
-
     import uvicorn
 
     from synthray.app.main import create_app

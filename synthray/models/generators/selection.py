@@ -58,6 +58,7 @@ def sample_typical(
     oversample: float,
     own_probability: OwnProbability | None,
     device: str = "auto",
+    batch_size: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
     """``counts[c]`` images of every class ``c``, chosen from ``oversample`` times as many
@@ -68,10 +69,16 @@ def sample_typical(
     beside the images kept (the draws are those of one ``sample_images`` call: its latent
     codes are seeded per class). Returns (images, labels, record): the record (None when
     nothing was selected) gives, per class, the images drawn and kept, the mean
-    probability of their class before and after the selection, and the lowest kept."""
+    probability of their class before and after the selection, and the lowest kept.
+    ``batch_size`` is passed on to ``sample_images``."""
     if own_probability is None or oversample <= 1.0:
         images, labels = sample_images(
-            generator, counts, seed=seed, device=device, on_progress=on_progress
+            generator,
+            counts,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            on_progress=on_progress,
         )
         return images, labels, None
     drawn = drawn_counts(counts, oversample)
@@ -84,7 +91,12 @@ def sample_typical(
                 on_progress(offset + k, total)
 
         x, y = sample_images(
-            generator, {c: drawn[c]}, seed=seed, device=device, on_progress=progress
+            generator,
+            {c: drawn[c]},
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            on_progress=progress,
         )
         done += len(x)
         p = np.asarray(own_probability(x, y), dtype=np.float64)  # (drawn,)

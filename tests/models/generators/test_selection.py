@@ -81,3 +81,22 @@ def test_progress_counts_every_image_drawn() -> None:
     )
     assert seen[-1] == (10, 10) and all(t == 10 for _, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_the_batch_size_reaches_every_generator_call() -> None:
+    g, seen = _generator(), []
+    one_by_one, _, _ = sample_typical(
+        g,
+        {0: 2, 1: 3},
+        seed=1,
+        oversample=2.0,
+        own_probability=_score,
+        device="cpu",
+        batch_size=1,
+        on_progress=lambda done, total: seen.append(done),
+    )
+    assert seen == list(range(1, 11))  # one image per call, ten drawn
+    default, _, _ = sample_typical(
+        g, {0: 2, 1: 3}, seed=1, oversample=2.0, own_probability=_score, device="cpu"
+    )
+    assert np.array_equal(one_by_one, default)
