@@ -25,6 +25,8 @@ from sqlalchemy.types import TypeDecorator
 log = logging.getLogger(__name__)
 
 READ_ONLY = "synthray_read_only"
+# In a session's ``info``: its statements autocommit (see :func:`read_engine`).
+AUTOCOMMITS = "synthray_autocommits"
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -152,12 +154,21 @@ def read_engine(url: str) -> AsyncEngine | None:
     (``deps.get_session``), None on SQLite. A read then waits on the database on the event
     loop, through SQLAlchemy's greenlet bridge, instead of taking a thread-pool hop per
     call. Its pool belongs to the event loop it is used on, so the application's lifespan
-    makes one per serving loop and disposes it when the loop stops. Making it does no I/O."""
+    makes one per serving loop and disposes it when the loop stops. Making it does no I/O.
+
+    Its connections autocommit: a status read is then its two SELECTs and nothing else,
+    where a transaction added a BEGIN and a COMMIT, and the pool's liveness ping a fourth
+    round trip, each costing the API's one core more Python than the query itself. At READ
+    COMMITTED, PostgreSQL's default, every statement sees its own snapshot anyway, so a
+    read-only transaction bought no consistency. Writes that must commit together (an
+    audited refusal) begin a transaction first (:func:`begin_writes`). A pooled
+    connection that died with a database restart is not pinged before use: the read that
+    meets it is retried once on a fresh one (``deps.off_loop``)."""
     if not url.startswith("postgresql"):
         return None
     return create_async_engine(
         url,
-        pool_pre_ping=True,
+        isolation_level="AUTOCOMMIT",
         pool_size=PG_READ_POOL_SIZE,
         max_overflow=PG_READ_POOL_OVERFLOW,
         connect_args={"application_name": READ_POOL_NAME},
@@ -201,6 +212,16 @@ def lock_or_create(session: Session, table: type[T], **key: Any) -> T:
         session.add(row)
         session.flush()
     return row
+
+
+def begin_writes(session: Session) -> None:
+    """Open a transaction on a session whose statements otherwise autocommit (one made on
+    :func:`read_engine`, marked with ``AUTOCOMMITS`` in its ``info``), so that the writes
+    that follow commit together or not at all; a no-op on any other session, whose
+    statements run in a transaction already. Call it where none is open (after a commit
+    or a rollback): the isolation level is chosen as a transaction begins."""
+    if session.info.get(AUTOCOMMITS):
+        session.connection(execution_options={"isolation_level": "READ COMMITTED"})
 
 
 def on_commit(session: Session, fn: Callable[[], None]) -> None:

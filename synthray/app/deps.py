@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +22,7 @@ from synthray.app.audit import service as audit
 from synthray.app.auth import oidc
 from synthray.app.auth import service as auth_service
 from synthray.app.auth.schemas import Principal, Role
-from synthray.app.db import abandon, database_slots, finish, session_factory
+from synthray.app.db import AUTOCOMMITS, abandon, database_slots, finish, session_factory
 from synthray.app.errors import Forbidden, Unauthorized
 from synthray.app.storage import BlobStore
 from synthray.app.web import service as web
@@ -51,6 +52,7 @@ def writes_on_read(endpoint: F) -> F:
 # and this key when it is the sync face of an AsyncSession on psycopg's asyncio driver.
 INLINE = "synthray_inline"
 ON_ASYNC_DRIVER = "synthray_async_session"
+RETRIED = "synthray_retried"  # a call on a dead pooled connection was made again
 
 
 async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
@@ -74,6 +76,7 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
         reader = AsyncSession(engine, expire_on_commit=False)
         session = reader.sync_session
         session.info[ON_ASYNC_DRIVER] = reader
+        session.info[AUTOCOMMITS] = True
         limit: AbstractAsyncContextManager[object] = contextlib.nullcontext()
     else:
         session = session_factory(url, read_only)()
@@ -156,9 +159,21 @@ async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
     loop, and ``fn`` may write: a refusal is audited in the request's own session); for
     any other session, in the thread pool."""
     reader: AsyncSession | None = session.info.get(ON_ASYNC_DRIVER)
-    if reader is not None:
+    if reader is None:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    try:
         return await reader.run_sync(lambda _: fn(*args, **kwargs))
-    return await run_in_threadpool(fn, *args, **kwargs)
+    except DBAPIError as exc:
+        # A pooled connection the database closed (a restart) fails its first statement;
+        # the pool then drops every connection as old as it. The read pool does not ping
+        # before use (``db.read_engine``), so such a call is made again, once per request,
+        # on a fresh connection: its session only reads, and a refusal it audits was
+        # rolled back with the dead connection. A database still down fails again (503).
+        if not exc.connection_invalidated or session.info.get(RETRIED):
+            raise
+        session.info[RETRIED] = True
+        await reader.rollback()
+        return await reader.run_sync(lambda _: fn(*args, **kwargs))
 
 
 def reads_only(endpoint: Callable[..., T]) -> Callable[..., Awaitable[T]]:

@@ -129,3 +129,47 @@ def test_postgres_reads_use_the_asyncio_pool_and_its_stop_closes_it(settings: Se
     with session_scope(settings.sqlalchemy_url, read_only=True) as s:
         refusals = [e for e in audit.list_events(s, 10) if e.outcome == "refused"]
     assert {e.object_id for e in refusals} == {"GET /v1/keys", f"GET /v1/jobs/{job_id}"}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_writes_on_the_autocommit_read_pool_commit_together_or_not_at_all(
+    settings: Settings,
+) -> None:
+    """The read pool's statements autocommit (``db.read_engine``); an audited refusal on it
+    opens a transaction first (``db.begin_writes``), so its three statements (the chain's
+    head, the record, the head's hash) are undone together by a rollback. The control: the
+    same writes without it are each committed at once and survive the rollback."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from synthray.app.audit import service as audit
+    from synthray.app.db import AUTOCOMMITS, begin_writes, read_engine
+
+    def events() -> int:
+        with session_factory(settings.sqlalchemy_url, True)() as s:
+            return len(audit.list_events(s, 100))
+
+    async def write_then_roll_back(begin: bool) -> None:
+        engine = read_engine(settings.sqlalchemy_url)
+        assert engine is not None
+        reader = AsyncSession(engine, expire_on_commit=False)
+        session = reader.sync_session
+        session.info[AUTOCOMMITS] = True
+
+        def work(_: object) -> None:
+            if begin:
+                begin_writes(session)
+            audit.record(session, None, "probe", "route", "GET /x", "refused")
+            session.flush()
+            session.rollback()
+
+        try:
+            await reader.run_sync(work)
+        finally:
+            await reader.close()
+            await engine.dispose()
+
+    before = events()
+    asyncio.run(write_then_roll_back(begin=True))
+    assert events() == before
+    asyncio.run(write_then_roll_back(begin=False))
+    assert events() == before + 1

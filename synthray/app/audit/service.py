@@ -11,7 +11,7 @@ from synthray.app.audit import chain, repository
 from synthray.app.audit.schemas import AuditFilter, AuditRead
 from synthray.app.audit.tables import AuditEvent
 from synthray.app.auth.schemas import Principal
-from synthray.app.db import commit, session_scope, utcnow
+from synthray.app.db import begin_writes, commit, session_scope, utcnow
 
 
 def record(
@@ -55,6 +55,7 @@ def record_refusal(
     its write lock at BEGIN and a second writer would wait on the first.
     """
     session.rollback()
+    begin_writes(session)  # the chain's head and the record together, on any session
     record(session, who, action, object_type, object_id, "refused", {"reason": reason})
     commit(session)
 
