@@ -144,7 +144,7 @@ def class_chooser(
     to_dataset = np.array([dataset_classes.index(c) for c in classes], dtype=np.int64)
 
     def own(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        p = quality.probabilities(encoder, images)  # (N, dataset classes)
+        p = quality.probabilities_for_choice(encoder, images)  # (N, dataset classes)
         return p[np.arange(len(labels)), to_dataset[labels.astype(np.int64)]]
 
     return own

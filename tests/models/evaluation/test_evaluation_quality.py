@@ -16,12 +16,15 @@ from synthray.models.evaluation.quality import (
     _to_input,
     _views,
     accuracy,
+    choice_batch,
     evaluate,
     features,
     fid,
     kid,
     load_encoder,
     precision_recall,
+    probabilities,
+    probabilities_for_choice,
     save_encoder,
     train_encoder,
     train_ssl_encoder,
@@ -182,3 +185,23 @@ def test_self_supervised_encoder_maps_views_of_an_unseen_image_together() -> Non
     trained = train_ssl_encoder(imgs[:64], cfg, max_steps=200, batch_size=32).model
     before, after = _retrieval(untrained, imgs[64:]), _retrieval(trained, imgs[64:])
     assert after >= 0.6 and after >= before + 0.2, (before, after)
+
+
+def test_probabilities_for_a_choice_rank_like_the_reported_ones() -> None:
+    """The chooser's scores (bf16 where the CPU has the units, cache-sized batches) are the
+    reported fp32 probabilities within bf16's rounding, in the same order where they
+    differ by more than that; the batch holds 2^19 positions, 8 to 512 images."""
+    assert [choice_batch(r) for r in (32, 64, 128, 256, 1024)] == [512, 128, 32, 8, 8]
+    imgs, labels = _two_kinds()
+    cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
+    model = train_encoder(imgs, labels, cfg, max_steps=20, max_seconds=30, batch_size=16).model
+    images = np.concatenate([imgs] * 5)  # 5 x 64: several batches of the chosen size
+    reported = probabilities(model, images)
+    chosen = probabilities_for_choice(model, images)
+    assert chosen.shape == reported.shape == (len(images), 2)
+    assert np.allclose(chosen.sum(1), 1.0, atol=1e-5)
+    assert np.abs(chosen - reported).max() < 0.02
+    p, q = reported[:, 0], chosen[:, 0]
+    far = np.abs(p[:, None] - p[None, :]) > 0.05
+    assert far.any()
+    assert np.all((p[:, None] > p[None, :])[far] == (q[:, None] > q[None, :])[far])
