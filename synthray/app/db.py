@@ -157,7 +157,7 @@ def read_engine(url: str) -> AsyncEngine | None:
     makes one per serving loop and disposes it when the loop stops. Making it does no I/O.
 
     Its connections autocommit: a status read is then its two SELECTs and nothing else,
-    where a transaction added a BEGIN and a COMMIT, and the pool's liveness ping a fourth
+    where a transaction added a BEGIN and a COMMIT, and the pool's liveness ping a fifth
     round trip, each costing the API's one core more Python than the query itself. At READ
     COMMITTED, PostgreSQL's default, every statement sees its own snapshot anyway, so a
     read-only transaction bought no consistency. Writes that must commit together (an
