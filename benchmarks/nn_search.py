@@ -14,7 +14,10 @@ Two cases, each 10,000 queries against 100,000 reference vectors by default:
 For each case it times index build plus search for both, counts queries whose neighbour differs,
 and decides each difference with fp64 scores (ties go to the lower index, as numpy.argmax). A
 random subset of queries (``--check``) is also compared with a brute-force fp64 search.
-Prints a table, then one JSON line. Target: ours >= 1.0 x faiss at 512-d.
+Prints a table, then one JSON line. Target: ours >= 1.5 x faiss in both cases. The pixel
+vectors are shortlisted in a subspace (its rank is printed; see synthray.models.gate.search);
+the random 512-d vectors have none to offer, so there every score costs a full multiply-add per
+dimension on both sides, and without bf16 units the ratio is bounded by matmul speed alone.
 Usage: python benchmarks/nn_search.py [--queries 10000] [--refs 100000] [--threads 2]
 """
 
@@ -104,6 +107,7 @@ def _run_case(queries: np.ndarray, refs: np.ndarray, n_check: int, seed: int) ->
     build_s = time.perf_counter() - t0
     _, o_idx = ours.search(queries, 1, stats=stats)
     ours_s = time.perf_counter() - t0
+    rank = ours.subspace_rank
     del ours
 
     f_idx, o_idx = f_idx[:, 0], o_idx[:, 0]
@@ -123,6 +127,7 @@ def _run_case(queries: np.ndarray, refs: np.ndarray, n_check: int, seed: int) ->
         )
         best[s : s + 50] = scores.numpy().argmax(1)
     return {
+        "subspace_rank": rank,
         "faiss_s": faiss_s,
         "ours_s": ours_s,
         "build_s": build_s,
@@ -152,6 +157,8 @@ def main() -> None:
 
     import faiss
 
+    from synthray.models.runtime import cpu_compute_dtype
+
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -165,21 +172,24 @@ def main() -> None:
         results[name] = _run_case(q, r, args.check, args.seed)
         del q, r
 
-    head = f"{'case':15}{'faiss q/s':>10}{'ours q/s':>10}{'ratio':>7}{'build s':>8}"
+    head = f"{'case':15}{'faiss q/s':>10}{'ours q/s':>10}{'ratio':>7}{'build s':>8}{'rank':>6}"
     head += f"{'mismatch':>9}{'ours ok':>8}{'fp64 err o/f':>13}{'near-tie q':>11}{'pairs':>9}"
     print(head)
     for name, r in results.items():
         n = args.queries
         print(
             f"{name:15}{n / r['faiss_s']:>10.0f}{n / r['ours_s']:>10.0f}"
-            f"{r['faiss_s'] / r['ours_s']:>7.2f}{r['build_s']:>8.2f}{r['mismatches']:>9}"
+            f"{r['faiss_s'] / r['ours_s']:>7.2f}{r['build_s']:>8.2f}{r['subspace_rank']:>6}"
+            f"{r['mismatches']:>9}"
             f"{r['ours_right']:>8}{r['ours_fp64_errors']:>7}/{r['faiss_fp64_errors']:<5}"
             f"{r['near_ties']:>11}{r['near_tie_pairs']:>9}"
         )
     print(
         f"{args.queries} queries x {args.refs} refs, {args.threads} threads, cores: "
         f"{os.cpu_count()}; times include index build; 'ours ok' = mismatches where fp64 "
-        f"agrees with ours; fp64 err = wrong top-1 among {args.check} brute-force-checked queries"
+        f"agrees with ours; fp64 err = wrong top-1 among {args.check} brute-force-checked queries; "
+        f"rank = directions of the shortlist's subspace (0: full vectors); bf16 shortlist: "
+        f"{cpu_compute_dtype() == torch.bfloat16}"
     )
     a, b = results["512-d normal"], results["4096-d pixels"]
     n = args.queries
@@ -192,12 +202,13 @@ def main() -> None:
                 "reference": "faiss IndexFlatIP",
                 "reference_value": round(n / a["faiss_s"], 1),
                 "ratio": round(a["faiss_s"] / a["ours_s"], 3),
-                "target": 1.0,
+                "target": 1.5,
                 "mismatches": a["mismatches"],
                 "mismatches_ours_right": a["ours_right"],
                 "value_4096": round(n / b["ours_s"], 1),
                 "reference_value_4096": round(n / b["faiss_s"], 1),
                 "ratio_4096": round(b["faiss_s"] / b["ours_s"], 3),
+                "subspace_rank_4096": b["subspace_rank"],
                 "mismatches_4096": b["mismatches"],
                 "mismatches_4096_ours_right": b["ours_right"],
                 "fp64_errors_ours": a["ours_fp64_errors"] + b["ours_fp64_errors"],

@@ -25,6 +25,20 @@ gamma_n = n u / (1 - n u)):
 5. Otherwise (near ties) every reference whose bf16 score could still reach the k-th exact score
    is re-scored as in 3. The answer is again exact.
 
+High-dimensional vectors with structure (pixel vectors of radiographs: 98% of their energy lies in
+256 of 4,096 directions) are shortlisted in a subspace instead. With P the leading right singular
+vectors of a sample of the references (orthonormal rows, r x D), h = Px and t >= |x - P^T h|,
+
+    |x.y - h_x.h_y| <= t_x t_y + e_x |h_y| + |h_x| (e_y + eps |h_y|)
+
+(Cauchy-Schwarz on the parts outside the subspace; e bounds the fp32 rounding of h, eps =
+||I - P P^T|| the basis's departure from orthonormality). The shortlist matmul then scores
+[h_x, t_x] . [h_y, t_y] = h_x.h_y + t_x t_y, an upper bound of every exact score up to those small
+terms, in r + 1 dimensions instead of D; steps 2-5 run as above with it, and every candidate is
+re-scored with its full vectors. The answer stays exact whatever the basis; a good one only makes
+it fast. The subspace is used when it holds 98% of a sample's energy in at most D/4 directions;
+random isotropic vectors never qualify.
+
 Every re-scored pair is also checked against the bounds; a violation (a BLAS that accumulates in
 bf16, say) switches the block to plain fp64 search, so a wrong answer is never returned. Memory
 is bounded by scoring queries in blocks (``max_block_bytes`` of shortlist scores at a time).
@@ -51,6 +65,17 @@ _SMALL_WORK = 1 << 31  # multiply-adds below which one thread beats two (OpenMP 
 # Temporaries stay under 16 MiB: glibc serves larger blocks with fresh mmap pages every time,
 # and the page faults then cost more than the arithmetic.
 _ELEMS = 1 << 22
+# The subspace shortlist (see the module docstring): used from this dimension and this much
+# reference data (M x D) on, when at most D/4 (and at most _SUB_MAX) directions leave at most
+# _SUB_TAIL of a sample's energy outside.
+_SUB_MIN_DIM = 512
+_SUB_MIN_WORK = 1 << 24
+_SUB_MAX = 256
+_SUB_TAIL = 0.02
+_SUB_SAMPLE = 2048
+# Projections sum at most this many products per BLAS call, so that each rounding error bound
+# holds with gamma of (chunk + chunks + 1) terms rather than of D.
+_SUB_CHUNK = 256
 
 
 @contextlib.contextmanager
@@ -147,6 +172,31 @@ def _norms(a: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.sqrt(sq) * (1.0 + _gamma(arr.shape[1] + 2, _U_FP32))
 
 
+def _subspace(y: torch.Tensor, max_rank: int, tail: float) -> torch.Tensor | None:
+    """(r, D) fp32 orthonormal rows spanning the leading right singular subspace of an even
+    sample of ``y``'s rows, r the smallest multiple of 32 (<= ``max_rank``) that leaves at most
+    ``tail`` of the sample's energy outside; None if none does. Randomized range finder with two
+    power iterations (Halko, Martinsson and Tropp, SIAM Review 2011), seeded: deterministic."""
+    m, d = y.shape
+    rows = np.unique(np.linspace(0, m - 1, min(m, _SUB_SAMPLE)).round().astype(np.int64))
+    s = y[torch.from_numpy(rows)]  # (n, D)
+    width = min(max_rank + 16, *s.shape)
+    omega = torch.randn(d, width, generator=torch.Generator().manual_seed(0))  # (D, l)
+    basis = torch.linalg.qr(s @ omega)[0]  # (n, l)
+    for _ in range(2):
+        basis = torch.linalg.qr(s @ (s.T @ basis))[0]
+    _, sv, vh = torch.linalg.svd(basis.T @ s, full_matrices=False)  # (l,), (l, D)
+    total = float(s.double().square().sum())
+    if total == 0.0:
+        return None
+    outside = 1.0 - np.cumsum(sv.double().numpy() ** 2) / total  # (l,)
+    for r in range(32, min(max_rank, len(outside)) + 1, 32):
+        if outside[r - 1] <= tail:
+            q = torch.linalg.qr(vh[:r].double().T)[0]  # (D, r) orthonormal in fp64
+            return q.T.float().contiguous()
+    return None
+
+
 def _first_k(rows: np.ndarray, n_rows: int, k: int) -> np.ndarray:
     """Positions of the first k entries of each row in a row-sorted array, (n_rows * k,)."""
     starts = np.searchsorted(rows, np.arange(n_rows))
@@ -169,6 +219,7 @@ class ExactIndex:
         metric: str = "ip",
         *,
         shortlist_dtype: torch.dtype | None = None,
+        subspace: bool | None = None,
     ) -> None:
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
@@ -186,31 +237,58 @@ class ExactIndex:
         self.size, self.dim = y.shape
         self._y = y
         m, d = self.size, self.dim
+        self._basis: torch.Tensor | None = None  # (r, D): shortlist in a subspace (docstring)
+        if subspace is None:
+            subspace = d >= _SUB_MIN_DIM and m * d >= _SUB_MIN_WORK
+        if subspace:
+            self._basis = _subspace(y, min(_SUB_MAX, d // 4), _SUB_TAIL)
+        self._tail = np.zeros(m)  # (M,) t_y, the norm outside the subspace (0 without one)
+        if self._basis is not None:
+            b64 = self._basis.double()
+            self._rho = float(b64.norm(dim=1).max())  # rows' largest norm
+            eye = torch.eye(len(b64), dtype=torch.float64)
+            gap = float(torch.linalg.matrix_norm(eye - b64 @ b64.T))  # Frobenius >= spectral
+            self._eps = gap + len(b64) * d * _U_FP64 * 4  # + the rounding of that computation
+        zdim = d if self._basis is None else len(self._basis) + 1
+        self._zdim = zdim  # width of the vectors the shortlist matmul scores
         self._pad = -(-m // _GROUP) * _GROUP  # rows padded to whole groups of 16
         extra = 3 if metric == "l2" else 0  # l2: the bias rides in three low-precision columns
-        self._yb = torch.zeros(self._pad, d + extra, dtype=low)  # (Mp, D')
+        self._yb = torch.zeros(self._pad, zdim + extra, dtype=low)  # (Mp, D')
         self._bias = torch.zeros(m, dtype=torch.float64)  # (M,) fp64, added to x.y
-        max_round = max_norm = max_bias_abs = max_bias_resid = 0.0
+        max_round = max_norm = max_full = max_bias_abs = max_bias_resid = 0.0
+        self._max_proj_err = self._max_head = 0.0  # largest e_y and |h_y|
         with torch.inference_mode():
             step = _rows_per_chunk(d)
             for s in range(0, m, step):
                 yc = y[s : s + step]  # (c, D)
-                ybc = self._yb[s : s + len(yc), :d]
-                ybc.copy_(yc)  # rounds to bf16 (nearest even); exact in fp32
-                max_norm = max(max_norm, float(_norms(yc).max()))
-                max_round = max(max_round, float(_norms(torch.sub(ybc, yc)).max()))  # exact diff
+                zc = yc
+                if self._basis is not None:
+                    zc, err, head = self._to_subspace(yc)  # (c, r + 1), (c,), (c,)
+                    self._tail[s : s + len(yc)] = zc[:, -1].double().numpy()
+                    self._max_proj_err = max(self._max_proj_err, float(err.max()))
+                    self._max_head = max(self._max_head, float(head.max()))
+                ybc = self._yb[s : s + len(yc), :zdim]
+                ybc.copy_(zc)  # rounds to bf16 (nearest even); exact in fp32
+                max_norm = max(max_norm, float(_norms(zc).max()))
+                max_full = max_norm if zc is yc else max(max_full, float(_norms(yc).max()))
+                max_round = max(max_round, float(_norms(torch.sub(ybc, zc)).max()))  # exact diff
                 if metric == "l2":
                     # Rank by x.y - |y|^2 / 2, the same order as ascending |x - y|^2.
                     bias = -0.5 * yc.double().square().sum(1)  # (c,)
                     parts, resid = _split3(bias, low)  # (c, 3), (c,)
                     self._bias[s : s + len(yc)] = bias
-                    self._yb[s : s + len(yc), d:] = parts
+                    self._yb[s : s + len(yc), zdim:] = parts
                     max_bias_resid = max(max_bias_resid, float(resid.abs().max()))
                     max_bias_abs = max(max_bias_abs, float(parts.float().abs().sum(1).max()))
         self._bias_np = self._bias.numpy()  # shares memory
-        self._max_round, self._max_norm = max_round, max_norm
+        self._max_round, self._max_norm, self._max_full = max_round, max_norm, max_full
         self._max_norm_b = max_norm + max_round  # |y^| <= |y| + |y^ - y|
         self._max_bias_abs, self._max_bias_resid = max_bias_abs, max_bias_resid
+
+    @property
+    def subspace_rank(self) -> int:
+        """Directions of the subspace the shortlist is scored in (0: the full vectors)."""
+        return 0 if self._basis is None else len(self._basis)
 
     # ---------------------------------------------------------------- public API
 
@@ -256,7 +334,7 @@ class ExactIndex:
             rows = min(rows, block)
         out_s = np.empty((q_n, k), dtype=np.float64)
         out_i = np.empty((q_n, k), dtype=np.int64)
-        small = q_n * self._pad * self.dim < _SMALL_WORK
+        small = q_n * self._pad * self._zdim < _SMALL_WORK
         with torch.inference_mode(), single_thread() if small else contextlib.nullcontext():
             buf = torch.empty(rows, self._pad, dtype=self._low)  # (b, Mp), reused
             for qs in range(0, q_n, rows):
@@ -271,13 +349,64 @@ class ExactIndex:
 
     # ---------------------------------------------------------------- internals
 
+    def _to_subspace(self, v: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """fp32 (c, D) -> (z = [h, t] fp32 (c, r + 1), e (c,), |h| upper bounds (c,)).
+
+        h = fl(P v) summed in chunks of ``_SUB_CHUNK`` products, so that each component's error
+        is at most gamma_(chunk + chunks + 1) |P_i| |v| (Higham 3.1) and |h - P v| <= e. t bounds
+        |v - P^T h| from above: |v - P^T h|^2 = |v|^2 - |h|^2 - 2 (Pv - h).h - h.(I - PP^T)h.
+        """
+        basis = self._basis
+        assert basis is not None
+        c, d = v.shape
+        r = len(basis)
+        h = torch.zeros(c, r)
+        for k0 in range(0, d, _SUB_CHUNK):
+            h.addmm_(v[:, k0 : k0 + _SUB_CHUNK], basis[:, k0 : k0 + _SUB_CHUNK].T)
+        depth = min(d, _SUB_CHUNK) + -(-d // _SUB_CHUNK) + 1
+        v_norm = _norms(v)  # (c,) upper bounds
+        err = np.sqrt(r) * _gamma(depth, _U_FP32) * self._rho * v_norm * (1 + 1e-12)
+        hh = np.einsum("nd,nd->n", h.numpy(), h.numpy()).astype(np.float64)
+        h_low = hh * (1.0 - _gamma(r + 2, _U_FP32))  # |h|^2 from below
+        h_up = np.sqrt(hh) * (1.0 + _gamma(r + 2, _U_FP32))  # |h| from above
+        vv = v_norm**2  # |v|^2 from above
+        tail2 = vv - h_low + 2.0 * err * h_up + self._eps * h_up**2
+        tail = np.sqrt(np.maximum(tail2, 0.0)) * (1.0 + 1e-12) + _TINY
+        z = torch.empty(c, r + 1)
+        z[:, :r] = h
+        z[:, r] = torch.from_numpy(tail)  # rounded to fp32; bounded below by rounding up
+        z32_tail = z[:, r].double().numpy()
+        bad = z32_tail < tail
+        if bad.any():
+            up = np.nextafter(z32_tail[bad].astype(np.float32), np.float32(np.inf))
+            z[torch.from_numpy(np.flatnonzero(bad)), r] = torch.from_numpy(up)
+        return z, err, h_up
+
+    def _subspace_slack(self, err: np.ndarray, head: np.ndarray) -> np.ndarray:
+        """(b,) e_x |h_y| + |h_x| (e_y + eps |h_y|), maximised over the references."""
+        big_h = self._max_head
+        return err * big_h + head * (self._max_proj_err + self._eps * big_h) + _TINY
+
     def _pair_scores(
         self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, dtype: type
     ) -> np.ndarray:
-        """Ranking scores x_r . y_c + bias_c of pairs, dot products in ``dtype``, as fp64."""
+        """Ranking scores x_r . y_c + bias_c of pairs, dot products in ``dtype``, as fp64.
+
+        Runs of one row (as the callers pass them: rows sorted) with many columns are scored
+        as one matrix-vector product each, which gathers their query once instead of per pair.
+        """
         y = self._y.numpy()
         out = np.empty(len(rows), dtype=np.float64)
         step = _rows_per_chunk(self.dim)
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(rows) else rows
+        if len(starts) and len(rows) >= 32 * len(starts):
+            ends = np.r_[starts[1:], len(rows)]
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                xr = x[rows[a]].astype(dtype, copy=False)  # (D,)
+                for s in range(a, b, step):
+                    c = cols[s : min(b, s + step)]
+                    out[s : s + len(c)] = y[c].astype(dtype, copy=False) @ xr
+            return out + self._bias_np[cols]
         for s in range(0, len(rows), step):
             r, c = rows[s : s + step], cols[s : s + step]
             yc, xr = y[c].astype(dtype, copy=False), x[r].astype(dtype, copy=False)  # (p, D)
@@ -299,7 +428,7 @@ class ExactIndex:
     def _shortlist_bound(self, x: torch.Tensor, xb: torch.Tensor) -> np.ndarray:
         """(b,) E: |fp32 sum of the rounded products - exact score| <= E_i, for every reference
         (before the output rounding, which ``_u_out`` covers)."""
-        xbf = xb[:, : self.dim].float()
+        xbf = xb[:, : self._zdim].float()
         xb_norm = _norms(xbf)  # (b,)
         x_round = _norms(xbf - x)  # (b,) |x^ - x|, exact differences
         rounding = xb_norm * self._max_round + x_round * self._max_norm
@@ -311,7 +440,7 @@ class ExactIndex:
         """(b,) |fp32 dot + fp64 bias - exact score| <= bound, for every reference."""
         x_norm = _norms(x)  # (b,)
         bias = 2 * _U_FP64 * self._max_bias_abs  # the fp64 addition of the l2 bias
-        return _gamma(self.dim + 2, _U_FP32) * x_norm * self._max_norm + bias + _TINY
+        return _gamma(self.dim + 2, _U_FP32) * x_norm * self._max_full + bias + _TINY
 
     def _refine(
         self,
@@ -323,22 +452,24 @@ class ExactIndex:
         err_low: np.ndarray,
         k: int,
         stats: SearchStats,
+        tail_x: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Exact top-k per row among candidate pairs (rows sorted, every row has >= k pairs).
 
         ``s32`` holds the pairs' fp32 scores (error <= ``_fp32_bound``); only the pairs whose
         fp32 interval reaches the k-th best lower bound of their row are re-scored in fp64.
+        ``approx`` exceeds the exact score by at most 2 t_x t_y (``tail_x``: t_x per row; 0
+        without a subspace) beyond the low-precision errors ``err_low``.
         Returns (scores fp64 (b, k), ids (b, k), ok); ok is False if a score broke its bound.
         """
         b = len(err_low)
         if np.bincount(rows, minlength=b).min() < k:  # only if an error bound was broken
             return np.zeros((b, k)), np.zeros((b, k), dtype=np.int64), False
         err32 = self._fp32_bound(x)[rows]  # (p,)
-        ok = bool(
-            np.all(
-                np.abs(s32 - approx) <= self._u_out * np.abs(approx) + err_low[rows] + err32 + _TINY
-            )
-        )
+        margin = self._u_out * np.abs(approx) + err_low[rows] + err32 + _TINY
+        below = 2.0 * tail_x[rows] * self._tail[cols] * (1.0 + 1e-12)  # (p,)
+        gap = s32 - approx
+        ok = bool(np.all((gap <= margin) & (gap >= -margin - below)))
         lower = s32 - err32
         order = np.lexsort((-lower, rows))
         kth_lower = lower[order][_first_k(rows[order], b, k)].reshape(b, k)[:, -1]  # (b,)
@@ -362,9 +493,13 @@ class ExactIndex:
         stats: SearchStats,
     ) -> tuple[np.ndarray, np.ndarray]:
         b, m, mp = x.shape[0], self.size, self._pad
-        xb = x.to(self._low)  # (b, D)
+        zx, slack, tail_x = x, np.zeros(b), np.zeros(b)  # shortlist vectors, their extra error
+        if self._basis is not None:
+            zx, proj_err, head = self._to_subspace(x)  # (b, r + 1)
+            slack, tail_x = self._subspace_slack(proj_err, head), zx[:, -1].double().numpy()
+        xb = zx.to(self._low)  # (b, D')
         if self.metric == "l2":
-            xb = torch.cat([xb, torch.ones(b, 3, dtype=self._low)], dim=1)  # (b, D + 3)
+            xb = torch.cat([xb, torch.ones(b, 3, dtype=self._low)], dim=1)  # (b, D' + 3)
         scores = torch.mm(xb, self._yb.T, out=buf[:b])  # (b, Mp) low precision
         scores[:, m:] = -torch.inf
         local = torch.arange(b)
@@ -385,7 +520,7 @@ class ExactIndex:
         else:
             approx, cand = torch.topk(scores, kp, dim=1)  # (b, k')
         approx_np = approx.double().numpy()  # (b, k')
-        err = self._shortlist_bound(x, xb)  # (b,)
+        err = self._shortlist_bound(zx, xb) + slack  # (b,)
 
         cand_np = cand.numpy()
         s32 = np.empty((b, kp), dtype=np.float64)
@@ -397,7 +532,15 @@ class ExactIndex:
         s32 += self._bias_np[cand_np]
         rows = np.repeat(np.arange(b), kp)
         top_s, top_i, ok = self._refine(
-            x, rows, cand_np.reshape(-1), s32.reshape(-1), approx_np.reshape(-1), err, k, stats
+            x,
+            rows,
+            cand_np.reshape(-1),
+            s32.reshape(-1),
+            approx_np.reshape(-1),
+            err,
+            k,
+            stats,
+            tail_x,
         )
         if not ok:
             stats.exact_blocks += 1
@@ -448,6 +591,7 @@ class ExactIndex:
                 err[failing],
                 k,
                 stats,
+                tail_x[failing],
             )
             if not ok:
                 stats.exact_blocks += 1

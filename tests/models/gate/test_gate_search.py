@@ -117,6 +117,61 @@ def test_failed_self_check_switches_to_exact_search(
     assert np.array_equal(idx, _brute(queries, refs, 2)[1])
 
 
+def _structured(m: int, d: int, rank: int, noise: float, seed: int) -> np.ndarray:
+    """Rows near a ``rank``-dimensional subspace (like radiographs' pixel vectors), unit norm."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank, d)) / np.sqrt(d)
+    weights = rng.normal(size=(m, rank)) * np.linspace(3, 0.3, rank)
+    return _unit(weights @ basis + noise * rng.normal(size=(m, d)) / np.sqrt(d))
+
+
+@SHORTLIST
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_subspace_shortlist_matches_fp64_brute_force(metric: str, low: torch.dtype) -> None:
+    """Shortlisted in a subspace (an upper bound per pair): still the fp64 order, through the
+    certificate and through the near-tie path (queries with 30 near-copies each)."""
+    rng = np.random.default_rng(5)
+    refs = _structured(1500, 512, 24, 0.08, seed=5)
+    refs[:300] = _unit(np.repeat(refs[:10], 30, 0) + 0.02 * rng.normal(size=(300, 512)) / 22)
+    refs = refs.astype(np.float32)
+    queries = np.concatenate([_structured(60, 512, 24, 0.08, seed=6), refs[[0, 45, 299]]])
+    queries = (queries * 2).astype(np.float32)  # not unit: the bounds scale with the norms
+    stats = SearchStats()
+    index = ExactIndex(refs, metric, shortlist_dtype=low, subspace=True)
+    assert 0 < index.subspace_rank <= 128
+    scores, idx = index.search(queries, 3, block=25, stats=stats)
+    want_s, want_i = _brute(queries, refs, 3, metric)
+    assert np.array_equal(idx, want_i)
+    assert np.allclose(scores, want_s if metric == "ip" else -want_s, rtol=1e-5, atol=1e-4)
+    assert stats.exact_blocks == 0 and stats.certified > 0 and stats.near_ties > 0
+    _, self_idx = index.search(refs[:40], 2, exclude_self=False)
+    assert np.array_equal(self_idx, _brute(refs[:40], refs, 2, metric)[1])
+
+
+def test_subspace_is_chosen_only_where_it_holds_the_energy() -> None:
+    rng = np.random.default_rng(7)
+    structured = _structured(32768, 512, 20, 0.05, seed=7).astype(np.float32)
+    isotropic = _unit(rng.normal(size=(32768, 512)))
+    assert 0 < ExactIndex(structured).subspace_rank <= 128
+    assert ExactIndex(isotropic).subspace_rank == 0
+    assert ExactIndex(structured[:1000]).subspace_rank == 0  # too little work to pay for it
+    assert ExactIndex(isotropic, subspace=True).subspace_rank == 0  # no subspace holds it
+
+
+def test_broken_subspace_bound_switches_to_exact_search() -> None:
+    """Norms outside the subspace under-stated (as a wrong basis or a BLAS bug would): the
+    self-check sees scores above their upper bound and searches those blocks in fp64."""
+    refs = _structured(800, 512, 16, 0.3, seed=8).astype(np.float32)
+    queries = _structured(50, 512, 16, 0.3, seed=9).astype(np.float32)
+    index = ExactIndex(refs, subspace=True, shortlist_dtype=torch.float32)
+    index._tail[:] = 0.0
+    index._yb[:, index.subspace_rank] = 0.0
+    stats = SearchStats()
+    _, idx = index.search(queries, 2, block=10, stats=stats)
+    assert stats.exact_blocks > 0
+    assert np.array_equal(idx, _brute(queries, refs, 2)[1])
+
+
 def test_memory_is_bounded_by_blocks() -> None:
     rng = np.random.default_rng(4)
     refs = rng.normal(size=(5000, 8)).astype(np.float32)
