@@ -180,15 +180,15 @@ def _subspace(y: torch.Tensor, max_rank: int, tail: float) -> torch.Tensor | Non
     m, d = y.shape
     rows = np.unique(np.linspace(0, m - 1, min(m, _SUB_SAMPLE)).round().astype(np.int64))
     s = y[torch.from_numpy(rows)]  # (n, D)
+    total = float(s.double().square().sum())
+    if total == 0.0:
+        return None
     width = min(max_rank + 16, *s.shape)
     omega = torch.randn(d, width, generator=torch.Generator().manual_seed(0))  # (D, l)
     basis = torch.linalg.qr(s @ omega)[0]  # (n, l)
     for _ in range(2):
         basis = torch.linalg.qr(s @ (s.T @ basis))[0]
     _, sv, vh = torch.linalg.svd(basis.T @ s, full_matrices=False)  # (l,), (l, D)
-    total = float(s.double().square().sum())
-    if total == 0.0:
-        return None
     outside = 1.0 - np.cumsum(sv.double().numpy() ** 2) / total  # (l,)
     for r in range(32, min(max_rank, len(outside)) + 1, 32):
         if outside[r - 1] <= tail:
@@ -372,15 +372,9 @@ class ExactIndex:
         vv = v_norm**2  # |v|^2 from above
         tail2 = vv - h_low + 2.0 * err * h_up + self._eps * h_up**2
         tail = np.sqrt(np.maximum(tail2, 0.0)) * (1.0 + 1e-12) + _TINY
-        z = torch.empty(c, r + 1)
-        z[:, :r] = h
-        z[:, r] = torch.from_numpy(tail)  # rounded to fp32; bounded below by rounding up
-        z32_tail = z[:, r].double().numpy()
-        bad = z32_tail < tail
-        if bad.any():
-            up = np.nextafter(z32_tail[bad].astype(np.float32), np.float32(np.inf))
-            z[torch.from_numpy(np.flatnonzero(bad)), r] = torch.from_numpy(up)
-        return z, err, h_up
+        t32 = tail.astype(np.float32)
+        t32 = np.where(t32 < tail, np.nextafter(t32, np.float32(np.inf)), t32)  # rounded up
+        return torch.cat([h, torch.from_numpy(t32)[:, None]], dim=1), err, h_up
 
     def _subspace_slack(self, err: np.ndarray, head: np.ndarray) -> np.ndarray:
         """(b,) e_x |h_y| + |h_x| (e_y + eps |h_y|), maximised over the references."""
