@@ -154,10 +154,12 @@ class Settings(BaseSettings):
         "self-supervised; once per dataset version and resolution).",
     )
     quality_encoder_seconds: float = Field(
-        120.0,
+        600.0,
         gt=0,
-        description="Most training time of each quality-metric encoder; on a slow CPU it "
-        "ends before quality_encoder_steps.",
+        description="Most training time of each quality-metric encoder, a safety cap: "
+        "an encoder cut short measures in a weaker space and chooses the most typical "
+        "images less well, so the default lets quality_encoder_steps finish at 128 px on "
+        "2 CPU cores without bf16 units (about 300 s there).",
     )
     quality_samples_per_class: int = Field(
         200, ge=10, description="Generated images per class for the quality metrics."
