@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from synthray import logs
 from synthray.app.db import session_scope, utcnow
 from synthray.app.errors import DomainError, describe_unexpected
+from synthray.app.jobs import control
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobCancelled, JobFailed
 from synthray.app.jobs.schemas import JobState
@@ -48,6 +49,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
                 JobState.failed,
                 error=f"gave up after {job.max_attempts} attempts",
             )
+            control.end_given_up(s, job)
             return "gave-up"
         kind, params = (job.kind, dict(job.params)) if job else ("", {})
         request = job.request_id if job else None

@@ -3,7 +3,8 @@
 Whatever the broker, a message can be lost (the embedded transport deletes it on
 receipt) or delayed (Redis waits for its visibility timeout after a worker dies). The
 jobs table knows better: a running job whose lease expired, or a queued job waiting
-far longer than it should, is queued again. Duplicates are harmless (see the claim).
+far longer than it should, is queued again (or ended, when it was cancelled while its
+worker was lost, or lost too often). Duplicates are harmless (see the claim).
 Every ten minutes it also removes the scratch folders of jobs that ended longer ago than
 the retention setting (see :func:`synthray.app.jobs.service.prune_job_files`).
 """
@@ -17,7 +18,7 @@ import time
 from sqlalchemy.exc import SQLAlchemyError
 
 from synthray.app.db import session_scope
-from synthray.app.jobs import broker
+from synthray.app.jobs import broker, control
 from synthray.app.jobs import service as jobs
 from synthray.config import Settings
 
@@ -50,7 +51,7 @@ class BrokerWatch:
 
 def sweep_once(settings: Settings, *, broker_lost_messages: bool = False) -> int:
     with session_scope(settings.sqlalchemy_url) as session:
-        found = jobs.requeue_stale(session, settings, broker_lost_messages=broker_lost_messages)
+        found = control.requeue_stale(session, settings, broker_lost_messages=broker_lost_messages)
         return len(found)
 
 

@@ -4,7 +4,8 @@ work on kept in step.
 Cancelling a queued job ends it at once; the object it was to work on takes the state a
 cancelled run leaves, and files uploaded for it (originals not yet de-identified) are
 deleted once the cancel is committed. A running job stops at its next heartbeat, and its
-worker does the same bookkeeping.
+worker does the same bookkeeping; if its worker was lost, the sweeper (which also lives
+here: :func:`requeue_stale`) ends it when the lease runs out instead of queueing it again.
 
 Retrying: a job that failed (its worker was lost too often, a fault since fixed, a disk that
 filled) or was cancelled is queued again under the same id, with its attempts counted
@@ -20,6 +21,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -130,23 +132,101 @@ def _owned_object(session: Session, job: Job) -> tuple[_Owned | None, Any]:
 
 
 def cancel(session: Session, job_id: str) -> Job:
-    """A queued job is cancelled at once; a running one stops at its next heartbeat."""
+    """A queued job is cancelled at once; a running one stops at its next heartbeat (or,
+    if its worker was lost, when the sweeper finds its lease expired)."""
     job = service.get(session, job_id)
     if job.state in TERMINAL:
         raise Conflict(f"job {job_id} is already {job.state}")
     job.cancel_requested = True
     if job.state == JobState.queued:
-        job.state = JobState.cancelled
-        job.finished_at = utcnow()
-        job.progress_message = "cancelled before it started"
-        owned = _OWNED.get(job.kind)
-        if owned is not None:
-            owned.end(session, int(job.params[owned.param]), JobState.cancelled)
-        upload = job.params.get("upload_dir")
-        if upload:
-            on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
+        _end_without_worker(session, job, JobState.cancelled, "cancelled before it started")
     session.flush()
     return job
+
+
+def _end_without_worker(
+    session: Session, job: Job, state: JobState, message: str, error: str | None = None
+) -> None:
+    """End ``job`` where no worker will: the row, the object it works on as a worker's own
+    failure bookkeeping would leave it, and its uploaded files deleted after the commit."""
+    job.state = state
+    job.finished_at = utcnow()
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.progress_message = message
+    if error is not None:
+        job.error = error
+    owned = _OWNED.get(job.kind)
+    if owned is not None:
+        owned.end(session, int(job.params[owned.param]), state)
+    upload = job.params.get("upload_dir")
+    if upload:
+        on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
+
+
+def end_given_up(session: Session, job: Job) -> None:
+    """The bookkeeping of a job a worker claimed once too often (recorded as failed by
+    the worker): the object it works on and its uploads, as for any failed job."""
+    owned = _OWNED.get(job.kind)
+    if owned is not None:
+        owned.end(session, int(job.params[owned.param]), JobState.failed)
+    upload = job.params.get("upload_dir")
+    if upload:
+        on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
+
+
+def requeue_stale(
+    session: Session, settings: Settings, *, broker_lost_messages: bool = False
+) -> list[tuple[str, str]]:
+    """Find jobs whose worker died or whose message may be lost, and queue them again:
+    running jobs whose lease expired, queued jobs never published (the broker was down)
+    or waiting longer than ``requeue_after_seconds``, and every queued job when
+    ``broker_lost_messages`` (the broker restarted and may have lost its queues).
+
+    A running job whose worker was lost ends instead of going back to the queue when it
+    was cancelled meanwhile (no worker is left to see the request) or its worker was lost
+    ``max_attempts`` times; either way the object it works on ends with it.
+
+    Returns (job id, queue) pairs to publish after the commit. A duplicate message is
+    harmless: the claim lets only one delivery run the job.
+    """
+    now = utcnow()
+    out: list[tuple[str, str]] = []
+    for job in repository.expired_running(session, now):
+        if job.cancel_requested:
+            _end_without_worker(
+                session, job, JobState.cancelled, "cancelled; its worker had stopped responding"
+            )
+        elif job.attempts >= job.max_attempts:
+            _end_without_worker(
+                session,
+                job,
+                JobState.failed,
+                "failed: its worker stopped responding too often",
+                error=f"the worker running this job was lost {job.attempts} times",
+            )
+        else:
+            job.state = JobState.queued
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.enqueued_at = now
+            job.progress_message = "requeued: the worker holding it stopped responding"
+            out.append((job.id, job.queue))
+    before = (
+        now if broker_lost_messages else now - timedelta(seconds=settings.requeue_after_seconds)
+    )
+    for job in repository.stale_queued(session, before):
+        # No claim takes a cancelled job; cancelling a queued one ends it at once, so only
+        # an older sweeper (which requeued lost jobs whatever was asked) left such a row.
+        if job.cancel_requested:
+            _end_without_worker(session, job, JobState.cancelled, "cancelled before it ran")
+            continue
+        job.enqueued_at = now
+        out.append((job.id, job.queue))
+    session.flush()
+    for job_id, queue in out:
+        service.publish_after_commit(session, settings, job_id, queue)
+    return out
 
 
 def retry(session: Session, settings: Settings, job_id: str, who: Principal) -> Job:

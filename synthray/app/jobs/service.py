@@ -125,44 +125,6 @@ def list_jobs(
     return [JobRead.model_validate(j) for j in repository.list_recent(session, limit, kind, state)]
 
 
-def requeue_stale(
-    session: Session, settings: Settings, *, broker_lost_messages: bool = False
-) -> list[tuple[str, str]]:
-    """Find jobs whose worker died or whose message may be lost, and queue them again:
-    running jobs whose lease expired, queued jobs never published (the broker was down)
-    or waiting longer than ``requeue_after_seconds``, and every queued job when
-    ``broker_lost_messages`` (the broker restarted and may have lost its queues).
-
-    Returns (job id, queue) pairs to publish after the commit. A duplicate message is
-    harmless: the claim lets only one delivery run the job.
-    """
-    now = utcnow()
-    out: list[tuple[str, str]] = []
-    for job in repository.expired_running(session, now):
-        if job.attempts >= job.max_attempts:
-            job.state = JobState.failed
-            job.error = f"the worker running this job was lost {job.attempts} times"
-            job.finished_at = now
-            job.lease_owner = None
-            continue
-        job.state = JobState.queued
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.enqueued_at = now
-        job.progress_message = "requeued: the worker holding it stopped responding"
-        out.append((job.id, job.queue))
-    before = (
-        now if broker_lost_messages else now - timedelta(seconds=settings.requeue_after_seconds)
-    )
-    for job in repository.stale_queued(session, before):
-        job.enqueued_at = now
-        out.append((job.id, job.queue))
-    session.flush()
-    for job_id, queue in out:
-        publish_after_commit(session, settings, job_id, queue)
-    return out
-
-
 def prune_job_files(session: Session, settings: Settings) -> list[str]:
     """Delete the scratch folders (``work/jobs/<id>``) of jobs that ended more than
     ``job_files_retention_days`` ago, and folders with no job row that old; return their ids.
