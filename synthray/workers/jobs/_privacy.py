@@ -69,8 +69,8 @@ def audit(
         hold_keys = datasets.patient_keys(s, dataset_version_id, split.holdout_index)[hold_mask]
     planted = planted_copies(ctx, split, dataset_version_id)
     embedder, embedder_sha = _gate._copydetect(ctx, split, dataset_version_id)
-    supervised, _ = _quality.encoder(ctx, split, dataset_version_id, _quality.SUPERVISED)
-    ssl, _ = _quality.encoder(ctx, split, dataset_version_id, _quality.SELF_SUPERVISED)
+    supervised, _, _ = _quality.encoder(ctx, split, dataset_version_id, _quality.SUPERVISED)
+    ssl, _, _ = _quality.encoder(ctx, split, dataset_version_id, _quality.SELF_SUPERVISED)
 
     def features(enc: Any) -> Any:
         return lambda x: quality.features(enc, x).astype(np.float32)

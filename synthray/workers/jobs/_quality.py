@@ -20,17 +20,18 @@ if TYPE_CHECKING:  # torch is imported by the jobs that choose, not by this modu
 
 def encoder(
     ctx: JobContext, split: SplitArrays, dataset_version_id: int, kind: str
-) -> tuple[Any, str]:
+) -> tuple[Any, str, dict[str, Any] | None]:
     """The dataset version's quality encoder of ``kind`` (``quality``: supervised on the
     labels; ``quality-ssl``: contrastive, no labels), trained on its training split the
-    first time it is needed (the record of that training is kept with it: see
-    :func:`_training`)."""
+    first time it is needed, with its sha256 and how much training it got ({steps,
+    planned_steps, seconds}; None for one registered before that was kept)."""
     from synthray.models.evaluation import quality
 
     resolution = int(split.resolution)
     with ctx.session() as s:
         row = registry.quality_encoder(s, dataset_version_id, resolution, kind)
         sha = row.blob_sha256 if row else None
+        training = (row.config or {}).get("training") if row else None
     if sha is None:
         steps = ctx.settings.quality_encoder_steps
         budget = ctx.settings.quality_encoder_seconds
@@ -69,17 +70,7 @@ def encoder(
             sha = registry.register_encoder(
                 s, dataset_version_id, resolution, new_sha, config, acc, kind=kind
             ).blob_sha256
-    return quality.load_encoder(ctx.blobs.path(sha), expected_sha256=sha), sha
-
-
-def _training(
-    ctx: JobContext, dataset_version_id: int, resolution: int, kind: str
-) -> dict[str, Any] | None:
-    """How much training the registered encoder of ``kind`` got ({steps, planned_steps,
-    seconds}), or None for one registered before that was kept."""
-    with ctx.session() as s:
-        row = registry.quality_encoder(s, dataset_version_id, resolution, kind)
-        return (row.config or {}).get("training") if row else None
+    return quality.load_encoder(ctx.blobs.path(sha), expected_sha256=sha), sha, training
 
 
 def pool_quality(
@@ -197,8 +188,8 @@ def measure(
     # never leave the building, so they stay out of every figure (a class of one patient
     # would otherwise lift class consistency with near-copies of that patient).
     measured = [c for c in keep if split.classes[c] not in (notes or {})] or keep
-    supervised, sup_sha = encoder(ctx, split, dataset_version_id, SUPERVISED)
-    ssl, ssl_sha = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
+    supervised, sup_sha, sup_training = encoder(ctx, split, dataset_version_id, SUPERVISED)
+    ssl, ssl_sha, ssl_training = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     generator = load_generator(gen_path, expected_sha256=None)
     m_train = np.isin(split.train_labels, measured)
     m_hold = np.isin(split.holdout_labels, measured)
@@ -237,10 +228,7 @@ def measure(
     )
     # How much training each space's encoder got: one cut short by its time budget on a
     # slow or busy machine measures in a weaker space (see summary.quality_lines).
-    trainings = {
-        name: _training(ctx, dataset_version_id, int(split.resolution), kind)
-        for name, kind in (("supervised", SUPERVISED), ("self_supervised", SELF_SUPERVISED))
-    }
+    trainings = {"supervised": sup_training, "self_supervised": ssl_training}
     out["encoder_training"] = {name: t for name, t in trainings.items() if t is not None}
     out["samples_per_class"] = {c: counts[g] for g, c in enumerate(classes) if keep[g] in measured}
     # Staff look at this: per class, generated images beside real ones of unseen patients.
