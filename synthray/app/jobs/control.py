@@ -156,20 +156,21 @@ def _end_without_worker(
     job.progress_message = message
     if error is not None:
         job.error = error
-    owned = _OWNED.get(job.kind)
-    if owned is not None:
-        owned.end(session, int(job.params[owned.param]), state)
-    upload = job.params.get("upload_dir")
-    if upload:
-        on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
+    _end_object(session, job, state)
 
 
 def end_given_up(session: Session, job: Job) -> None:
     """The bookkeeping of a job a worker claimed once too often (recorded as failed by
     the worker): the object it works on and its uploads, as for any failed job."""
+    _end_object(session, job, JobState.failed)
+
+
+def _end_object(session: Session, job: Job, state: JobState) -> None:
+    """The object ``job`` works on takes the end ``state`` of its run, and files uploaded
+    for the job are deleted once that is committed."""
     owned = _OWNED.get(job.kind)
     if owned is not None:
-        owned.end(session, int(job.params[owned.param]), JobState.failed)
+        owned.end(session, int(job.params[owned.param]), state)
     upload = job.params.get("upload_dir")
     if upload:
         on_commit(session, lambda: shutil.rmtree(upload, ignore_errors=True))
