@@ -49,7 +49,7 @@ def run(job_id: str, settings: Settings | None = None) -> str:
                 JobState.failed,
                 error=f"gave up after {job.max_attempts} attempts",
             )
-            control.end_given_up(s, job)
+            control.end_object(s, job, JobState.failed)
             return "gave-up"
         kind, params = (job.kind, dict(job.params)) if job else ("", {})
         request = job.request_id if job else None

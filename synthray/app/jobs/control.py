@@ -156,18 +156,13 @@ def _end_without_worker(
     job.progress_message = message
     if error is not None:
         job.error = error
-    _end_object(session, job, state)
+    end_object(session, job, state)
 
 
-def end_given_up(session: Session, job: Job) -> None:
-    """The bookkeeping of a job a worker claimed once too often (recorded as failed by
-    the worker): the object it works on and its uploads, as for any failed job."""
-    _end_object(session, job, JobState.failed)
-
-
-def _end_object(session: Session, job: Job, state: JobState) -> None:
+def end_object(session: Session, job: Job, state: JobState) -> None:
     """The object ``job`` works on takes the end ``state`` of its run, and files uploaded
-    for the job are deleted once that is committed."""
+    for the job are deleted once that is committed (also what the runner does for a job
+    it gives up on after one claim too many)."""
     owned = _OWNED.get(job.kind)
     if owned is not None:
         owned.end(session, int(job.params[owned.param]), state)
