@@ -242,9 +242,12 @@ class Settings(BaseSettings):
         "HTTPS it is always Secure.",
     )
     copydetect_seconds: float = Field(
-        60.0,
+        300.0,
         ge=0.5,
-        description="Training time of the copy-detection embedding (once per dataset version).",
+        description="Training time of the copy-detection embedding (once per dataset version "
+        "and resolution). Its steps decide which training films the gate registers a "
+        "synthetic image against: on Kermany at 64 px, 160 steps put the source of 354 of "
+        "400 combined planted copies among an image's 6 nearest, 1,200 steps all 400.",
     )
     copydetect_steps: int | None = Field(
         None,

@@ -120,6 +120,9 @@ def run_demo(
         "SYNTHRAY_IMPORT_ROOT": str(folder.parent),
         "PYTHONUNBUFFERED": "1",
     }
+    # The demo's copy-detection embedding gets a fifth of the default's minutes, so that the
+    # whole pipeline fits its 10 minutes on 2 CPU cores; a caller's setting wins.
+    env.setdefault("SYNTHRAY_COPYDETECT_SECONDS", "60")
     if "SYNTHRAY_SECRET_KEY" not in env:
         env["SYNTHRAY_DEV_MODE"] = "true"  # the demo is a development run by definition
 

@@ -31,8 +31,9 @@ from synthray.models.gate.search import ExactIndex
 pytestmark = pytest.mark.slow
 
 PER_KIND = 30
-# About what the gate job's default 60 s buys on a 2-core fp32 CPU.
-COPYDETECT_STEPS = 160
+# Copy-detection embedding steps: about what the demo's 60 s buy on a 2-core fp32 CPU (NIH,
+# the demo's data), and what the gate job's default 300 s buy there (Kermany).
+DEMO_STEPS, DEFAULT_STEPS = 160, 800
 
 
 def _patient_split(patients: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -57,19 +58,22 @@ def kermany() -> tuple[np.ndarray, np.ndarray]:
 
 def test_planted_copies_in_nih_are_caught() -> None:
     images, patients = load_nih()
-    _planted(images, patients, "NIH", time.perf_counter(), min_detected=0.99)
+    _planted(images, patients, "NIH", time.perf_counter(), DEMO_STEPS, min_detected=0.99)
 
 
 def test_planted_copies_in_kermany_are_caught(kermany: tuple[np.ndarray, np.ndarray]) -> None:
     """The same planted test on the whole Kermany training folder (5,216 films)."""
     images, patients = kermany
-    # The goal is 0.99 here too; measured 0.989 (356 of 360, one draw, 2-core Zen 3): a
-    # brightness/contrast, an elastic and two combined copies were missed.
-    _planted(images, patients, "Kermany", time.perf_counter(), min_detected=0.985)
+    _planted(images, patients, "Kermany", time.perf_counter(), DEFAULT_STEPS, min_detected=0.99)
 
 
 def _planted(
-    images: np.ndarray, patients: np.ndarray, name: str, t0: float, min_detected: float
+    images: np.ndarray,
+    patients: np.ndarray,
+    name: str,
+    t0: float,
+    steps: int,
+    min_detected: float,
 ) -> None:
     held = _patient_split(patients, 0.2, seed=0)
     train_x, train_p = images[~held], patients[~held]
@@ -87,9 +91,7 @@ def _planted(
     n_copies, n_stand = len(copies), len(blurred) + len(mixtures)
 
     t1 = time.perf_counter()
-    model = train(
-        train_x, train_p, CopyDetectConfig(steps=COPYDETECT_STEPS, seed=0), threads=1
-    ).model
+    model = train(train_x, train_p, CopyDetectConfig(steps=steps, seed=0), threads=1).model
     t2 = time.perf_counter()
     rep = check_memorization(synthetic, train_x, cal_x, quantile=0.95, embedder=model, k=3)
     t3 = time.perf_counter()
@@ -124,7 +126,7 @@ def _planted(
         f"dcr_train_share {rep.dcr_train_share:.3f}; authenticity {rep.authenticity:.3f}"
     )
     print(
-        f"  load {t1 - t0:.1f} s, copy-detect training {t2 - t1:.1f} s ({COPYDETECT_STEPS} steps), "
+        f"  load {t1 - t0:.1f} s, copy-detect training {t2 - t1:.1f} s ({steps} steps), "
         f"check {t3 - t2:.1f} s"
     )
 
