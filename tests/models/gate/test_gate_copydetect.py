@@ -106,3 +106,30 @@ def test_validation() -> None:
         train(np.zeros((4, 16, 16), np.uint8), None, _tiny(steps=1))
     with pytest.raises(ValueError, match="patient_keys"):
         train(_images(4), np.arange(3), _tiny(steps=1))
+
+
+def test_larger_images_are_embedded_at_the_work_size(tmp_path: Path) -> None:
+    """A 64 px dataset's embedding with work_size 32 trains and embeds on 32 px films: a 64 px
+    film made of 2 x 2 blocks embeds as its 32 px original does with the same weights."""
+    small = _images(12, r=32)
+    large = np.kron(small, np.ones((2, 2), dtype=np.uint8))  # (12, 64, 64), area-exact
+    model = train(large, None, _tiny(resolution=64, work_size=32, steps=2), threads=1).model
+    assert model.cfg.side == 32
+    twin = train(small, None, _tiny(steps=1), threads=1).model
+    twin.load_state_dict(model.state_dict())  # the weights do not depend on the side
+    assert np.allclose(embed(model, large), embed(twin, small), atol=1e-5)
+    with pytest.raises(ValueError, match="images must be"):
+        embed(model, small)  # it embeds the dataset's resolution, not the work size
+    path = tmp_path / "cd.safetensors"
+    loaded = load(path, save(path, model))
+    assert loaded.cfg.work_size == 32
+    assert np.allclose(embed(loaded, large), embed(model, large), atol=1e-6)
+
+
+def test_a_stored_config_without_work_size_keeps_its_full_resolution() -> None:
+    """Embeddings registered before work_size existed were trained on whole films."""
+    stored = {k: v for k, v in _tiny(resolution=128).__dict__.items() if k != "work_size"}
+    assert CopyDetectConfig.from_dict(stored).side == 128
+    assert CopyDetectConfig(resolution=128).side == 64  # new ones work at 64 px
+    with pytest.raises(ValueError, match="work_size"):
+        CopyDetectConfig(work_size=30)
