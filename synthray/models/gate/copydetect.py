@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 (conventional alias)
 from torch import Tensor, nn
 
 from synthray.models.checkpoint import load_state, save_state
+from synthray.models.gate.imageops import unit_films
 from synthray.models.gate.search import torch_threads
 from synthray.models.runtime import cpu_autocast
 
@@ -245,15 +246,6 @@ def supcon_loss(z: Tensor, source: Tensor, group: Tensor, temperature: float) ->
     return per_view.mean()
 
 
-def _to_unit(images: np.ndarray, side: int) -> Tensor:
-    """uint8 (N, R, R) -> float32 (N, 1, S, S) in [0, 1], area-downsampled to ``side`` when
-    R is larger."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
-    if x.shape[-1] > side:
-        x = F.interpolate(x, size=(side, side), mode="area")
-    return x
-
-
 @dataclass
 class TrainResult:
     model: CopyDetectNet
@@ -306,7 +298,7 @@ def _train(
         group_ids = np.arange(len(images))
 
     data = torch.cat(
-        [_to_unit(images[s : s + 1024], cfg.side) for s in range(0, len(images), 1024)]
+        [unit_films(images[s : s + 1024], cfg.side) for s in range(0, len(images), 1024)]
     )  # (N, 1, S, S)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -375,7 +367,7 @@ def embed(
             torch_threads(threads),
         ):
             for s in range(0, len(images), batch):
-                x = _to_unit(images[s : s + batch], model.cfg.side)
+                x = unit_films(images[s : s + batch], model.cfg.side)
                 x = x.contiguous(memory_format=torch.channels_last)
                 out[s : s + len(x)] = model(x).float().numpy()
     finally:

@@ -1,5 +1,6 @@
-"""Image operations of the pixel gate: Gaussian blur, standardisation, SSIM, the matrices of
-blurring, pooling and edge-replicated shifts, and unit-norm rows.
+"""Image operations of the pixel gate: films as [0, 1] tensors at a bounded size, Gaussian
+blur, standardisation, SSIM, the matrices of blurring, pooling and edge-replicated shifts,
+and unit-norm rows.
 
 The structural similarity (SSIM, Wang et al., "Image Quality Assessment: From Error Visibility to
 Structural Similarity", IEEE TIP 2004) uses their 11x11 Gaussian window, sigma 1.5, K1 = 0.01,
@@ -13,6 +14,16 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 (conventional alias)
+
+
+def unit_films(images: np.ndarray, max_side: int) -> torch.Tensor:
+    """uint8 (N, R, R) -> float32 (N, 1, S, S) in [0, 1], area-downsampled to S = ``max_side``
+    when R is larger (S = R otherwise)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)[:, None]
+    if x.shape[-1] > max_side:
+        x = F.interpolate(x, size=(max_side, max_side), mode="area")
+    return x
 
 
 @functools.lru_cache(maxsize=16)

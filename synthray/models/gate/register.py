@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (conventional alias)
 from torch import Tensor
 
-from synthray.models.gate.imageops import gaussian_blur, unit_rows
+from synthray.models.gate.imageops import gaussian_blur, unit_films, unit_rows
 from synthray.models.gate.search import ExactIndex
 
 SIZE = 64  # registration resolution (the fine stage); the coarse stage works at half of it
@@ -100,10 +100,7 @@ def rotation_candidates(queries: np.ndarray, references: np.ndarray, c: int) -> 
 
 def _prepare(images: np.ndarray) -> Tensor:
     """uint8 (N, R, R) -> float32 (N, 1, S, S) in [0, 1], area-downsampled to S <= 64."""
-    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)[:, None]
-    if x.shape[-1] > SIZE:
-        x = F.interpolate(x, size=(SIZE, SIZE), mode="area")
-    return x
+    return unit_films(images, SIZE)
 
 
 def _theta(p: Tensor, flip: Tensor) -> Tensor:
