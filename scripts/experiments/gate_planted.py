@@ -46,7 +46,7 @@ def main() -> None:
         if enc is None:
             raise SystemExit("this dataset version has no copy-detection embedding yet")
         sha = enc.blob_sha256
-    embedder = copydetect.load(blobs.path(sha), expected_sha256=sha)
+    embedder = copydetect.load(blobs.path(sha), expected_sha256=sha, resolution=resolution)
     train, holdout = split.train_images, split.holdout_images
     copies = planted.plant(train, args.per_family, seed=0)
     print(

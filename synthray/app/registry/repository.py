@@ -139,6 +139,19 @@ def get_encoder(
     return session.scalars(stmt).one_or_none()
 
 
+def encoders_of_kind(session: Session, dataset_version_id: int, kind: str) -> list[QualityEncoder]:
+    """Every encoder of ``kind`` of a dataset version, oldest first (one per resolution)."""
+    stmt = (
+        select(QualityEncoder)
+        .where(
+            QualityEncoder.dataset_version_id == dataset_version_id,
+            QualityEncoder.kind == kind,
+        )
+        .order_by(QualityEncoder.id)
+    )
+    return list(session.scalars(stmt))
+
+
 def add_encoder(session: Session, enc: QualityEncoder) -> QualityEncoder:
     session.add(enc)
     session.flush()

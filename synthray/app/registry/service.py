@@ -325,6 +325,11 @@ def quality_encoder(
     return repository.get_encoder(session, dataset_version_id, resolution, kind)
 
 
+def quality_encoders(session: Session, dataset_version_id: int, kind: str) -> list[QualityEncoder]:
+    """Every encoder of ``kind`` of a dataset version, one per resolution, oldest first."""
+    return repository.encoders_of_kind(session, dataset_version_id, kind)
+
+
 def register_encoder(
     session: Session,
     dataset_version_id: int,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,22 @@ class CopyDetectConfig:
     def side(self) -> int:
         """The side of the images the network sees."""
         return min(self.resolution, self.work_size)
+
+    def serves(self, resolution: int) -> bool:
+        """Whether a network trained with this config embeds films of ``resolution`` exactly
+        as one trained there would: both sizes are area-downsampled to the same
+        ``work_size`` (a dataset version's 128 and 256 px films both reach the network at
+        64 px). A size at or below ``work_size`` reaches it undownsampled, so it keeps its
+        own network."""
+        return self.resolution > self.work_size and resolution > self.work_size
+
+    def at(self, resolution: int) -> CopyDetectConfig:
+        """This config for films of ``resolution`` (see :meth:`serves`)."""
+        if resolution != self.resolution and not self.serves(resolution):
+            raise ValueError(
+                f"an embedding trained at {self.resolution} px cannot embed {resolution} px films"
+            )
+        return replace(self, resolution=resolution)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CopyDetectConfig:
@@ -381,12 +397,15 @@ def save(path: Path, model: CopyDetectNet, extra: dict[str, Any] | None = None) 
     return save_state(Path(path), model.state_dict(), meta)
 
 
-def load(path: Path, expected_sha256: str) -> CopyDetectNet:
-    """Rebuild a model saved by :func:`save`; raises ChecksumMismatch if the file changed."""
+def load(path: Path, expected_sha256: str, resolution: int | None = None) -> CopyDetectNet:
+    """Rebuild a model saved by :func:`save`, for films of ``resolution`` (default: those it
+    was trained on; another only where :meth:`CopyDetectConfig.serves` it); raises
+    ChecksumMismatch if the file changed."""
     tensors, meta = load_state(Path(path), expected_sha256=expected_sha256)
     if meta.get("kind") != KIND:
         raise ValueError(f"{path} is not a copy-detection checkpoint (kind {meta.get('kind')!r})")
-    model = CopyDetectNet(CopyDetectConfig.from_dict(meta["config"]))
+    cfg = CopyDetectConfig.from_dict(meta["config"])
+    model = CopyDetectNet(cfg if resolution is None else cfg.at(resolution))
     model.load_state_dict(tensors)
     model.eval()
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

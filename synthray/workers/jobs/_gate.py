@@ -23,13 +23,17 @@ REGISTER = True
 
 def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) -> tuple[Any, str]:
     """The dataset version's copy-detection embedding: trained once on its training split
-    (augmented views and same-patient pairs as positives), registered by sha256."""
+    (augmented views and same-patient pairs as positives), registered by sha256. Sizes
+    whose films the network sees at the same downsampled side (128 and 256 px) share one:
+    the first such size's job trains it, later ones register it for theirs."""
     from synthray.models.gate import copydetect
 
     resolution = int(split.resolution)
     with ctx.session() as s:
         row = registry.quality_encoder(s, dataset_version_id, resolution, "copydetect")
         sha = row.blob_sha256 if row else None
+        if sha is None:
+            sha = _shared_copydetect(s, dataset_version_id, resolution)
     if sha is None:
         ctx.progress(0, None, "training the copy-detection embedding on the training split")
         with ctx.session() as s:
@@ -54,7 +58,29 @@ def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) ->
                 None,
                 kind="copydetect",
             ).blob_sha256
-    return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha), sha
+    return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha, resolution=resolution), sha
+
+
+def _shared_copydetect(s: Any, dataset_version_id: int, resolution: int) -> str | None:
+    """Register for ``resolution`` the dataset version's embedding trained at another size
+    that serves it (:meth:`CopyDetectConfig.serves`); its sha256, or None where there is
+    none. The training split is the same patients' films at every size."""
+    from synthray.models.gate import copydetect
+
+    for row in registry.quality_encoders(s, dataset_version_id, "copydetect"):
+        stored = {k: v for k, v in row.config.items() if k != "trained_at"}
+        cfg = copydetect.CopyDetectConfig.from_dict(stored)
+        if cfg.serves(resolution):
+            return registry.register_encoder(
+                s,
+                dataset_version_id,
+                resolution,
+                row.blob_sha256,
+                {**asdict(cfg.at(resolution)), "trained_at": cfg.resolution},
+                None,
+                kind="copydetect",
+            ).blob_sha256
+    return None
 
 
 def _figures(

@@ -133,3 +133,25 @@ def test_a_stored_config_without_work_size_keeps_its_full_resolution() -> None:
     assert CopyDetectConfig(resolution=128).side == 64  # new ones work at 64 px
     with pytest.raises(ValueError, match="work_size"):
         CopyDetectConfig(work_size=30)
+
+
+def test_an_embedding_serves_every_size_it_sees_downsampled(tmp_path: Path) -> None:
+    """Trained on 64 px films seen at 32 px, it embeds 128 px films as one trained on them
+    would (both reach the network at 32 px); 32 px films, seen undownsampled, keep their own."""
+    cfg = _tiny(resolution=64, work_size=32, steps=2)
+    assert cfg.serves(128) and not cfg.serves(32) and not cfg.serves(24)
+    assert not _tiny(resolution=32, work_size=32).serves(64)  # trained undownsampled
+    assert cfg.at(128).resolution == 128 and cfg.at(128).side == 32
+    with pytest.raises(ValueError, match="cannot embed 32 px"):
+        cfg.at(32)
+    mid = _images(12, r=32)
+    films = np.kron(mid, np.ones((2, 2), dtype=np.uint8))  # (12, 64, 64)
+    model = train(films, None, cfg, threads=1).model
+    path = tmp_path / "cd.safetensors"
+    digest = save(path, model)
+    at_128 = load(path, digest, resolution=128)
+    assert at_128.cfg.resolution == 128 and at_128.cfg.side == 32
+    larger = np.kron(films, np.ones((2, 2), dtype=np.uint8))  # the same films at 128 px
+    assert np.allclose(embed(at_128, larger), embed(model, films), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot embed"):
+        load(path, digest, resolution=32)
