@@ -10,7 +10,8 @@
 #
 # Settings (environment): DATA (default ../shared/data), ARCH (latentflow), TRAIN_SECONDS
 # (300), RESOLUTION (64), GEN_SEED (0, the generator's training seed), SEEDS (3 classifier
-# seeds; 0 skips the evaluation), STEPS (300), ARMS (every arm; a comma list such as DS1,TSTR). Output:
+# seeds; 0 skips the evaluation), STEPS (300), ARMS (every arm; a comma list such as DS1,TSTR),
+# BATCH (the generator's batch size; the architecture's default if unset). Output:
 # var/study-<set>-<resolution>-<time>/ with train.json (the version's metrics), gallery.png,
 # the evaluation's CSV and chart, the worker and API logs, and summary.txt (the printed
 # table).
@@ -23,6 +24,7 @@ RESOLUTION=${RESOLUTION:-64}
 SEEDS=${SEEDS:-3}
 ARCH=${ARCH:-latentflow}
 GEN_SEED=${GEN_SEED:-0}
+BATCH=${BATCH:-}
 STEPS=${STEPS:-300}
 ARMS=${ARMS:-}
 OUT=var/study-$SET-$RESOLUTION-$(date +%Y%m%d-%H%M%S)
@@ -66,9 +68,10 @@ case "$SET" in
         ;;
     *) echo "unknown set $SET" >&2; exit 2 ;;
 esac
-log "train $ARCH for ${TRAIN_SECONDS}s at ${RESOLUTION}px, seed $GEN_SEED ${IMBALANCE[*]:-}"
+log "train $ARCH for ${TRAIN_SECONDS}s at ${RESOLUTION}px, seed $GEN_SEED ${BATCH:+batch $BATCH }${IMBALANCE[*]:-}"
 $SR train "$DATASET" --model-name "$SET" --architecture "$ARCH" \
     --max-seconds "$TRAIN_SECONDS" --resolution "$RESOLUTION" --seed "$GEN_SEED" "${IMBALANCE[@]}" \
+    ${BATCH:+--batch-size "$BATCH"} \
     > "$OUT/train.json"
 curl -fs -H "X-API-Key: $SYNTHRAY_API_KEY" \
     "$SYNTHRAY_URL/v1/models/$SET/versions/1/gallery.png" -o "$OUT/gallery.png" \
