@@ -29,14 +29,6 @@ import numpy as np
 import torch
 
 
-def parse_variant(text: str) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, value = item.split("=", 1)
-        out[key.strip()] = json.loads(value)
-    return out
-
-
 @torch.no_grad()
 def reconstruct(trainer: object, images: np.ndarray) -> np.ndarray:
     """uint8 (N, R, R) -> the trainer's autoencoder's reconstructions, uint8 (N, R, R)."""
@@ -61,25 +53,17 @@ def main() -> None:
     ap.add_argument("--classifier-steps", type=int, default=300)
     args = ap.parse_args()
 
-    from synthray.app.datasets import service as datasets
-    from synthray.app.db import session_factory
-    from synthray.app.storage import BlobStore
-    from synthray.config import get_settings
+    from _version import load_films, parse_variant
+
     from synthray.models.evaluation import utility
     from synthray.models.generators.config import TrainConfig
     from synthray.models.generators.flow_trainer import FLOW, FlowTrainer
     from synthray.models.runtime import resolve_precision
 
-    settings = get_settings()
-    blobs = BlobStore(settings.blob_dir)
-    with session_factory(settings.sqlalchemy_url)() as s:
-        dv = datasets.resolve_version(s, args.dataset, args.version)
-        classes = [c for c in args.classes.split(",") if c]
-        resolution = args.resolution
-        split = datasets.load_split(s, blobs, dv.id, resolution)
-        real = datasets.training_set(s, split, dv.id, classes)
-        mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
-        test_x = split.holdout_images[mask]
+    classes = [c for c in args.classes.split(",") if c]
+    resolution = args.resolution
+    films = load_films(args.dataset, args.version, resolution, classes)
+    real, test_x, test_y = films.real, films.test_x, films.test_y
     n_cls = len(classes)
     ccfg = utility.ClassifierConfig(steps=args.classifier_steps)
     device = torch.device("cpu")

@@ -34,14 +34,6 @@ T_GRID = 8  # flow times per held-out latent: the logit-normal's quantiles
 NOISE_DRAWS = 1  # noise draws per (latent, time)
 
 
-def parse_variant(text: str) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, value = item.split("=", 1)
-        out[key.strip()] = json.loads(value)
-    return out
-
-
 def logit_normal_quantiles(n: int) -> torch.Tensor:
     """(n,) flow times at the midpoints of n equal-probability bins of sigmoid(N(0, 1))."""
     p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -96,25 +88,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from synthray.app.datasets import service as datasets
-    from synthray.app.db import session_factory
-    from synthray.app.storage import BlobStore
-    from synthray.config import get_settings
+    from _version import load_films, parse_variant
+
     from synthray.models.generators.config import TrainConfig
     from synthray.models.generators.flow_trainer import FLOW, FlowTrainer
     from synthray.models.runtime import allow_cpu_bf16, keep_freed_memory, resolve_precision
 
     keep_freed_memory()  # as in a worker's job process
 
-    settings = get_settings()
-    blobs = BlobStore(settings.blob_dir)
     classes = [c for c in args.classes.split(",") if c]
-    with session_factory(settings.sqlalchemy_url)() as s:
-        dv = datasets.resolve_version(s, args.dataset, args.version)
-        split = datasets.load_split(s, blobs, dv.id, args.resolution)
-        real = datasets.training_set(s, split, dv.id, classes)
-        mask, test_y = datasets.select_classes(split.holdout_labels, split.classes, classes)
-        test_x = split.holdout_images[mask]
+    films = load_films(args.dataset, args.version, args.resolution, classes)
+    real, test_x, test_y = films.real, films.test_x, films.test_y
     device = torch.device("cpu")
     rng = np.random.default_rng(args.seed)
     pick = rng.permutation(len(test_x))[: args.probe_films]
