@@ -103,7 +103,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     pick = rng.permutation(len(test_x))[: args.probe_films]
     test_x, test_y = test_x[pick], test_y[pick]
-    pick = rng.permutation(len(real.images))[: args.probe_films]
+    train_pick = rng.permutation(len(real.images))[: args.probe_films]
 
     # One autoencoder for every variant, in the CPU's own precision.
     ae_precision = resolve_precision("auto", device)
@@ -130,10 +130,10 @@ def main() -> None:
             with ae_run.autocast():
                 held.append(ae_run.ae.encoder(x).float())
         held_latents = (torch.cat(held) - mean) / std
-    train_latents = ae_run.latents[torch.from_numpy(pick)]
+    train_latents = ae_run.latents[torch.from_numpy(train_pick)]
     probes = {
         "held_out": Probe(held_latents, test_y, args.seed + 1),
-        "train": Probe(train_latents, real.labels[pick], args.seed + 2),
+        "train": Probe(train_latents, real.labels[train_pick], args.seed + 2),
     }
     print(
         json.dumps(
@@ -162,7 +162,6 @@ def main() -> None:
             **overrides,  # type: ignore[arg-type]
         )
         run = FlowTrainer(real.images, real.labels, cfg, device, "fp32")
-        run.ae.load_state_dict(ae_run.ae.state_dict())
         run.latents, run.latent_mean, run.latent_std = ae_run.latents, mean, std
         run.stage, run.ae_seconds = FLOW, 0.0
         run.set_train_mode()

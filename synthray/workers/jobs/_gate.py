@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from synthray.app.batches import report_html
 from synthray.app.batches.report import GatePolicy, GateReport
@@ -61,14 +62,15 @@ def _copydetect(ctx: JobContext, split: SplitArrays, dataset_version_id: int) ->
     return copydetect.load(ctx.blobs.path(sha), expected_sha256=sha, resolution=resolution), sha
 
 
-def _shared_copydetect(s: Any, dataset_version_id: int, resolution: int) -> str | None:
+def _shared_copydetect(s: Session, dataset_version_id: int, resolution: int) -> str | None:
     """Register for ``resolution`` the dataset version's embedding trained at another size
     that serves it (:meth:`CopyDetectConfig.serves`); its sha256, or None where there is
     none. The training split is the same patients' films at every size."""
     from synthray.models.gate import copydetect
 
     for row in registry.quality_encoders(s, dataset_version_id, "copydetect"):
-        stored = {k: v for k, v in row.config.items() if k != "trained_at"}
+        stored = dict(row.config)
+        trained_at = stored.pop("trained_at", None)  # set on rows registered here
         cfg = copydetect.CopyDetectConfig.from_dict(stored)
         if cfg.serves(resolution):
             return registry.register_encoder(
@@ -76,7 +78,7 @@ def _shared_copydetect(s: Any, dataset_version_id: int, resolution: int) -> str 
                 dataset_version_id,
                 resolution,
                 row.blob_sha256,
-                {**asdict(cfg.at(resolution)), "trained_at": cfg.resolution},
+                {**asdict(cfg.at(resolution)), "trained_at": trained_at or cfg.resolution},
                 None,
                 kind="copydetect",
             ).blob_sha256
