@@ -13,7 +13,18 @@ from torch import Tensor
 from synthray.models.generators.diffaugment import parse_policy
 from synthray.models.generators.registry import ARCHITECTURES, GeneratorConfig
 from synthray.models.generators.registry import get as architecture
-from synthray.models.runtime import PRECISIONS
+from synthray.models.runtime import PRECISIONS, resolve_device, resolve_precision
+
+
+def _runs_fp32_on_cpu(device: str, precision: str) -> bool:
+    """Whether a run asking for ``device`` and ``precision`` trains in fp32 on a CPU here
+    (False for settings ``validate`` refuses)."""
+    try:
+        dev = resolve_device(device)
+        return dev.type == "cpu" and resolve_precision(precision, dev) == "fp32"
+    except (ValueError, RuntimeError):
+        return False
+
 
 # TrainConfig fields that may change between a checkpoint and the run that resumes it.
 RESUME_FREE_FIELDS = frozenset(
@@ -26,7 +37,9 @@ class TrainConfig:
     """Everything that defines a training run. ``class_names`` must not be empty.
 
     Fields left at None take their architecture's default (its registry entry's ``defaults``)
-    when the config is built, so ``to_dict`` always records the values the run used. A field
+    when the config is built, so ``to_dict`` always records the values the run used; where the
+    architecture has other defaults for runs in fp32 on a CPU (``cpu_fp32_defaults``), the
+    device and precision are resolved on this machine to choose them. A field
     that belongs to another family of architectures must stay None (a GAN has no
     ``guidance``, the latent flow no ``lr_d``).
 
@@ -93,7 +106,11 @@ class TrainConfig:
         self.class_names = list(self.class_names)
         if self.architecture in ARCHITECTURES:
             arch = ARCHITECTURES[self.architecture]
-            for name, value in arch.defaults_at(self.resolution).items():
+            cpu_fp32 = any(
+                getattr(self, name) is None
+                for name in arch.cpu_fp32_defaults.get(self.resolution, {})
+            ) and _runs_fp32_on_cpu(self.device, self.precision)
+            for name, value in arch.defaults_at(self.resolution, cpu_fp32=cpu_fp32).items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
         if self.guidance_interval is not None:  # a copy (defaults are shared), JSON's type

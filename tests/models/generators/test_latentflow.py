@@ -25,6 +25,7 @@ from synthray.models.generators.preview import generator_from_checkpoint
 from synthray.models.generators.registry import ARCHITECTURES
 from synthray.models.generators.sampling import LARGE_BATCH, default_batch_size, sample_images
 from synthray.models.generators.training import train_generator
+from synthray.models.runtime import cpu_bf16_fast
 
 TINY = {"latent_size": 8, "latent_channels": 2, "ae_width": 4, "flow_width": 8}
 
@@ -286,6 +287,36 @@ def test_settings_of_other_families_are_refused() -> None:
     cfg = TrainConfig(architecture="latentflow", class_names=["a", "b"], max_steps=1)
     assert (cfg.batch_size, cfg.guidance, cfg.lr_g) == (32, 2.0, None)
     assert cfg.generator_config().guidance == 2.0
+
+
+def test_a_cpu_fp32_run_at_128_and_256_px_takes_the_smaller_flow_batch() -> None:
+    def batch(resolution: int, **kw: object) -> int | None:
+        cfg = TrainConfig(
+            architecture="latentflow",
+            class_names=["a"],
+            max_steps=1,
+            resolution=resolution,
+            device="cpu",
+            **kw,  # type: ignore[arg-type]
+        )
+        return cfg.batch_size
+
+    assert [batch(r, precision="fp32") for r in (64, 128, 256)] == [32, 16, 16]
+    assert [batch(r, precision="bf16") for r in (64, 128, 256)] == [32, 32, 32]
+    assert batch(128, precision="fp32", batch_size=24) == 24  # a caller's value wins
+    # "auto" is fp32 exactly where this CPU has no bf16 units (or bf16 is switched off).
+    assert batch(128, precision="auto") == (32 if cpu_bf16_fast() else 16)
+    # The value chosen is recorded, so a resumed run on this machine compares equal.
+    cfg = TrainConfig(
+        architecture="latentflow",
+        class_names=["a"],
+        max_steps=1,
+        resolution=128,
+        device="cpu",
+        precision="fp32",
+    )
+    assert TrainConfig.from_dict(cfg.to_dict()).batch_size == 16
+    assert ARCHITECTURES["projgan"].defaults_at(128, cpu_fp32=True)["batch_size"] == 64
 
 
 def test_guidance_is_tapered_for_classes_with_few_patients() -> None:
