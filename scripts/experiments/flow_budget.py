@@ -14,8 +14,10 @@ questions.
         --variants "batch_size=32;batch_size=16;flow_width=24"
 
 The autoencoder trains in the CPU's own precision (bf16 where it has the units); the flow
-phase of every variant runs in fp32 (as on a CPU without bf16 units), for the same seconds,
-with the product's schedule (warm-up, cool-down over the last fifth, EMA). Each variant is a
+phase of every variant runs in fp32 (as on a CPU without bf16 units; ``--flow-precision
+bf16`` on a CPU with the units asks the same question there), for the same seconds, with
+the product's schedule (warm-up, cool-down over the last fifth, EMA). Name ``batch_size`` in
+every variant: the default differs between fp32 and bf16 at 128 and 256 px. Each variant is a
 ';'-separated item of comma-separated TrainConfig overrides. Prints one JSON line per
 variant (loss on held-out and training latents, overall and for t <= 0.5 and t > 0.5, at
 every quarter of the budget) and a JSON list at the end.
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="';'-separated override lists")
     ap.add_argument("--probe-films", type=int, default=400, help="held-out films probed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flow-precision", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args()
 
     from _version import load_films, parse_variant
@@ -147,7 +150,11 @@ def main() -> None:
         flush=True,
     )
 
-    allow_cpu_bf16(False)  # the flow phase as on a CPU without bf16 units
+    flow_precision = args.flow_precision
+    if flow_precision == "fp32":
+        allow_cpu_bf16(False)  # the flow phase as on a CPU without bf16 units
+    elif resolve_precision("auto", device) != "bf16":
+        raise SystemExit("--flow-precision bf16 needs a CPU with bf16 units")
     rows = []
     for text in args.variants.split(";") if args.variants else [""]:
         overrides = parse_variant(text)
@@ -157,11 +164,11 @@ def main() -> None:
             class_names=classes,
             max_seconds=args.flow_seconds,
             ae_fraction=0.25,
-            precision="fp32",
+            precision=flow_precision,
             seed=args.seed,
             **overrides,  # type: ignore[arg-type]
         )
-        run = FlowTrainer(real.images, real.labels, cfg, device, "fp32")
+        run = FlowTrainer(real.images, real.labels, cfg, device, flow_precision)
         run.latents, run.latent_mean, run.latent_std = ae_run.latents, mean, std
         run.stage, run.ae_seconds = FLOW, 0.0
         run.set_train_mode()
@@ -183,6 +190,7 @@ def main() -> None:
                 )
         result = {
             "variant": text or "defaults",
+            "precision": flow_precision,
             "flow_steps": run.flow_steps,
             "ms_per_step": round(1000 * train_s / max(run.flow_steps, 1), 1),
             "images_seen": run.images_seen,
