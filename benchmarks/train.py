@@ -19,7 +19,8 @@ needs for one step's convolutions with nothing else running, ``conv_fraction_of_
 those kernels reach by themselves, and ``step_over_conv`` how much of the step they are.
 
 Each phase trains at its architecture's default batch size (GANs 64; the latent flow's
-autoencoder 32 and its flow 32), so images per second are comparable within a row only.
+autoencoder 32 and its flow 32, or 16 in fp32 on a CPU at 128 and 256 px), recorded in
+each row, so images per second are comparable within a row only.
 
 Usage: python benchmarks/train.py [--device cuda] [--steps 10] [--rounds 3]
 """
