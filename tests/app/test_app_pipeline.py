@@ -110,6 +110,7 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
     v = m["versions"][0]
     assert v["version"] == 1
     assert v["metrics"]["steps"] == 3
+    assert sum(v["metrics"]["phase_steps"].values()) == 3  # by phase (autoencoder, flow)
     assert v["classes"] == ["Normal", "Effusion", "Cardiomegaly"]
     assert len(v["blob_sha256"]) == 64 and v["size_bytes"] > 0
     assert v["train_job_id"] == trained.train["id"]

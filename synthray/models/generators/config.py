@@ -263,6 +263,8 @@ class TrainResult:
     precision: str
     stopped: str  # "budget" or "cancelled"
     architecture: str = "dcgan"  # rebuilds the generator with generator_config
+    # Steps per phase (the latent flow: autoencoder and flow), summing to ``steps``.
+    phase_steps: dict[str, int] = field(default_factory=dict)
 
 
 def validate_data(

@@ -282,6 +282,9 @@ class FlowTrainer(BudgetedRun):
     def phase(self) -> str:
         return self.stage
 
+    def phase_steps(self) -> dict[str, int]:
+        return {AUTOENCODER: self.ae_steps, FLOW: self.flow_steps}
+
     def losses(self) -> dict[str, float]:
         name = "reconstruction" if self.stage == AUTOENCODER else "flow"
         return {name: self.loss}

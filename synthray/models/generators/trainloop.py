@@ -123,6 +123,10 @@ class BudgetedRun(ABC):
     def phase(self) -> str:
         return "train"
 
+    def phase_steps(self) -> dict[str, int]:
+        """Steps taken in each phase of the run, by phase name (one phase: every step)."""
+        return {self.phase(): self.step}
+
     @abstractmethod
     def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Every tensor of the run's state, and the JSON meta that goes with them."""
@@ -289,4 +293,5 @@ class BudgetedRun(ABC):
             precision=self.precision,
             stopped=stopped,
             architecture=cfg.architecture,
+            phase_steps=self.phase_steps(),
         )

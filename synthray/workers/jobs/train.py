@@ -173,6 +173,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         )
     metrics = {
         "steps": result.steps,
+        "phase_steps": result.phase_steps,
         "images_seen": result.images_seen,
         "train_seconds": round(result.seconds, 2),
         "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 2),

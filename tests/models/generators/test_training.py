@@ -83,6 +83,10 @@ def test_trains_a_few_steps_with_finite_losses(arch: str) -> None:
     result = train_generator(images, labels, _cfg(arch))
     assert result.architecture == arch
     assert result.steps == 3 and result.images_seen == 24
+    assert sum(result.phase_steps.values()) == 3
+    assert set(result.phase_steps) == (
+        {"autoencoder", "flow"} if arch == "latentflow" else {"train"}
+    )
     assert result.stopped == "budget"
     assert result.final_losses and all(math.isfinite(v) for v in result.final_losses.values())
     # auto: bf16 only on CPUs with bf16 units; emulated bf16 is slower than fp32 elsewhere.
@@ -136,6 +140,7 @@ def test_cancelled_run_resumes_to_the_uninterrupted_result(
     assert "at step 2" in caplog.text  # resumed, not trained afresh to the same state
     assert second.stopped == "budget"
     assert second.steps == 4 and second.images_seen == 32
+    assert second.phase_steps == reference.phase_steps  # the counters came back too
     _assert_states_equal(reference.generator_state, second.generator_state)
     assert second.final_losses == reference.final_losses
     # The earlier run's training time carries over (as recorded in the checkpoint, which
