@@ -11,7 +11,7 @@ questions.
     SYNTHRAY_DEV_MODE=true SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \\
         scripts/experiments/flow_budget.py --dataset kermany --resolution 128 \\
         --classes normal,bacteria,virus --ae-seconds 450 --flow-seconds 300 \\
-        --variants "batch_size=32;batch_size=16;flow_width=24"
+        --variants "batch_size=32;batch_size=16;batch_size=32,flow_width=24"
 
 The autoencoder trains in the CPU's own precision (bf16 where it has the units); the flow
 phase of every variant runs in fp32 (as on a CPU without bf16 units; ``--flow-precision

@@ -198,10 +198,13 @@ ARCHITECTURES: dict[str, Architecture] = {
             # half the batch makes 1.8x the steps in the same seconds, and the flow is far from
             # fitting its data at these budgets, so more steps of fewer images win: held-out
             # flow loss 0.661 against 0.674 after 400 s, and through the product (128 px,
-            # 1,800 s, Xeon with bf16 switched off, SYNTHRAY_CPU_BF16=off) TSTR 85.9% of real
-            # where batch 32 gave 79.6% on a Zen 3 (README, "Batch size on a CPU without
-            # bf16 units"). 256 px runs its flow on the same 32 x 32 latent, so the same step
-            # costs the same there. 64 px (16 x 16 latent, 2.2x cheaper steps) keeps 32.
+            # 1,800 s, bf16 switched off with SYNTHRAY_CPU_BF16=off, one generator run each)
+            # TSTR 85.9% (Xeon) and 88.3% (Zen 4) of real where batch 32 gave 79.6% on a
+            # Zen 3; the exported pool's FID 2.8x and 3.7x its floor against 2.1x (README,
+            # "Batch size on a CPU without bf16 units"). 256 px runs its flow on the same
+            # 32 x 32 latent, so the same step costs the same there (no 256 px fp32 run with
+            # it yet). 64 px (16 x 16 latent, 2.2x cheaper steps) keeps 32. bf16 keeps 32:
+            # there half the batch led by less in a proxy run and no product run was made.
             cpu_fp32_defaults=MappingProxyType(
                 {
                     128: MappingProxyType({"batch_size": 16}),
