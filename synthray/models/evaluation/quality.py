@@ -325,6 +325,47 @@ def _metrics(real: np.ndarray, other: np.ndarray) -> dict[str, float]:
     return {"fid": fid(real, other), "kid": kid(real, other), "precision": p, "recall": r}
 
 
+def class_shares(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) share of each class among ``labels``."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    return counts / max(int(counts.sum()), 1)
+
+
+def mix_capacity(labels: np.ndarray, shares: np.ndarray) -> int:
+    """The most images a subsample of ``labels`` can hold in the class proportions
+    ``shares`` (renormalised over the classes ``labels`` has)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(shares))
+    have = (shares > 0) & (counts > 0)
+    if not have.any():
+        return 0
+    p = shares[have] / shares[have].sum()
+    return int(np.floor(np.min(counts[have] / p) + 1e-9))
+
+
+def matched_subsample(
+    labels: np.ndarray, shares: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Sorted indices of ``n`` images of ``labels`` (n at most :func:`mix_capacity`) whose
+    classes come in the proportions ``shares``: the largest remainders round the per-class
+    counts, and each class's images are a random choice among its own."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(shares))
+    have = (shares > 0) & (counts > 0)
+    p = np.where(have, shares, 0.0)
+    p = p / p.sum()
+    exact = p * n
+    take = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - take), kind="stable")
+    take[order[: n - int(take.sum())]] += 1
+    take = np.minimum(take, counts)  # rounding up can ask one more than a class holds
+    picks = [
+        rng.choice(np.flatnonzero(labels == c), int(k), replace=False)
+        for c, k in enumerate(take)
+        if k > 0
+    ]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
+
+
 def evaluate(
     spaces: Mapping[str, Encoder],
     classifier: Encoder,
@@ -341,8 +382,16 @@ def evaluate(
     """Metrics of generated vs real-train features in every space of ``spaces``, overall and
     per class, each beside its floor (real held-out vs real train, with as many held-out
     images as generated ones), and the class consistency of the generated images under
-    ``classifier`` beside its accuracy on the held-out images."""
+    ``classifier`` beside its accuracy on the held-out images.
+
+    The overall figures compare like with like: the generated and the held-out images are
+    both subsampled in the training images' class proportions, since a set drawn in other
+    proportions (a balanced pool against an unbalanced site) lies away from the training
+    features by its mix alone, whatever its images look like. Where the generated images
+    were drawn in another mix, ``as_drawn`` keeps the figures of a plain random subsample
+    of them as well, and ``class_mix`` states both mixes."""
     rng = np.random.default_rng(seed)
+    n_classes = len(class_names)
 
     def cap(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if len(x) <= n:
@@ -351,10 +400,28 @@ def evaluate(
         return x[keep], y[keep]
 
     train, train_labels = cap(train, train_labels, max_per_set)
-    m = min(len(holdout), len(fake), max_per_set)
-    hold_m, hold_m_labels = cap(holdout, holdout_labels, m)
-    fake_m, fake_m_labels = cap(fake, fake_labels, m)
-    out: dict[str, Any] = {"spaces": {}, "reference_images": len(train), "compared_images": m}
+    shares = class_shares(train_labels, n_classes)
+    m = min(mix_capacity(holdout_labels, shares), mix_capacity(fake_labels, shares), max_per_set)
+    keep_h = matched_subsample(holdout_labels, shares, m, rng)
+    keep_f = matched_subsample(fake_labels, shares, m, rng)
+    hold_m, hold_m_labels = holdout[keep_h], holdout_labels[keep_h]
+    fake_m, fake_m_labels = fake[keep_f], fake_labels[keep_f]
+    drawn = class_shares(fake_labels, n_classes)
+    # A generated set drawn in the training mix already (to a point of rounding) needs
+    # no second figure.
+    off_mix = float(np.abs(drawn - shares).max()) > 0.01
+    m_drawn = min(len(fake), max_per_set)
+    fake_d = cap(fake, fake_labels, m_drawn)[0] if off_mix else fake_m
+    out: dict[str, Any] = {
+        "spaces": {},
+        "reference_images": len(train),
+        "compared_images": len(keep_f),
+        "class_mix": {
+            "reference": dict(zip(class_names, shares.tolist(), strict=True)),
+            "generated_as_drawn": dict(zip(class_names, drawn.tolist(), strict=True)),
+            "compared": "the reference's",
+        },
+    }
     for name, model in spaces.items():
         f_train, f_hold, f_fake = (features(model, x) for x in (train, hold_m, fake_m))
         space: dict[str, Any] = {
@@ -364,6 +431,11 @@ def evaluate(
             },
             "per_class": {},
         }
+        if off_mix:
+            space["as_drawn"] = {
+                "generated": _metrics(f_train, features(model, fake_d)),
+                "images": len(fake_d),
+            }
         for c, cname in enumerate(class_names):
             tr, ho, fa = (
                 f_train[train_labels == c],

@@ -205,3 +205,75 @@ def test_probabilities_for_a_choice_rank_like_the_reported_ones() -> None:
     far = np.abs(p[:, None] - p[None, :]) > 0.05
     assert far.any()
     assert np.all((p[:, None] > p[None, :])[far] == (q[:, None] > q[None, :])[far])
+
+
+def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> None:
+    """A TSTR pool is drawn balanced while a site's films are not; compared as drawn, it
+    lies away from the training features by its mix alone. Here the "generated" images are
+    real held-out films of the same two kinds, drawn 1:1 against a 3:1 site: in the
+    reference mix they sit at the floor, as drawn far above it."""
+    rng = np.random.default_rng(5)
+    imgs, labels = _two_kinds(n=800, seed=3)
+    order = np.concatenate([np.flatnonzero(labels == 0)[:240], np.flatnonzero(labels == 1)[:80]])
+    train, train_y = imgs[order], labels[order]  # 3:1
+    rest0, rest1 = np.flatnonzero(labels == 0)[240:], np.flatnonzero(labels == 1)[80:]
+    hold = np.concatenate([rest0[:60], rest1[:20]])  # 3:1, like the site
+    fake = np.concatenate([rest0[60:140], rng.permutation(rest1[20:])[:80]])  # 1:1
+    assert len(rest0[60:140]) == 80
+    cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
+    model = train_encoder(train, train_y, cfg, max_steps=40, batch_size=32).model
+    out = evaluate(
+        {"s": model},
+        model,
+        train,
+        train_y,
+        imgs[hold],
+        labels[hold],
+        imgs[fake],
+        labels[fake],
+        ["top", "bottom"],
+    )
+    assert out["class_mix"]["reference"] == {"top": 0.75, "bottom": 0.25}
+    assert out["class_mix"]["generated_as_drawn"] == {"top": 0.5, "bottom": 0.5}
+    # 80 of each drawn: the reference mix holds at most 80 / 0.75 = 106; the floor's 80
+    # held-out films hold 80.
+    assert out["compared_images"] == 80
+    space = out["spaces"]["s"]
+    matched, drawn, floor = (
+        space["overall"]["generated"]["fid"],
+        space["as_drawn"]["generated"]["fid"],
+        space["overall"]["floor"]["fid"],
+    )
+    assert space["as_drawn"]["images"] == 160
+    assert drawn > 3 * matched and matched < 2 * floor + 0.05, (matched, drawn, floor)
+    # Drawn in the reference's mix already: no second figure.
+    same = evaluate(
+        {"s": model},
+        model,
+        train,
+        train_y,
+        imgs[hold],
+        labels[hold],
+        imgs[hold],
+        labels[hold],
+        ["top", "bottom"],
+    )
+    assert "as_drawn" not in same["spaces"]["s"] and same["compared_images"] == 80
+
+
+def test_matched_subsample_keeps_the_proportions_and_its_capacity() -> None:
+    from synthray.models.evaluation.quality import matched_subsample, mix_capacity
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [100, 30, 50])
+    shares = np.array([0.5, 0.25, 0.25])
+    assert mix_capacity(labels, shares) == 120  # class 1: 30 / 0.25
+    picked = matched_subsample(labels, shares, 120, rng)
+    assert np.bincount(labels[picked]).tolist() == [60, 30, 30]
+    assert len(np.unique(picked)) == 120
+    # Largest remainders: 7 in 0.5 / 0.25 / 0.25 -> 3.5, 1.75, 1.75 -> 3, 2, 2 (sums to 7).
+    assert np.bincount(labels[matched_subsample(labels, shares, 7, rng)]).tolist() == [3, 2, 2]
+    # A class the set lacks: the rest keep their proportions among themselves.
+    no_two = labels[labels != 2]
+    assert mix_capacity(no_two, shares) == 90  # class 1: 30 / (0.25 / 0.75)
+    assert np.bincount(no_two[matched_subsample(no_two, shares, 90, rng)]).tolist() == [60, 30]
