@@ -162,7 +162,9 @@ class Settings(BaseSettings):
         "2 CPU cores without bf16 units (about 300 s there).",
     )
     quality_samples_per_class: int = Field(
-        200, ge=10, description="Generated images per class for the quality metrics."
+        200,
+        ge=10,
+        description="Generated images per class, on average, for the quality metrics.",
     )
     audit_per_group: int = Field(
         500,

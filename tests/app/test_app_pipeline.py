@@ -122,8 +122,10 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
         for side in ("generated", "floor"):
             assert set(space["overall"][side]) == {"fid", "kid", "precision", "recall"}
     assert set(q["class_consistency"]) == {"generated", "floor", "per_class"}
-    # As many held-out images as generated ones (10 per class), as far as they go.
-    assert q["compared_images"] == min(30, v["metrics"]["holdout_images"])
+    # As many held-out images as generated ones (10 per class), as far as they go in the
+    # training images' class mix.
+    assert 0 < q["compared_images"] <= min(30, v["metrics"]["holdout_images"])
+    assert set(q["class_mix"]["reference"]) == {"Normal", "Effusion", "Cardiomegaly"}
     assert q["samples_per_class"] == {"Normal": 10, "Effusion": 10, "Cardiomegaly": 10}
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
     assert len(q["ssl_encoder_sha256"]) == 64 and q["ssl_encoder_sha256"] != q["encoder_sha256"]

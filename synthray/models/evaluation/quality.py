@@ -351,6 +351,8 @@ def matched_subsample(
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(shares))
     have = (shares > 0) & (counts > 0)
+    if n <= 0 or not have.any():
+        return np.zeros(0, np.int64)
     p = np.where(have, shares, 0.0)
     p = p / p.sum()
     exact = p * n
@@ -385,9 +387,10 @@ def evaluate(
     ``classifier`` beside its accuracy on the held-out images.
 
     The overall figures compare like with like: the generated and the held-out images are
-    both subsampled in the training images' class proportions, since a set drawn in other
-    proportions (a balanced pool against an unbalanced site) lies away from the training
-    features by its mix alone, whatever its images look like. Where the generated images
+    both subsampled in the training images' class proportions (over the classes both
+    hold, the reference cut to those too), since a set drawn in other proportions (a
+    balanced pool against an unbalanced site) lies away from the training features by its
+    mix alone, whatever its images look like. Where the generated images
     were drawn in another mix, ``as_drawn`` keeps the figures of a plain random subsample
     of them as well, and ``class_mix`` states both mixes."""
     rng = np.random.default_rng(seed)
@@ -400,7 +403,15 @@ def evaluate(
         return x[keep], y[keep]
 
     train, train_labels = cap(train, train_labels, max_per_set)
-    shares = class_shares(train_labels, n_classes)
+    reference = class_shares(train_labels, n_classes)
+    # One mix for all three sets: the training images' proportions among the classes that
+    # the held-out and the generated sets both hold (a class without held-out films has no
+    # floor to compare with; its training images leave the reference too).
+    both = (np.bincount(holdout_labels, minlength=n_classes) > 0) & (
+        np.bincount(fake_labels, minlength=n_classes) > 0
+    )
+    shares = np.where(both, reference, 0.0)
+    shares = shares / max(float(shares.sum()), 1e-12)
     m = min(mix_capacity(holdout_labels, shares), mix_capacity(fake_labels, shares), max_per_set)
     keep_h = matched_subsample(holdout_labels, shares, m, rng)
     keep_f = matched_subsample(fake_labels, shares, m, rng)
@@ -410,24 +421,25 @@ def evaluate(
     # A generated set drawn in the training mix already (to a point of rounding) needs
     # no second figure.
     off_mix = float(np.abs(drawn - shares).max()) > 0.01
-    m_drawn = min(len(fake), max_per_set)
-    fake_d = cap(fake, fake_labels, m_drawn)[0] if off_mix else fake_m
+    # As many as the matched figures compare (FID and KID depend on the sample size).
+    fake_d = cap(fake, fake_labels, len(keep_f))[0] if off_mix else fake_m
     out: dict[str, Any] = {
         "spaces": {},
         "reference_images": len(train),
         "compared_images": len(keep_f),
         "class_mix": {
-            "reference": dict(zip(class_names, shares.tolist(), strict=True)),
+            "reference": dict(zip(class_names, reference.tolist(), strict=True)),
+            "compared": dict(zip(class_names, shares.tolist(), strict=True)),
             "generated_as_drawn": dict(zip(class_names, drawn.tolist(), strict=True)),
-            "compared": "the reference's",
         },
     }
     for name, model in spaces.items():
         f_train, f_hold, f_fake = (features(model, x) for x in (train, hold_m, fake_m))
+        f_ref = f_train[both[train_labels]]  # the training images of the compared classes
         space: dict[str, Any] = {
             "overall": {
-                "generated": _metrics(f_train, f_fake),
-                "floor": _metrics(f_train, f_hold),
+                "generated": _metrics(f_ref, f_fake),
+                "floor": _metrics(f_ref, f_hold),
             },
             "per_class": {},
         }

@@ -162,15 +162,25 @@ MIN_SAMPLES_PER_CLASS = 50
 GALLERY_PER_CLASS = 8
 
 
-def samples_per_class(holdout_labels: np.ndarray, keep: list[int], most: int) -> dict[int, int]:
+def samples_per_class(
+    holdout_labels: np.ndarray, train_labels: np.ndarray, keep: list[int], most: int
+) -> dict[int, int]:
     """Generated images per class of the generator (0 .. len(keep) - 1) for the quality
-    metrics: as many as the held-out images of the class (each metric compares generated
-    and held-out sets of one size, so more would only be cut away), at least
-    MIN_SAMPLES_PER_CLASS, at most ``most``."""
-    return {
-        g: min(most, max(MIN_SAMPLES_PER_CLASS, int((holdout_labels == c).sum())))
-        for g, c in enumerate(keep)
-    }
+    metrics. The figures compare generated and held-out sets of one size in the training
+    images' class mix (``quality.evaluate``), so the draw follows that mix and stops
+    where the held-out images, subsampled in it, run out: more would only be cut away.
+    At most ``most`` per class on average, at least MIN_SAMPLES_PER_CLASS each (or
+    ``most``, when that is fewer)."""
+    from synthray.models.evaluation.quality import mix_capacity
+
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    train = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=max(keep) + 1)
+    shares = train[keep_arr] / max(int(train[keep_arr].sum()), 1)
+    to_own = {c: g for g, c in enumerate(keep)}
+    held = np.array([to_own[int(c)] for c in holdout_labels if int(c) in to_own], np.int64)
+    total = min(most * len(keep), mix_capacity(held, shares))
+    least = min(MIN_SAMPLES_PER_CLASS, most)
+    return {g: max(least, round(total * float(shares[g]))) for g in range(len(keep))}
 
 
 def measure(
@@ -199,7 +209,9 @@ def measure(
     generator = load_generator(gen_path, expected_sha256=None)
     m_train = np.isin(split.train_labels, measured)
     m_hold = np.isin(split.holdout_labels, measured)
-    counts = samples_per_class(split.holdout_labels, keep, ctx.settings.quality_samples_per_class)
+    counts = samples_per_class(
+        split.holdout_labels, split.train_labels, keep, ctx.settings.quality_samples_per_class
+    )
     counts |= {g: GALLERY_PER_CLASS for g, c in enumerate(keep) if c not in measured}
     total = sum(counts.values())
     fake_x, fake_y = sample_images(

@@ -234,6 +234,7 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
         ["top", "bottom"],
     )
     assert out["class_mix"]["reference"] == {"top": 0.75, "bottom": 0.25}
+    assert out["class_mix"]["compared"] == {"top": 0.75, "bottom": 0.25}
     assert out["class_mix"]["generated_as_drawn"] == {"top": 0.5, "bottom": 0.5}
     # 80 of each drawn: the reference mix holds at most 80 / 0.75 = 106; the floor's 80
     # held-out films hold 80.
@@ -244,7 +245,7 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
         space["as_drawn"]["generated"]["fid"],
         space["overall"]["floor"]["fid"],
     )
-    assert space["as_drawn"]["images"] == 160
+    assert space["as_drawn"]["images"] == 80  # as many as the matched figures compare
     assert drawn > 3 * matched and matched < 2 * floor + 0.05, (matched, drawn, floor)
     # Drawn in the reference's mix already: no second figure.
     same = evaluate(
@@ -259,6 +260,22 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
         ["top", "bottom"],
     )
     assert "as_drawn" not in same["spaces"]["s"] and same["compared_images"] == 80
+    # A class with no held-out film has no floor: both sides leave it out, in one mix.
+    tops = labels[hold] == 0
+    lacking = evaluate(
+        {"s": model},
+        model,
+        train,
+        train_y,
+        imgs[hold][tops],
+        labels[hold][tops],
+        imgs[fake],
+        labels[fake],
+        ["top", "bottom"],
+    )
+    assert lacking["class_mix"]["compared"] == {"top": 1.0, "bottom": 0.0}
+    assert lacking["compared_images"] == 60
+    assert lacking["spaces"]["s"]["overall"]["generated"]["fid"] < 0.05
 
 
 def test_matched_subsample_keeps_the_proportions_and_its_capacity() -> None:
