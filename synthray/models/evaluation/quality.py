@@ -368,6 +368,11 @@ def matched_subsample(
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
 
 
+# Fewest images a mix-matched comparison may hold (a covariance needs several); below it the
+# sets are compared as drawn, and ``class_mix["compared"]`` is the generated set's own mix.
+MIN_COMPARED = 10
+
+
 def evaluate(
     spaces: Mapping[str, Encoder],
     classifier: Encoder,
@@ -413,8 +418,15 @@ def evaluate(
     shares = np.where(both, reference, 0.0)
     shares = shares / max(float(shares.sum()), 1e-12)
     m = min(mix_capacity(holdout_labels, shares), mix_capacity(fake_labels, shares), max_per_set)
-    keep_h = matched_subsample(holdout_labels, shares, m, rng)
-    keep_f = matched_subsample(fake_labels, shares, m, rng)
+    if m >= MIN_COMPARED:
+        keep_h = matched_subsample(holdout_labels, shares, m, rng)
+        keep_f = matched_subsample(fake_labels, shares, m, rng)
+    else:  # too few held-out images to match the mix at all: compare as drawn, and say so
+        n = min(len(holdout), len(fake), max_per_set)
+        keep_h = np.sort(rng.choice(len(holdout), n, replace=False))
+        keep_f = np.sort(rng.choice(len(fake), n, replace=False))
+        both[:] = True
+        shares = class_shares(fake_labels, n_classes)
     hold_m, hold_m_labels = holdout[keep_h], holdout_labels[keep_h]
     fake_m, fake_m_labels = fake[keep_f], fake_labels[keep_f]
     drawn = class_shares(fake_labels, n_classes)

@@ -276,6 +276,20 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
     assert lacking["class_mix"]["compared"] == {"top": 1.0, "bottom": 0.0}
     assert lacking["compared_images"] == 60
     assert lacking["spaces"]["s"]["overall"]["generated"]["fid"] < 0.05
+    # Too few held-out images to match any mix (a tiny site): compared as drawn, and said.
+    few = evaluate(
+        {"s": model},
+        model,
+        train,
+        train_y,
+        imgs[hold][:6],
+        labels[hold][:6],
+        imgs[fake],
+        labels[fake],
+        ["top", "bottom"],
+    )
+    assert few["compared_images"] == 6 and "as_drawn" not in few["spaces"]["s"]
+    assert few["class_mix"]["compared"] == {"top": 0.5, "bottom": 0.5}
 
 
 def test_matched_subsample_keeps_the_proportions_and_its_capacity() -> None:
