@@ -222,17 +222,12 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
     assert len(rest0[60:140]) == 80
     cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
     model = train_encoder(train, train_y, cfg, max_steps=40, batch_size=32).model
-    out = evaluate(
-        {"s": model},
-        model,
-        train,
-        train_y,
-        imgs[hold],
-        labels[hold],
-        imgs[fake],
-        labels[fake],
-        ["top", "bottom"],
-    )
+
+    def versus(hx: np.ndarray, hy: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> dict:
+        """The figures of generated ``fx`` against the site, beside held-out ``hx``."""
+        return evaluate({"s": model}, model, train, train_y, hx, hy, fx, fy, ["top", "bottom"])
+
+    out = versus(imgs[hold], labels[hold], imgs[fake], labels[fake])
     assert out["class_mix"]["reference"] == {"top": 0.75, "bottom": 0.25}
     assert out["class_mix"]["compared"] == {"top": 0.75, "bottom": 0.25}
     assert out["class_mix"]["generated_as_drawn"] == {"top": 0.5, "bottom": 0.5}
@@ -248,46 +243,16 @@ def test_a_set_drawn_in_another_class_mix_is_compared_in_the_reference_mix() -> 
     assert space["as_drawn"]["images"] == 80  # as many as the matched figures compare
     assert drawn > 3 * matched and matched < 2 * floor + 0.05, (matched, drawn, floor)
     # Drawn in the reference's mix already: no second figure.
-    same = evaluate(
-        {"s": model},
-        model,
-        train,
-        train_y,
-        imgs[hold],
-        labels[hold],
-        imgs[hold],
-        labels[hold],
-        ["top", "bottom"],
-    )
+    same = versus(imgs[hold], labels[hold], imgs[hold], labels[hold])
     assert "as_drawn" not in same["spaces"]["s"] and same["compared_images"] == 80
     # A class with no held-out film has no floor: both sides leave it out, in one mix.
     tops = labels[hold] == 0
-    lacking = evaluate(
-        {"s": model},
-        model,
-        train,
-        train_y,
-        imgs[hold][tops],
-        labels[hold][tops],
-        imgs[fake],
-        labels[fake],
-        ["top", "bottom"],
-    )
+    lacking = versus(imgs[hold][tops], labels[hold][tops], imgs[fake], labels[fake])
     assert lacking["class_mix"]["compared"] == {"top": 1.0, "bottom": 0.0}
     assert lacking["compared_images"] == 60
     assert lacking["spaces"]["s"]["overall"]["generated"]["fid"] < 0.05
     # Too few held-out images to match any mix (a tiny site): compared as drawn, and said.
-    few = evaluate(
-        {"s": model},
-        model,
-        train,
-        train_y,
-        imgs[hold][:6],
-        labels[hold][:6],
-        imgs[fake],
-        labels[fake],
-        ["top", "bottom"],
-    )
+    few = versus(imgs[hold][:6], labels[hold][:6], imgs[fake], labels[fake])
     assert few["compared_images"] == 6 and "as_drawn" not in few["spaces"]["s"]
     assert few["class_mix"]["compared"] == {"top": 0.5, "bottom": 0.5}
 
