@@ -400,6 +400,7 @@ def evaluate(
     of them as well, and ``class_mix`` states both mixes."""
     rng = np.random.default_rng(seed)
     n_classes = len(class_names)
+    drawn = class_shares(fake_labels, n_classes)
 
     def cap(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         if len(x) <= n:
@@ -426,10 +427,9 @@ def evaluate(
         keep_h = np.sort(rng.choice(len(holdout), n, replace=False))
         keep_f = np.sort(rng.choice(len(fake), n, replace=False))
         both[:] = True
-        shares = class_shares(fake_labels, n_classes)
+        shares = drawn
     hold_m, hold_m_labels = holdout[keep_h], holdout_labels[keep_h]
     fake_m, fake_m_labels = fake[keep_f], fake_labels[keep_f]
-    drawn = class_shares(fake_labels, n_classes)
     # A generated set drawn in the training mix already (to a point of rounding) needs
     # no second figure.
     off_mix = float(np.abs(drawn - shares).max()) > 0.01

@@ -171,14 +171,15 @@ def samples_per_class(
     where the held-out images, subsampled in it, run out: more would only be cut away.
     At most ``most`` per class on average, at least MIN_SAMPLES_PER_CLASS each (or
     ``most``, when that is fewer)."""
-    from synthray.models.evaluation.quality import mix_capacity
+    from synthray.models.evaluation.quality import class_shares, mix_capacity
 
-    keep_arr = np.asarray(keep, dtype=np.int64)
-    train = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=max(keep) + 1)
-    shares = train[keep_arr] / max(int(train[keep_arr].sum()), 1)
     to_own = {c: g for g, c in enumerate(keep)}
-    held = np.array([to_own[int(c)] for c in holdout_labels if int(c) in to_own], np.int64)
-    total = min(most * len(keep), mix_capacity(held, shares))
+
+    def own(labels: np.ndarray) -> np.ndarray:  # the kept classes' labels, as the generator's
+        return np.array([to_own[int(c)] for c in labels if int(c) in to_own], np.int64)
+
+    shares = class_shares(own(train_labels), len(keep))
+    total = min(most * len(keep), mix_capacity(own(holdout_labels), shares))
     least = min(MIN_SAMPLES_PER_CLASS, most)
     return {g: max(least, round(total * float(shares[g]))) for g in range(len(keep))}
 
