@@ -53,6 +53,10 @@ def writes_on_read(endpoint: F) -> F:
 INLINE = "synthray_inline"
 ON_ASYNC_DRIVER = "synthray_async_session"
 RETRIED = "synthray_retried"  # a call on a dead pooled connection was made again
+# A request that writes SQLite: the first-come first-served queue its transactions wait in
+# (see _write_gate), and whether it holds its turn now.
+WRITE_GATE = "synthray_write_gate"
+HOLDS_GATE = "synthray_holds_gate"
 
 
 async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[Session]:
@@ -81,6 +85,8 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
     else:
         session = session_factory(url, read_only)()
         session.info[INLINE] = runs_inline(url, read_only)
+        if not read_only and url.startswith("sqlite"):
+            session.info[WRITE_GATE] = _write_gate(url)
         limit = _database_slots(url)
     async with limit:
         try:
@@ -134,6 +140,28 @@ def _database_slots(url: str) -> AbstractAsyncContextManager[object]:
     return per_loop[url]
 
 
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]
+_gates = weakref.WeakKeyDictionary()
+
+
+def _write_gate(url: str) -> asyncio.Lock:
+    """The queue in which this event loop's requests take SQLite's write lock, one
+    transaction at a time, in the order they asked (an ``asyncio.Lock`` wakes its waiters
+    first come, first served).
+
+    Every write transaction here takes SQLite's lock at BEGIN (``BEGIN IMMEDIATE``). Left
+    to SQLite, the requests that find it taken wait in its busy handler, each polling with
+    sleeps that grow to 100 ms; whoever polls at the right moment wins, so at 32 concurrent
+    submissions most waited milliseconds and some seconds (p99 3.1-3.3 s, README, "Load").
+    They also waited in the thread pool, a thread each. Queued here, they wait on the
+    event loop, holding no thread, and SQLite's lock is then contended only by other
+    processes (workers, the CLI), which still wait in the busy handler."""
+    per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
+    if url not in per_loop:
+        per_loop[url] = asyncio.Lock()
+    return per_loop[url]
+
+
 def runs_inline(url: str, read_only: bool) -> bool:
     """Whether a session's calls run on the event loop: reads on SQLite (see blocking)."""
     return read_only and url.startswith("sqlite")
@@ -160,7 +188,10 @@ async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
     any other session, in the thread pool."""
     reader: AsyncSession | None = session.info.get(ON_ASYNC_DRIVER)
     if reader is None:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        gate: asyncio.Lock | None = session.info.get(WRITE_GATE)
+        if gate is None:
+            return await run_in_threadpool(fn, *args, **kwargs)
+        return await _through_gate(gate, session, fn, *args, **kwargs)
     try:
         return await reader.run_sync(lambda _: fn(*args, **kwargs))
     except DBAPIError as exc:
@@ -174,6 +205,25 @@ async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
         session.info[RETRIED] = True
         await reader.rollback()
         return await reader.run_sync(lambda _: fn(*args, **kwargs))
+
+
+async def _through_gate(
+    gate: asyncio.Lock, session: Session, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+) -> T:
+    """:func:`off_loop` for a request that writes SQLite: its transaction waits its turn in
+    ``gate`` on the event loop before its first statement, and gives the turn up on the
+    loop once the transaction has ended (committed or rolled back). A transaction begun
+    outside the gate goes on without it: waiting for the gate while holding SQLite's lock
+    would deadlock with the gate's holder, which waits for that lock."""
+    if not session.info.get(HOLDS_GATE) and not session.in_transaction():
+        await gate.acquire()
+        session.info[HOLDS_GATE] = True
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    finally:
+        if session.info.get(HOLDS_GATE) and not session.in_transaction():
+            session.info[HOLDS_GATE] = False
+            gate.release()
 
 
 def reads_only(endpoint: Callable[..., T]) -> Callable[..., Awaitable[T]]:
@@ -220,7 +270,8 @@ async def caller(
     something comes with a key, or through a page form that carries the CSRF token."""
     key = bearer.credentials if bearer else header
     if key and bearer and presents_identity_token(request, settings):
-        # Verifying may fetch the provider's keys over the network: never on the loop.
+        # Verifying may fetch the provider's keys over the network: never on the loop, nor
+        # holding the write gate (its transaction on SQLite then goes on without the gate).
         return await run_in_threadpool(identify, request, session, settings, key, True)
     return await blocking(session, identify, request, session, settings, key, False)
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.types import Message
 
 from synthray.app.datasets.unpack import extract_zip, remove_tree
+from synthray.app.deps import off_loop
 from synthray.app.errors import Invalid, PayloadTooLarge
 from synthray.config import Settings
 
@@ -135,13 +136,13 @@ async def accept(
     queue: Callable[[Path, M], R],
 ) -> R:
     """Receive an upload and hand it to ``queue(folder, fields)`` (run in a thread, on the
-    request's session). The transaction the key check opened is ended first: SQLite holds
-    its write lock from BEGIN, and an upload can take minutes. If queueing fails, the
-    uploaded files are removed."""
-    await run_in_threadpool(session.commit)
+    request's session, through ``deps.off_loop``). The transaction the key check opened is
+    ended first: SQLite holds its write lock from BEGIN, and an upload can take minutes. If
+    queueing fails, the uploaded files are removed."""
+    await off_loop(session, session.commit)  # and its turn to write (deps._write_gate)
     folder, parsed = await receive(request, settings, parse)
     try:
-        return await run_in_threadpool(queue, folder, parsed)
+        return await off_loop(session, queue, folder, parsed)
     except BaseException:
         remove_tree(folder)
         raise
