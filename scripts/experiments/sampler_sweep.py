@@ -49,7 +49,15 @@ def main() -> None:
         help="guidance/steps/interval, e.g. 2/6/0.36:0.92 or 1/6/none; repeatable; "
         "replaces the grid of the three options above",
     )
-    ap.add_argument("--seeds", type=int, default=2, help="classifier seeds per setting")
+    ap.add_argument("--seeds", type=int, default=2, help="classifier seeds per setting; 0: no TSTR")
+    ap.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="images drawn per class (default: the real training set's size over its "
+        "classes, as TSTR compares like with like); for FID alone, enough to fill the "
+        "held-out set's class mix",
+    )
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--synthesis-seed", type=int, default=0)
     ap.add_argument(
@@ -77,7 +85,7 @@ def main() -> None:
     classes, real, test_x, test_y = v.classes, v.real, v.test_x, v.test_y
     generator = load_generator(v.weights, expected_sha256=v.weights_sha256)
     n_cls = len(classes)
-    per_class = int(np.ceil(len(real.labels) / n_cls))
+    per_class = args.per_class or int(np.ceil(len(real.labels) / n_cls))
     cfg = utility.ClassifierConfig(steps=args.classifier_steps)
     spaces = {}
     with session_factory(get_settings().sqlalchemy_url)() as s:
@@ -105,14 +113,23 @@ def main() -> None:
             dataset_ids[y],
             list(v.split.classes),
         )
-        return {
-            name: [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
-            for name, sp in out["spaces"].items()
-        } | {"class_consistency": out["class_consistency"]["generated"]}
+        figures: dict[str, Any] = {}
+        for name, sp in out["spaces"].items():
+            figures[name] = [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
+            if "as_drawn" in sp:
+                figures[f"{name}_as_drawn"] = sp["as_drawn"]["generated"]["fid"]
+            figures[f"{name}_per_class"] = {
+                c: [pc["generated"]["fid"], pc["floor"]["fid"]] for c, pc in sp["per_class"].items()
+            }
+        figures["compared_images"] = out["compared_images"]
+        return figures | {"class_consistency": out["class_consistency"]["generated"]}
 
     def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
         """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
-        bal, recall = [], []
+        bal: list[float] = []
+        recall: list[Any] = []
+        if args.seeds == 0:
+            return [float("nan")], []
         for seed in range(args.seeds):
             arm = utility.ArmSet(images, labels, np.zeros(len(labels), bool), False, None)
             model = utility.train_classifier(arm, n_cls, cfg, seed)
