@@ -58,6 +58,13 @@ def main() -> None:
         "classes, as TSTR compares like with like); for FID alone, enough to fill the "
         "held-out set's class mix",
     )
+    ap.add_argument(
+        "--eval-seeds",
+        type=int,
+        default=1,
+        help="quality comparisons per setting, each on its own subsamples (seeds 0 .. K-1): "
+        "how far the FID and its floor move with the subsample alone",
+    )
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--synthesis-seed", type=int, default=0)
     ap.add_argument(
@@ -99,30 +106,53 @@ def main() -> None:
 
     def quality_of(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """{space: [generated FID, held-out floor]} against the real training films, and
-        the class consistency of the generated images."""
+        the class consistency of the generated images. With ``--eval-seeds`` K > 1, the
+        figures of K comparisons whose subsamples (training reference, held-out and
+        generated images in the training mix) are drawn with seeds 0 .. K-1, as lists, and
+        each space's median ratio of generated to floor FID."""
         if "supervised" not in spaces:
             return {}
-        out = quality.evaluate(
-            spaces,
-            spaces["supervised"],
-            v.split.train_images[m_train],
-            v.split.train_labels[m_train],
-            v.test_x,
-            dataset_ids[v.test_y],
-            x,
-            dataset_ids[y],
-            list(v.split.classes),
-        )
         figures: dict[str, Any] = {}
-        for name, sp in out["spaces"].items():
-            figures[name] = [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
-            if "as_drawn" in sp:
-                figures[f"{name}_as_drawn"] = sp["as_drawn"]["generated"]["fid"]
-            figures[f"{name}_per_class"] = {
-                c: [pc["generated"]["fid"], pc["floor"]["fid"]] for c, pc in sp["per_class"].items()
+        for seed in range(args.eval_seeds):
+            out = quality.evaluate(
+                spaces,
+                spaces["supervised"],
+                v.split.train_images[m_train],
+                v.split.train_labels[m_train],
+                v.test_x,
+                dataset_ids[v.test_y],
+                x,
+                dataset_ids[y],
+                list(v.split.classes),
+                seed=seed,
+            )
+            for name, sp in out["spaces"].items():
+                pair = [sp["overall"]["generated"]["fid"], sp["overall"]["floor"]["fid"]]
+                figures.setdefault(name, []).append(pair)
+                if "as_drawn" in sp:
+                    figures.setdefault(f"{name}_as_drawn", []).append(
+                        sp["as_drawn"]["generated"]["fid"]
+                    )
+                per_class = figures.setdefault(f"{name}_per_class", {})
+                for c, pc in sp["per_class"].items():
+                    per_class.setdefault(c, []).append([pc["generated"]["fid"], pc["floor"]["fid"]])
+            figures["compared_images"] = out["compared_images"]
+            figures.setdefault("class_consistency", []).append(
+                out["class_consistency"]["generated"]
+            )
+        for name in spaces:
+            if name in figures:
+                ratios = [g / f for g, f in figures[name]]
+                figures[f"{name}_ratio_median"] = round(float(np.median(ratios)), 2)
+        if args.eval_seeds == 1:  # one comparison: plain figures, as before
+            figures = {
+                key: (got[0] if isinstance(got, list) and len(got) == 1 else got)
+                for key, got in figures.items()
             }
-        figures["compared_images"] = out["compared_images"]
-        return figures | {"class_consistency": out["class_consistency"]["generated"]}
+            for key, got in figures.items():
+                if key.endswith("_per_class"):
+                    figures[key] = {c: pairs[0] for c, pairs in got.items()}
+        return figures
 
     def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
         """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
