@@ -172,10 +172,11 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     ds1, ds1_recall = score(real.images, real.labels)
-    print(
-        f"DS1 balanced accuracy {np.mean(ds1):.3f} {ds1}, recall {ds1_recall} "
-        f"({time.perf_counter() - t0:.0f} s)"
-    )
+    if args.seeds:
+        print(
+            f"DS1 balanced accuracy {np.mean(ds1):.3f} {ds1}, recall {ds1_recall} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     grid = itertools.product(
         args.guidance.split(","), args.steps.split(","), args.interval.split(",")
     )
