@@ -144,22 +144,21 @@ def main() -> None:
             if name in figures:
                 ratios = [g / f for g, f in figures[name]]
                 figures[f"{name}_ratio_median"] = round(float(np.median(ratios)), 2)
-        if args.eval_seeds == 1:  # one comparison: plain figures, as before
-            figures = {
-                key: (got[0] if isinstance(got, list) and len(got) == 1 else got)
-                for key, got in figures.items()
-            }
-            for key, got in figures.items():
-                if key.endswith("_per_class"):
-                    figures[key] = {c: pairs[0] for c, pairs in got.items()}
-        return figures
+        if args.eval_seeds > 1:
+            return figures
+
+        def first(got: Any) -> Any:  # one comparison: plain figures, as before
+            if isinstance(got, dict):
+                return {c: first(pairs) for c, pairs in got.items()}
+            return got[0] if isinstance(got, list) else got
+
+        return {key: first(got) for key, got in figures.items()}
 
     def score(images: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
         """Balanced accuracy per classifier seed, and the per-class recall of the mean."""
-        bal: list[float] = []
-        recall: list[Any] = []
         if args.seeds == 0:
             return [float("nan")], []
+        bal, recall = [], []
         for seed in range(args.seeds):
             arm = utility.ArmSet(images, labels, np.zeros(len(labels), bool), False, None)
             model = utility.train_classifier(arm, n_cls, cfg, seed)

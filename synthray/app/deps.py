@@ -120,8 +120,19 @@ def presents_identity_token(request: Request, settings: Settings) -> bool:
     return scheme.lower() == "bearer" and oidc.looks_like_jwt(credentials.strip())
 
 
-_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, anyio.CapacityLimiter]]
-_slots = weakref.WeakKeyDictionary()
+# Per event loop (their waiters belong to the loop they wait on): the database slots and
+# the SQLite write gates, keyed by kind and database URL.
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Any]]
+_per_loop = weakref.WeakKeyDictionary()
+
+
+def _loop_local(kind: str, url: str, make: Callable[[], T]) -> T:
+    """The running loop's object of ``kind`` for ``url``, made by ``make`` the first time."""
+    mine = _per_loop.setdefault(asyncio.get_running_loop(), {})
+    if (kind, url) not in mine:
+        mine[kind, url] = make()
+    result: T = mine[kind, url]
+    return result
 
 
 def _database_slots(url: str) -> AbstractAsyncContextManager[object]:
@@ -134,14 +145,8 @@ def _database_slots(url: str) -> AbstractAsyncContextManager[object]:
     slots = database_slots(url)
     if slots is None:  # acquiring would cost a trip round the event loop for nothing
         return contextlib.nullcontext()
-    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
-    if url not in per_loop:
-        per_loop[url] = anyio.CapacityLimiter(slots)
-    return per_loop[url]
-
-
-_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]
-_gates = weakref.WeakKeyDictionary()
+    limiter: anyio.CapacityLimiter = _loop_local("slots", url, lambda: anyio.CapacityLimiter(slots))
+    return limiter
 
 
 def _write_gate(url: str) -> asyncio.Lock:
@@ -156,10 +161,7 @@ def _write_gate(url: str) -> asyncio.Lock:
     They also waited in the thread pool, a thread each. Queued here, they wait on the
     event loop, holding no thread, and SQLite's lock is then contended only by other
     processes (workers, the CLI), which still wait in the busy handler."""
-    per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
-    if url not in per_loop:
-        per_loop[url] = asyncio.Lock()
-    return per_loop[url]
+    return _loop_local("write gate", url, asyncio.Lock)
 
 
 def runs_inline(url: str, read_only: bool) -> bool:
