@@ -26,9 +26,20 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
             f"{name.replace('_', '-')} space: "
             f"precision {g['precision']:.2f} (floor {f['precision']:.2f}), "
             f"recall {g['recall']:.2f} (floor {f['recall']:.2f}), "
-            f"FID {g['fid']:.2f} (floor {f['fid']:.2f})" + _cut_short(training.get(name))
+            f"FID {g['fid']:.2f} (floor {f['fid']:.2f}{_fid_ratio(q, space)})"
+            + _cut_short(training.get(name))
         )
     return lines
+
+
+def _fid_ratio(q: dict[str, Any], space: dict[str, Any]) -> str:
+    """The generated-to-floor FID ratio, its median and range over the subsamples compared
+    (figures stored before there were several comparisons have none)."""
+    ratio = (space.get("spread") or {}).get("fid_ratio") or {}
+    if ratio.get("median") is None:
+        return ""
+    lo, hi = ratio["range"]
+    return f"; ratio {ratio['median']:.1f}x, {lo:.1f}-{hi:.1f}x over {q['subsamples']} subsamples"
 
 
 def _cut_short(training: dict[str, Any] | None) -> str:

@@ -116,13 +116,14 @@ def pool_quality(
     # The shape of a version's quality metrics, overall figures only.
     return {
         "spaces": {
-            name: {k: space[k] for k in ("overall", "as_drawn") if k in space}
+            name: {k: space[k] for k in ("overall", "spread", "as_drawn") if k in space}
             for name, space in out["spaces"].items()
         },
         "class_consistency": {
             side: out["class_consistency"][side] for side in ("generated", "floor")
         },
         "compared_images": out["compared_images"],
+        "subsamples": out["subsamples"],
         # A pool is drawn balanced for TSTR; its overall figures compare it in the training
         # images' mix, and "as_drawn" keeps the figures of the pool as it was drawn.
         "class_mix": out["class_mix"],

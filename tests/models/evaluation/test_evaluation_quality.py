@@ -131,6 +131,48 @@ def test_floor_uses_as_many_held_out_images_as_generated_ones() -> None:
     assert out["compared_images"] == 20 and out["reference_images"] == 40
 
 
+def test_every_training_film_is_the_reference_and_figures_are_medians_over_subsamples() -> None:
+    """The reference is the whole training split (once capped at a random 2,000, which
+    moved the floor threefold), and the held-out and generated sets are compared on
+    several subsamples: the figures are medians, the spread gives their range and the
+    ratio of generated to floor FID, paired by comparison."""
+    imgs, labels = _two_kinds(n=2500, seed=4)
+    cfg = EncoderConfig(resolution=32, num_classes=2, width=8, feat_dim=16)
+    model = train_encoder(imgs[:2200], labels[:2200], cfg, max_steps=10, batch_size=16).model
+
+    def run(subsamples: int, seed: int = 0) -> dict:
+        return evaluate(
+            {"s": model},
+            model,
+            imgs[:2200],
+            labels[:2200],
+            imgs[2200:2300],  # 100 held-out films, 50 of each kind: all of them every time
+            labels[2200:2300],
+            imgs[2300:],  # 200 "generated": 100 of them, other ones each time
+            labels[2300:],
+            ["top", "bottom"],
+            subsamples=subsamples,
+            seed=seed,
+        )
+
+    out = run(5)
+    assert (out["reference_images"], out["compared_images"], out["subsamples"]) == (2200, 100, 5)
+    overall, spread = out["spaces"]["s"]["overall"], out["spaces"]["s"]["spread"]
+    for side in ("generated", "floor"):
+        for metric, (lo, hi) in spread[side].items():
+            assert lo <= overall[side][metric] <= hi, (side, metric)
+    g_lo, g_hi = spread["generated"]["fid"]
+    assert g_lo < g_hi  # other generated images in each comparison
+    assert spread["floor"]["fid"][0] == spread["floor"]["fid"][1]  # the same held-out ones
+    floor = overall["floor"]["fid"]
+    ratio = spread["fid_ratio"]
+    assert ratio["median"] == pytest.approx(overall["generated"]["fid"] / floor, rel=1e-3)
+    assert ratio["range"] == pytest.approx([g_lo / floor, g_hi / floor], rel=1e-3)
+    assert run(5) == out  # the subsamples come from the seed
+    one = run(1)["spaces"]["s"]["spread"]["generated"]["fid"]
+    assert one[0] == one[1]
+
+
 def test_an_encoder_cut_short_by_its_time_budget_says_so() -> None:
     """On a slow or busy machine the time budget ends an encoder's training early; the
     record, and the figures' wording, must say so rather than pass the weaker space off as
@@ -149,8 +191,12 @@ def test_an_encoder_cut_short_by_its_time_budget_says_so() -> None:
     space = {"precision": 0.9, "recall": 0.8, "fid": 2.0}
     q = {
         "class_consistency": {"generated": 0.8, "floor": 0.7},
+        "subsamples": 5,
         "spaces": {
-            name: {"overall": {"generated": space, "floor": space}}
+            name: {
+                "overall": {"generated": space, "floor": space},
+                "spread": {"fid_ratio": {"median": 1.0, "range": [0.84, 1.31]}},
+            }
             for name in ("supervised", "self_supervised")
         },
         "encoder_training": {
@@ -161,6 +207,7 @@ def test_an_encoder_cut_short_by_its_time_budget_says_so() -> None:
     consistency, supervised, ssl = quality_lines(q)
     assert "WEAK ENCODER" in consistency and "50 of 300 steps" in supervised
     assert "WEAK" not in ssl
+    assert "FID 2.00 (floor 2.00; ratio 1.0x, 0.8-1.3x over 5 subsamples)" in ssl
     # Records from before encoders' training was kept: nothing claimed either way.
     assert not any("WEAK" in line for line in quality_lines(q | {"encoder_training": {}}))
 
