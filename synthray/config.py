@@ -162,9 +162,13 @@ class Settings(BaseSettings):
         "2 CPU cores without bf16 units (about 300 s there).",
     )
     quality_samples_per_class: int = Field(
-        200,
+        320,
         ge=10,
-        description="Generated images per class, on average, for the quality metrics.",
+        description="Most generated images per class, on average, for the quality metrics "
+        "(drawn as far as the held-out images reach in the training mix). The floor moves "
+        "with the held-out subsample: on Kermany at 128 px, 5-95% of subsamples of 626 of "
+        "its 930 gave 0.47-1.14, of all 930 0.73-0.84, so the default draws enough for "
+        "Kermany's held-out set to be compared whole (200 a class drew 600).",
     )
     audit_per_group: int = Field(
         500,

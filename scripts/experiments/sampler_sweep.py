@@ -61,9 +61,9 @@ def main() -> None:
     ap.add_argument(
         "--eval-seeds",
         type=int,
-        default=5,
+        default=9,
         help="quality comparisons per setting, each on its own subsamples of the held-out "
-        "and generated images (the figures are their medians, beside their range; 5, as the "
+        "and generated images (the figures are their medians, beside their range; 9, as the "
         "train job)",
     )
     ap.add_argument("--classifier-steps", type=int, default=300)
