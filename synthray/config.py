@@ -161,14 +161,13 @@ class Settings(BaseSettings):
         "images less well, so the default lets quality_encoder_steps finish at 128 px on "
         "2 CPU cores without bf16 units (about 300 s there).",
     )
+    # The floor moves with the held-out subsample (README, "Weight 3 through the product"),
+    # so the default draws enough for Kermany's 930 held-out films to be compared whole.
     quality_samples_per_class: int = Field(
         320,
         ge=10,
         description="Most generated images per class, on average, for the quality metrics "
-        "(drawn as far as the held-out images reach in the training mix). The floor moves "
-        "with the held-out subsample: on Kermany at 128 px, 5-95% of subsamples of 626 of "
-        "its 930 gave 0.47-1.14, of all 930 0.73-0.84, so the default draws enough for "
-        "Kermany's held-out set to be compared whole (200 a class drew 600).",
+        "(drawn as far as the held-out images reach in the training mix).",
     )
     audit_per_group: int = Field(
         500,

@@ -59,12 +59,14 @@ def main() -> None:
         "held-out set's class mix",
     )
     ap.add_argument(
+        "--subsamples",
         "--eval-seeds",
+        dest="subsamples",
         type=int,
-        default=9,
+        default=None,
         help="quality comparisons per setting, each on its own subsamples of the held-out "
-        "and generated images (the figures are their medians, beside their range; 9, as the "
-        "train job)",
+        "and generated images (the figures are their medians, beside their range; default: "
+        "the train job's, quality.SUBSAMPLES)",
     )
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--synthesis-seed", type=int, default=0)
@@ -107,7 +109,7 @@ def main() -> None:
 
     def quality_of(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         """Per space, the generated FID beside the held-out floor against every real
-        training film (medians over ``--eval-seeds`` comparisons on other subsamples), the
+        training film (medians over ``--subsamples`` comparisons on other subsamples), the
         ratio's median and range, the per-class pairs, and the class consistency."""
         if "supervised" not in spaces:
             return {}
@@ -121,7 +123,7 @@ def main() -> None:
             x,
             dataset_ids[y],
             list(v.split.classes),
-            subsamples=args.eval_seeds,
+            subsamples=args.subsamples or quality.SUBSAMPLES,
         )
         figures: dict[str, Any] = {
             "compared_images": out["compared_images"],

@@ -333,7 +333,14 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     balls of real samples); recall: share of real samples inside the generated one."""
     if len(real) <= k or len(fake) <= k:
         return math.nan, math.nan
-    return _Reference(real, k).precision_recall(fake)
+    return _precision_recall(real, _kth_radius(real, k), fake, k)
+
+
+def _precision_recall(
+    real: np.ndarray, radii: np.ndarray, fake: np.ndarray, k: int
+) -> tuple[float, float]:
+    """:func:`precision_recall` with the real set's k-NN radii already computed."""
+    return _covered(fake, real, radii), _covered(real, fake, _kth_radius(fake, k))
 
 
 class _Reference:
@@ -348,10 +355,7 @@ class _Reference:
     def precision_recall(self, other: np.ndarray) -> tuple[float, float]:
         if self.radii is None or len(other) <= self.k:
             return math.nan, math.nan
-        return (
-            _covered(other, self.f, self.radii),
-            _covered(self.f, other, _kth_radius(other, self.k)),
-        )
+        return _precision_recall(self.f, self.radii, other, self.k)
 
     def metrics(self, other: np.ndarray) -> dict[str, float]:
         p, r = self.precision_recall(other)
