@@ -137,9 +137,15 @@ class Settings(BaseSettings):
         ge=1.0,
         le=8.0,
         description="Synthesis and the utility evaluation draw this many times the images "
-        "asked for and keep, per class, those the dataset version's real-trained quality "
-        "classifier finds most typical of their class (1: keep every image drawn); a "
-        "request's own oversample wins.",
+        "asked for and keep, per class, the best by synthesis_choice (1: keep every image "
+        "drawn); a request's own oversample wins.",
+    )
+    synthesis_choice: Literal["realistic", "typical"] = Field(
+        "realistic",
+        description="Which images an oversampled draw keeps, per class: realistic, those "
+        "most like the class's real training films as a whole (a density ratio in the "
+        "dataset version's self-supervised quality space); typical, those the real-trained "
+        "quality classifier finds most typical of their class. A request's own choice wins.",
     )
     min_free_bytes: int = Field(
         100 * 1024**2,
@@ -157,8 +163,8 @@ class Settings(BaseSettings):
         600.0,
         gt=0,
         description="Most training time of each quality-metric encoder, a safety cap: "
-        "an encoder cut short measures in a weaker space and chooses the most typical "
-        "images less well, so the default lets quality_encoder_steps finish at 128 px on "
+        "an encoder cut short measures in a weaker space and chooses synthetic images "
+        "less well, so the default lets quality_encoder_steps finish at 128 px on "
         "2 CPU cores without bf16 units (about 300 s there).",
     )
     # The floor moves with the held-out subsample (README, "Weight 3 through the product"),

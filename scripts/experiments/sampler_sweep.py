@@ -79,6 +79,15 @@ def main() -> None:
         "quality classifier (trained on the real training split) gives the highest "
         "probability of the class they were drawn for",
     )
+    ap.add_argument(
+        "--chooser",
+        default="typical",
+        help="comma list of how a filtered draw keeps its images: typical (the highest "
+        "probability of their class, as synthesis does), ratio-<space> (the highest "
+        "estimated density ratio real / generated within their class in that quality space, "
+        "supervised or self_supervised: see selection.realest; ratio2-<space>: the same with the "
+        "squares of the components too)",
+    )
     args = ap.parse_args()
 
     from _version import load_version
@@ -89,7 +98,7 @@ def main() -> None:
     from synthray.models.evaluation import quality, utility
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import sample_images
-    from synthray.models.generators.selection import most_typical
+    from synthray.models.generators.selection import best_scored, realest
 
     v = load_version(args.model, args.version)
     classes, real, test_x, test_y = v.classes, v.real, v.test_x, v.test_y
@@ -193,8 +202,24 @@ def main() -> None:
                 first = np.concatenate(
                     [np.flatnonzero(y == c)[: int(np.ceil(per_class * f))] for c in range(n_cls)]
                 )
-                chosen = most_typical(own[first], y[first], dict.fromkeys(range(n_cls), per_class))
-                selections[f"filtered x{f:g}"] = first[chosen]
+                want = dict.fromkeys(range(n_cls), per_class)
+                for how in args.chooser.split(","):
+                    if how == "typical":
+                        chosen = best_scored(own[first], y[first], want)
+                        selections[f"filtered x{f:g}"] = first[chosen]
+                        continue
+                    kind, _, name = how.partition("-")
+                    space = spaces[name]
+                    real_f = quality.features(space, real.images)
+                    gen_f = quality.features(space, x[first])
+                    ratio = np.zeros(len(first))
+                    for c in range(n_cls):
+                        mine = y[first] == c
+                        ratio[mine] = realest(
+                            real_f[real.labels == c], gen_f[mine], c, squares=kind == "ratio2"
+                        )
+                    chosen = best_scored(ratio, y[first], want)
+                    selections[f"{how} x{f:g}"] = first[chosen]
         for selection, keep in selections.items():
             tstr, recall = score(x[keep], y[keep])
             row = {

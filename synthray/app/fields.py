@@ -10,7 +10,7 @@ without a bound, so a new endpoint cannot forget these.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
 from pydantic import BaseModel, Field, Strict, model_validator
@@ -39,6 +39,8 @@ Id32 = Annotated[int, Strict(), Field(ge=1, le=INT32_MAX)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 Label = Annotated[str, Field(min_length=1, max_length=100)]
 Column = Annotated[str, Field(min_length=1, max_length=200)]
+# How an oversampled synthetic draw is chosen from (models.generators.selection.CHOICES).
+Choice = Literal["realistic", "typical"]
 RelPath = Annotated[str, Field(max_length=1024)]
 MAX_CLASSES = 64
 MAX_LABEL_MAP = 1000

@@ -23,6 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from synthray.app.batches.schemas import CHOSEN_BY
 from synthray.app.registry.summary import audit_line, planted_line, quality_lines
 from synthray.cli.client import ApiError, Client
 
@@ -276,10 +277,8 @@ def _pipeline(
     batch = op.get(f"/batches/{acc['batch_id']}")
     chk, chosen = batch["check"], batch["selection"]
     if chosen.get("drawn"):
-        err.print(
-            f"  synthesis: {chosen['kept']} images chosen from {chosen['drawn']} drawn, the "
-            "most typical of their class to the real-trained quality classifier"
-        )
+        how = CHOSEN_BY.get(chosen.get("by", "typical"), "")
+        err.print(f"  synthesis: {chosen['kept']} of {chosen['drawn']} images drawn kept, {how}")
     err.print(
         f"  gate: {chk['flagged']} of {chk['images']} images flagged "
         f"(threshold {chk['threshold']:.4f}), batch {batch['state']}"

@@ -534,6 +534,10 @@ def evaluate(
         float | None,
         typer.Option(help="Choose the synthetic images as synthesis does (site default)."),
     ] = None,
+    choice: Annotated[
+        str | None,
+        typer.Option(help="realistic or typical: how they are chosen (site default)."),
+    ] = None,
     dest: Annotated[
         Path | None, typer.Option(help="Write evaluation-ID.csv and evaluation-ID.png here.")
     ] = None,
@@ -552,6 +556,7 @@ def evaluate(
         "test_dataset": test_dataset,
         "synthesis_seed": synthesis_seed,
         "oversample": oversample,
+        "choice": choice,
     }
     if arms:
         body["arms"] = [a.strip() for a in arms.split(",") if a.strip()]
@@ -581,14 +586,20 @@ def evaluate(
         out.print("The synthetic images the classifiers used (chosen and gated, as exported):")
         for line in quality_lines(pool):
             out.print(f"  {line}")
-        chosen = any(
-            s.get("oversample", 1) > 1
+        ways = {
+            s.get("by", "typical")
             for s in evaluation["summary"]["synthetic"].get("selection", [])
-        )
-        if chosen:
+            if s.get("oversample", 1) > 1
+        }
+        if "typical" in ways:
             out.print(
                 "  (the images were chosen by the same real-trained classifier that scores "
                 "class consistency, so that figure is not independent of the choice)"
+            )
+        if "realistic" in ways:
+            out.print(
+                "  (the images were chosen in the self-supervised space, so its figures are "
+                "not independent of the choice; the supervised space's are)"
             )
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
@@ -606,8 +617,15 @@ def synthesize(
     oversample: Annotated[
         float | None,
         typer.Option(
-            help="Draw this many times the images and keep the most typical of each class "
-            "(default: the site's SYNTHRAY_SYNTHESIS_OVERSAMPLE)."
+            help="Draw this many times the images and keep the best of each class by "
+            "--choice (default: the site's SYNTHRAY_SYNTHESIS_OVERSAMPLE)."
+        ),
+    ] = None,
+    choice: Annotated[
+        str | None,
+        typer.Option(
+            help="realistic (most like the class's real films as a whole) or typical (most "
+            "typical to the real-trained classifier); default SYNTHRAY_SYNTHESIS_CHOICE."
         ),
     ] = None,
     wait: bool = True,
@@ -619,6 +637,7 @@ def synthesize(
         "per_class": per_class,
         "seed": seed,
         "oversample": oversample,
+        "choice": choice,
     }
     acc = c.post("/synthesize", body)
     if not wait:

@@ -253,13 +253,16 @@ def test_synthesize_check_export_download(
     batch = client.get(f"/v1/batches/{batch_id}", headers=rev).json()
     assert batch["state"] == "passed", batch
     assert batch["check"]["images"] == 18
-    # Drawn 1.25 times over (the site's default), the most typical 6 of 8 per class kept.
+    # Drawn 1.25 times over (the site's default), the 6 of 8 per class most like the class's
+    # real training films kept (the site's default choice).
     selection = batch["selection"]
     assert (selection["oversample"], selection["drawn"], selection["kept"]) == (1.25, 24, 18)
+    assert selection["by"] == settings.synthesis_choice == "realistic"
     assert sorted(selection["per_class"]) == sorted(["Normal", "Effusion", "Cardiomegaly"])
     for figures in selection["per_class"].values():
         assert (figures["drawn"], figures["kept"]) == (8, 6)
-        assert figures["mean_probability_kept"] >= figures["mean_probability_drawn"]
+        assert figures["mean_log_ratio_kept"] >= figures["mean_log_ratio_drawn"]
+        assert figures["lowest_log_ratio_kept"] <= figures["mean_log_ratio_kept"]
     report = client.get(f"/v1/batches/{batch_id}/report", headers=rev).json()
     assert len(report["images"]) == 18
     assert all(len(img["neighbours"]) == 3 for img in report["images"])
@@ -294,7 +297,8 @@ def test_synthesize_check_export_download(
         scorecard = zf.read("PRIVACY.md").decode()
     assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
     assert manifest["provenance"]["selection"] == selection == card["selection"]
-    assert "chosen from 24 drawn (oversample 1.25)" in scorecard
+    assert "chosen from 24 drawn (oversample 1.25): per class, those most like" in scorecard
+    assert "ranks no image for being near one film" in scorecard
     assert "memorization_report.json" in names
     # The privacy scorecard: the batch's gate figures and the generator's audit, in words
     # and as JSON, both listed with their hashes.

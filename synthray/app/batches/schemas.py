@@ -6,7 +6,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-from synthray.app.fields import ALIAS, MAX_CLASSES, Id32, Label, Name, RequestModel, Seed
+from synthray.app.fields import (
+    ALIAS,
+    MAX_CLASSES,
+    Choice,
+    Id32,
+    Label,
+    Name,
+    RequestModel,
+    Seed,
+)
 
 
 class BatchState(StrEnum):
@@ -25,10 +34,23 @@ class BatchState(StrEnum):
 
 
 OVERSAMPLE = (
-    "Draw this many times the images asked for and keep, per class, those the dataset "
-    "version's real-trained quality classifier finds most typical of their class (1: keep "
-    "every image drawn). Default SYNTHRAY_SYNTHESIS_OVERSAMPLE."
+    "Draw this many times the images asked for and keep, per class, the best by `choice` "
+    "(1: keep every image drawn). Default SYNTHRAY_SYNTHESIS_OVERSAMPLE."
 )
+CHOICE = (
+    "Which images an oversampled draw keeps, per class: `realistic`, those most like the "
+    "class's real training films as a whole (a density ratio in the dataset version's "
+    "self-supervised quality space); `typical`, those its real-trained quality classifier "
+    "finds most typical of their class. Default SYNTHRAY_SYNTHESIS_CHOICE."
+)
+
+
+# What each choice kept, in words (the demo, the batches page, PRIVACY.md).
+CHOSEN_BY = {
+    "realistic": "per class, those most like the class's real training films as a whole",
+    "typical": "per class, those a classifier trained on the training films found most "
+    "typical of their class",
+}
 
 
 class SynthesizeRequest(RequestModel):
@@ -43,6 +65,7 @@ class SynthesizeRequest(RequestModel):
     )
     seed: Seed = 0
     oversample: StrictFloat | None = Field(None, ge=1, le=8, description=OVERSAMPLE)
+    choice: Choice | None = Field(None, description=CHOICE)
 
     @model_validator(mode="after")
     def _one_of(self) -> SynthesizeRequest:
@@ -72,9 +95,11 @@ class BatchRead(BaseModel):
     counts: dict[str, int]
     seed: int
     selection: dict[str, Any] = Field(
-        description="How the images were chosen from those drawn: the oversample factor "
-        "and, per class, images drawn and kept with the classifier's mean probability of "
-        "their class before and after ({} while generating; oversample 1: all kept)."
+        description="How the images were chosen from those drawn: the oversample factor, "
+        "the choice (`by`) and, per class, images drawn and kept with the mean score before "
+        "and after and the lowest kept (`realistic`: log density ratio; `typical`: the "
+        "classifier's probability of their class) ({} while generating; oversample 1: all "
+        "kept).",
     )
     images_sha256: str | None = Field(validation_alias="images_blob")
     checked_sha256: str | None

@@ -63,6 +63,7 @@ def request_synthesis(
         "counts": counts,
         "seed": req.seed,
         "oversample": oversample,
+        "choice": req.choice or settings.synthesis_choice,
     }
     job = jobs.create(session, settings, JobKind.synthesize, params, created_by)
     batch.synth_job_id = job.id

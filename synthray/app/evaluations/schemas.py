@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from synthray.app.fields import NAME, RequestModel
+from synthray.app.fields import NAME, Choice, RequestModel
 
 Arm = Literal["DS1", "DS2", "DS3", "TSTR", "AUG", "DS2+AUG", "DS2-even", "PRE"]
 ALL_ARMS: list[Arm] = ["DS1", "DS2", "DS3", "TSTR", "AUG", "DS2+AUG", "DS2-even", "PRE"]
@@ -60,6 +60,11 @@ class EvaluationCreate(RequestModel):
         description="The synthetic images are chosen as synthesis chooses them (see "
         "POST /v1/batches); default SYNTHRAY_SYNTHESIS_OVERSAMPLE, so that the evaluation "
         "measures what an export would hold.",
+    )
+    choice: Choice | None = Field(
+        None,
+        description="How the synthetic images are chosen (see POST /v1/batches); default "
+        "SYNTHRAY_SYNTHESIS_CHOICE.",
     )
 
     @field_validator("arms")

@@ -76,6 +76,7 @@ def request_evaluation(
         raise Invalid("test_dataset_version needs test_dataset", field="test_dataset_version")
     params = req.model_dump(exclude={"model", "version", "test_dataset", "test_dataset_version"})
     params["oversample"] = registry.oversample_for(mv, req.oversample, settings)
+    params["choice"] = req.choice or settings.synthesis_choice
     evaluation = repository.add(
         session,
         Evaluation(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from synthray.app.batches.schemas import CHOSEN_BY
 from synthray.app.registry.summary import audit_unit, audit_verdict
 
 FORMAT = "synthray-privacy/1"
@@ -240,10 +241,15 @@ def markdown(card: dict[str, Any]) -> str:
     if chosen.get("drawn"):
         lines += [
             f"The batch's {chosen['kept']} images were chosen from {chosen['drawn']} drawn "
-            f"(oversample {chosen['oversample']:g}): per class, those that a classifier "
-            "trained on the training films found most typical of their class. Every chosen "
-            "image was checked by the gate; the membership-inference audit below ran on "
-            "the generator's images before any such choice.",
+            f"(oversample {chosen['oversample']:g}): {CHOSEN_BY[chosen.get('by', 'typical')]}"
+            + (
+                " (a regression that compares the draw with those films as a whole ranks no "
+                "image for being near one film)"
+                if chosen.get("by") == "realistic"
+                else ""
+            )
+            + ". Every chosen image was checked by the gate; the membership-inference audit "
+            "below ran on the generator's images before any such choice.",
             "",
         ]
     lines += _planted_lines(card["planted_copy_detection"])

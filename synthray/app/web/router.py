@@ -28,7 +28,7 @@ from synthray.app.auth import service as auth
 from synthray.app.auth.oidc import TokenRefused
 from synthray.app.auth.schemas import KeyCreate, Role
 from synthray.app.batches import service as batches
-from synthray.app.batches.schemas import SynthesizeRequest
+from synthray.app.batches.schemas import CHOSEN_BY, SynthesizeRequest
 from synthray.app.datasets import service as datasets
 from synthray.app.deps import (
     BlobsDep,
@@ -531,6 +531,8 @@ def batch_list(
         batches=batches.list_batches(session, 50),
         models=models,
         oversample=f"{settings.synthesis_oversample:g}",
+        chosen_by=CHOSEN_BY,
+        choice=settings.synthesis_choice,
     )
 
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from synthray.app.datasets.service import SplitArrays
-from synthray.app.jobs.context import JobContext
+from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.registry import service as registry
 
 if TYPE_CHECKING:  # torch is imported by the jobs that choose, not by this module
-    from synthray.models.generators.selection import OwnProbability
+    from synthray.models.generators.selection import Score
 
 
 def encoder(
@@ -130,30 +130,69 @@ def pool_quality(
     }
 
 
-def class_chooser(
-    ctx: JobContext, encoder_sha256: str, classes: list[str], dataset_classes: list[str]
-) -> OwnProbability:
-    """The probability the supervised quality encoder ``encoder_sha256`` (a version's,
-    trained on its dataset version's training split) gives each image of the class it
-    was drawn for: ``own(images, labels) -> (N,)``, labels indexing ``classes``."""
+def chooser(
+    ctx: JobContext,
+    choice: str,
+    encoder_sha256: str | None,
+    split: SplitArrays,
+    dataset_version_id: int,
+    classes: list[str],
+    seed: int,
+) -> tuple[Score, str] | None:
+    """The score by which a synthesis or evaluation of a version keeps images from a larger
+    draw, with the name the selection record gives it (``selection.SCORED_AS``); None
+    when the version has nothing to score with (no supervised quality encoder: it was
+    trained without quality metrics, and its images are all kept). Labels index
+    ``classes``.
+
+    ``typical``: the probability the supervised encoder ``encoder_sha256`` (the version's)
+    gives each image of its class. ``realistic``: :func:`selection.realest` against the
+    class's training films in the dataset version's self-supervised space; its folds are
+    seeded from ``seed`` and the class."""
     from synthray.models.evaluation import quality
+    from synthray.models.generators.selection import SCORED_AS, realest
 
-    encoder = quality.load_encoder(ctx.blobs.path(encoder_sha256), expected_sha256=encoder_sha256)
-    to_dataset = np.array([dataset_classes.index(c) for c in classes], dtype=np.int64)
+    if encoder_sha256 is None:
+        return None
+    to_dataset = np.array([list(split.classes).index(c) for c in classes], dtype=np.int64)
+    if choice == "typical":
+        classifier = quality.load_encoder(
+            ctx.blobs.path(encoder_sha256), expected_sha256=encoder_sha256
+        )
 
-    def own(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        p = quality.probabilities_for_choice(encoder, images)  # (N, dataset classes)
-        return p[np.arange(len(labels)), to_dataset[labels.astype(np.int64)]]
+        def own(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            p = quality.probabilities_for_choice(classifier, images)  # (N, dataset classes)
+            return p[np.arange(len(labels)), to_dataset[labels.astype(np.int64)]]
 
-    return own
+        return own, SCORED_AS[choice]
+    if choice != "realistic":
+        raise JobFailed(f"unknown choice {choice!r}")
+    ssl, _, _ = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
+    real_features: dict[int, np.ndarray] = {}  # per class, computed once
+
+    def realism(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(labels))
+        features = quality.features(ssl, images)
+        for c in np.unique(labels).tolist():
+            if c not in real_features:
+                films = split.train_images[split.train_labels == to_dataset[c]]
+                real_features[c] = quality.features(ssl, films)
+            mine = labels == c
+            out[mine] = realest(real_features[c], features[mine], seed=seed * 1009 + c)
+        return out
+
+    return realism, SCORED_AS[choice]
 
 
-def selection_record(record: dict[str, Any] | None, classes: list[str]) -> dict[str, Any]:
-    """The stored account of how images were chosen, per class name (``record`` from
-    ``selection.sample_typical``; None when every image drawn was kept)."""
+def selection_record(
+    record: dict[str, Any] | None, classes: list[str], choice: str
+) -> dict[str, Any]:
+    """The stored account of how images were chosen (``by``: the choice), per class name
+    (``record`` from ``selection.sample_chosen``; None when every image drawn was kept)."""
     if record is None:
         return {"oversample": 1.0}
-    return record | {"per_class": {classes[c]: v for c, v in record["per_class"].items()}}
+    per_class = {classes[c]: v for c, v in record["per_class"].items()}
+    return record | {"by": choice, "per_class": per_class}
 
 
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"

@@ -41,7 +41,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.evaluation import utility
     from synthray.models.generators.files import load_generator
     from synthray.models.generators.sampling import derived_seed
-    from synthray.models.generators.selection import sample_typical
+    from synthray.models.generators.selection import sample_chosen
     from synthray.models.runtime import resolve_device
 
     t0 = time.perf_counter()
@@ -92,11 +92,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
     arms = list(p["arms"])
     needs = utility.pool_needs(counts, arms)
     generator = load_generator(ctx.blobs.path(blob), expected_sha256=blob)
-    # Chosen as synthesis chooses a batch's images (evaluations queued before that: all).
+    # Chosen as synthesis chooses a batch's images (evaluations queued before that: all;
+    # before there was a choice of score: the most typical).
     oversample = float(p.get("oversample", 1.0))
-    chooser = None
-    if oversample > 1 and encoder_sha is not None:
-        chooser = _quality.class_chooser(ctx, encoder_sha, classes, list(split.classes))
+    choice = str(p.get("choice", "typical"))
+    seed = int(p["synthesis_seed"])
+    chosen = None
+    if oversample > 1:
+        chosen = _quality.chooser(
+            ctx, choice, encoder_sha, split, dataset_version_id, classes, seed
+        )
     selections: list[dict[str, Any]] = []
     kept_x: list[np.ndarray] = []
     kept_y: list[np.ndarray] = []
@@ -104,26 +109,31 @@ def run(ctx: JobContext) -> dict[str, Any]:
     drawn_per_class = np.zeros(len(classes), dtype=np.int64)
     flagged_per_class = np.zeros(len(classes), dtype=np.int64)
     embedder_sha = None
-    seed = int(p["synthesis_seed"])
     draws = 0
+    draw_seconds = gate_seconds = 0.0  # the drawing (with the choice) and the gate, apart
     while draws < _ROUNDS and (missing := np.maximum(needs - have, 0)).any():
         draws += 1
         draw = draw_sizes(missing, drawn_per_class, flagged_per_class)
         total = sum(draw.values())
         ctx.progress(0, total, f"drawing {total} synthetic images (draw {draws})")
-        x, y, record = sample_typical(
+        t_draw = time.perf_counter()
+        x, y, record = sample_chosen(
             generator,
             draw,
             # The recorded seed for the first draw, one derived from it for later draws.
             seed=seed if draws == 1 else derived_seed(seed, draws),
             oversample=oversample,
-            own_probability=chooser,
+            score=chosen[0] if chosen else None,
+            scored_as=chosen[1] if chosen else "score",
             device=ctx.settings.device,
             on_progress=lambda done, of: ctx.progress(done, of, f"drew {done} of {of} images"),
         )
-        selections.append(_quality.selection_record(record, classes))
+        selections.append(_quality.selection_record(record, classes, choice))
+        t_gate = time.perf_counter()
+        draw_seconds += t_gate - t_draw
         ctx.progress(0, None, f"memorization gate over {len(x)} synthetic images")
         flagged, embedder_sha = _gate.flagged(ctx, x, split, dataset_version_id)
+        gate_seconds += time.perf_counter() - t_gate
         for c in range(len(classes)):
             mine = y == c
             drawn_per_class[c] += int(mine.sum())
@@ -142,7 +152,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
         )
     syn_x = np.concatenate(kept_x) if kept_x else np.zeros((0, resolution, resolution), np.uint8)
     syn_y = np.concatenate(kept_y) if kept_y else np.zeros(0, np.int64)
-    gate_seconds = time.perf_counter() - t0
     ctx.progress(0, None, "measuring the synthetic pool (FID, precision, recall, classes)")
     pool_quality = _quality.pool_quality(
         ctx,
@@ -202,6 +211,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "copydetect_sha256": embedder_sha,
             # Per draw: how its images were chosen from a larger one (oversample 1: all).
             "selection": selections,
+            # Seconds spent drawing (and choosing) the images, and checking them.
+            "draw_seconds": round(draw_seconds, 1),
             "gate_seconds": round(gate_seconds, 1),
             # The pool as the classifiers saw it, in the version's quality spaces.
             "quality": pool_quality,

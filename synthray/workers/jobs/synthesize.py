@@ -18,18 +18,24 @@ from synthray.workers.jobs import _quality
 def run(ctx: JobContext) -> dict[str, Any]:
     from synthray.models.checkpoint import ChecksumMismatch
     from synthray.models.generators.files import load_generator
-    from synthray.models.generators.selection import sample_typical
+    from synthray.models.generators.selection import sample_chosen
 
     batch_id = int(ctx.params["batch_id"])
-    # Jobs queued before images were chosen from a larger draw keep every image.
+    # Jobs queued before images were chosen from a larger draw keep every image; those
+    # queued before there was a choice of score keep the most typical.
     oversample = float(ctx.params.get("oversample", 1.0))
+    choice = str(ctx.params.get("choice", "typical"))
     with ctx.session() as s:
         batch = batches.get(s, batch_id)
         if batch.check_job_id is not None:
             return {"batch_id": batch_id, "check_job_id": batch.check_job_id}
         mv = registry.get_version_by_id(s, int(ctx.params["model_version_id"]))
         classes, blob, encoder_sha = list(mv.classes), mv.blob_sha256, mv.encoder_sha256
-        dataset_classes = list(datasets.ready_version(s, mv.dataset_version_id).classes)
+        dataset_version_id = mv.dataset_version_id
+        resolution = int(mv.config["generator"]["resolution"])
+        split = None
+        if oversample > 1 and encoder_sha is not None:  # what the choice compares with
+            split = datasets.load_split(s, ctx.blobs, dataset_version_id, resolution)
         created_by = jobs.creator(s, ctx.job_id)
     counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
     total = sum(counts.values())
@@ -41,27 +47,31 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(
             "the registered generator file does not match its recorded sha256; refusing to load it"
         ) from exc
-    chooser = None
-    if oversample > 1 and encoder_sha is not None:
-        chooser = _quality.class_chooser(ctx, encoder_sha, classes, dataset_classes)
+    seed = int(ctx.params["seed"])
+    chosen = None
+    if split is not None:
+        chosen = _quality.chooser(
+            ctx, choice, encoder_sha, split, dataset_version_id, classes, seed
+        )
     ctx.progress(0, total, "sampling")
     started = time.perf_counter()
-    kept = f", keeping the most typical {100 / oversample:.0f}% of each class" if chooser else ""
+    kept = f", keeping the {choice} {100 / oversample:.0f}% of each class" if chosen else ""
 
     def on_progress(done: int, of: int) -> None:
         rate = done / max(time.perf_counter() - started, 1e-9)
         ctx.progress(done, of, f"sampled {done} of {of} ({rate:.0f} img/s{kept})")
 
-    images, labels, record = sample_typical(
+    images, labels, record = sample_chosen(
         generator,
         counts,
-        seed=int(ctx.params["seed"]),
+        seed=seed,
         oversample=oversample,
-        own_probability=chooser,
+        score=chosen[0] if chosen else None,
+        scored_as=chosen[1] if chosen else "score",
         device=ctx.settings.device,
         on_progress=on_progress,
     )
-    selection = _quality.selection_record(record, classes)
+    selection = _quality.selection_record(record, classes, choice)
     images_blob, _ = ctx.blobs.put_arrays(images=images, labels=labels.astype(np.int64))
     with ctx.session() as s:
         check_job = batches.record_samples(

@@ -66,12 +66,16 @@ def test_evaluation_runs_every_arm_and_is_stored_with_its_lineage(
     assert synthetic["seed"] == 0 and synthetic["drawn"] >= sum(synthetic["used_per_class"])
     assert synthetic["draws"] >= 1 and sum(synthetic["drawn_per_class"]) == synthetic["drawn"]
     assert sum(synthetic["flagged_per_class"]) == synthetic["flagged"]
+    # Drawing and gating are timed apart, and together take no longer than the job.
+    assert synthetic["draw_seconds"] > 0 and synthetic["gate_seconds"] > 0
+    assert synthetic["draw_seconds"] + synthetic["gate_seconds"] <= result["seconds"] + 0.2
     # Its images were chosen as synthesis chooses a batch's: 1.25 times as many drawn per
-    # class (the site's default), the most typical of each class gated and used.
+    # class (the site's default), the best of each class by the site's choice gated and used.
     assert e["params"]["oversample"] == settings.synthesis_oversample == 1.25
+    assert e["params"]["choice"] == settings.synthesis_choice == "realistic"
     assert len(synthetic["selection"]) == synthetic["draws"]
     for selection in synthetic["selection"]:
-        assert selection["oversample"] == 1.25
+        assert selection["oversample"] == 1.25 and selection["by"] == "realistic"
         for figures in selection["per_class"].values():
             assert figures["drawn"] == math.ceil(1.25 * figures["kept"])
     gated = sum(s["kept"] for s in synthetic["selection"])
