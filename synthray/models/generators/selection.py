@@ -1,7 +1,7 @@
 """Choosing which synthetic images to keep from a larger draw.
 
 Synthesis draws ``oversample`` times the images asked for and keeps, per class, the best
-scored. Two scores (``CHOICES``):
+scored. Two scores (the keys of ``SCORED_AS``):
 
 - ``realistic``: the estimated density ratio of the class's real training films to its
   generated images at the image's features (:func:`realest`), in the dataset version's
@@ -33,10 +33,9 @@ from torch import nn
 
 from synthray.models.generators.sampling import sample_images
 
-CHOICES = ("realistic", "typical")
 # Fewest real films and generated images of a class that realest compares.
 MIN_TO_COMPARE = 10
-# What each choice's score is, as the selection record names it.
+# Each choice (app.fields.Choice) and what its score is, as the selection record names it.
 SCORED_AS = {"realistic": "log_ratio", "typical": "probability"}
 
 # (images (N, R, R) uint8, labels (N,) generator class ids) -> (N,) score, the higher kept

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 
+from synthray.app.fields import Choice
 from synthray.models.generators.dcgan import DCGANConfig, Generator, build_seeded
 from synthray.models.generators.sampling import sample_images
-from synthray.models.generators.selection import best_scored, drawn_counts, realest, sample_chosen
+from synthray.models.generators.selection import (
+    SCORED_AS,
+    best_scored,
+    drawn_counts,
+    realest,
+    sample_chosen,
+)
 
 
 def _generator() -> Generator:
@@ -124,3 +133,7 @@ def test_realest_drops_the_images_from_where_the_draw_has_more_than_the_real_fil
     # Too few to estimate anything: no preference, so the earliest drawn are kept.
     assert not realest(real[:9], generated, seed=0).any()
     assert not realest(real, generated[:9], seed=0).any()
+
+
+def test_every_choice_the_api_accepts_has_a_score() -> None:
+    assert set(get_args(Choice)) == set(SCORED_AS)
