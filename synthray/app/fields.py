@@ -39,7 +39,7 @@ Id32 = Annotated[int, Strict(), Field(ge=1, le=INT32_MAX)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 Label = Annotated[str, Field(min_length=1, max_length=100)]
 Column = Annotated[str, Field(min_length=1, max_length=200)]
-# How an oversampled synthetic draw is chosen from (models.generators.selection.CHOICES).
+# How an oversampled synthetic draw is chosen from (models.generators.selection.SCORED_AS).
 Choice = Literal["realistic", "typical"]
 RelPath = Annotated[str, Field(max_length=1024)]
 MAX_CLASSES = 64
