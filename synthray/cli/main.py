@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from synthray.app.evaluations.schemas import format_interval
-from synthray.app.registry.summary import quality_lines
+from synthray.app.registry.summary import choice_caveats, quality_lines
 from synthray.cli.client import ApiError, Client
 
 app = typer.Typer(help="SynthRay: privacy-gated synthetic chest radiographs.", no_args_is_help=True)
@@ -586,21 +586,8 @@ def evaluate(
         out.print("The synthetic images the classifiers used (chosen and gated, as exported):")
         for line in quality_lines(pool):
             out.print(f"  {line}")
-        ways = {
-            s.get("by", "typical")
-            for s in evaluation["summary"]["synthetic"].get("selection", [])
-            if s.get("oversample", 1) > 1
-        }
-        if "typical" in ways:
-            out.print(
-                "  (the images were chosen by the same real-trained classifier that scores "
-                "class consistency, so that figure is not independent of the choice)"
-            )
-        if "realistic" in ways:
-            out.print(
-                "  (the images were chosen in the self-supervised space, so its figures are "
-                "not independent of the choice; the supervised space's are)"
-            )
+        for caveat in choice_caveats(evaluation["summary"]["synthetic"].get("selection", [])):
+            out.print(f"  ({caveat})")
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
         _download(c, f"/evaluations/{eid}/result.csv", dest / f"evaluation-{eid}.csv")

@@ -298,7 +298,7 @@ def test_synthesize_check_export_download(
     assert manifest["exported_per_class"] == {"Normal": 6, "Effusion": 6, "Cardiomegaly": 6}
     assert manifest["provenance"]["selection"] == selection == card["selection"]
     assert "chosen from 24 drawn (oversample 1.25): per class, those most like" in scorecard
-    assert "ranks no image for being near one film" in scorecard
+    assert "(no image is ranked for being near one film). Every" in scorecard
     assert "memorization_report.json" in names
     # The privacy scorecard: the batch's gate figures and the generator's audit, in words
     # and as JSON, both listed with their hashes.

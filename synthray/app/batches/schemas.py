@@ -47,7 +47,8 @@ CHOICE = (
 
 # What each choice kept, in words (the demo, the batches page, PRIVACY.md).
 CHOSEN_BY = {
-    "realistic": "per class, those most like the class's real training films as a whole",
+    "realistic": "per class, those most like the class's real training films as a whole "
+    "(no image is ranked for being near one film)",
     "typical": "per class, those a classifier trained on the training films found most "
     "typical of their class",
 }

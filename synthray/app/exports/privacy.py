@@ -242,13 +242,7 @@ def markdown(card: dict[str, Any]) -> str:
         lines += [
             f"The batch's {chosen['kept']} images were chosen from {chosen['drawn']} drawn "
             f"(oversample {chosen['oversample']:g}): {CHOSEN_BY[chosen.get('by', 'typical')]}"
-            + (
-                " (a regression that compares the draw with those films as a whole ranks no "
-                "image for being near one film)"
-                if chosen.get("by") == "realistic"
-                else ""
-            )
-            + ". Every chosen image was checked by the gate; the membership-inference audit "
+            ". Every chosen image was checked by the gate; the membership-inference audit "
             "below ran on the generator's images before any such choice.",
             "",
         ]

@@ -32,6 +32,23 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+# What each way of choosing a pool's images leaves not independent of the choice.
+_CHOICE_CAVEATS = {
+    "typical": "the images were chosen by the same real-trained classifier that scores "
+    "class consistency, so that figure is not independent of the choice",
+    "realistic": "the images were chosen in the self-supervised space, so its figures are "
+    "not independent of the choice; the supervised space's are",
+}
+
+
+def choice_caveats(selections: list[dict[str, Any]]) -> list[str]:
+    """The caveats on a chosen pool's quality figures, one per way its draws were chosen
+    (``selections``: the selection records of its draws; those that kept every image
+    drawn add none, those recorded before there was a choice were ``typical``)."""
+    ways = {s.get("by", "typical") for s in selections if s.get("oversample", 1) > 1}
+    return [_CHOICE_CAVEATS[way] for way in sorted(ways, reverse=True)]
+
+
 def _fid_ratio(q: dict[str, Any], space: dict[str, Any]) -> str:
     """The generated-to-floor FID ratio, its median and range over the subsamples compared
     (figures stored before there were several comparisons have none)."""

@@ -134,27 +134,30 @@ def chooser(
     ctx: JobContext,
     choice: str,
     encoder_sha256: str | None,
-    split: SplitArrays,
     dataset_version_id: int,
+    dataset_classes: list[str],
     classes: list[str],
     seed: int,
+    split: SplitArrays | None,
 ) -> tuple[Score, str] | None:
     """The score by which a synthesis or evaluation of a version keeps images from a larger
     draw, with the name the selection record gives it (``selection.SCORED_AS``); None
     when the version has nothing to score with (no supervised quality encoder: it was
     trained without quality metrics, and its images are all kept). Labels index
-    ``classes``.
+    ``classes``; ``dataset_classes`` are the dataset version's.
 
     ``typical``: the probability the supervised encoder ``encoder_sha256`` (the version's)
     gives each image of its class. ``realistic``: :func:`selection.realest` against the
     class's training films in the dataset version's self-supervised space; its folds are
-    seeded from ``seed`` and the class."""
+    seeded from ``seed`` and the class. Only ``realistic`` reads ``split`` (the version's
+    films at the generator's resolution), so a caller that has no other use for them
+    loads them for it alone."""
     from synthray.models.evaluation import quality
     from synthray.models.generators.selection import SCORED_AS, realest
 
     if encoder_sha256 is None:
         return None
-    to_dataset = np.array([list(split.classes).index(c) for c in classes], dtype=np.int64)
+    to_dataset = np.array([dataset_classes.index(c) for c in classes], dtype=np.int64)
     if choice == "typical":
         classifier = quality.load_encoder(
             ctx.blobs.path(encoder_sha256), expected_sha256=encoder_sha256
@@ -167,6 +170,8 @@ def chooser(
         return own, SCORED_AS[choice]
     if choice != "realistic":
         raise JobFailed(f"unknown choice {choice!r}")
+    if split is None:
+        raise ValueError("the realistic choice compares with the training films: pass split")
     ssl, _, _ = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     real_features: dict[int, np.ndarray] = {}  # per class, computed once
 

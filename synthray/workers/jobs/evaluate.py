@@ -100,7 +100,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
     chosen = None
     if oversample > 1:
         chosen = _quality.chooser(
-            ctx, choice, encoder_sha, split, dataset_version_id, classes, seed
+            ctx,
+            choice,
+            encoder_sha,
+            dataset_version_id,
+            list(split.classes),
+            classes,
+            seed,
+            split=split,
         )
     selections: list[dict[str, Any]] = []
     kept_x: list[np.ndarray] = []

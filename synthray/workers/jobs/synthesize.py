@@ -33,8 +33,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
         classes, blob, encoder_sha = list(mv.classes), mv.blob_sha256, mv.encoder_sha256
         dataset_version_id = mv.dataset_version_id
         resolution = int(mv.config["generator"]["resolution"])
+        dataset_classes = list(datasets.ready_version(s, dataset_version_id).classes)
         split = None
-        if oversample > 1 and encoder_sha is not None:  # what the choice compares with
+        if oversample > 1 and encoder_sha is not None and choice == "realistic":
+            # The training films the realistic choice compares with; nothing else here
+            # needs them.
             split = datasets.load_split(s, ctx.blobs, dataset_version_id, resolution)
         created_by = jobs.creator(s, ctx.job_id)
     counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
@@ -49,9 +52,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ) from exc
     seed = int(ctx.params["seed"])
     chosen = None
-    if split is not None:
+    if oversample > 1:
         chosen = _quality.chooser(
-            ctx, choice, encoder_sha, split, dataset_version_id, classes, seed
+            ctx,
+            choice,
+            encoder_sha,
+            dataset_version_id,
+            dataset_classes,
+            classes,
+            seed,
+            split=split,
         )
     ctx.progress(0, total, "sampling")
     started = time.perf_counter()

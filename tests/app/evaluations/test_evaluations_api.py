@@ -18,6 +18,7 @@ from support import NIH_INGEST, Keys, auth, copy_subset, run_queued
 
 from synthray.app.audit.tables import AuditEvent
 from synthray.app.db import session_scope
+from synthray.app.registry.summary import choice_caveats
 from synthray.app.storage import BlobStore
 from synthray.config import Settings
 
@@ -107,6 +108,12 @@ def test_evaluation_runs_every_arm_and_is_stored_with_its_lineage(
     for share, n in zip(pool["class_mix"]["reference"].values(), real, strict=True):
         assert abs(share - n / sum(real)) < 1e-4
     assert e["summary"]["synthetic"]["quality"] == pool
+    # The caveat the CLI prints under the pool's figures names the space of the choice.
+    (caveat,) = choice_caveats(e["summary"]["synthetic"]["selection"])
+    assert "chosen in the self-supervised space" in caveat
+    typical = [s | {"by": "typical"} for s in synthetic["selection"]]
+    assert "class consistency" in choice_caveats(typical)[0]
+    assert choice_caveats([{"oversample": 1.0}]) == []
     assert len(result["scores"]["DS1"]) == 2
     # TSTR trains on as many images as DS1 holds, all synthetic.
     tstr, ds1 = result["scores"]["TSTR"][0], result["scores"]["DS1"][0]
