@@ -321,6 +321,13 @@ def test_synthesize_check_export_download(
     assert mi["unit"] == "patient (one film each)"
     assert mi["members"] == mi["nonmembers"] <= mi["holdout_patients"]
     assert 0 < mi["control_nonmembers"] <= mi["nonmembers"] // 2
+    # Each nearest-synthetic attack again with real films of non-member training patients
+    # in place of the synthetic images, in the table's last column.
+    assert 0 < mi["space_control_films"] <= mi["train_patients"] - mi["members"]
+    for a in mi["attacks"]:
+        assert ("space_control" in a) is (a["attack"] == "nearest-synthetic")
+    assert "| space control AUROC |" in scorecard
+    assert f"{mi['space_control_films']} real films of training patients" in scorecard
     assert f"{mi['members']} training patients (members)" in scorecard
     assert mi["conclusive"] is (mi["nonmembers"] >= 100)
     assert ("inconclusive:" in scorecard) is not mi["conclusive"]

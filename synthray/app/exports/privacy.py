@@ -278,21 +278,34 @@ def markdown(card: dict[str, Any]) -> str:
             f"({mia['control_nonmembers']} posing as members"
             + (", the non-members halved" if audit_unit(mia) == "patients" else "")
             + "), which nothing can tell apart "
-            "and should score an AUROC near 0.5. Goal: AUROC at most "
+            "and should score an AUROC near 0.5."
+            + (
+                " Space control, for the nearest-synthetic attacks: the same attack with "
+                f"{mia['space_control_films']} real films of training patients who are not "
+                "members in place of the synthetic images. A similarity space learned from "
+                "the training films (the supervised encoder, the copy-detection embedding) "
+                "may place members nearer any film than it places unseen patients, with no "
+                "generator involved; the space control shows how much of an attack's "
+                "AUROC that explains."
+                if mia.get("space_control_films")
+                else ""
+            )
+            + " Goal: AUROC at most "
             f"{goal['auroc']} and true-positive rate at most {_pct(goal['tpr_at_1pct_fpr'])} at "
             "1% false positives, for every attack.",
             "",
             "| attack | space | AUROC [95% bootstrap] | TPR at 1% FPR | control AUROC | "
-            "control TPR |",
-            "|---|---|---|---|---|---|",
+            "control TPR | space control AUROC |",
+            "|---|---|---|---|---|---|---|",
         ]
         for a in mia["attacks"]:
             lo, hi = a["auroc_interval"]
             c = a["control"]
+            space = a.get("space_control")
             lines.append(
                 f"| {a['attack']} | {a['space']} | {a['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | "
                 f"{_pct(a['tpr_at_1pct_fpr'])} | {c['auroc']:.3f} | "
-                f"{_pct(c['tpr_at_1pct_fpr'])} |"
+                f"{_pct(c['tpr_at_1pct_fpr'])} | " + (f"{space['auroc']:.3f} |" if space else "- |")
             )
         lines += [
             "",

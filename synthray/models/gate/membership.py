@@ -26,6 +26,11 @@ Attacks:
 Every attack also runs as a control: the non-members halved, one half posing as
 members. Nothing tells them apart, so the control's AUROC must sit near 0.5; if it does not,
 the attack is measuring something other than membership (class mix, image size, chance).
+Every nearest-synthetic attack also runs as a space control: real films of training patients
+who are not members stand in for the synthetic images. A space learned from the training
+films can place members nearer any film than unseen patients' films with no generator
+involved (an over-optimistic attack the first control cannot show, since both its sides are
+unseen); the space control's AUROC is that part.
 Members are drawn to the class mix of the non-members, for the same reason. The unit is the
 patient: one film per patient, and no patient on both sides of any comparison
 (``draw_groups``).
@@ -208,6 +213,20 @@ def draw_groups(
     )
 
 
+def reference_films(
+    members: np.ndarray, train_keys: np.ndarray | None, n_train: int, size: int, seed: int
+) -> np.ndarray:
+    """(<= size,) sorted indices into the training images: one film each of up to ``size``
+    training patients who are not among the members (``members``: their films' indices),
+    drawn at random. The real films that stand in for the synthetic images in the space
+    control (see :func:`audit`)."""
+    keys = keys_or_films(train_keys, n_train)
+    rng = np.random.default_rng(seed + 7919)
+    others = one_film_each(keys, rng)
+    others = others[~np.isin(keys[others], keys[members])]
+    return np.sort(rng.permutation(others)[:size])
+
+
 # ------------------------------------------------------------------------ attacks
 def nearest_synthetic_pixel(synthetic: np.ndarray, real: np.ndarray) -> np.ndarray:
     """(N,) the best shift/flip/crop-robust pixel correlation of each real image with any
@@ -326,9 +345,11 @@ def audit(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every attack against members vs non-members, and as a control against two disjoint
-    non-member sets. Labels index the dataset's classes; ``generator_classes`` maps those to
-    the generator's own class ids (members and non-members of other classes are left out of
-    the generator attacks). ``train_keys`` and ``holdout_keys``: the films' patient keys
+    non-member sets; every nearest-synthetic attack also as a space control, with real
+    films of training patients who are not members in place of the synthetic images.
+    Labels index the dataset's classes; ``generator_classes`` maps those to the generator's
+    own class ids (members and non-members of other classes are left out of the generator
+    attacks). ``train_keys`` and ``holdout_keys``: the films' patient keys
     (one film per patient per group; without them every film counts as a patient).
     Returns a JSON-ready dict with a verdict against the goals."""
     groups = draw_groups(train_labels, holdout_labels, per_group, seed, train_keys, holdout_keys)
@@ -346,7 +367,13 @@ def audit(
     attacks: list[dict[str, Any]] = []
     member_nonmember: list[np.ndarray] = []  # per attack, for the permutation null
 
-    def add(name: str, space: str, scores: np.ndarray, keep: np.ndarray | None = None) -> None:
+    def add(
+        name: str,
+        space: str,
+        scores: np.ndarray,
+        keep: np.ndarray | None = None,
+        real_in_place: np.ndarray | None = None,
+    ) -> None:
         both = np.asarray(scores, np.float64).copy()
         if keep is not None:
             both[~keep] = np.nan  # left out of the figures and of every permuted draw
@@ -354,22 +381,42 @@ def audit(
         m, h = both[:n], both[n:]
         c, ch = h[ctrl], h[ctrl_rest]
         m, h, c, ch = (x[~np.isnan(x)] for x in (m, h, c, ch))
-        attacks.append(
-            {
-                "attack": name,
-                "space": space,
-                **figures(m, h, seed),
-                "control": figures(c, ch, seed + 1),
-                "members": len(m),
-                "nonmembers": len(h),
-            }
-        )
+        attack = {
+            "attack": name,
+            "space": space,
+            **figures(m, h, seed),
+            "control": figures(c, ch, seed + 1),
+            "members": len(m),
+            "nonmembers": len(h),
+        }
+        if real_in_place is not None:
+            attack["space_control"] = figures(real_in_place[:n], real_in_place[n:], seed + 2)
+        attacks.append(attack)
 
+    # The space control: the same attack with real films of other training patients in
+    # place of the synthetic images. A space learned from the training films (the
+    # supervised encoder) may place members nearer other training films than it places
+    # unseen patients, with no generator involved; what the attack finds beyond that is
+    # the generator's.
+    # With every training patient a member there is no one to stand in.
+    reference = train_images[
+        reference_films(groups.members, train_keys, len(train_images), len(synthetic), seed)
+    ]
     say("membership audit: nearest synthetic image, pixel space")
-    add("nearest-synthetic", "pixel", nearest_synthetic_pixel(synthetic, stacked))
+    add(
+        "nearest-synthetic",
+        "pixel",
+        nearest_synthetic_pixel(synthetic, stacked),
+        real_in_place=nearest_synthetic_pixel(reference, stacked) if len(reference) else None,
+    )
     for space in spaces:
         say(f"membership audit: nearest synthetic image, {space.name} space")
-        add("nearest-synthetic", space.name, nearest_synthetic(space, synthetic, stacked))
+        add(
+            "nearest-synthetic",
+            space.name,
+            nearest_synthetic(space, synthetic, stacked),
+            real_in_place=nearest_synthetic(space, reference, stacked) if len(reference) else None,
+        )
     if generator is not None:
         say("membership audit: inverting the generator on members and non-members")
         mapping = generator_classes or {int(c): int(c) for c in np.unique(stacked_y)}
@@ -394,6 +441,9 @@ def audit(
         "nonmembers": len(groups.nonmembers),
         # The control: the non-members halved, this many posing as members.
         "control_nonmembers": len(groups.control),
+        # The space control's stand-ins: real films of training patients who are not
+        # members, one each, as many as the synthetic images where the site has them.
+        "space_control_films": len(reference),
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),

@@ -141,6 +141,9 @@ def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
     # Half the members were copied: they are found at 1% false positives.
     assert pixel["auroc"] > 0.7 and pixel["tpr_at_1pct_fpr"] >= 0.25
     assert abs(pixel["control"]["auroc"] - 0.5) < 0.2
+    # Real films of other training patients in place of the copies find no one.
+    assert abs(pixel["space_control"]["auroc"] - 0.5) < 0.2
+    assert pixel["space_control"]["tpr_at_1pct_fpr"] < 0.2
     assert not leaky["passed"]
     # Copies of half the members are far outside what chance gives.
     assert leaky["worst_tpr_by_chance"]["p_value"] < 0.01
@@ -150,6 +153,46 @@ def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
     assert 0.3 < clean["attacks"][0]["auroc"] < 0.7
     assert clean["attacks"][0]["tpr_at_1pct_fpr"] < 0.2
     assert clean["worst_tpr_by_chance"]["p_value"] > 10 * leaky["worst_tpr_by_chance"]["p_value"]
+
+
+def test_a_space_fitted_to_the_members_shows_itself_in_the_space_control() -> None:
+    """An encoder trained on the training films may place them nearer everything than it
+    places unseen patients' films: the nearest-synthetic attack in its space then finds
+    "members" with no generator memorizing anything. The space control (real films of other
+    training patients in place of the synthetic images) shows the same separation."""
+    films = _films(240)
+    train, hold, fresh = films[:80], films[80:160], films[160:]
+    zeros = np.zeros(80, dtype=np.int64)
+    known = {f.tobytes() for f in train}
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), -1).astype(np.float32) / 255.0
+
+    centre = flat(train).mean(0)
+
+    def fitted(x: np.ndarray) -> np.ndarray:  # pulls the films it was fitted on inwards
+        f = flat(x)
+        seen = np.array([img.tobytes() in known for img in x])
+        f[seen] = 0.5 * f[seen] + 0.5 * centre
+        return f
+
+    # Films of unseen patients as the "synthetic" images: nothing was memorized.
+    out = mia.audit(
+        fresh, train, zeros, hold, zeros, spaces=[mia.Space("fitted", fitted, "l2")], per_group=40
+    )
+    pixel, space = out["attacks"]
+    assert space["auroc"] > 0.65 and space["space_control"]["auroc"] > 0.65
+    assert abs(space["control"]["auroc"] - 0.5) < 0.2  # the non-member halves cannot show it
+    assert abs(pixel["space_control"]["auroc"] - 0.5) < 0.2
+    # The real films standing in: training patients, none of them a member.
+    groups = mia.draw_groups(zeros, zeros, 40, 0)
+    reference = mia.reference_films(groups.members, None, 80, 80, 0)
+    assert len(reference) == 40 and not np.isin(reference, groups.members).any()
+    keys = np.repeat(np.arange(40), 2)  # two films per patient
+    members = mia.draw_groups(zeros, zeros, 20, 0, keys, None).members
+    reference = mia.reference_films(members, keys, 80, 80, 0)
+    assert not np.isin(keys[reference], keys[members]).any()
+    assert len(np.unique(keys[reference])) == len(reference) == 40 - len(members)
 
 
 def test_chance_gives_a_worst_tpr_above_two_percent_at_small_groups() -> None:
