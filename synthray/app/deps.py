@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +49,7 @@ def writes_on_read(endpoint: F) -> F:
 
 
 # A request's session carries this flag when its database calls may run on the event loop,
-# and this key when it is the sync face of an AsyncSession on psycopg's asyncio driver.
+# and this key when it is the sync face of an AsyncSession (``db.read_engine``).
 INLINE = "synthray_inline"
 ON_ASYNC_DRIVER = "synthray_async_session"
 RETRIED = "synthray_retried"  # a call on a dead pooled connection was made again
@@ -66,8 +66,8 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
     Making the session does no I/O (it connects at its first statement), so it is made on
     the event loop. Its database calls go through :func:`blocking`: a read-only request on
     SQLite makes them on the event loop; a read-only request on PostgreSQL whose endpoint
-    is marked :func:`reads_only` makes them on the event loop too, on psycopg's asyncio
-    driver; every other request makes them in the thread pool."""
+    is marked :func:`reads_only` makes them on the event loop too, on an asyncio
+    driver (``db.read_engine``); every other request makes them in the thread pool."""
     url = settings.sqlalchemy_url
     route = request.scope.get("route")
     endpoint = getattr(route, "endpoint", None)
@@ -195,7 +195,7 @@ async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
             return await run_in_threadpool(fn, *args, **kwargs)
         return await _through_gate(gate, session, fn, *args, **kwargs)
     try:
-        return await reader.run_sync(lambda _: fn(*args, **kwargs))
+        return await _on_reader(reader, fn, *args, **kwargs)
     except DBAPIError as exc:
         # A pooled connection the database closed (a restart) fails its first statement;
         # the pool then drops every connection as old as it. The read pool does not ping
@@ -206,7 +206,17 @@ async def off_loop(session: Session, fn: Callable[..., T], /, *args: Any, **kwar
             raise
         session.info[RETRIED] = True
         await reader.rollback()
+        return await _on_reader(reader, fn, *args, **kwargs)
+
+
+async def _on_reader(reader: AsyncSession, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    try:
         return await reader.run_sync(lambda _: fn(*args, **kwargs))
+    except OSError as exc:
+        # asyncpg raises a refused or failed connect as the socket's own error, where
+        # psycopg raises OperationalError: either way the database cannot be reached (503).
+        # The reader's endpoints read no files, so an OSError here is the connection's.
+        raise OperationalError("connecting to the database", None, exc) from exc
 
 
 async def _through_gate(

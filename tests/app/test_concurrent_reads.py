@@ -1,5 +1,5 @@
 """Reads under concurrency. A read-only request makes its database calls on the event loop
-(``deps.blocking``: directly on SQLite, on psycopg's asyncio driver on PostgreSQL when its
+(``deps.blocking``: directly on SQLite, on an asyncio driver on PostgreSQL when its
 endpoint only reads), every other request in the thread pool; a call on the loop that
 waited (for a pooled connection, for a lock) would stall every request at once, including
 those holding what it waits for. These tests drive the real app over HTTP with more
@@ -94,7 +94,7 @@ def test_a_read_on_the_loop_does_not_wait_behind_a_writer(settings: Settings) ->
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 def test_postgres_reads_use_the_asyncio_pool_and_its_stop_closes_it(settings: Settings) -> None:
     """A read-only request on PostgreSQL whose endpoint only reads waits on the database
-    on the event loop (psycopg's asyncio driver, ``db.read_engine``); its connections carry
+    on the event loop (asyncpg, ``db.read_engine``); its connections carry
     their own application name, and are closed when the application stops. A refused read
     is audited through the same connection."""
     keys: Keys = make_keys(settings)
@@ -129,6 +129,30 @@ def test_postgres_reads_use_the_asyncio_pool_and_its_stop_closes_it(settings: Se
     with session_scope(settings.sqlalchemy_url, read_only=True) as s:
         refusals = [e for e in audit.list_events(s, 10) if e.outcome == "refused"]
     assert {e.object_id for e in refusals} == {"GET /v1/keys", f"GET /v1/jobs/{job_id}"}
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize(("options", "driver"), [("", "asyncpg"), ("?sslmode=disable", "psycopg")])
+def test_the_read_pool_is_on_asyncpg_unless_the_url_has_libpq_options(
+    settings: Settings, options: str, driver: str
+) -> None:
+    """asyncpg names libpq's URL options otherwise (``ssl``, not ``sslmode``): a site whose
+    database URL carries them keeps psycopg's asyncio driver, and either connects."""
+    from sqlalchemy import text
+
+    from synthray.app.db import READ_POOL_NAME, read_engine
+
+    async def one_read() -> tuple[str, str]:
+        engine = read_engine(settings.sqlalchemy_url + options)
+        assert engine is not None
+        try:
+            async with engine.connect() as conn:
+                name = await conn.execute(text("SELECT current_setting('application_name')"))
+                return engine.dialect.driver, name.scalar_one()
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(one_read()) == (driver, READ_POOL_NAME)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
