@@ -175,6 +175,17 @@ class Settings(BaseSettings):
         description="Most generated images per class, on average, for the quality metrics "
         "(drawn as far as the held-out images reach in the training mix).",
     )
+    # One 931-image draw moved the worst nearest-synthetic AUROC of one 128 px version over
+    # 0.514-0.559 (its verdict flipped with the draw); three draws' worth at once, 0.525-0.530
+    # (README, "A fourth weight-3 run").
+    audit_synthetic_draws: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Synthetic images the membership-inference audit attacks with, in "
+        "quality draws: the quality metrics' draw and this many less one more like it "
+        "(other seeds, the same class mix).",
+    )
     audit_per_group: int = Field(
         500,
         ge=10,

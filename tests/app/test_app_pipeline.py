@@ -105,7 +105,9 @@ def test_ingest_with_no_usable_image_fails_with_a_reason(
     assert ds["versions"][0]["state"] == "failed"
 
 
-def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World) -> None:
+def test_registry_records_lineage(
+    client: TestClient, keys: Keys, settings: Settings, trained: World
+) -> None:
     m = client.get("/v1/models/m", headers=auth(keys.reviewer)).json()
     v = m["versions"][0]
     assert v["version"] == 1
@@ -127,6 +129,9 @@ def test_registry_records_lineage(client: TestClient, keys: Keys, trained: World
     assert 0 < q["compared_images"] <= min(30, v["metrics"]["holdout_images"])
     assert set(q["class_mix"]["reference"]) == {"Normal", "Effusion", "Cardiomegaly"}
     assert q["samples_per_class"] == {"Normal": 10, "Effusion": 10, "Cardiomegaly": 10}
+    # The membership audit attacks with that draw and as many draws again less one.
+    assert settings.audit_synthetic_draws == 3
+    assert v["metrics"]["privacy_audit"]["synthetic"] == 3 * 30
     assert q["encoder_sha256"] == v["encoder_sha256"] and len(v["encoder_sha256"]) == 64
     assert len(q["ssl_encoder_sha256"]) == 64 and q["ssl_encoder_sha256"] != q["encoder_sha256"]
     # How much training each space's encoder got travels with the figures.

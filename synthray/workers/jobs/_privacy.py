@@ -45,20 +45,40 @@ def audit(
     gen_path: Path,
     dataset_version_id: int,
     members: tuple[np.ndarray, np.ndarray, np.ndarray],
-    synthetic: np.ndarray,
+    drawn: tuple[np.ndarray, np.ndarray],
     refused: set[str],
 ) -> dict[str, Any]:
     """``members``: the training images, their labels (the generator's class ids) and
     patient keys;
-    ``synthetic``: generated images of the classes synthesis serves. Classes synthesis
-    refuses (``refused``) stay out: their images never leave the building."""
+    ``drawn``: the quality metrics' generated images of the classes synthesis serves and
+    their labels (the generator's class ids); the audit attacks with them and
+    ``audit_synthetic_draws`` - 1 more draws like them. Classes synthesis refuses
+    (``refused``) stay out: their images never leave the building."""
     from synthray.models.evaluation import quality
     from synthray.models.gate import copydetect
     from synthray.models.gate.membership import Space, TooFewImages, reidentification
     from synthray.models.gate.membership import audit as run_audit
     from synthray.models.generators.files import load_generator
+    from synthray.models.generators.sampling import sample_images
 
     started = time.monotonic()
+    generator = load_generator(gen_path, expected_sha256=None)
+    synthetic, drawn_y = drawn
+    more = ctx.settings.audit_synthetic_draws - 1
+    if more > 0 and len(drawn_y):
+        # One draw's nearest-synthetic figures move with the draw; more images steady them,
+        # and a partner's bundle holds thousands.
+        counts = {c: more * int(n) for c, n in enumerate(np.bincount(drawn_y)) if n}
+        extra, _ = sample_images(
+            generator,
+            counts,
+            seed=12346,  # the quality draw's is 12345
+            device=ctx.settings.device,
+            on_progress=lambda done, of: ctx.progress(
+                done, of, f"sampling {of} more images for the membership audit"
+            ),
+        )
+        synthetic = np.concatenate([synthetic, extra])
     served = [i for i, c in enumerate(classes) if c not in refused]
     train_images, train_labels, train_keys = members
     keep_train = np.isin(train_labels, served)
@@ -88,7 +108,7 @@ def audit(
             hold_images[keep_hold],
             hold_labels[keep_hold],
             spaces=spaces,
-            generator=load_generator(gen_path, expected_sha256=None),
+            generator=generator,
             train_keys=train_keys[keep_train],
             holdout_keys=hold_keys[keep_hold],
             per_group=ctx.settings.audit_per_group,

@@ -168,7 +168,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             gen_path,
             dataset_version_id,
             (train_images, train_labels, keys),
-            synthetic[0],
+            synthetic,
             set(thin),
         )
     metrics = {
