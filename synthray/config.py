@@ -14,6 +14,10 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# How an oversampled synthetic draw is chosen from (models.generators.selection.SCORED_AS);
+# the API's requests take the same (app.fields).
+Choice = Literal["realistic", "typical"]
+
 DEV_SECRET = "dev-only-not-a-secret"
 EMBEDDED_BROKER = "embedded"
 
@@ -140,7 +144,7 @@ class Settings(BaseSettings):
         "asked for and keep, per class, the best by synthesis_choice (1: keep every image "
         "drawn); a request's own oversample wins.",
     )
-    synthesis_choice: Literal["realistic", "typical"] = Field(
+    synthesis_choice: Choice = Field(
         "realistic",
         description="Which images an oversampled draw keeps, per class: realistic, those "
         "most like the class's real training films as a whole (a density ratio in the "

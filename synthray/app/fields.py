@@ -10,10 +10,12 @@ without a bound, so a new endpoint cannot forget these.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Path, Query
 from pydantic import BaseModel, Field, Strict, model_validator
+
+from synthray.config import Choice as Choice  # the API takes what the setting takes
 
 INT32_MAX = 2**31 - 1
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
@@ -39,8 +41,6 @@ Id32 = Annotated[int, Strict(), Field(ge=1, le=INT32_MAX)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 Label = Annotated[str, Field(min_length=1, max_length=100)]
 Column = Annotated[str, Field(min_length=1, max_length=200)]
-# How an oversampled synthetic draw is chosen from (models.generators.selection.SCORED_AS).
-Choice = Literal["realistic", "typical"]
 RelPath = Annotated[str, Field(max_length=1024)]
 MAX_CLASSES = 64
 MAX_LABEL_MAP = 1000

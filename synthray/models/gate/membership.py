@@ -393,12 +393,8 @@ def audit(
             attack["space_control"] = figures(real_in_place[:n], real_in_place[n:], seed + 2)
         attacks.append(attack)
 
-    # The space control: the same attack with real films of other training patients in
-    # place of the synthetic images. A space learned from the training films (the
-    # supervised encoder) may place members nearer other training films than it places
-    # unseen patients, with no generator involved; what the attack finds beyond that is
-    # the generator's.
-    # With every training patient a member there is no one to stand in.
+    # The space control's stand-ins (module docstring); none when every training patient
+    # is a member.
     reference = train_images[
         reference_films(groups.members, train_keys, len(train_images), len(synthetic), seed)
     ]

@@ -72,7 +72,7 @@ def audit(
         extra, _ = sample_images(
             generator,
             counts,
-            seed=12346,  # the quality draw's is 12345
+            seed=_quality.QUALITY_DRAW_SEED + 1,
             device=ctx.settings.device,
             on_progress=lambda done, of: ctx.progress(
                 done, of, f"sampling {of} more images for the membership audit"

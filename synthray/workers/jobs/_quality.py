@@ -5,6 +5,7 @@ resolution and registered by sha256."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,29 +134,29 @@ def pool_quality(
 def chooser(
     ctx: JobContext,
     choice: str,
+    oversample: float,
     encoder_sha256: str | None,
     dataset_version_id: int,
     dataset_classes: list[str],
     classes: list[str],
     seed: int,
-    split: SplitArrays | None,
+    films: Callable[[], SplitArrays],
 ) -> tuple[Score, str] | None:
-    """The score by which a synthesis or evaluation of a version keeps images from a larger
-    draw, with the name the selection record gives it (``selection.SCORED_AS``); None
-    when the version has nothing to score with (no supervised quality encoder: it was
-    trained without quality metrics, and its images are all kept). Labels index
-    ``classes``; ``dataset_classes`` are the dataset version's.
+    """The score by which a synthesis or evaluation of a version keeps images from a
+    draw ``oversample`` times larger, with the name the selection record gives it
+    (``selection.SCORED_AS``); None when every image drawn is kept (``oversample`` 1, or
+    no supervised quality encoder: the version was trained without quality metrics).
+    Labels index ``classes``; ``dataset_classes`` are the dataset version's.
 
     ``typical``: the probability the supervised encoder ``encoder_sha256`` (the version's)
     gives each image of its class. ``realistic``: :func:`selection.realest` against the
     class's training films in the dataset version's self-supervised space; its folds are
-    seeded from ``seed`` and the class. Only ``realistic`` reads ``split`` (the version's
-    films at the generator's resolution), so a caller that has no other use for them
-    loads them for it alone."""
+    seeded from ``seed`` and the class. Only ``realistic`` calls ``films`` (the version's
+    split at the generator's resolution)."""
     from synthray.models.evaluation import quality
     from synthray.models.generators.selection import SCORED_AS, realest
 
-    if encoder_sha256 is None:
+    if oversample <= 1 or encoder_sha256 is None:
         return None
     to_dataset = np.array([dataset_classes.index(c) for c in classes], dtype=np.int64)
     if choice == "typical":
@@ -170,8 +171,7 @@ def chooser(
         return own, SCORED_AS[choice]
     if choice != "realistic":
         raise JobFailed(f"unknown choice {choice!r}")
-    if split is None:
-        raise ValueError("the realistic choice compares with the training films: pass split")
+    split = films()
     ssl, _, _ = encoder(ctx, split, dataset_version_id, SELF_SUPERVISED)
     real_features: dict[int, np.ndarray] = {}  # per class, computed once
 
@@ -201,6 +201,7 @@ def selection_record(
 
 
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
+QUALITY_DRAW_SEED = 12345  # the train job's draw for the quality figures and the audit
 # Fewest generated images per class, whatever the held-out set holds: class consistency
 # is a rate over them.
 MIN_SAMPLES_PER_CLASS = 50
@@ -263,7 +264,7 @@ def measure(
     fake_x, fake_y = sample_images(
         generator,
         counts,
-        seed=12345,
+        seed=QUALITY_DRAW_SEED,
         device=ctx.settings.device,
         on_progress=lambda done, of: ctx.progress(
             done, of, f"sampling {of} images for the quality metrics"

@@ -97,18 +97,17 @@ def run(ctx: JobContext) -> dict[str, Any]:
     oversample = float(p.get("oversample", 1.0))
     choice = str(p.get("choice", "typical"))
     seed = int(p["synthesis_seed"])
-    chosen = None
-    if oversample > 1:
-        chosen = _quality.chooser(
-            ctx,
-            choice,
-            encoder_sha,
-            dataset_version_id,
-            list(split.classes),
-            classes,
-            seed,
-            split=split,
-        )
+    chosen = _quality.chooser(
+        ctx,
+        choice,
+        oversample,
+        encoder_sha,
+        dataset_version_id,
+        list(split.classes),
+        classes,
+        seed,
+        lambda: split,
+    )
     selections: list[dict[str, Any]] = []
     kept_x: list[np.ndarray] = []
     kept_y: list[np.ndarray] = []

@@ -9,6 +9,7 @@ import numpy as np
 
 from synthray.app.batches import service as batches
 from synthray.app.datasets import service as datasets
+from synthray.app.datasets.service import SplitArrays
 from synthray.app.jobs import service as jobs
 from synthray.app.jobs.context import JobContext, JobFailed
 from synthray.app.registry import service as registry
@@ -34,11 +35,6 @@ def run(ctx: JobContext) -> dict[str, Any]:
         dataset_version_id = mv.dataset_version_id
         resolution = int(mv.config["generator"]["resolution"])
         dataset_classes = list(datasets.ready_version(s, dataset_version_id).classes)
-        split = None
-        if oversample > 1 and encoder_sha is not None and choice == "realistic":
-            # The training films the realistic choice compares with; nothing else here
-            # needs them.
-            split = datasets.load_split(s, ctx.blobs, dataset_version_id, resolution)
         created_by = jobs.creator(s, ctx.job_id)
     counts = {classes.index(c): int(n) for c, n in ctx.params["counts"].items() if int(n) > 0}
     total = sum(counts.values())
@@ -51,18 +47,22 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "the registered generator file does not match its recorded sha256; refusing to load it"
         ) from exc
     seed = int(ctx.params["seed"])
-    chosen = None
-    if oversample > 1:
-        chosen = _quality.chooser(
-            ctx,
-            choice,
-            encoder_sha,
-            dataset_version_id,
-            dataset_classes,
-            classes,
-            seed,
-            split=split,
-        )
+
+    def films() -> SplitArrays:  # what the realistic choice compares with
+        with ctx.session() as s:
+            return datasets.load_split(s, ctx.blobs, dataset_version_id, resolution)
+
+    chosen = _quality.chooser(
+        ctx,
+        choice,
+        oversample,
+        encoder_sha,
+        dataset_version_id,
+        dataset_classes,
+        classes,
+        seed,
+        films,
+    )
     ctx.progress(0, total, "sampling")
     started = time.perf_counter()
     kept = f", keeping the {choice} {100 / oversample:.0f}% of each class" if chosen else ""
