@@ -331,6 +331,11 @@ def test_synthesize_check_export_download(
     assert 0 < mi["space_control_films"] <= mi["train_patients"] - mi["members"]
     for a in mi["attacks"]:
         assert ("space_control" in a) is (a["attack"] == "nearest-synthetic")
+        # The three draws' worth of images, each draw alone as well.
+        nearest = a["attack"] == "nearest-synthetic"
+        assert len(a.get("auroc_by_draw", [])) == (3 if nearest else 0)
+    assert mi["synthetic_draws"] == 3
+    assert f"{mi['synthetic']} synthetic images are 3 draws alike" in scorecard
     assert "| space control AUROC |" in scorecard
     assert f"{mi['space_control_films']} real films of training patients" in scorecard
     assert f"{mi['members']} training patients (members)" in scorecard

@@ -235,13 +235,32 @@ def nearest_synthetic_pixel(synthetic: np.ndarray, real: np.ndarray) -> np.ndarr
     return matcher.match(real, 1, with_ssim=False).scores[:, 0].astype(np.float64)
 
 
-def nearest_synthetic(space: Space, synthetic: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """(N,) similarity of each real image to its nearest synthetic image in ``space``:
-    cosine for ``ip``, minus the Euclidean distance for ``l2``."""
-    index = ExactIndex(np.ascontiguousarray(space.embed(synthetic), np.float32), space.metric)
-    scores, _ = index.search(np.ascontiguousarray(space.embed(real), np.float32), 1)
+def nearest_embedded(metric: str, synthetic: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """(N,) similarity of each real image's features to the nearest synthetic image's
+    (both (n, d) float32, embedded in one space): cosine for ``ip``, minus the Euclidean
+    distance for ``l2``."""
+    index = ExactIndex(np.ascontiguousarray(synthetic, np.float32), metric)
+    scores, _ = index.search(np.ascontiguousarray(real, np.float32), 1)
     s = scores[:, 0].astype(np.float64)
-    return s if space.metric == "ip" else -np.sqrt(np.maximum(s, 0.0))
+    return s if metric == "ip" else -np.sqrt(np.maximum(s, 0.0))
+
+
+def nearest_by_draw(
+    nearest: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    synthetic: np.ndarray,
+    real: np.ndarray,
+    draws: np.ndarray | None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``nearest(synthetic, real)`` over all the synthetic images, and the same within each
+    draw alone (``draws``: each synthetic image's draw; none, or one draw: no per-draw
+    scores). Searched draw by draw, at the cost of one search over all: the nearest image of
+    all is the nearest of the draws' nearest ones."""
+    labels = np.unique(draws) if draws is not None else np.zeros(1)
+    if len(labels) < 2:
+        return nearest(synthetic, real), []
+    assert draws is not None
+    by_draw = [nearest(synthetic[draws == d], real) for d in labels]
+    return np.max(by_draw, axis=0), by_draw
 
 
 def _to_tensor(images: np.ndarray) -> Tensor:
@@ -342,6 +361,7 @@ def audit(
     per_group: int = 500,
     seed: int = 0,
     inversion_steps: int = 20,
+    draws: np.ndarray | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Every attack against members vs non-members, and as a control against two disjoint
@@ -351,6 +371,9 @@ def audit(
     own class ids (members and non-members of other classes are left out of the generator
     attacks). ``train_keys`` and ``holdout_keys``: the films' patient keys
     (one film per patient per group; without them every film counts as a patient).
+    ``draws``: each synthetic image's draw, where the images come from several draws
+    alike; every nearest-synthetic attack then also gives its AUROC with each draw alone
+    (``auroc_by_draw``), which shows how far one draw's chance moves it.
     Returns a JSON-ready dict with a verdict against the goals."""
     groups = draw_groups(train_labels, holdout_labels, per_group, seed, train_keys, holdout_keys)
     stacked = np.concatenate([train_images[groups.members], holdout_images[groups.nonmembers]])
@@ -373,6 +396,7 @@ def audit(
         scores: np.ndarray,
         keep: np.ndarray | None = None,
         real_in_place: np.ndarray | None = None,
+        by_draw: list[np.ndarray] | None = None,
     ) -> None:
         both = np.asarray(scores, np.float64).copy()
         if keep is not None:
@@ -391,7 +415,19 @@ def audit(
         }
         if real_in_place is not None:
             attack["space_control"] = figures(real_in_place[:n], real_in_place[n:], seed + 2)
+        if by_draw:
+            attack["auroc_by_draw"] = [round(auroc(d[:n], d[n:]), 4) for d in by_draw]
         attacks.append(attack)
+
+    def nearest_attack(
+        space: str,
+        nearest: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        embed: Callable[[np.ndarray], np.ndarray] = lambda images: images,
+    ) -> None:
+        real = embed(stacked)
+        scores, by_draw = nearest_by_draw(nearest, embed(synthetic), real, draws)
+        in_place = nearest(embed(reference), real) if len(reference) else None
+        add("nearest-synthetic", space, scores, real_in_place=in_place, by_draw=by_draw)
 
     # The space control's stand-ins (module docstring); none when every training patient
     # is a member.
@@ -399,20 +435,10 @@ def audit(
         reference_films(groups.members, train_keys, len(train_images), len(synthetic), seed)
     ]
     say("membership audit: nearest synthetic image, pixel space")
-    add(
-        "nearest-synthetic",
-        "pixel",
-        nearest_synthetic_pixel(synthetic, stacked),
-        real_in_place=nearest_synthetic_pixel(reference, stacked) if len(reference) else None,
-    )
+    nearest_attack("pixel", nearest_synthetic_pixel)
     for space in spaces:
         say(f"membership audit: nearest synthetic image, {space.name} space")
-        add(
-            "nearest-synthetic",
-            space.name,
-            nearest_synthetic(space, synthetic, stacked),
-            real_in_place=nearest_synthetic(space, reference, stacked) if len(reference) else None,
-        )
+        nearest_attack(space.name, partial(nearest_embedded, space.metric), space.embed)
     if generator is not None:
         say("membership audit: inverting the generator on members and non-members")
         mapping = generator_classes or {int(c): int(c) for c in np.unique(stacked_y)}
@@ -443,6 +469,7 @@ def audit(
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),
+        "synthetic_draws": len(np.unique(draws)) if draws is not None and len(draws) else 1,
         "attacks": attacks,
         "worst_auroc": worst_auroc,
         "worst_tpr_at_1pct_fpr": worst_tpr,

@@ -64,12 +64,13 @@ def audit(
     started = time.monotonic()
     generator = load_generator(gen_path, expected_sha256=None)
     synthetic, drawn_y = drawn
+    draws = np.zeros(len(drawn_y), np.int64)  # which draw each image is of
     more = ctx.settings.audit_synthetic_draws - 1
     if more > 0 and len(drawn_y):
         # One draw's nearest-synthetic figures move with the draw; more images steady them,
         # and a partner's bundle holds thousands.
         counts = {c: more * int(n) for c, n in enumerate(np.bincount(drawn_y)) if n}
-        extra, _ = sample_images(
+        extra, extra_y = sample_images(
             generator,
             counts,
             seed=_quality.QUALITY_DRAW_SEED + 1,
@@ -79,6 +80,7 @@ def audit(
             ),
         )
         synthetic = np.concatenate([synthetic, extra])
+        draws = np.concatenate([draws, 1 + _split_into_draws(extra_y, more)])
     served = [i for i, c in enumerate(classes) if c not in refused]
     train_images, train_labels, train_keys = members
     keep_train = np.isin(train_labels, served)
@@ -113,6 +115,7 @@ def audit(
             holdout_keys=hold_keys[keep_hold],
             per_group=ctx.settings.audit_per_group,
             seed=0,
+            draws=draws,
             on_progress=lambda msg: ctx.progress(0, None, msg),
         )
     except TooFewImages:
@@ -138,3 +141,14 @@ def audit(
     result["classes"] = [classes[i] for i in served]
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
+
+
+def _split_into_draws(labels: np.ndarray, draws: int) -> np.ndarray:
+    """(N,) which of ``draws`` draws each image of one sampling is counted in: each class's
+    images split in order into ``draws`` equal parts, so every draw has the class mix of
+    the whole (its latent codes are independent draws)."""
+    out = np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        at = np.flatnonzero(labels == c)
+        out[at] = np.arange(len(at)) * draws // len(at)
+    return out

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from support import load_nih
 
+from synthray.app.exports import privacy
 from synthray.app.exports.privacy import false_flag_interval
 from synthray.app.registry import summary
 from synthray.models.gate import membership as mia
@@ -153,6 +154,33 @@ def test_nearest_synthetic_attack_finds_copies_and_nothing_else() -> None:
     assert 0.3 < clean["attacks"][0]["auroc"] < 0.7
     assert clean["attacks"][0]["tpr_at_1pct_fpr"] < 0.2
     assert clean["worst_tpr_by_chance"]["p_value"] > 10 * leaky["worst_tpr_by_chance"]["p_value"]
+
+
+def test_each_draw_alone_shows_how_far_one_draw_moves_the_attack() -> None:
+    """Synthetic images from two draws: the second holds noisy copies of half the members,
+    the first only films of other patients. Each attack is scored with both draws together
+    (the nearest image of all is the nearer of each draw's nearest) and with each alone."""
+    films = _films(240)
+    train, hold, fresh = films[:80], films[80:160], films[160:]
+    zeros = np.zeros(80, dtype=np.int64)
+    members = mia.draw_groups(zeros, zeros, 40, 0).members
+    noise = np.random.default_rng(3).normal(0, 6, size=(20, 64, 64))
+    copies = np.clip(train[members[:20]].astype(float) + noise, 0, 255).astype(np.uint8)
+    synthetic = np.concatenate([fresh[:20], copies])
+    draws = np.repeat([0, 1], 20)
+    flat = mia.Space("flat", lambda x: x.reshape(len(x), -1).astype(np.float32), "l2")
+    out = mia.audit(synthetic, train, zeros, hold, zeros, spaces=[flat], per_group=40, draws=draws)
+    together = mia.audit(synthetic, train, zeros, hold, zeros, spaces=[flat], per_group=40)
+    assert out["synthetic_draws"] == 2 and together["synthetic_draws"] == 1
+    for a, b in zip(out["attacks"], together["attacks"], strict=True):
+        assert a["auroc"] == b["auroc"] and a["tpr_at_1pct_fpr"] == b["tpr_at_1pct_fpr"]
+        first, second = a["auroc_by_draw"]
+        assert abs(first - 0.5) < 0.2 and second > 0.7
+        assert "auroc_by_draw" not in b
+    scorecard = "\n".join(privacy._by_draw(out))
+    worst = max(a["auroc_by_draw"][1] for a in out["attacks"])
+    assert "40 synthetic images are 2 draws alike" in scorecard and f"{worst:.3f}" in scorecard
+    assert privacy._by_draw(together) == []
 
 
 def test_a_space_fitted_to_the_members_shows_itself_in_the_space_control() -> None:
