@@ -15,6 +15,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    commits,
     reads_only,
     writes_on_read,
 )
@@ -24,6 +25,7 @@ router = APIRouter(tags=["batches"])
 
 
 @router.post("/synthesize", response_model=SynthesizeAccepted, status_code=status.HTTP_202_ACCEPTED)
+@commits
 def synthesize(
     body: SynthesizeRequest, session: SessionDep, settings: SettingsDep, who: OperatorDep
 ) -> SynthesizeAccepted:

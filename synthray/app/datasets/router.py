@@ -9,6 +9,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    commits,
     multipart_body,
     reads_only,
 )
@@ -18,6 +19,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
 @router.post("", response_model=IngestAccepted, status_code=status.HTTP_202_ACCEPTED)
+@commits
 def create_dataset_version(
     body: DatasetCreate, session: SessionDep, settings: SettingsDep, who: OperatorDep
 ) -> IngestAccepted:

@@ -5,7 +5,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
-from synthray.app.deps import BlobsDep, OperatorDep, SessionDep, SettingsDep, StaffDep, reads_only
+from synthray.app.deps import (
+    BlobsDep,
+    OperatorDep,
+    SessionDep,
+    SettingsDep,
+    StaffDep,
+    commits,
+    reads_only,
+)
 from synthray.app.evaluations import service
 from synthray.app.evaluations.schemas import (
     EvaluationAccepted,
@@ -19,6 +27,7 @@ router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
 
 @router.post("", response_model=EvaluationAccepted, status_code=status.HTTP_202_ACCEPTED)
+@commits
 def create_evaluation(
     req: EvaluationCreate, session: SessionDep, settings: SettingsDep, who: OperatorDep
 ) -> EvaluationAccepted:

@@ -14,6 +14,7 @@ from synthray.app.deps import (
     ReviewerDep,
     SessionDep,
     SettingsDep,
+    commits,
     reads_only,
     writes_on_read,
 )
@@ -32,6 +33,7 @@ router = APIRouter(prefix="/exports", tags=["exports"])
 
 
 @router.post("", response_model=ExportAccepted, status_code=status.HTTP_202_ACCEPTED)
+@commits
 def request_export(
     body: ExportCreate, session: SessionDep, settings: SettingsDep, who: OperatorDep
 ) -> ExportAccepted:

@@ -11,6 +11,7 @@ from synthray.app.deps import (
     SessionDep,
     SettingsDep,
     StaffDep,
+    commits,
     reads_only,
     writes_on_read,
 )
@@ -30,6 +31,7 @@ router = APIRouter(tags=["registry"])
 
 
 @router.post("/train", response_model=TrainAccepted, status_code=status.HTTP_202_ACCEPTED)
+@commits
 def train(
     body: TrainRequest, session: SessionDep, settings: SettingsDep, who: OperatorDep
 ) -> TrainAccepted:
