@@ -46,7 +46,7 @@ from synthray.models.generators.registry import ARCHITECTURES, DEFAULT_ARCHITECT
 from synthray.models.generators.training import family_of
 from synthray.models.generators.trainloop import BudgetedRun
 from synthray.models.runtime import (
-    cpu_bf16_fast,
+    cpu_has_bf16_units,
     keep_freed_memory,
     resolve_device,
     resolve_precision,
@@ -192,7 +192,7 @@ def main() -> None:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     # Without bf16 units the CPU emulates bf16 (a 2048^3 matmul takes about a minute): the
     # training step then runs in fp32, and bf16 is measured small, for information only.
-    bf16_units = device.type == "cuda" or cpu_bf16_fast()
+    bf16_units = device.type == "cuda" or cpu_has_bf16_units()
     first = {
         "fp32": matmul_peak(device, torch.float32, n, 3.0),
         "bf16": matmul_peak(device, torch.bfloat16, n if bf16_units else 256, 3.0),

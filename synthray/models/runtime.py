@@ -15,12 +15,19 @@ convolution at 1/8 of the fp32 speed. So every CPU path that would autocast to b
 sampling, the copy-detection embedding, the quality encoder, the nearest-neighbour shortlist)
 asks :func:`cpu_bf16_fast` first and stays in fp32 where it is False.
 
-The answer comes from torch's own CPU feature probes (``torch.cpu._is_avx512_bf16_supported``,
-``torch.cpu._is_amx_tile_supported``, which read CPUID); if a torch release drops them, the
-answer is False, which is slow on new CPUs but never wrong. :func:`allow_cpu_bf16` turns bf16
-off for the process whatever the CPU (the ``SYNTHRAY_CPU_BF16=off`` setting, applied in every
-worker process and read from the environment at import, which is how the benchmarks take
-it): fp32 everywhere, as on a CPU without bf16 units.
+The units are necessary, not sufficient: on a 2-core Intel Xeon that reports AVX512-BF16 but
+no AMX, a 2048x2048 matmul ran at 61 GFLOP/s in bf16 against 110 in fp32, and a 128 px latent
+flow trained slower in bf16 than in fp32 (README, "CPU precision"). So the answer is
+measured: where torch's own CPU feature probes (``torch.cpu._is_avx512_bf16_supported``,
+``torch.cpu._is_amx_tile_supported``, which read CPUID) report the units, a small matmul and
+a small channels-last convolution, the two kinds of work the networks are made of, are timed
+in both precisions, alternating, once per process (:func:`_bf16_measured_faster`, about a
+tenth of a second), and bf16 is used only if it is clearly faster (:data:`BF16_MARGIN`). If a
+torch release drops the probes, the answer is False, which is slow on new CPUs but never
+wrong. :func:`allow_cpu_bf16` turns bf16 off for the process whatever the CPU (the
+``SYNTHRAY_CPU_BF16=off`` setting, applied in every worker process and read from the
+environment at import, which is how the benchmarks take it): fp32 everywhere, as on a CPU
+without bf16 units.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import math
 import os
+import time
 
 import torch
 from torch import nn
@@ -47,18 +56,57 @@ def allow_cpu_bf16(allowed: bool) -> None:
 
 
 def cpu_bf16_fast() -> bool:
-    """True if this CPU has native bf16 matmul units (AVX512-BF16 or AMX) and bf16 is allowed
-    (:func:`allow_cpu_bf16`)."""
-    return _bf16_allowed and _cpu_has_bf16_units()
+    """True if this CPU has native bf16 units (AVX512-BF16 or AMX), bf16 measured clearly
+    faster than fp32 on them, and bf16 is allowed (:func:`allow_cpu_bf16`)."""
+    return _bf16_allowed and cpu_has_bf16_units() and _bf16_measured_faster()
 
 
 @functools.cache
-def _cpu_has_bf16_units() -> bool:
+def cpu_has_bf16_units() -> bool:
+    """True if torch's CPUID probes report AVX512-BF16 or AMX."""
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
         if fn is not None and bool(fn()):
             return True
     return False
+
+
+# bf16 is used where its probe work takes at most this share of fp32's time. Where it pays it
+# pays by 2x or more (a Zen 4's AVX512-BF16: 410 against 190 GFLOP/s; AMX: 2,500 against
+# 390); a CPU near the line gains little either way, and the margin keeps a noisy probe
+# from choosing bf16 there.
+BF16_MARGIN = 0.8
+_PROBE_ROUNDS = 3
+
+
+def bf16_probe_seconds() -> dict[str, float]:
+    """The best of :data:`_PROBE_ROUNDS` alternating rounds of the probe work (a 512 x 1024
+    by 1024 x 512 matmul and a 3 x 3 convolution of 64 channels on 8 x 32 x 32 inputs in
+    channels-last layout, forward only) in fp32 and under bf16 autocast, in seconds."""
+    with torch.inference_mode():
+        a, b = torch.randn(512, 1024), torch.randn(1024, 512)
+        conv = to_channels_last(nn.Conv2d(64, 64, 3, padding=1))
+        x = torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+
+        def work(bf16: bool) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                start = time.perf_counter()
+                a @ b
+                conv(x)
+                return time.perf_counter() - start
+
+        best = {"fp32": math.inf, "bf16": math.inf}
+        work(False), work(True)  # first calls pick and prepare the kernels
+        for _ in range(_PROBE_ROUNDS):
+            best["fp32"] = min(best["fp32"], work(False))
+            best["bf16"] = min(best["bf16"], work(True))
+    return best
+
+
+@functools.cache
+def _bf16_measured_faster() -> bool:
+    seconds = bf16_probe_seconds()
+    return seconds["bf16"] <= BF16_MARGIN * seconds["fp32"]
 
 
 def cpu_compute_dtype() -> torch.dtype:
