@@ -39,7 +39,7 @@ def test_bf16_is_used_where_the_cpu_has_the_units_and_they_measure_faster() -> N
         ratio = seconds["bf16"] / seconds["fp32"]
         if ratio <= BF16_MARGIN / 2:
             assert cpu_bf16_fast(), seconds
-        if ratio >= 1.0:
+        if ratio >= 1.25:  # bf16 clearly the slower (1.84x fp32's time on one Xeon)
             assert not cpu_bf16_fast(), seconds
     assert cpu_compute_dtype() == (torch.bfloat16 if cpu_bf16_fast() else torch.float32)
     x = torch.ones(4, 4)
