@@ -96,7 +96,8 @@ def bf16_probe_seconds() -> dict[str, float]:
                 return time.perf_counter() - start
 
         best = {"fp32": math.inf, "bf16": math.inf}
-        work(False), work(True)  # first calls pick and prepare the kernels
+        for bf16 in (False, True):  # the first calls pick and prepare the kernels
+            work(bf16)
         for _ in range(_PROBE_ROUNDS):
             best["fp32"] = min(best["fp32"], work(False))
             best["bf16"] = min(best["bf16"], work(True))

@@ -255,11 +255,9 @@ def nearest_by_draw(
     draw alone (``draws``: each synthetic image's draw; none, or one draw: no per-draw
     scores). Searched draw by draw, at the cost of one search over all: the nearest image of
     all is the nearest of the draws' nearest ones."""
-    labels = np.unique(draws) if draws is not None else np.zeros(1)
-    if len(labels) < 2:
+    if draws is None or len(np.unique(draws)) < 2:
         return nearest(synthetic, real), []
-    assert draws is not None
-    by_draw = [nearest(synthetic[draws == d], real) for d in labels]
+    by_draw = [nearest(synthetic[draws == d], real) for d in np.unique(draws)]
     return np.max(by_draw, axis=0), by_draw
 
 
@@ -469,7 +467,7 @@ def audit(
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),
-        "synthetic_draws": len(np.unique(draws)) if draws is not None and len(draws) else 1,
+        "synthetic_draws": 1 if draws is None else max(1, len(np.unique(draws))),
         "attacks": attacks,
         "worst_auroc": worst_auroc,
         "worst_tpr_at_1pct_fpr": worst_tpr,
