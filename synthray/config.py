@@ -171,7 +171,8 @@ class Settings(BaseSettings):
         "less well, so the default lets quality_encoder_steps finish at 128 px on "
         "2 CPU cores without bf16 units (about 300 s there).",
     )
-    # The floor moves with the held-out subsample (README, "Weight 3 through the product"),
+    # The floor moves with the held-out subsample (docs/measurements.md, "Weight 3 through
+    # the product"),
     # so the default draws enough for Kermany's 930 held-out films to be compared whole.
     quality_samples_per_class: int = Field(
         320,
@@ -181,7 +182,7 @@ class Settings(BaseSettings):
     )
     # One 931-image draw moved the worst nearest-synthetic AUROC of one 128 px version over
     # 0.514-0.559 (its verdict flipped with the draw); three draws' worth at once, 0.525-0.530
-    # (README, "A fourth weight-3 run").
+    # (docs/measurements.md, "A fourth weight-3 run").
     audit_synthetic_draws: int = Field(
         3,
         ge=1,

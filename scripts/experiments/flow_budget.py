@@ -1,9 +1,9 @@
 """Which velocity field learns most for a CPU's seconds?
 
 On a CPU without bf16 units the latent flow's step runs at the fp32 matmul rate, and 30
-minutes buy a quarter of the steps a CPU with bf16 units makes (README, "Measured: Kermany
-at 64 and 128 px"). This compares velocity-field settings (width, batch size) at equal
-seconds of fp32 training, on one shared autoencoder, by the flow-matching loss on the
+minutes buy a quarter of the steps a CPU with bf16 units makes (docs/measurements.md,
+"Measured: Kermany at 64 and 128 px"). This compares velocity-field settings (width, batch
+size) at equal seconds of fp32 training, on one shared autoencoder, by the flow-matching loss on the
 latents of held-out patients' films: the quantity the flow is trained to lower, measured
 on films it never saw, at fixed noise draws, so every variant is scored on the same
 questions.

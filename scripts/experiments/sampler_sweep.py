@@ -10,7 +10,7 @@ films is measured in the dataset version's two quality spaces (the encoders its 
 registered), beside the held-out floor, as the train job does. With ``--oversample`` each
 setting also reports a class-filtered draw (see the option). The images are NOT gated here
 (the evaluation job leaves flagged ones out), so the figures are for choosing settings, not
-for the README's utility tables.
+for the utility tables of docs/measurements.md.
 
     SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \
         scripts/experiments/sampler_sweep.py --model kermany --guidance 1.5,2,3 --steps 8 \

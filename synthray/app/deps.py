@@ -164,7 +164,8 @@ def _write_gate(url: str) -> asyncio.Lock:
     Every write transaction here takes SQLite's lock at BEGIN (``BEGIN IMMEDIATE``). Left
     to SQLite, the requests that find it taken wait in its busy handler, each polling with
     sleeps that grow to 100 ms; whoever polls at the right moment wins, so at 32 concurrent
-    submissions most waited milliseconds and some seconds (p99 3.1-3.3 s, README, "Load").
+    submissions most waited milliseconds and some seconds (p99 3.1-3.3 s, docs/measurements.md,
+    "Open items in detail").
     They also waited in the thread pool, a thread each. Queued here, they wait on the
     event loop, holding no thread, and SQLite's lock is then contended only by other
     processes (workers, the CLI), which still wait in the busy handler."""

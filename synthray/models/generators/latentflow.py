@@ -17,7 +17,7 @@ the conditional velocity alone is used, one network evaluation instead of two; a
 Kynkaanniemi et al., "Applying Guidance in a Limited Interval Improves Sample and
 Distribution Quality in Diffusion Models", NeurIPS 2024, arXiv:2404.07724). Guidance near
 pure noise mostly removes diversity; on chest films at 128 px the class detail a classifier
-learns from was added in the less noisy half (README, "Guidance on part of the path").
+learns from was added in the less noisy half (docs/measurements.md, "Guidance on part of the path").
 
 The network is a small U-Net (Ronneberger et al. 2015; as in Ho et al. 2020, DDPM) over the
 latent grid: residual blocks with group norm, whose normalised features are scaled and

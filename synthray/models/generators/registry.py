@@ -143,13 +143,13 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "ae_batch_size": 32,
                     # 64 px crops until the last quarter of the autoencoder's phase: no
                     # change at 64 px; at 128 px 2.9x the steps in the same seconds and
-                    # sharper reconstructions (README, "The autoencoder's ceiling").
+                    # sharper reconstructions (docs/measurements.md, "The autoencoder's ceiling").
                     "ae_crop": 64,
                     "lr_ae": 2e-3,
                     "lr_flow": 1e-3,
                     # The flow's learning rate falls to 0 over its last fifth: at 128 px
                     # supervised FID 4.3 against 6.7 and TSTR 0.612 against 0.594 (one run
-                    # each; README, "Measured: Kermany at 64 and 128 px").
+                    # each; docs/measurements.md, "Measured: Kermany at 64 and 128 px").
                     "flow_cooldown": 0.2,
                     "latent_size": 16,
                     "latent_channels": 4,
@@ -176,23 +176,24 @@ ARCHITECTURES: dict[str, Architecture] = {
                     # A 32 x 32 latent at 128 px (the autoencoder halves the side twice, as
                     # at 64 px, not three times): on a 2-core Zen 4, 1,800 s, one run each,
                     # TSTR 0.660 against 0.556 with the 16 x 16 latent (85% of real against
-                    # 72%), sharper films, for 2.2x the flow's cost per step (README,
+                    # 72%), sharper films, for 2.2x the flow's cost per step (docs/measurements.md,
                     # "Measured: Kermany at 64 and 128 px").
                     # Guidance only at t <= 0.5 (the less noisy half of the path): on one
                     # 128 px Kermany version (Xeon, 2 classifier seeds, ungated draws of
                     # 4,137) TSTR 0.662 against 0.653 guided throughout, supervised FID 1.5
-                    # against 32.6 (floor 0.67), 1.47x the images per second (README,
+                    # against 32.6 (floor 0.67), 1.47x the images per second (docs/measurements.md,
                     # "Guidance on part of the path"). At 64 px it measured worse (Kermany,
                     # 300 s, TSTR 72.0% against 80.9% of DS1, supervised FID 33.5 against
                     # 9.8), so 64 px guides every step.
                     # Weight 3 there: on that Xeon version TSTR 86.1% of DS1 against 84.7%
                     # at 2; on a Zen 3 version (seed 8, one draw of 900, compared in the
                     # training mix on five subsamples) supervised FID 1.00-1.23 against
-                    # 2.47-2.74 at 2, floor 0.34-1.00 (README, "How far the floor moves
-                    # with the subsample alone"). Through the product (one run, seed 9,
+                    # 2.47-2.74 at 2, floor 0.34-1.00 (docs/measurements.md, "How far the
+                    # floor moves with the subsample alone"). Through the product (one run, seed 9,
                     # bf16 Zen 4): TSTR 92.2% of DS1; supervised FID 5.1x its floor
                     # unselected, 3.1x as synthesis chooses, against 6.2x and more at
-                    # weight 2 on the same version (README, "Weight 3 through the product").
+                    # weight 2 on the same version (docs/measurements.md, "Weight 3 through
+                    # the product").
                     128: MappingProxyType(
                         {"latent_size": 32, "guidance": 3.0, "guidance_interval": [0.0, 0.5]}
                     ),
@@ -200,7 +201,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                     # costs what it costs at 128 px, and guidance as at 128 px. One run
                     # (2-core AMD EPYC, 1,800 s): recognizable films of each class,
                     # self-supervised FID 2.9x its floor, TSTR 72.9% of real with the viral
-                    # class lost (README, "256 px on 2 CPU cores"); no 16 x 16 run to compare.
+                    # class lost (docs/measurements.md, "256 px on 2 CPU cores"); no 16 x 16
+                    # run to compare.
                     256: MappingProxyType(
                         {"latent_size": 32, "guidance": 3.0, "guidance_interval": [0.0, 0.5]}
                     ),
@@ -212,7 +214,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             # flow loss 0.661 against 0.674 after 400 s, and through the product (128 px,
             # 1,800 s, bf16 switched off with SYNTHRAY_CPU_BF16=off, one generator run each)
             # TSTR 85.9% (Xeon) and 88.3% (Zen 4) of real where batch 32 gave 79.6% on a
-            # Zen 3; the exported pool's FID 2.8x and 3.7x its floor against 2.1x (README,
+            # Zen 3; the exported pool's FID 2.8x and 3.7x its floor against 2.1x
+            # (docs/measurements.md,
             # "Batch size on a CPU without bf16 units"). 256 px runs its flow on the same
             # 32 x 32 latent, so the same step costs the same there (no 256 px fp32 run with
             # it yet). 64 px (16 x 16 latent, 2.2x cheaper steps) keeps 32. bf16 keeps 32:

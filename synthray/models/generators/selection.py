@@ -16,7 +16,7 @@ scored. Two scores (the keys of ``SCORED_AS``):
   most typical, so the kept images are more typical than real films are (class
   consistency 0.88 against 0.77 for real unseen films on a 128 px Kermany version), and a
   class whose real films lie near another's (bacterial and viral pneumonia) is pushed away
-  from its real films (README, "Choosing by density ratio").
+  from its real films (docs/measurements.md, "Choosing by density ratio").
 
 What it costs: ``oversample`` times the sampling, and the scoring. What it does not
 change: every kept image is still checked by the memorization gate like any other.
@@ -77,10 +77,10 @@ def realest(
     Cross-fitted: each generated image is scored by a regression fitted without it (five
     folds), so that no image ranks as real for having been learned. ``seed`` fixes the
     folds. A linear logit in a few dozen components sees where the draw as a whole sits
-    away from the real films, not single films: on the 128 px Kermany version of the README
-    the kept images came closer to the real ones in both quality spaces. With fewer than
-    MIN_TO_COMPARE real or generated images there is no estimate: every score is 0, so
-    the earliest drawn are kept, as if nothing were chosen."""
+    away from the real films, not single films: on the 128 px Kermany version of
+    docs/measurements.md the kept images came closer to the real ones in both quality
+    spaces. With fewer than MIN_TO_COMPARE real or generated images there is no estimate:
+    every score is 0, so the earliest drawn are kept, as if nothing were chosen."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import KFold
