@@ -328,7 +328,9 @@ def test_synthesize_check_export_download(
     assert 0 < mi["control_nonmembers"] <= mi["nonmembers"] // 2
     # Each nearest-synthetic attack again with real films of non-member training patients
     # in place of the synthetic images, in the table's last column.
-    assert 0 < mi["space_control_films"] <= mi["train_patients"] - mi["members"]
+    # As many as the synthetic images where the site has them, one film a patient first.
+    assert 0 < mi["space_control_patients"] <= mi["train_patients"] - mi["members"]
+    assert mi["space_control_patients"] <= mi["space_control_films"] <= mi["synthetic"]
     for a in mi["attacks"]:
         assert ("space_control" in a) is (a["attack"] == "nearest-synthetic")
         # The three draws' worth of images, each draw alone as well.
@@ -337,7 +339,8 @@ def test_synthesize_check_export_download(
     assert mi["synthetic_draws"] == 3
     assert f"{mi['synthetic']} synthetic images are 3 draws alike" in scorecard
     assert "| space control AUROC |" in scorecard
-    assert f"{mi['space_control_films']} real films of training patients" in scorecard
+    stand_ins = f"{mi['space_control_films']} real films of {mi['space_control_patients']} training"
+    assert stand_ins in scorecard
     assert f"{mi['members']} training patients (members)" in scorecard
     assert mi["conclusive"] is (mi["nonmembers"] >= 100)
     assert ("inconclusive:" in scorecard) is not mi["conclusive"]

@@ -281,12 +281,13 @@ def markdown(card: dict[str, Any]) -> str:
             "and should score an AUROC near 0.5."
             + (
                 " Space control, for the nearest-synthetic attacks: the same attack with "
-                f"{mia['space_control_films']} real films of training patients who are not "
-                "members in place of the synthetic images. A similarity space learned from "
-                "the training films (the supervised encoder, the copy-detection embedding) "
-                "may place members nearer any film than it places unseen patients, with no "
-                "generator involved; the space control shows how much of an attack's "
-                "AUROC that explains."
+                f"{mia['space_control_films']} real films of "
+                f"{mia.get('space_control_patients', mia['space_control_films'])} training "
+                "patients who are not members in place of the synthetic images. A "
+                "similarity space learned from the training films (the supervised encoder, "
+                "the copy-detection embedding) may place members nearer any film than it "
+                "places unseen patients, with no generator involved; the space control "
+                "shows how much of an attack's AUROC that explains."
                 if mia.get("space_control_films")
                 else ""
             )

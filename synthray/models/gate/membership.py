@@ -216,15 +216,24 @@ def draw_groups(
 def reference_films(
     members: np.ndarray, train_keys: np.ndarray | None, n_train: int, size: int, seed: int
 ) -> np.ndarray:
-    """(<= size,) sorted indices into the training images: one film each of up to ``size``
-    training patients who are not among the members (``members``: their films' indices),
-    drawn at random. The real films that stand in for the synthetic images in the space
-    control (see :func:`audit`)."""
+    """(<= size,) sorted indices into the training images of patients who are not among
+    the members (``members``: their films' indices), drawn at random: one film each of up
+    to ``size`` such patients, and where there are fewer patients than ``size``, their
+    other films as well, until ``size`` or every such film. The real films that stand in
+    for the synthetic images in the space control (see :func:`audit`), as many as the
+    synthetic images where the site has them: a nearest-image search over a smaller set
+    finds farther neighbours for every film, and the control would then differ from the
+    attack by its size too."""
     keys = keys_or_films(train_keys, n_train)
     rng = np.random.default_rng(seed + 7919)
-    others = one_film_each(keys, rng)
-    others = others[~np.isin(keys[others], keys[members])]
-    return np.sort(rng.permutation(others)[:size])
+    outside = ~np.isin(keys, keys[members])
+    first = one_film_each(keys, rng)
+    first = rng.permutation(first[outside[first]])[:size]
+    if len(first) < size:
+        rest = np.flatnonzero(outside)
+        rest = rng.permutation(rest[~np.isin(rest, first)])[: size - len(first)]
+        first = np.concatenate([first, rest])
+    return np.sort(first)
 
 
 # ------------------------------------------------------------------------ attacks
@@ -429,9 +438,10 @@ def audit(
 
     # The space control's stand-ins (module docstring); none when every training patient
     # is a member.
-    reference = train_images[
-        reference_films(groups.members, train_keys, len(train_images), len(synthetic), seed)
-    ]
+    reference_idx = reference_films(
+        groups.members, train_keys, len(train_images), len(synthetic), seed
+    )
+    reference = train_images[reference_idx]
     say("membership audit: nearest synthetic image, pixel space")
     nearest_attack("pixel", nearest_synthetic_pixel)
     for space in spaces:
@@ -462,8 +472,11 @@ def audit(
         # The control: the non-members halved, this many posing as members.
         "control_nonmembers": len(groups.control),
         # The space control's stand-ins: real films of training patients who are not
-        # members, one each, as many as the synthetic images where the site has them.
+        # members (one each first), as many as the synthetic images where the site has them.
         "space_control_films": len(reference),
+        "space_control_patients": len(np.unique(np.asarray(train_keys)[reference_idx]))
+        if train_keys is not None
+        else len(reference),
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),

@@ -218,9 +218,13 @@ def test_a_space_fitted_to_the_members_shows_itself_in_the_space_control() -> No
     assert len(reference) == 40 and not np.isin(reference, groups.members).any()
     keys = np.repeat(np.arange(40), 2)  # two films per patient
     members = mia.draw_groups(zeros, zeros, 20, 0, keys, None).members
-    reference = mia.reference_films(members, keys, 80, 80, 0)
-    assert not np.isin(keys[reference], keys[members]).any()
-    assert len(np.unique(keys[reference])) == len(reference) == 40 - len(members)
+    others = 40 - len(members)  # patients who are not members
+    # Fewer such patients than asked for: one film each, then their second films.
+    for size, patients in ((others - 5, others - 5), (others + 5, others), (80, others)):
+        reference = mia.reference_films(members, keys, 80, size, 0)
+        assert not np.isin(keys[reference], keys[members]).any()
+        assert len(reference) == min(size, 2 * others) == len(np.unique(reference))
+        assert len(np.unique(keys[reference])) == patients
 
 
 def test_chance_gives_a_worst_tpr_above_two_percent_at_small_groups() -> None:
