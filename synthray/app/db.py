@@ -102,6 +102,9 @@ POOL_HEADROOM = 4
 # its connections waits on the event loop, holding nothing, so it needs no slots. At 32
 # concurrent reads on 2 cores: 5 kept gave 432-459 reads/s (p99 178-213 ms), 15 kept
 # 472-493 (p99 146-152 ms), 10 kept 461 (p99 162 ms) for two thirds of the connections.
+# Later, on asyncpg (three alternating rounds, a Xeon with AMX): 32 kept against 10 gave
+# 562-616 against 549-619 reads/s, p99 151-180 against 200-300 ms and p50 42-46 against
+# 33-37 ms: the API's one core is the limit, not the connections.
 PG_READ_POOL_SIZE = 10
 PG_READ_POOL_OVERFLOW = 5
 READ_POOL_NAME = "synthray-api-reads"  # its connections' application_name in pg_stat_activity
