@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The quality and utility tables of the README, through the product itself: a fresh
-# embedded deployment (SQLite, serverless broker, one worker), the reference data ingested
-# by the CLI, a generator trained for TRAIN_SECONDS (its quality metrics and gallery come
-# with the model version), then `synthray evaluate`.
+# The quality and utility tables of the README and docs/measurements.md, through the
+# product itself: a fresh embedded deployment (SQLite, serverless broker, one worker),
+# the reference data ingested by the CLI, a generator trained for TRAIN_SECONDS (its
+# quality metrics and gallery come with the model version), then `synthray evaluate`.
 #
 #   scripts/experiments/utility_study.sh kermany-imb   # viral class cut to 10% of its patients
 #   scripts/experiments/utility_study.sh kermany       # the three classes as they are

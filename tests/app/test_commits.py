@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from synthray.app.db import engine_for
-from synthray.app.deps import HOLDS_GATE, SessionDep, blocking, commits
+from synthray.app.deps import HOLDS_GATE, WRITE_GATE, SessionDep, blocking, commits
 from synthray.app.errors import Conflict
 from synthray.app.main import create_app
 from synthray.config import Settings
@@ -27,18 +27,21 @@ PROBE = "commits_probe"
 
 
 @pytest.fixture
-def probed(settings: Settings) -> Iterator[tuple[TestClient, list[tuple[bool, bool]]]]:
+def probed(settings: Settings) -> Iterator[tuple[TestClient, list[tuple[bool, ...]]]]:
     """The application with two probe routes, and what each request's session looked like
-    once its endpoint had returned: (still in a transaction, holding the write gate)."""
+    once its endpoint had returned: (still in a transaction, holding its turn at the write
+    gate, the gate locked at all)."""
     engine = engine_for(settings.sqlalchemy_url)
     with engine.begin() as conn:
         conn.execute(text(f"DROP TABLE IF EXISTS {PROBE}"))
         conn.execute(text(f"CREATE TABLE {PROBE} (n integer)"))
-    seen: list[tuple[bool, bool]] = []
+    seen: list[tuple[bool, ...]] = []
 
     def after_endpoint(session: SessionDep) -> Iterator[None]:
         yield  # set up after the session, so wound up before the session's own commit
-        seen.append((session.in_transaction(), bool(session.info.get(HOLDS_GATE))))
+        gate = session.info.get(WRITE_GATE)  # SQLite only
+        held = bool(session.info.get(HOLDS_GATE))
+        seen.append((session.in_transaction(), held, gate is not None and gate.locked()))
 
     probe = Annotated[None, Depends(after_endpoint, scope="function")]
 
@@ -70,7 +73,7 @@ def _stored(settings: Settings) -> list[int]:
 
 
 def test_a_submission_commits_in_its_endpoints_own_call(
-    settings: Settings, probed: tuple[TestClient, list[tuple[bool, bool]]]
+    settings: Settings, probed: tuple[TestClient, list[tuple[bool, ...]]]
 ) -> None:
     client, seen = probed
     sqlite = settings.sqlalchemy_url.startswith("sqlite")
@@ -78,12 +81,12 @@ def test_a_submission_commits_in_its_endpoints_own_call(
     r = client.post("/probe/plain", params={"n": 1})
     assert r.status_code == 200, r.text
     # Without the decorator the transaction, and on SQLite the gate, outlive the endpoint.
-    assert seen.pop() == (True, sqlite)
-    assert _stored(settings) == [1]  # committed before the response all the same
+    assert seen.pop() == (True, sqlite, sqlite)
+    assert _stored(settings) == [1]  # committed by the time the request completes
 
     r = client.post("/probe/commits", params={"n": 2})
     assert r.status_code == 200, r.text
-    assert seen.pop() == (False, False)  # committed, and the gate given up, in its call
+    assert seen.pop() == (False, False, False)  # committed, and the gate free, in its call
     assert _stored(settings) == [1, 2]
 
     r = client.post("/probe/commits", params={"n": -1})
@@ -91,3 +94,9 @@ def test_a_submission_commits_in_its_endpoints_own_call(
     assert r.json()["detail"] == "refused after writing"
     assert _stored(settings) == [1, 2]  # the refusal's write was rolled back
     assert not seen  # a refusal does not wind the probe up normally
+
+    # Nothing was left held: the next submission goes through at once.
+    r = client.post("/probe/commits", params={"n": 3})
+    assert r.status_code == 200, r.text
+    assert seen.pop() == (False, False, False)
+    assert _stored(settings) == [1, 2, 3]

@@ -135,7 +135,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 {
                     # Small batches of a narrow velocity field, so that a 2-core fp32 CPU
                     # makes enough flow steps in the demo's budget to draw radiographs
-                    # (the measurements are in the README, "Measured: the demo").
+                    # (docs/measurements.md, "Measured: the demo, run by run").
                     "batch_size": 32,
                     "ema_decay": 0.995,
                     "class_power": 0.5,
