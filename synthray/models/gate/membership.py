@@ -474,9 +474,9 @@ def audit(
         # The space control's stand-ins: real films of training patients who are not
         # members (one each first), as many as the synthetic images where the site has them.
         "space_control_films": len(reference),
-        "space_control_patients": len(np.unique(np.asarray(train_keys)[reference_idx]))
-        if train_keys is not None
-        else len(reference),
+        "space_control_patients": len(
+            np.unique(keys_or_films(train_keys, len(train_images))[reference_idx])
+        ),
         "train_patients": groups.train_patients,
         "holdout_patients": groups.holdout_patients,
         "synthetic": len(synthetic),
