@@ -12,7 +12,7 @@ setting also reports a class-filtered draw (see the option). The images are NOT 
 (the evaluation job leaves flagged ones out), so the figures are for choosing settings, not
 for the utility tables of docs/measurements.md.
 
-    SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \
+    SYNTHRAY_DEV_MODE=true SYNTHRAY_DATA_DIR=var/study-.../state .venv/bin/python \
         scripts/experiments/sampler_sweep.py --model kermany --guidance 1.5,2,3 --steps 8 \
         --interval none,0.36:0.92
 
