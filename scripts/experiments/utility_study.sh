@@ -11,7 +11,8 @@
 # Settings (environment): DATA (default ../shared/data), ARCH (latentflow), TRAIN_SECONDS
 # (300), RESOLUTION (64), GEN_SEED (0, the generator's training seed), SEEDS (3 classifier
 # seeds; 0 skips the evaluation), STEPS (300), ARMS (every arm; a comma list such as DS1,TSTR),
-# BATCH (the generator's batch size; the architecture's default if unset). Output:
+# BATCH (the generator's batch size; the architecture's default if unset), TRAIN_STEPS (a
+# step budget for the generator instead of TRAIN_SECONDS; both if both are set). Output:
 # var/study-<set>-<resolution>-<time>/ with train.json (the version's metrics), gallery.png,
 # the evaluation's CSV and chart, the worker and API logs, and summary.txt (the printed
 # table).
@@ -19,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SET=${1:?usage: utility_study.sh kermany-imb|kermany|nih}
 DATA=$(cd "${DATA:-../shared/data}" && pwd)
-TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+TRAIN_STEPS=${TRAIN_STEPS:-}
+if [ -n "$TRAIN_STEPS" ]; then TRAIN_SECONDS=${TRAIN_SECONDS:-}; else TRAIN_SECONDS=${TRAIN_SECONDS:-300}; fi
 RESOLUTION=${RESOLUTION:-64}
 SEEDS=${SEEDS:-3}
 ARCH=${ARCH:-latentflow}
@@ -68,9 +70,10 @@ case "$SET" in
         ;;
     *) echo "unknown set $SET" >&2; exit 2 ;;
 esac
-log "train $ARCH for ${TRAIN_SECONDS}s at ${RESOLUTION}px, seed $GEN_SEED ${BATCH:+batch $BATCH }${IMBALANCE[*]:-}"
+log "train $ARCH for ${TRAIN_SECONDS:+${TRAIN_SECONDS}s }${TRAIN_STEPS:+$TRAIN_STEPS steps }at ${RESOLUTION}px, seed $GEN_SEED ${BATCH:+batch $BATCH }${IMBALANCE[*]:-}"
 $SR train "$DATASET" --model-name "$SET" --architecture "$ARCH" \
-    --max-seconds "$TRAIN_SECONDS" --resolution "$RESOLUTION" --seed "$GEN_SEED" "${IMBALANCE[@]}" \
+    ${TRAIN_SECONDS:+--max-seconds "$TRAIN_SECONDS"} ${TRAIN_STEPS:+--max-steps "$TRAIN_STEPS"} \
+    --resolution "$RESOLUTION" --seed "$GEN_SEED" "${IMBALANCE[@]}" \
     ${BATCH:+--batch-size "$BATCH"} \
     > "$OUT/train.json"
 curl -fs -H "X-API-Key: $SYNTHRAY_API_KEY" \
