@@ -88,6 +88,14 @@ def main() -> None:
         "supervised or self_supervised: see selection.realest; ratio2-<space>: the same with the "
         "squares of the components too)",
     )
+    ap.add_argument(
+        "--fresh-encoders",
+        action="store_true",
+        help="also train the two quality encoders anew in this process, as a train job does "
+        "(its steps, seed 0, no time cap), and report every figure in their spaces too "
+        "(quality_fresh): how far the figures depend on the encoders' own training, for "
+        "example on its precision (SYNTHRAY_CPU_BF16=off trains them in fp32)",
+    )
     args = ap.parse_args()
 
     from _version import load_version
@@ -115,8 +123,35 @@ def main() -> None:
                 spaces[name] = quality.load_encoder(path, expected_sha256=row.blob_sha256)
     dataset_ids = np.array([v.split.classes.index(c) for c in classes])
     m_train = np.isin(v.split.train_labels, dataset_ids)
+    fresh = {}
+    if args.fresh_encoders:
+        t0 = time.perf_counter()
+        steps = get_settings().quality_encoder_steps
+        res = int(v.resolution)
+        trained = quality.train_encoder(
+            v.split.train_images,
+            v.split.train_labels,
+            quality.EncoderConfig(resolution=res, num_classes=len(v.split.classes)),
+            max_steps=steps,
+            max_seconds=float("inf"),
+            seed=0,
+        )
+        fresh["supervised"] = trained.model
+        accuracy = quality.accuracy(trained.model, v.split.holdout_images, v.split.holdout_labels)
+        fresh["self_supervised"] = quality.train_ssl_encoder(
+            v.split.train_images,
+            quality.EncoderConfig(resolution=res, num_classes=quality.SSL_PROJECTION),
+            max_steps=steps,
+            max_seconds=float("inf"),
+            seed=0,
+        ).model
+        print(
+            f"fresh encoders: {steps} steps each, supervised held-out accuracy "
+            f"{accuracy:.3f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
-    def quality_of(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    def quality_of(x: np.ndarray, y: np.ndarray, spaces: dict[str, Any] = spaces) -> dict[str, Any]:
         """Per space, the generated FID beside the held-out floor against every real
         training film (medians over ``--subsamples`` comparisons on other subsamples), the
         ratio's median and range, the per-class pairs, and the class consistency."""
@@ -237,6 +272,8 @@ def main() -> None:
                 # For the filtered set the class consistency is that of the filter itself.
                 "quality": quality_of(x[keep], y[keep]),
             }
+            if fresh:
+                row["quality_fresh"] = quality_of(x[keep], y[keep], fresh)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps(rows))
