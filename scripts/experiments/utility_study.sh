@@ -13,7 +13,8 @@
 # seeds; 0 skips the evaluation), STEPS (300), ARMS (every arm; a comma list such as DS1,TSTR),
 # BATCH (the generator's batch size; the architecture's default if unset), TRAIN_STEPS (a
 # step budget for the generator instead of TRAIN_SECONDS; both if both are set), PRECISION
-# (auto, fp32 or bf16: the generator's training), MODEL (the registry name; the set's name),
+# (auto, fp32 or bf16: the generator's training), MODEL (the registry name; the set's name;
+# a new one with STATE, as the gallery fetched is version 1's),
 # STATE (an earlier study's state folder: train and evaluate another model in that
 # deployment, without ingesting again; the quality encoders are trained once per dataset
 # version, so both models are then measured in the same feature spaces). Output:
