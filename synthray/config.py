@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         description="Most training time of each quality-metric encoder, a safety cap: "
         "an encoder cut short measures in a weaker space and chooses synthetic images "
         "less well, so the default lets quality_encoder_steps finish at 128 px on "
-        "2 CPU cores without bf16 units (about 300 s there).",
+        "2 CPU cores (about 300 s each; the encoders always train in fp32).",
     )
     # The floor moves with the held-out subsample (docs/measurements.md, "Weight 3 through
     # the product"),

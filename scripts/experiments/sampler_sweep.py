@@ -90,11 +90,20 @@ def main() -> None:
     )
     ap.add_argument(
         "--fresh-encoders",
-        action="store_true",
+        nargs="?",
+        const="0",
+        default=None,
+        metavar="SEEDS",
         help="also train the two quality encoders anew in this process, as a train job does "
-        "(its steps, seed 0, no time cap), and report every figure in their spaces too "
-        "(quality_fresh): how far the figures depend on the encoders' own training, for "
-        "example on its precision (SYNTHRAY_CPU_BF16=off trains them in fp32)",
+        "(quality.train_space, no time cap), once per seed of this comma list (default 0), "
+        "and report every figure in each seed's spaces too (quality_fresh, by seed): how far "
+        "the figures depend on the encoders' own training",
+    )
+    ap.add_argument(
+        "--encoder-steps",
+        type=int,
+        default=None,
+        help="training steps of each fresh encoder (default: quality_encoder_steps)",
     )
     args = ap.parse_args()
 
@@ -123,30 +132,27 @@ def main() -> None:
                 spaces[name] = quality.load_encoder(path, expected_sha256=row.blob_sha256)
     dataset_ids = np.array([v.split.classes.index(c) for c in classes])
     m_train = np.isin(v.split.train_labels, dataset_ids)
-    fresh = {}
-    if args.fresh_encoders:
+    fresh: dict[int, dict[str, Any]] = {}
+    for seed in [int(s) for s in args.fresh_encoders.split(",")] if args.fresh_encoders else []:
         t0 = time.perf_counter()
-        steps = get_settings().quality_encoder_steps
-        res = int(v.resolution)
-        trained = quality.train_encoder(
-            v.split.train_images,
-            v.split.train_labels,
-            quality.EncoderConfig(resolution=res, num_classes=len(v.split.classes)),
-            max_steps=steps,
-            max_seconds=float("inf"),
-            seed=0,
+        steps = args.encoder_steps or get_settings().quality_encoder_steps
+        fresh[seed] = {
+            space: quality.train_space(
+                space,
+                v.split.train_images,
+                v.split.train_labels,
+                len(v.split.classes),
+                max_steps=steps,
+                max_seconds=float("inf"),
+                seed=seed,
+            ).model
+            for space in quality.SPACES
+        }
+        accuracy = quality.accuracy(
+            fresh[seed]["supervised"], v.split.holdout_images, v.split.holdout_labels
         )
-        fresh["supervised"] = trained.model
-        accuracy = quality.accuracy(trained.model, v.split.holdout_images, v.split.holdout_labels)
-        fresh["self_supervised"] = quality.train_ssl_encoder(
-            v.split.train_images,
-            quality.EncoderConfig(resolution=res, num_classes=quality.SSL_PROJECTION),
-            max_steps=steps,
-            max_seconds=float("inf"),
-            seed=0,
-        ).model
         print(
-            f"fresh encoders: {steps} steps each, supervised held-out accuracy "
+            f"fresh encoders, seed {seed}: {steps} steps each, supervised held-out accuracy "
             f"{accuracy:.3f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
@@ -273,7 +279,9 @@ def main() -> None:
                 "quality": quality_of(x[keep], y[keep]),
             }
             if fresh:
-                row["quality_fresh"] = quality_of(x[keep], y[keep], fresh)
+                row["quality_fresh"] = {
+                    seed: quality_of(x[keep], y[keep], spaces) for seed, spaces in fresh.items()
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps(rows))

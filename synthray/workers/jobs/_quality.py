@@ -34,29 +34,21 @@ def encoder(
         sha = row.blob_sha256 if row else None
         training = (row.config or {}).get("training") if row else None
     if sha is None:
-        steps = ctx.settings.quality_encoder_steps
-        budget = ctx.settings.quality_encoder_seconds
-        if kind == SUPERVISED:
-            ctx.progress(0, None, "training the supervised quality encoder (training split)")
-            cfg = quality.EncoderConfig(resolution=resolution, num_classes=len(split.classes))
-            trained = quality.train_encoder(
-                split.train_images,
-                split.train_labels,
-                cfg,
-                max_steps=steps,
-                max_seconds=budget,
-                seed=0,
-            )
-            acc: float | None = quality.accuracy(
-                trained.model, split.holdout_images, split.holdout_labels
-            )
-        else:
-            ctx.progress(0, None, "training the self-supervised quality encoder (training split)")
-            cfg = quality.EncoderConfig(resolution=resolution, num_classes=quality.SSL_PROJECTION)
-            trained = quality.train_ssl_encoder(
-                split.train_images, cfg, max_steps=steps, max_seconds=budget, seed=0
-            )
-            acc = None
+        space = SPACE_OF[kind]
+        ctx.progress(0, None, f"training the {space.replace('_', '-')} quality encoder")
+        trained = quality.train_space(
+            space,
+            split.train_images,
+            split.train_labels,
+            len(split.classes),
+            max_steps=ctx.settings.quality_encoder_steps,
+            max_seconds=ctx.settings.quality_encoder_seconds,
+        )
+        acc = (
+            quality.accuracy(trained.model, split.holdout_images, split.holdout_labels)
+            if kind == SUPERVISED
+            else None
+        )
         path = ctx.work_dir / f"{kind}.safetensors"
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         training = trained.record()
@@ -66,7 +58,7 @@ def encoder(
             {"classes": list(split.classes), "objective": kind, "training": training},
         )
         new_sha, _ = ctx.blobs.put_file(path)
-        config = cfg.to_dict() | {"training": training}
+        config = trained.model.cfg.to_dict() | {"training": training}
         with ctx.session() as s:
             sha = registry.register_encoder(
                 s, dataset_version_id, resolution, new_sha, config, acc, kind=kind
@@ -201,6 +193,7 @@ def selection_record(
 
 
 SUPERVISED, SELF_SUPERVISED = "quality", "quality-ssl"
+SPACE_OF = {SUPERVISED: "supervised", SELF_SUPERVISED: "self_supervised"}  # quality.SPACES
 QUALITY_DRAW_SEED = 12345  # the train job's draw for the quality figures and the audit
 # Fewest generated images per class, whatever the held-out set holds: class consistency
 # is a rate over them.

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from synthray.app.registry.summary import quality_lines
+from synthray.models import runtime
 from synthray.models.checkpoint import ChecksumMismatch
 from synthray.models.evaluation.quality import (
+    SPACES,
+    SSL_PROJECTION,
     Encoder,
     EncoderConfig,
     _to_input,
@@ -27,6 +30,7 @@ from synthray.models.evaluation.quality import (
     probabilities_for_choice,
     save_encoder,
     train_encoder,
+    train_space,
     train_ssl_encoder,
 )
 
@@ -320,3 +324,34 @@ def test_matched_subsample_keeps_the_proportions_and_its_capacity() -> None:
     no_two = labels[labels != 2]
     assert mix_capacity(no_two, shares) == 90  # class 1: 30 / (0.25 / 0.75)
     assert np.bincount(no_two[matched_subsample(no_two, shares, 90, rng)]).tolist() == [60, 30]
+
+
+def test_quality_spaces_train_the_same_in_fp32_whatever_the_cpu() -> None:
+    """The encoders are the ruler every FID of a dataset version is read with: one seed,
+    data and step count must give the same weights whether the CPU's bf16 units are
+    allowed or not (trained under bf16 autocast, the same 128 px images once read 3.2x
+    from the floor instead of 13.3x). Each space gets its own head, and another seed
+    another trajectory."""
+    imgs, labels = _two_kinds()
+
+    def weights(space: str, seed: int) -> torch.Tensor:
+        model = train_space(space, imgs, labels, 2, max_steps=6, max_seconds=60, seed=seed).model
+        assert model.cfg.resolution == 32
+        expected = 2 if space == "supervised" else SSL_PROJECTION
+        assert model.head.out_features == expected
+        return torch.cat(
+            [p.flatten() for p in model.state_dict().values() if p.is_floating_point()]
+        )
+
+    allowed = runtime._bf16_allowed
+    try:
+        for space in SPACES:
+            runtime.allow_cpu_bf16(False)
+            fp32 = weights(space, 0)
+            runtime.allow_cpu_bf16(True)  # bf16 where this CPU has the units
+            assert torch.equal(weights(space, 0), fp32), space
+            assert not torch.equal(weights(space, 1), fp32), space
+    finally:
+        runtime.allow_cpu_bf16(allowed)
+    with pytest.raises(ValueError, match="unknown quality space"):
+        train_space("pixels", imgs, labels, 2, max_steps=1, max_seconds=1)
