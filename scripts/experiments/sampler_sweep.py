@@ -157,8 +157,8 @@ def main() -> None:
         accuracy = ""
         if "supervised" in fresh[seed]:
             held_out = v.split.holdout_images, v.split.holdout_labels
-            score = quality.accuracy(fresh[seed]["supervised"], *held_out)
-            accuracy = f", supervised held-out accuracy {score:.3f}"
+            acc = quality.accuracy(fresh[seed]["supervised"], *held_out)
+            accuracy = f", supervised held-out accuracy {acc:.3f}"
         print(
             f"fresh encoders, seed {seed}: {steps} steps each{accuracy} "
             f"({time.perf_counter() - t0:.0f} s)",
