@@ -12,7 +12,8 @@ and convolution speed: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and l
 against 390 in fp32). Without them, oneDNN and MKL emulate bf16, and it is a trap: on an AMD
 Zen 3 (AVX2 only) the same matmul ran at 0.3 GFLOP/s against 119 in fp32, and a bf16
 convolution at 1/8 of the fp32 speed. So every CPU path that would autocast to bf16 (training,
-sampling, the copy-detection embedding, the quality encoder, the nearest-neighbour shortlist)
+sampling, the copy-detection embedding, the quality classifier's scoring for a choice, the
+nearest-neighbour shortlist)
 asks :func:`cpu_bf16_fast` first and stays in fp32 where it is False.
 
 The units are necessary, not sufficient: on a 2-core Intel Xeon that reports AVX512-BF16 but
