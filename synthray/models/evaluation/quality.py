@@ -250,15 +250,17 @@ def train_space(
     trained in bf16 and 13.3x in one trained in fp32, with the same data, steps and seed
     (docs/measurements.md, "Precision at the same steps"); one precision everywhere keeps
     deployments on different CPUs comparable."""
-    x = np.asarray(images)
+    resolution = int(images.shape[-1])
     if space == "supervised":
-        cfg = EncoderConfig(resolution=int(x.shape[-1]), num_classes=num_classes)
+        cfg = EncoderConfig(resolution=resolution, num_classes=num_classes)
         return train_encoder(
-            x, labels, cfg, max_steps=max_steps, max_seconds=max_seconds, seed=seed
+            images, labels, cfg, max_steps=max_steps, max_seconds=max_seconds, seed=seed
         )
     if space == "self_supervised":
-        cfg = EncoderConfig(resolution=int(x.shape[-1]), num_classes=SSL_PROJECTION)
-        return train_ssl_encoder(x, cfg, max_steps=max_steps, max_seconds=max_seconds, seed=seed)
+        cfg = EncoderConfig(resolution=resolution, num_classes=SSL_PROJECTION)
+        return train_ssl_encoder(
+            images, cfg, max_steps=max_steps, max_seconds=max_seconds, seed=seed
+        )
     raise ValueError(f"unknown quality space {space!r}")
 
 

@@ -85,7 +85,7 @@ def pool_quality(
     if len(pool[0]) == 0:  # arms without synthetic images
         return None
     spaces = {}
-    for name, kind in (("supervised", SUPERVISED), ("self_supervised", SELF_SUPERVISED)):
+    for kind, name in SPACE_OF.items():
         with ctx.session() as s:
             row = registry.quality_encoder(s, dataset_version_id, int(split.resolution), kind)
             sha = row.blob_sha256 if row else None
